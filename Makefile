@@ -1,0 +1,33 @@
+# Two commands: `make run` (the main job) and `make test` (the whole suite).
+# Both create .venv from nothing and are idempotent.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch first, pinned: the CPU wheel on disk; a later resolver never upgrades it.
+TORCH := torch==2.13.0
+
+.PHONY: run test lint bench clean
+
+$(VENV)/.base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: $(VENV)/.base
+	$(VENV)/bin/gyre train classify --data japanese_vowels
+
+test: $(VENV)/.test
+	$(VENV)/bin/ruff check src tests examples
+	$(PY) -m pytest -n 2 -q
+
+bench: $(VENV)/.base
+	$(VENV)/bin/gyre bench
+
+clean:
+	rm -rf $(VENV)

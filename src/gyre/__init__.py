@@ -1,0 +1,1 @@
+"""gyre: recurrent neural networks on PyTorch."""

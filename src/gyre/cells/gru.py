@@ -1,0 +1,96 @@
+"""Gated recurrent units in both conventions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import Cell, ParamSpec, State, _drop_bias
+from .lstm import _ln
+
+
+@dataclass(frozen=True)
+class GRU(Cell):
+    r"""GRU in torch's convention (``reset_after=True``, as ``torch.nn.GRU`` and cuDNN) or the
+    original Cho et al. (2014) convention (``reset_after=False``); optional layer norm.
+
+    Gate order in ``weight_ih (3H, I)``, ``weight_hh (3H, H)``, ``bias_ih``, ``bias_hh``:
+    ``r, z, n`` (torch's).
+
+    .. math::
+        r_t = \sigma(W_{ir} x_t + b_{ir} + W_{hr} h_{t-1} + b_{hr})
+
+        z_t = \sigma(W_{iz} x_t + b_{iz} + W_{hz} h_{t-1} + b_{hz})
+
+        n_t = \tanh(W_{in} x_t + b_{in} + r_t \odot (W_{hn} h_{t-1} + b_{hn}))
+              \quad\text{reset\_after=True}
+
+        n_t = \tanh(W_{in} x_t + b_{in} + W_{hn} (r_t \odot h_{t-1}) + b_{hn})
+              \quad\text{reset\_after=False}
+
+        h_t = (1 - z_t) \odot n_t + z_t \odot h_{t-1}
+
+    ``layer_norm=True`` (reset_after only) replaces ``W_{ih} x_t`` by
+    ``ln_ih_weight * LN(W_{ih} x_t)`` and ``W_{hh} h_{t-1}`` by ``ln_hh_weight * LN(W_{hh} h_{t-1})``,
+    each normalised over its whole ``3H`` vector before the biases are added (Ba et al. 2016).
+    """
+
+    reset_after: bool = True
+    layer_norm: bool = False
+    name = "gru"
+    gates = 3
+
+    def __post_init__(self):
+        if self.layer_norm and not self.reset_after:
+            raise ValueError("layer_norm: got True with reset_after=False; layer norm is defined "
+                             "for the reset_after=True (torch) convention only")
+
+    def param_specs(self, input_size, hidden_size, bias=True):
+        specs = super().param_specs(input_size, hidden_size, bias=True)
+        if self.layer_norm:
+            specs["ln_ih_weight"] = ParamSpec((3 * hidden_size,), init="ones")
+            specs["ln_hh_weight"] = ParamSpec((3 * hidden_size,), init="ones")
+        return _drop_bias(specs, bias)
+
+    def input_preact(self, x, p):
+        if not self.layer_norm:
+            return super().input_preact(x, p)
+        a = _ln(F.linear(x, p["weight_ih"]), p["ln_ih_weight"])
+        return a if "bias_ih" not in p else a + p["bias_ih"]
+
+    def recurrent(self, h, p):
+        if not self.layer_norm:
+            return super().recurrent(h, p)
+        a = _ln(F.linear(h, p["weight_hh"]), p["ln_hh_weight"])
+        return a if "bias_hh" not in p else a + p["bias_hh"]
+
+    def pointwise(self, xp, hp, state, p):
+        (h,) = state
+        xr, xz, xn = xp.chunk(3, dim=-1)
+        hr, hz, hn = hp.chunk(3, dim=-1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return ((1 - z) * n + z * h,)
+
+    def step(self, xp, state, p, drop=None):
+        if self.reset_after:
+            return super().step(xp, state, p, drop)
+        (h,) = state
+        hd = h if drop is None else h * drop
+        w_rz, w_n = p["weight_hh"].split([2 * h.shape[-1], h.shape[-1]])
+        b = p.get("bias_hh")
+        b_rz, b_n = (None, None) if b is None else b.split([2 * h.shape[-1], h.shape[-1]])
+        xr, xz, xn = xp.chunk(3, dim=-1)
+        hr, hz = F.linear(hd, w_rz, b_rz).chunk(2, dim=-1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + F.linear(r * hd, w_n, b_n))
+        return ((1 - z) * n + z * h,)
+
+    def describe(self):
+        return "gru" + ("" if self.reset_after else "(reset_after=False)") + (
+            "(layer_norm)" if self.layer_norm else "")
+

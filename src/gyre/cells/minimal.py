@@ -1,0 +1,70 @@
+"""Minimal recurrences of Feng et al. (2024), "Were RNNs All We Needed?": no recurrent weights,
+linear in the state, so a parallel scan can compute them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Cell, ParamSpec, _drop_bias
+
+
+@dataclass(frozen=True)
+class MinGRU(Cell):
+    r"""minGRU (Feng et al. 2024, section 3.1.3). Gate order in ``weight_ih (2H, I)``,
+    ``bias_ih (2H)``: ``z, h~``.
+
+    .. math::
+        z_t = \sigma(W_{iz} x_t + b_{iz})\qquad \tilde h_t = W_{ih} x_t + b_{ih}
+
+        h_t = (1 - z_t) \odot h_{t-1} + z_t \odot \tilde h_t
+
+    There is no recurrent matrix, so recurrent dropout has nothing to act on and is ignored.
+    """
+
+    name = "mingru"
+    gates = 2
+
+    def param_specs(self, input_size, hidden_size, bias=True):
+        return _drop_bias({
+            "weight_ih": ParamSpec((2 * hidden_size, input_size)),
+            "bias_ih": ParamSpec((2 * hidden_size,), bias=True),
+        }, bias)
+
+    def step(self, xp, state, p, drop=None):
+        (h,) = state
+        az, h_tilde = xp.chunk(2, dim=-1)
+        z = torch.sigmoid(az)
+        return ((1 - z) * h + z * h_tilde,)
+
+
+@dataclass(frozen=True)
+class MinLSTM(Cell):
+    r"""minLSTM (Feng et al. 2024, section 3.2.3). Gate order in ``weight_ih (3H, I)``,
+    ``bias_ih (3H)``: ``f, i, h~``.
+
+    .. math::
+        f_t = \sigma(W_{if} x_t + b_{if})\qquad i_t = \sigma(W_{ii} x_t + b_{ii})\qquad
+        \tilde h_t = W_{ih} x_t + b_{ih}
+
+        f'_t = f_t / (f_t + i_t)\qquad i'_t = i_t / (f_t + i_t)
+
+        h_t = f'_t \odot h_{t-1} + i'_t \odot \tilde h_t
+    """
+
+    name = "minlstm"
+    gates = 3
+
+    def param_specs(self, input_size, hidden_size, bias=True):
+        return _drop_bias({
+            "weight_ih": ParamSpec((3 * hidden_size, input_size)),
+            "bias_ih": ParamSpec((3 * hidden_size,), bias=True),
+        }, bias)
+
+    def step(self, xp, state, p, drop=None):
+        (h,) = state
+        af, ai, h_tilde = xp.chunk(3, dim=-1)
+        f, i = torch.sigmoid(af), torch.sigmoid(ai)
+        total = f + i
+        return ((f / total) * h + (i / total) * h_tilde,)

@@ -1,0 +1,143 @@
+"""Engine: runs one cell over a sequence, for a stack of layers and both directions, and picks
+a backend.
+
+Backends, all behind :func:`run`:
+
+* ``reference``: autograd over the Python loop (:mod:`gyre.engine.reference`); always there.
+* ``native``: torch's fused kernels for exactly the configurations torch supports
+  (:mod:`gyre.engine.native`).
+
+``backend="auto"`` takes ``native`` where it applies and ``reference`` otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..cells import Cell, Params, State
+from . import native, reference
+
+BACKENDS = ("auto", "reference", "native")
+
+
+@dataclass
+class Result:
+    """``output`` ``(T, B, D*O)``; ``state``: per component ``(L*D, B, S_k)``; ``states``: the
+    last layer's per-step states per component ``(T, B, D*S_k)`` when asked, else None."""
+
+    output: Tensor
+    state: State
+    states: tuple[Tensor, ...] | None = None
+
+
+def select_backend(
+    cell: Cell, backend: str = "auto", *, residual: bool = False, drop=None, zone=None,
+    return_states: bool = False,
+) -> str:
+    """The backend that will run: ``backend`` itself, or for ``"auto"`` the fastest correct one."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: got {backend!r}, expected one of {', '.join(BACKENDS)}")
+    reason = native.unsupported_reason(cell, residual=residual, drop=drop, zone=zone,
+                                       return_states=return_states)
+    if backend == "native" and reason is not None:
+        raise ValueError(f"backend: 'native' cannot run this configuration ({reason}); "
+                         "use backend='auto' or 'reference'")
+    if backend == "auto":
+        return "native" if reason is None else "reference"
+    return backend
+
+
+def run(
+    cell: Cell,
+    params: list[list[Params]],
+    x: Tensor,
+    hx: State,
+    *,
+    lengths: Tensor | None = None,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+    residual: bool = False,
+    drop: list[list[Tensor | None]] | None = None,
+    zone: list[list[tuple[Tensor | None, ...]]] | None = None,
+    return_states: bool = False,
+    backend: str = "auto",
+) -> Result:
+    """Run a stack of ``len(params)`` layers of ``cell`` over ``x`` ``(T, B, I)``.
+
+    ``params[l][d]`` holds layer ``l``'s parameters for direction ``d`` (0 forward, 1 reverse).
+    ``hx``: per state component ``(L*D, B, S_k)``, torch's layout. ``lengths`` ``(B,)``: valid
+    steps per sequence (padded positions give zero output and do not change the state).
+    ``dropout`` acts between layers in training; ``drop[l][d]`` is a recurrent-dropout mask
+    ``(B, S_0)``; ``zone[l][d]`` the zoneout weights per state component (see
+    :func:`gyre.engine.reference.run_layer`). ``residual`` adds a layer's input to its output
+    from the second layer on.
+    """
+    chosen = select_backend(cell, backend, residual=residual, drop=drop, zone=zone,
+                            return_states=return_states)
+    if chosen == "native":
+        out, state = native.run(cell, params, x, hx, lengths=lengths, bidirectional=bidirectional,
+                                dropout=dropout, training=training)
+        return Result(out, state)
+    return _run_stack(reference.run_layer, cell, params, x, hx, lengths=lengths,
+                      dropout=dropout, training=training, residual=residual, drop=drop,
+                      zone=zone, return_states=return_states)
+
+
+def _run_stack(layer_fn, cell, params, x, hx, *, lengths, dropout, training, residual, drop,
+               zone, return_states) -> Result:
+    T, B = x.shape[:2]
+    num_dirs = len(params[0])
+    valid = None
+    rev_index = None
+    if lengths is not None:
+        steps = torch.arange(T, device=x.device)
+        lens = lengths.to(x.device)
+        valid = steps[:, None] < lens[None, :]  # (T, B)
+        if num_dirs == 2:
+            # reverse each sequence within its own length; padding stays in place
+            rev_index = torch.where(valid, lens[None, :] - 1 - steps[:, None], steps[:, None])
+    finals: list[list[Tensor]] = [[] for _ in hx]
+    layer_in = x
+    states = None
+    for layer, layer_params in enumerate(params):
+        if layer > 0 and dropout > 0 and training:
+            layer_in = F.dropout(layer_in, dropout, training=True)
+        outs, layer_states = [], []
+        for d, p in enumerate(layer_params):
+            k = layer * num_dirs + d
+            state0 = tuple(s[k] for s in hx)
+            seq = layer_in if d == 0 else _reverse(layer_in, rev_index)
+            out, last, st = layer_fn(
+                cell, p, seq, state0, valid=valid,
+                drop=None if drop is None else drop[layer][d],
+                zone=None if zone is None else zone[layer][d],
+                return_states=return_states and layer == len(params) - 1,
+            )
+            if d == 1:
+                out = _reverse(out, rev_index)
+                st = None if st is None else tuple(_reverse(s, rev_index) for s in st)
+            outs.append(out)
+            layer_states.append(st)
+            for acc, s in zip(finals, last, strict=True):
+                acc.append(s)
+        out = outs[0] if num_dirs == 1 else torch.cat(outs, dim=-1)
+        if residual and layer > 0:
+            out = out + layer_in
+        layer_in = out
+        if return_states and layer == len(params) - 1:
+            states = tuple(torch.cat(parts, dim=-1) for parts in zip(*layer_states, strict=True))
+    return Result(layer_in, tuple(torch.stack(f) for f in finals), states)
+
+
+def _reverse(seq: Tensor, rev_index: Tensor | None) -> Tensor:
+    if rev_index is None:
+        return seq.flip(0)
+    return seq.gather(0, rev_index.unsqueeze(-1).expand(-1, -1, seq.shape[-1]))
+
+
+__all__ = ["BACKENDS", "Result", "run", "select_backend"]

@@ -1,0 +1,64 @@
+"""The ``reference`` backend: autograd over a Python loop through time.
+
+The ground truth every other backend is tested against. It still follows the vectorized
+schedule's first step: the input pre-activations of all steps come from one matrix product.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..cells import Cell, Params, State
+
+
+def run_layer(
+    cell: Cell,
+    p: Params,
+    x: Tensor,
+    state: State,
+    *,
+    valid: Tensor | None = None,
+    drop: Tensor | None = None,
+    zone: tuple[Tensor | None, ...] | None = None,
+    return_states: bool = False,
+) -> tuple[Tensor, State, tuple[Tensor, ...] | None]:
+    """Run ``cell`` over ``x`` ``(T, B, I)`` (time-major, one direction) from ``state``.
+
+    ``valid`` ``(T, B)`` bool: where False the state is carried unchanged and the output is 0.
+    ``drop`` ``(B, S_0)``: recurrent-dropout mask. ``zone``: per state component, the weight of
+    the old state in ``new = m * old + (1 - m) * new`` (zoneout), shaped ``(T, B, S_k)`` (a mask
+    per step, training) or ``()`` (the expectation, evaluation), or None.
+
+    Returns the per-step outputs ``(T, B, O)``, the final state, and, when asked, the per-step
+    states (one ``(T, B, S_k)`` tensor per component).
+    """
+    xp = cell.input_preact(x, p)  # (T, B, G*H): one GEMM for all steps
+    # unbind once: indexing a big tensor per step under autograd costs O(T^2) in backward
+    xs = xp.unbind(0)
+    vs = valid.unsqueeze(-1).unbind(0) if valid is not None else None
+    zs = _per_step(zone, len(xs))
+    trace: list[State] = []
+    for t, xt in enumerate(xs):
+        new = cell.step(xt, state, p, drop)
+        if zs is not None:
+            new = tuple(n if m is None else m[t] * o + (1 - m[t]) * n
+                        for n, o, m in zip(new, state, zs, strict=True))
+        if vs is not None:
+            new = tuple(torch.where(vs[t], n, o) for n, o in zip(new, state, strict=True))
+        state = new
+        trace.append(state)
+    states = tuple(torch.stack(s) for s in zip(*trace, strict=True))
+    out = cell.readout(states[0], p)
+    if valid is not None:
+        mask = valid.unsqueeze(-1).to(out.dtype)
+        out = out * mask
+        states = tuple(s * mask for s in states)
+    return out, state, (states if return_states else None)
+
+
+def _per_step(zone, steps):
+    """Per component, a sequence indexable by t (a (T,...) tensor or a repeated scalar)."""
+    if zone is None or all(m is None for m in zone):
+        return None
+    return tuple(None if m is None else (m if m.dim() == 3 else [m] * steps) for m in zone)

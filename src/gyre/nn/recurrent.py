@@ -1,0 +1,340 @@
+"""``Recurrent``: a torch.nn-compatible layer for any cell."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .. import cells as _cells
+from .. import engine
+from ..cells import Cell, init_parameter
+
+HiddenState = Tensor | tuple[Tensor, ...]
+
+
+class Recurrent(nn.Module):
+    r"""A stack of recurrent layers of any cell, drop-in for ``torch.nn.RNN/LSTM/GRU``.
+
+    Args:
+        cell: a built-in cell name (``gyre.cells.names()``) or a :class:`gyre.cells.Cell`.
+        input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional: as torch.
+        residual: add each stacked layer's input to its output (from the second layer on).
+        recurrent_dropout: rate of variational dropout on ``h_{t-1}`` where it enters the
+            recurrent product, one mask per sequence and layer (Gal & Ghahramani 2016); training only.
+        zoneout: rate (or one rate per state component, e.g. ``(h_rate, c_rate)`` for LSTM) at which
+            a unit keeps its previous value (Krueger et al. 2016). In training a fresh random mask
+            per step; in evaluation the expectation ``rate * old + (1 - rate) * new``.
+        backend: ``"auto"`` (fastest correct), ``"reference"`` or ``"native"``.
+
+    ``forward(input, hx=None, *, lengths=None, enforce_sorted=False)`` returns
+    ``(output, h_n)``, where ``h_n`` is a tensor for one-component states and a tuple otherwise
+    (``(h_n, c_n)`` for LSTM), with torch's shapes. ``input`` may be a ``PackedSequence``; or pass
+    a padded batch with ``lengths=`` (no packing needed): padded steps give zero output and leave
+    the state unchanged. :meth:`forward_with_states` also returns every step's state;
+    :meth:`step` runs one time step for streaming.
+    """
+
+    def __init__(
+        self,
+        cell: str | Cell,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        *,
+        residual: bool = False,
+        recurrent_dropout: float = 0.0,
+        zoneout: float | Sequence[float] = 0.0,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.cell = _cells.get(cell)
+        _check_int("input_size", input_size, 1)
+        _check_int("hidden_size", hidden_size, 1)
+        _check_int("num_layers", num_layers, 1)
+        _check_rate("dropout", dropout)
+        _check_rate("recurrent_dropout", recurrent_dropout)
+        if backend not in engine.BACKENDS:
+            raise ValueError(f"backend: got {backend!r}, expected one of {', '.join(engine.BACKENDS)}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.dropout = float(dropout)
+        self.bidirectional = bool(bidirectional)
+        self.residual = bool(residual)
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.backend = backend
+        self.state_sizes = self.cell.state_sizes(hidden_size)
+        self.zoneout = _zoneout_rates(zoneout, len(self.state_sizes))
+        self.output_size = self.cell.output_size(hidden_size)
+        num_dirs = 2 if bidirectional else 1
+        factory = {"device": device, "dtype": dtype}
+        self._names: list[list[dict[str, str]]] = []
+        for layer in range(num_layers):
+            layer_in = input_size if layer == 0 else num_dirs * self.output_size
+            specs = self.cell.param_specs(layer_in, hidden_size, self.bias)
+            dirs = []
+            for d in range(num_dirs):
+                names = {}
+                for name, spec in specs.items():
+                    attr = f"{name}_l{layer}{'_reverse' if d else ''}"
+                    t = torch.empty(spec.shape, **factory)
+                    init_parameter(t, spec, hidden_size)
+                    self.register_parameter(attr, nn.Parameter(t))
+                    names[name] = attr
+                dirs.append(names)
+            self._names.append(dirs)
+
+    # -- torch compatibility -------------------------------------------------------------------
+    def flatten_parameters(self) -> None:
+        """Kept for ``torch.nn`` compatibility: gyre uses its parameters as they are."""
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        return [[getattr(self, a) for a in names.values()] for layer in self._names for names in layer]
+
+    def extra_repr(self) -> str:
+        s = f"{self.cell.describe()}, {self.input_size}, {self.hidden_size}"
+        defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
+                    "bidirectional": False, "residual": False, "recurrent_dropout": 0.0,
+                    "backend": "auto"}
+        for k, v in defaults.items():
+            if getattr(self, k) != v:
+                s += f", {k}={getattr(self, k)!r}"
+        if any(self.zoneout):
+            s += f", zoneout={self.zoneout!r}"
+        return s
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(
+        self, input: Tensor | PackedSequence, hx: HiddenState | None = None, *,
+        lengths: Sequence[int] | Tensor | None = None, enforce_sorted: bool = False,
+    ):
+        output, state, _ = self._forward(input, hx, lengths, enforce_sorted, return_states=False)
+        return output, state
+
+    def forward_with_states(
+        self, input: Tensor | PackedSequence, hx: HiddenState | None = None, *,
+        lengths: Sequence[int] | Tensor | None = None, enforce_sorted: bool = False,
+    ):
+        """``(output, h_n, states)``: ``states`` has, per state component, the last layer's state
+        after every step, ``(T, B, D*S_k)`` (batch-first when ``batch_first``); for LSTM
+        ``states[1]`` is every ``c_t``. Not available for ``PackedSequence`` input."""
+        if isinstance(input, PackedSequence):
+            raise TypeError("input: per-step states need a padded tensor; got a PackedSequence "
+                            "(pass the padded batch with lengths= instead)")
+        return self._forward(input, hx, lengths, enforce_sorted, return_states=True)
+
+    def step(self, input: Tensor, state: HiddenState | None = None):
+        """One time step with carried state, for streaming: ``input`` ``(B, I)`` or ``(I,)``,
+        ``state`` as ``h_n`` from ``forward`` or a previous ``step`` (None: zeros).
+        Returns ``(y, state)`` with ``y`` ``(B, O)`` (or ``(O,)``)."""
+        if self.bidirectional:
+            raise ValueError("step: the layer is bidirectional; a reverse direction needs the whole "
+                             "sequence, so streaming needs bidirectional=False")
+        if self.training and self.recurrent_dropout > 0:
+            raise ValueError("step: recurrent_dropout needs one mask per sequence, which a single "
+                             "step cannot hold; call eval() before streaming")
+        if not isinstance(input, Tensor) or input.dim() not in (1, 2):
+            got = f"rank {input.dim()}" if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(f"input: got {got}, expected (B, I) or (I,) for one step")
+        x = input.unsqueeze(0)  # (1, B, I) or (1, I): time-major, one step
+        if self.batch_first and x.dim() == 3:
+            x = x.transpose(0, 1)
+        out, state, _ = self._forward(x, state, None, False, return_states=False)
+        if isinstance(out, Tensor) and out.dim() == 3:
+            out = out[:, 0] if self.batch_first else out[0]
+        else:
+            out = out[0]
+        return out, state
+
+    # -- internals -----------------------------------------------------------------------------
+    def _params(self) -> list[list[dict[str, Tensor]]]:
+        return [[{n: getattr(self, a) for n, a in names.items()} for names in layer]
+                for layer in self._names]
+
+    def _forward(self, input, hx, lengths, enforce_sorted, return_states):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError("lengths: got lengths with a PackedSequence input, which carries "
+                                 "its own; pass one or the other")
+            x, lens = pad_packed_sequence(input, batch_first=False)
+            unbatched = False
+        else:
+            x = self._check_input(input)
+            unbatched = x.dim() == 2
+            if unbatched:
+                x = x.unsqueeze(1)
+            elif self.batch_first:
+                x = x.transpose(0, 1)
+            lens = None if lengths is None else _check_lengths(lengths, x.shape[0], x.shape[1],
+                                                               enforce_sorted)
+        self._check_tensor_match("input", x)
+        T, B = x.shape[:2]
+        hx = self._check_hx(hx, B, unbatched, x)
+        drop, zone = self._masks(T, B, x)
+        result = engine.run(
+            self.cell, self._params(), x, hx, lengths=lens, bidirectional=self.bidirectional,
+            dropout=self.dropout, training=self.training, residual=self.residual, drop=drop,
+            zone=zone, return_states=return_states, backend=self.backend,
+        )
+        out, state, states = result.output, result.state, result.states
+        if packed:
+            out = _repack(out, input)
+        elif unbatched:
+            out = out.squeeze(1)
+            state = tuple(s.squeeze(1) for s in state)
+            states = None if states is None else tuple(s.squeeze(1) for s in states)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+            states = None if states is None else tuple(s.transpose(0, 1) for s in states)
+        state = state[0] if len(state) == 1 else state
+        return out, state, states
+
+    def _check_input(self, input) -> Tensor:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input: got {type(input).__name__}, expected a Tensor or PackedSequence")
+        if input.dim() not in (2, 3):
+            layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
+            raise ValueError(f"input: got a tensor of rank {input.dim()} with shape "
+                             f"{tuple(input.shape)}, expected {layout} or (T, I) unbatched")
+        if input.shape[-1] != self.input_size:
+            raise ValueError(f"input: got feature size {input.shape[-1]} (shape "
+                             f"{tuple(input.shape)}), expected input_size={self.input_size}")
+        if input.shape[1 if (input.dim() == 3 and self.batch_first) else 0] == 0:
+            raise ValueError(f"input: got a sequence of length 0 (shape {tuple(input.shape)}), "
+                             "expected at least one step")
+        return input
+
+    def _check_tensor_match(self, arg: str, t: Tensor) -> None:
+        w = next(iter(self.parameters()))
+        if not t.is_floating_point():
+            raise TypeError(f"{arg}: got dtype {t.dtype}, expected a floating dtype ({w.dtype})")
+        if t.dtype != w.dtype:
+            raise TypeError(f"{arg}: got dtype {t.dtype}, expected the layer's dtype {w.dtype} "
+                            f"(convert the input, or the layer with .to({t.dtype}))")
+        if t.device != w.device:
+            raise ValueError(f"{arg}: got a tensor on {t.device}, expected the layer's device "
+                             f"{w.device} (move one with .to())")
+
+    def _check_hx(self, hx, B: int, unbatched: bool, x: Tensor) -> tuple[Tensor, ...]:
+        k = self.num_layers * (2 if self.bidirectional else 1)
+        if hx is None:
+            return tuple(x.new_zeros(k, B, s) for s in self.state_sizes)
+        parts = (hx,) if isinstance(hx, Tensor) else tuple(hx)
+        n = len(self.state_sizes)
+        if len(parts) != n or not all(isinstance(p, Tensor) for p in parts):
+            want = "a Tensor" if n == 1 else f"a tuple of {n} Tensors {self.cell.state_names}"
+            raise ValueError(f"hx: got {_describe(hx)}, expected {want}")
+        out = []
+        for name, part, size in zip(self.cell.state_names, parts, self.state_sizes, strict=True):
+            want = (k, size) if unbatched else (k, B, size)
+            if tuple(part.shape) != want:
+                raise ValueError(f"hx: state '{name}' has shape {tuple(part.shape)}, expected "
+                                 f"{want} (num_layers*num_directions, {'' if unbatched else 'batch, '}"
+                                 f"{name}_size)")
+            self._check_tensor_match(f"hx ('{name}')", part)
+            out.append(part.unsqueeze(1) if unbatched else part)
+        return tuple(out)
+
+    def _masks(self, T: int, B: int, x: Tensor):
+        num_dirs = 2 if self.bidirectional else 1
+        drop = zone = None
+        if self.training and self.recurrent_dropout > 0:
+            keep = 1.0 - self.recurrent_dropout
+            drop = [[x.new_empty(B, self.state_sizes[0]).bernoulli_(keep) / keep
+                     for _ in range(num_dirs)] for _ in range(self.num_layers)]
+        if any(self.zoneout):
+            def masks():
+                if self.training:
+                    return tuple(None if r == 0 else x.new_empty(T, B, s).bernoulli_(r)
+                                 for r, s in zip(self.zoneout, self.state_sizes, strict=True))
+                return tuple(None if r == 0 else x.new_tensor(r) for r in self.zoneout)
+            zone = [[masks() for _ in range(num_dirs)] for _ in range(self.num_layers)]
+        return drop, zone
+
+
+def _repack(out: Tensor, like: PackedSequence) -> PackedSequence:
+    """Pack ``out`` ``(T, B, F)`` (original batch order) the way ``like`` is packed."""
+    if like.sorted_indices is not None:
+        out = out.index_select(1, like.sorted_indices)
+    lens = _batch_sizes_to_lengths(like.batch_sizes)
+    data = pack_padded_sequence(out, lens, enforce_sorted=True).data
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+def _batch_sizes_to_lengths(batch_sizes: Tensor) -> Tensor:
+    steps = torch.arange(int(batch_sizes[0]))
+    return (steps[:, None] < batch_sizes[None, :]).sum(1)
+
+
+def _check_lengths(lengths, T: int, B: int, enforce_sorted: bool) -> Tensor:
+    if isinstance(lengths, Tensor):
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths: got a tensor of dtype {lengths.dtype}, expected integers")
+        if lengths.dim() != 1:
+            raise ValueError(f"lengths: got shape {tuple(lengths.shape)}, expected ({B},)")
+        lens = lengths.detach().to("cpu", torch.int64)
+    else:
+        try:
+            items = list(lengths)
+        except TypeError:
+            raise TypeError(f"lengths: got {type(lengths).__name__}, expected a sequence of ints "
+                            "or a 1-D integer tensor") from None
+        bad = [v for v in items if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+        if bad:
+            raise TypeError(f"lengths: got non-integer value {bad[0]!r}, expected integers")
+        lens = torch.tensor([int(v) for v in items], dtype=torch.int64)
+    if lens.numel() != B:
+        raise ValueError(f"lengths: got {lens.numel()} lengths, expected one per sequence ({B})")
+    if (lens <= 0).any():
+        raise ValueError(f"lengths: got {int(lens.min())}, expected every length >= 1")
+    if (lens > T).any():
+        raise ValueError(f"lengths: got {int(lens.max())}, longer than the sequence ({T} steps)")
+    if enforce_sorted and (lens[1:] > lens[:-1]).any():
+        raise ValueError(f"lengths: got {lens.tolist()}, expected decreasing order with "
+                         "enforce_sorted=True (or pass enforce_sorted=False)")
+    return lens
+
+
+def _check_int(name: str, v, low: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+        raise ValueError(f"{name}: got {v!r}, expected an int >= {low}")
+
+
+def _check_rate(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < 1:
+        raise ValueError(f"{name}: got {v!r}, expected a number in [0, 1)")
+
+
+def _zoneout_rates(zoneout, n: int) -> tuple[float, ...]:
+    if isinstance(zoneout, numbers.Real):
+        rates = (float(zoneout),) * n
+    else:
+        rates = tuple(zoneout)
+        if len(rates) != n:
+            raise ValueError(f"zoneout: got {len(rates)} rates, expected 1 or {n} (one per state "
+                             "component)")
+    for r in rates:
+        _check_rate("zoneout", r)
+    return tuple(float(r) for r in rates)
+
+
+def _describe(v) -> str:
+    if isinstance(v, Tensor):
+        return f"a Tensor of shape {tuple(v.shape)}"
+    if isinstance(v, tuple | list):
+        return f"a {type(v).__name__} of {len(v)} items"
+    return type(v).__name__
