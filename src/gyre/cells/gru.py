@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Cell, ParamSpec, State, _drop_bias
+from .base import Cell, ParamSpec, _drop_bias
 from .lstm import _ln
 
 

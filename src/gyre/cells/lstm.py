@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Cell, Params, ParamSpec, State, _drop_bias
+from .base import Cell, ParamSpec, _drop_bias
 
 LN_EPS = 1e-5
 
