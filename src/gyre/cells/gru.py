@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Cell, ParamSpec, _drop_bias
-from .lstm import _ln
+from .base import ParamSpec, _drop_bias
+from .lstm import LayerNormProducts
 
 
 @dataclass(frozen=True)
-class GRU(Cell):
+class GRU(LayerNormProducts):
     r"""GRU in torch's convention (``reset_after=True``, as ``torch.nn.GRU`` and cuDNN) or the
     original Cho et al. (2014) convention (``reset_after=False``); optional layer norm.
 
@@ -53,18 +53,6 @@ class GRU(Cell):
             specs["ln_ih_weight"] = ParamSpec((3 * hidden_size,), init="ones")
             specs["ln_hh_weight"] = ParamSpec((3 * hidden_size,), init="ones")
         return _drop_bias(specs, bias)
-
-    def input_preact(self, x, p):
-        if not self.layer_norm:
-            return super().input_preact(x, p)
-        a = _ln(F.linear(x, p["weight_ih"]), p["ln_ih_weight"])
-        return a if "bias_ih" not in p else a + p["bias_ih"]
-
-    def recurrent(self, h, p):
-        if not self.layer_norm:
-            return super().recurrent(h, p)
-        a = _ln(F.linear(h, p["weight_hh"]), p["ln_hh_weight"])
-        return a if "bias_hh" not in p else a + p["bias_hh"]
 
     def pointwise(self, xp, hp, state, p):
         (h,) = state

@@ -17,8 +17,28 @@ def _ln(v: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.layer_norm(v, (v.shape[-1],), weight, bias, LN_EPS)
 
 
+class LayerNormProducts(Cell):
+    """Mixin for cells with a ``layer_norm`` field: when set, the input and the recurrent matrix
+    products are each normalised over their whole gate vector and scaled by ``ln_ih_weight`` /
+    ``ln_hh_weight`` before ``bias_ih`` / ``bias_hh`` are added (Ba et al. 2016)."""
+
+    layer_norm: bool
+
+    def input_preact(self, x, p):
+        if not self.layer_norm:
+            return super().input_preact(x, p)
+        a = _ln(F.linear(x, p["weight_ih"]), p["ln_ih_weight"])
+        return a if "bias_ih" not in p else a + p["bias_ih"]
+
+    def recurrent(self, h, p):
+        if not self.layer_norm:
+            return super().recurrent(h, p)
+        a = _ln(F.linear(h, p["weight_hh"]), p["ln_hh_weight"])
+        return a if "bias_hh" not in p else a + p["bias_hh"]
+
+
 @dataclass(frozen=True)
-class LSTM(Cell):
+class LSTM(LayerNormProducts):
     r"""LSTM, as ``torch.nn.LSTM``, with optional peepholes, projection and layer norm.
 
     Gate order in ``weight_ih (4H, I)``, ``weight_hh (4H, R)``, ``bias_ih``, ``bias_hh``:
@@ -83,18 +103,6 @@ class LSTM(Cell):
             specs["ln_c_weight"] = ParamSpec((hidden_size,), init="ones")
             specs["ln_c_bias"] = ParamSpec((hidden_size,), init="zeros")
         return _drop_bias(specs, bias)
-
-    def input_preact(self, x, p):
-        if not self.layer_norm:
-            return super().input_preact(x, p)
-        a = _ln(F.linear(x, p["weight_ih"]), p["ln_ih_weight"])
-        return a if "bias_ih" not in p else a + p["bias_ih"]
-
-    def recurrent(self, h, p):
-        if not self.layer_norm:
-            return super().recurrent(h, p)
-        a = _ln(F.linear(h, p["weight_hh"]), p["ln_hh_weight"])
-        return a if "bias_hh" not in p else a + p["bias_hh"]
 
     def pointwise(self, xp, hp, state, p):
         _, c = state

@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
-from .base import Cell, ParamSpec, _drop_bias
+from .base import Cell, Params, ParamSpec, _drop_bias
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class MinGRU(Cell):
         h_t = (1 - z_t) \odot h_{t-1} + z_t \odot \tilde h_t
 
     There is no recurrent matrix, so recurrent dropout has nothing to act on and is ignored.
+    The step is :meth:`linear_form`'s ``a_t * h_{t-1} + b_t``, which the ``scan`` backend solves
+    for all steps at once.
     """
 
     name = "mingru"
@@ -32,11 +35,16 @@ class MinGRU(Cell):
             "bias_ih": ParamSpec((2 * hidden_size,), bias=True),
         }, bias)
 
-    def step(self, xp, state, p, drop=None):
-        (h,) = state
+    def linear_form(self, xp: Tensor, p: Params) -> tuple[Tensor, Tensor]:
+        """``(a_t, b_t)`` with ``h_t = a_t * h_{t-1} + b_t``: ``a = 1 - z``, ``b = z * h~``.
+        ``xp`` may carry any leading dims (the ``scan`` backend passes all steps at once)."""
         az, h_tilde = xp.chunk(2, dim=-1)
         z = torch.sigmoid(az)
-        return ((1 - z) * h + z * h_tilde,)
+        return 1 - z, z * h_tilde
+
+    def step(self, xp, state, p, drop=None):
+        a, b = self.linear_form(xp, p)
+        return (a * state[0] + b,)
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,9 @@ class MinLSTM(Cell):
         f'_t = f_t / (f_t + i_t)\qquad i'_t = i_t / (f_t + i_t)
 
         h_t = f'_t \odot h_{t-1} + i'_t \odot \tilde h_t
+
+    The step is :meth:`linear_form`'s ``a_t * h_{t-1} + b_t`` (no recurrent matrix: recurrent
+    dropout is ignored), which the ``scan`` backend solves for all steps at once.
     """
 
     name = "minlstm"
@@ -62,9 +73,14 @@ class MinLSTM(Cell):
             "bias_ih": ParamSpec((3 * hidden_size,), bias=True),
         }, bias)
 
-    def step(self, xp, state, p, drop=None):
-        (h,) = state
+    def linear_form(self, xp: Tensor, p: Params) -> tuple[Tensor, Tensor]:
+        """``(a_t, b_t)`` with ``h_t = a_t * h_{t-1} + b_t``: ``a = f'``, ``b = i' * h~``.
+        ``xp`` may carry any leading dims (the ``scan`` backend passes all steps at once)."""
         af, ai, h_tilde = xp.chunk(3, dim=-1)
         f, i = torch.sigmoid(af), torch.sigmoid(ai)
         total = f + i
-        return ((f / total) * h + (i / total) * h_tilde,)
+        return f / total, (i / total) * h_tilde
+
+    def step(self, xp, state, p, drop=None):
+        a, b = self.linear_form(xp, p)
+        return (a * state[0] + b,)
