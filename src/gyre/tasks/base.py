@@ -1,0 +1,202 @@
+"""What every task shares: the common config, TOML in and out, run directories, plots, tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..train import TrainConfig
+from ..train.trainer import _atomic_write_bytes
+
+#: TOML/CLI field types a task config may use
+FIELD_TYPES = (int, float, str, bool, list[str])
+
+
+@dataclass
+class TaskConfig:
+    """Fields every task has. ``0`` switches off ``clip_norm``, ``clip_value``, ``tbptt`` and
+    ``patience``; an empty ``out`` means ``runs/<task>-<data>-<timestamp>``.
+
+    Attributes:
+        data: a dataset name (``gyre data list``) or a file path in the task's format.
+        out: the run directory.
+        cell: any ``gyre.cells.names()`` entry.
+        hidden, layers, bidirectional, dropout: the recurrent stack (dropout between layers).
+        epochs, batch_size, lr, weight_decay, optimizer, scheduler, clip_norm, clip_value,
+        accumulate, tbptt, patience, device, bf16, seed, progress, tensorboard: as
+        :class:`gyre.train.TrainConfig`.
+        val_fraction: the share of the training split held out for validation (early stopping
+            and best-epoch selection); 0 = none.
+    """
+
+    data: str = ""
+    out: str = ""
+    cell: str = "lstm"
+    hidden: int = 64
+    layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    scheduler: str = "none"
+    clip_norm: float = 1.0
+    clip_value: float = 0.0
+    accumulate: int = 1
+    tbptt: int = 0
+    patience: int = 0
+    val_fraction: float = 0.2
+    device: str = "auto"
+    bf16: bool = False
+    seed: int = 0
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        from .. import cells
+        if self.cell not in cells.names():
+            raise ValueError(f"cell: got {self.cell!r}, expected one of {', '.join(cells.names())}")
+        for name in ("hidden", "layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: got {self.dropout}, expected a number in [0, 1)")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction: got {self.val_fraction}, expected a number in [0, 1)")
+        self.train_config()  # validates the training fields
+
+    def train_config(self, **overrides) -> TrainConfig:
+        """The :class:`TrainConfig` these fields describe (``overrides`` win)."""
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
+        kw.update(overrides)
+        return TrainConfig(**kw)
+
+
+def _field_type(cls, f: dataclasses.Field):
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def check_fields(config) -> None:
+    """Each field's value has its declared type (ints accepted for floats)."""
+    for f in dataclasses.fields(config):
+        t = _field_type(type(config), f)
+        v = getattr(config, f.name)
+        if t not in FIELD_TYPES:
+            raise TypeError(f"{type(config).__name__}.{f.name}: type {t} is not one of the "
+                            "config field types int, float, str, bool, list[str]")
+        if t is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+            setattr(config, f.name, v)
+        ok = (isinstance(v, list) and all(isinstance(s, str) for s in v)) if t == list[str] \
+            else (isinstance(v, t) and (t is bool or not isinstance(v, bool)))
+        if not ok:
+            raise TypeError(f"{f.name}: got {v!r} ({type(v).__name__}), expected "
+                            f"{'a list of strings' if t == list[str] else t.__name__}")
+        if t is float and not math.isfinite(v):
+            raise ValueError(f"{f.name}: got {v!r}, expected a finite number")
+
+
+def load_config(cls, path: str | os.PathLike, **overrides):
+    """``cls`` from a TOML file (keys are field names, flat), then ``overrides`` on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config: {str(path)!r} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"config: {str(path)!r} is not valid TOML ({e})") from e
+    return config_from_dict(cls, {**raw, **overrides}, source=str(path))
+
+
+def config_from_dict(cls, values: dict, source: str = "config"):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; expected fields of "
+                         f"{cls.__module__}.{cls.__name__}: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def config_to_toml(config) -> str:
+    import tomli_w
+    return tomli_w.dumps(dataclasses.asdict(config))
+
+
+def write_config(config, path: str | os.PathLike) -> None:
+    _atomic_write_bytes(Path(path), config_to_toml(config).encode())
+
+
+def resolve_out(config, task: str) -> Path:
+    """``config.out``, or ``runs/<task>-<data name>-<timestamp>`` (set on the config too)."""
+    if not config.out:
+        stem = re.sub(r"[^A-Za-z0-9_]+", "_", Path(config.data).stem or "data").strip("_")
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        config.out = str(Path("runs") / f"{task}-{stem}-{stamp}")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_history(history: list[dict], path: str | os.PathLike, title: str = "") -> None:
+    """Loss curves (train and validation loss per epoch) as a PNG."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [r["epoch"] for r in history]
+    for key in ("train_loss", "val_loss"):
+        vals = [r.get(key) for r in history]
+        if any(v is not None for v in vals):
+            ax.plot(epochs, vals, label=key.replace("_", " "))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title or "loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_metrics(metrics: dict) -> str:
+    """One table: the model's test metrics, then each baseline's, same columns."""
+    rows = [(metrics.get("model", "model"), metrics.get("test", {}))]
+    rows += list(metrics.get("baselines", {}).items())
+    cols = list(dict.fromkeys(k for _, r in rows for k in r))
+    width = max(len(str(n)) for n, _ in rows) + 2
+    lines = ["".ljust(width) + "".join(c.rjust(12) for c in cols)]
+    for name, r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v))
+                         .rjust(12))
+        lines.append(str(name).ljust(width) + "".join(cells))
+    return "\n".join(lines)
