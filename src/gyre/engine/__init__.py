@@ -6,8 +6,11 @@ Backends, all behind :func:`run`:
 * ``reference``: autograd over the Python loop (:mod:`gyre.engine.reference`); always there.
 * ``native``: torch's fused kernels for exactly the configurations torch supports
   (:mod:`gyre.engine.native`).
+* ``scan``: cells linear in their state (minGRU, minLSTM, any cell with ``linear_form``),
+  solved for all steps at once (:mod:`gyre.engine.scan`); every layer option, zoneout included.
 
-``backend="auto"`` takes ``native`` where it applies and ``reference`` otherwise.
+``backend="auto"`` takes ``scan`` for cells linear in their state, ``native`` where it applies,
+and ``reference`` otherwise.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..cells import Cell, Params, State
-from . import native, reference
+from . import native, reference, scan
 
-BACKENDS = ("auto", "reference", "native")
+BACKENDS = ("auto", "reference", "native", "scan")
 
 
 @dataclass
@@ -41,6 +44,12 @@ def select_backend(
     """The backend that will run: ``backend`` itself, or for ``"auto"`` the fastest correct one."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: got {backend!r}, expected one of {', '.join(BACKENDS)}")
+    scan_reason = scan.unsupported_reason(cell)
+    if backend == "scan" and scan_reason is not None:
+        raise ValueError(f"backend: 'scan' cannot run this cell ({scan_reason}); "
+                         "use backend='auto' or 'reference'")
+    if backend == "auto" and scan_reason is None:
+        return "scan"
     reason = native.unsupported_reason(cell, residual=residual, drop=drop, zone=zone,
                                        return_states=return_states)
     if backend == "native" and reason is not None:
@@ -83,7 +92,8 @@ def run(
         out, state = native.run(cell, params, x, hx, lengths=lengths, bidirectional=bidirectional,
                                 dropout=dropout, training=training)
         return Result(out, state)
-    return _run_stack(reference.run_layer, cell, params, x, hx, lengths=lengths,
+    layer_fn = scan.run_layer if chosen == "scan" else reference.run_layer
+    return _run_stack(layer_fn, cell, params, x, hx, lengths=lengths,
                       dropout=dropout, training=training, residual=residual, drop=drop,
                       zone=zone, return_states=return_states)
 
