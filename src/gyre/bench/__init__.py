@@ -1,0 +1,338 @@
+"""``gyre bench``: gyre's layers against ``torch.nn`` and an eager loop of the same cell.
+
+One run on one machine times, for every cell and shape, forward without grad (``fwd``),
+forward+backward (``train``) and streaming (``stream``: ``T=1, B=1`` steps with carried state
+through ``layer.step``), for
+
+* ``torch``: ``torch.nn.RNN/LSTM/GRU`` (cells torch lacks are compared with ``torch.nn.LSTM``),
+* ``eager``: an eager torch loop of the cell (gyre's ``reference`` backend),
+* ``auto``: gyre's default backend, and optionally each backend (``backends=``),
+
+with min-of-N timings after warm-up (:mod:`gyre.bench.harness`), GFLOP/s against the sgemm
+ceiling measured in the same run, and a numerics check of every timed gyre layer against torch
+with the same weights (:func:`gyre.bench.cases.check`). Results go to JSON under
+``benchmarks/results/``; :func:`write_markdown` renders ``BENCHMARKS.md`` from the latest.
+
+Python: ``gyre.bench.run(cells=["lstm"], shapes=[(100, 32, 64, 128)])``; command line:
+``gyre bench --quick`` or ``python -m gyre.bench --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .. import engine
+from . import cases, harness, report
+from .cases import CELLS, MODES, SHAPES, STREAM_SHAPE
+from .harness import Timing
+
+RESULTS_DIR = Path("benchmarks/results")
+QUICK_SHAPES = ((20, 4, 16, 32),)
+
+
+def gyre_backends() -> list[str]:
+    """Every engine backend a run can force (``auto`` and ``reference``, timed as ``eager``, are
+    always there)."""
+    return [b for b in engine.BACKENDS if b not in ("auto", "reference")]
+
+
+def run(
+    cells: Sequence[str] = CELLS,
+    shapes: Sequence[tuple[int, int, int, int]] = SHAPES,
+    modes: Sequence[str] = (*MODES, "stream"),
+    backends: Sequence[str] = (),
+    *,
+    threads: int = 2,
+    stream_steps: int = 1000,
+    timing: Timing | None = None,
+    check: bool = True,
+    gemm: bool = True,
+    notes: str = "",
+    log=print,
+) -> dict:
+    """Run the benchmark; returns the JSON-ready record (see the module docstring).
+
+    ``backends``: gyre backends to time besides ``auto`` (see :func:`gyre_backends`).
+    ``check``: compare every timed gyre layer with torch / the eager loop (same weights).
+    """
+    timing = timing or Timing()
+    cells, shapes, modes, backends = _validate(cells, shapes, modes, backends, threads,
+                                               stream_steps)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    impls = ["torch", "eager", "auto", *backends]
+    record = {
+        "meta": {**harness.machine_info(threads), "argv": sys.argv, "notes": notes,
+                 "spec": {"cells": list(cells), "shapes": [list(s) for s in shapes],
+                          "modes": list(modes), "impls": impls, "stream_shape": list(STREAM_SHAPE),
+                          "stream_steps": stream_steps, "timing": vars(timing),
+                          "flops": "fwd 2*T*B*G*H*(I+H) (G=4 LSTM, 3 GRU, 1 RNN; minGRU/minLSTM "
+                                   "no H term; rnn_output + 2*T*B*H*H); train 3x fwd"}},
+        "gemm": [], "results": [], "errors": [],
+    }
+    noise = harness.CpuNoise()
+    try:
+        if gemm:
+            log("[gemm] measuring the sgemm ceiling (torch.mm)")
+            stream = [STREAM_SHAPE] if "stream" in modes else []
+            record["gemm"] = harness.gemm_ceiling(list(shapes) + stream, timing)
+            for g in record["gemm"]:
+                log(f"[gemm] {g['gemm']}: {g['gflops_per_s']:.1f} GFLOP/s")
+        torch_cache: dict[tuple, dict] = {}
+        for mode in modes:
+            mode_shapes = [STREAM_SHAPE] if mode == "stream" else list(shapes)
+            for shape in mode_shapes:
+                for cell in cells:
+                    _run_case(record, torch_cache, cell, mode, shape, impls, timing,
+                              stream_steps, check, log)
+    finally:
+        torch.set_num_threads(prev_threads)
+    record["noise"] = noise.result()
+    try:
+        record["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    return record
+
+
+def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_steps, check, log):
+    T, B, I, H = shape
+    steps = stream_steps if mode == "stream" else None
+    x = cases.inputs(steps if mode == "stream" else T, B, I)
+    flops = cases.flops_fwd(cell, T, B, I, H) * (3.0 if mode == "train" else 1.0)
+    timed_backend: dict[str, dict] = {}  # gyre backend -> its record, so no backend runs twice
+    base = {"cell": cell, "mode": mode, "T": T, "B": B, "I": I, "H": H}
+    if mode == "stream":
+        base["steps"] = steps
+    for impl in impls:
+        rec = {**base, "impl": impl}
+        try:
+            if impl == "torch":
+                cls = cases.torch_class(cell)
+                rec["layer"] = f"torch.nn.{cls.__name__}"
+                key = (cls, mode, shape)
+                if key not in torch_cache:
+                    m = cases.build(cell, "torch", I, H)
+                    fl = cases.flops_fwd(cls.__name__.lower(), T, B, I, H)
+                    fl *= 3.0 if mode == "train" else 1.0
+                    torch_cache[key] = _time(m, mode, x, timing, fl, steps)
+                rec.update(torch_cache[key])
+            else:
+                backend = cases.gyre_backend(cell, impl)
+                if backend is None:
+                    continue  # this backend cannot run this cell: nothing to time
+                rec["backend"] = backend
+                rec["layer"] = f"gyre.nn.Recurrent({cell!r}, backend={backend!r})"
+                if backend in timed_backend:
+                    same = timed_backend[backend]
+                    rec.update({k: same[k] for k in ("min_s", "median_s", "n", "first_call_s",
+                                                     "per_step_s", "gflops_per_s", "check")
+                                if k in same})
+                    rec["same_as"] = same["impl"]
+                else:
+                    m = cases.build(cell, impl, I, H)
+                    if check and (cell in cases.TORCH_EXACT or backend != "reference"):
+                        rec["check"] = cases.check(cell, m, mode, x)
+                    elif check:  # the eager loop of a cell torch lacks is itself the reference
+                        rec["check"] = {"against": "none: this is the reference"}
+                    rec.update(_time(m, mode, x, timing, flops, steps))
+                    timed_backend[backend] = rec
+        except Exception as e:  # a failing implementation is recorded, the run goes on
+            record["errors"].append({**rec, "error": f"{type(e).__name__}: {e}"})
+            log(f"[error] {cell} {mode} {shape} {impl}: {type(e).__name__}: {e}")
+            continue
+        record["results"].append(rec)
+        log(_line(rec))
+
+
+def _time(m, mode, x, timing, flops, steps) -> dict:
+    r = harness.time_fn(cases.make_fn(m, mode, x), timing)
+    per = r["min_s"] / steps if steps else r["min_s"]
+    r["gflops_per_s"] = flops / per / 1e9
+    if steps:
+        r["per_step_s"] = per
+    return r
+
+
+def _line(rec) -> str:
+    t = rec.get("per_step_s", rec["min_s"])
+    unit = f"{t * 1e6:.1f} us/step" if rec["mode"] == "stream" else f"{t * 1e3:.3f} ms"
+    chk = rec.get("check") or {}
+    err = chk.get("out_max_abs_err")
+    extra = "" if err is None else f"  |out err| {err:.1e}"
+    if "grad_max_rel_err" in chk:
+        extra += f"  grad err {chk['grad_max_rel_err']:.1e}"
+    who = rec["impl"] + (f"[{rec['backend']}]" if "backend" in rec else "")
+    same = f" (= {rec['same_as']})" if "same_as" in rec else ""
+    return (f"{rec['cell']:>10} {rec['mode']:>6} {rec['T']},{rec['B']},{rec['I']},{rec['H']}"
+            f" {who:>18}: {unit}{same}  {rec['gflops_per_s']:.1f} GFLOP/s{extra}")
+
+
+def _validate(cells, shapes, modes, backends, threads, stream_steps):
+    cells = list(cells)
+    bad = [c for c in cells if c not in CELLS]
+    if bad or not cells:
+        raise ValueError(f"cells: got {bad or cells}, expected names from {', '.join(CELLS)}")
+    shapes = [tuple(s) for s in shapes]
+    for s in shapes:
+        if len(s) != 4 or not all(isinstance(v, int) and v >= 1 for v in s):
+            raise ValueError(f"shapes: got {s!r}, expected (T, B, I, H) positive integers")
+    modes = list(modes)
+    if not modes or any(m not in (*MODES, "stream") for m in modes):
+        raise ValueError(f"modes: got {modes}, expected some of fwd, train, stream")
+    if not shapes and any(m != "stream" for m in modes):
+        raise ValueError("shapes: got none, expected at least one (T, B, I, H) for fwd/train")
+    backends = list(backends)
+    known = gyre_backends()
+    bad = [b for b in backends if b not in known]
+    if bad:
+        raise ValueError(f"backends: got {bad}, expected some of {', '.join(known)}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: got {threads!r}, expected an int >= 1")
+    if isinstance(stream_steps, bool) or not isinstance(stream_steps, int) or stream_steps < 1:
+        raise ValueError(f"stream_steps: got {stream_steps!r}, expected an int >= 1")
+    return cells, shapes, modes, backends
+
+
+def save(record: dict, path: str | os.PathLike | None = None) -> Path:
+    """Write ``record`` as JSON (default ``benchmarks/results/bench-<UTC time>.json``),
+    atomically; returns the path."""
+    if path is None:
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        path = RESULTS_DIR / f"bench-{stamp}.json"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def latest(results_dir: str | os.PathLike = RESULTS_DIR) -> Path:
+    """The newest ``*.json`` under ``results_dir`` (by the date its run recorded)."""
+    files = sorted(Path(results_dir).glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"results_dir: no *.json in {results_dir}; run `gyre bench` first")
+
+    def when(p):
+        try:
+            return json.loads(p.read_text())["meta"]["date"]
+        except (ValueError, KeyError, TypeError):
+            return ""
+    return max(files, key=lambda p: (when(p), p.name))
+
+
+def write_markdown(json_path: str | os.PathLike | None = None,
+                   out: str | os.PathLike = "BENCHMARKS.md",
+                   results_dir: str | os.PathLike = RESULTS_DIR) -> Path:
+    """Regenerate ``BENCHMARKS.md`` from a results JSON (default: the latest one)."""
+    src = Path(json_path) if json_path is not None else latest(results_dir)
+    record = json.loads(src.read_text())
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(report.markdown(record, source=str(src)))
+    os.replace(tmp, out)
+    return out
+
+
+def _parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
+    shapes = []
+    for part in text.replace(" ", "").split(";"):
+        if not part:
+            continue
+        try:
+            vals = tuple(int(v) for v in part.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--shapes: got {part!r}, expected T,B,I,H integers (several separated by ';')"
+            ) from None
+        if len(vals) != 4:
+            raise argparse.ArgumentTypeError(f"--shapes: got {part!r}, expected 4 integers T,B,I,H")
+        shapes.append(vals)
+    return shapes
+
+
+def _parse_list(text: str) -> list[str]:
+    return [v for v in text.replace(" ", "").split(",") if v]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``gyre bench``: run the benchmark, print the tables, write the JSON."""
+    ap = argparse.ArgumentParser(
+        prog="gyre bench",
+        description="Time gyre's layers against torch.nn and an eager loop of the same cell.")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: one small shape, 20 stream steps, 1 warm-up, 2 reps")
+    ap.add_argument("--cells", type=_parse_list, default=list(CELLS),
+                    help=f"comma-separated, from {','.join(CELLS)} (default: all)")
+    ap.add_argument("--shapes", type=_parse_shapes, default=None,
+                    help="'T,B,I,H;T,B,I,H' (default: the four standard shapes)")
+    ap.add_argument("--modes", type=_parse_list, default=[*MODES, "stream"],
+                    help="comma-separated, from fwd,train,stream (default: all)")
+    ap.add_argument("--backends", type=_parse_list, default=[],
+                    help=f"gyre backends to time besides auto: {','.join(gyre_backends())} "
+                         "or 'all'")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stream-steps", type=int, default=None, help="default 1000 (quick: 20)")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls at least (default 5)")
+    ap.add_argument("--min-window", type=float, default=None,
+                    help="seconds of timed calls at least, per case (default 0.5)")
+    ap.add_argument("--max-case-seconds", type=float, default=None,
+                    help="stop timing a case after this once 3 samples exist (default 6)")
+    ap.add_argument("--no-check", action="store_true", help="skip the numerics checks")
+    ap.add_argument("--no-gemm", action="store_true", help="skip the sgemm ceiling")
+    ap.add_argument("--json", default=None,
+                    help="output JSON (default benchmarks/results/bench-<UTC time>.json)")
+    ap.add_argument("--no-json", action="store_true", help="write no JSON")
+    ap.add_argument("--markdown", default=None, metavar="PATH",
+                    help="also render this run as markdown to PATH (e.g. BENCHMARKS.md)")
+    ap.add_argument("--notes", default="", help="free text stored with the run and rendered")
+    ap.add_argument("--render-md", nargs="?", const="", default=None, metavar="JSON",
+                    help="run nothing: regenerate BENCHMARKS.md from JSON (default: the latest "
+                         "under benchmarks/results/)")
+    args = ap.parse_args(argv)
+
+    if args.render_md is not None:
+        out = write_markdown(args.render_md or None, args.markdown or "BENCHMARKS.md")
+        print(f"wrote {out}")
+        return 0
+    backends = gyre_backends() if args.backends == ["all"] else args.backends
+    base = Timing.quick() if args.quick else Timing()
+    timing = Timing(
+        warmup=base.warmup,
+        reps=args.reps if args.reps is not None else base.reps,
+        min_window_s=args.min_window if args.min_window is not None else base.min_window_s,
+        max_case_s=(args.max_case_seconds if args.max_case_seconds is not None
+                    else base.max_case_s),
+        min_reps=base.min_reps,
+    )
+    shapes = args.shapes if args.shapes is not None else (QUICK_SHAPES if args.quick else SHAPES)
+    steps = args.stream_steps if args.stream_steps is not None else (20 if args.quick else 1000)
+    try:
+        record = run(args.cells, shapes, args.modes, backends, threads=args.threads,
+                     stream_steps=steps, timing=timing, check=not args.no_check,
+                     gemm=not args.no_gemm, notes=args.notes)
+    except ValueError as e:
+        ap.error(str(e))
+    text = report.markdown(record)
+    print()
+    print(text)
+    if not args.no_json:
+        path = save(record, args.json)
+        print(f"wrote {path}")
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+        print(f"wrote {args.markdown}")
+    return 1 if record["errors"] else 0
+
+
+__all__ = ["CELLS", "SHAPES", "Timing", "gyre_backends", "latest", "main", "run", "save",
+           "write_markdown"]

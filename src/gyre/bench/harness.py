@@ -1,0 +1,185 @@
+"""Timing harness shared by every benchmark case: min-of-N after warm-up, the sgemm ceiling,
+machine description and a measure of how busy the rest of the machine was.
+
+The protocol follows ``../shared/tools/peer_bench`` so its numbers and gyre's compare: a few
+untimed warm-up calls, then at least ``reps`` timed calls and at least ``min_window_s`` seconds
+of them (samples spread over time, so one burst of host noise cannot spoil all of them), stopping
+after ``max_case_s`` once three samples exist. The minimum is the estimate.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from time import perf_counter
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How hard to time: see the module docstring."""
+
+    warmup: int = 3
+    reps: int = 5
+    min_window_s: float = 0.5
+    max_case_s: float = 6.0
+    min_reps: int = 3
+    max_reps: int = 2000
+
+    @classmethod
+    def quick(cls) -> Timing:
+        return cls(warmup=1, reps=2, min_window_s=0.0, max_case_s=0.5, min_reps=1)
+
+
+def time_fn(fn: Callable[[], object], timing: Timing) -> dict:
+    """``min_s``, ``median_s``, ``n`` (timed calls) and ``first_call_s`` (includes any
+    compilation or kernel build on first use) of ``fn()``."""
+    first = None
+    for i in range(max(1, timing.warmup)):
+        t0 = perf_counter()
+        fn()
+        if i == 0:
+            first = perf_counter() - t0
+    times: list[float] = []
+    start = perf_counter()
+    while True:
+        t0 = perf_counter()
+        fn()
+        times.append(perf_counter() - t0)
+        elapsed = perf_counter() - start
+        if len(times) >= timing.min_reps and elapsed > timing.max_case_s:
+            break
+        if len(times) >= timing.reps and (elapsed >= timing.min_window_s
+                                          or len(times) >= timing.max_reps):
+            break
+    return {"min_s": min(times), "median_s": statistics.median(times), "n": len(times),
+            "first_call_s": first}
+
+
+def gemm_ceiling(shapes: list[tuple[int, int, int, int]], timing: Timing,
+                 square: int = 2048) -> list[dict]:
+    """GFLOP/s of ``torch.mm`` (fp32) at ``square^3`` and at each shape's recurrent GEMM
+    ``(B, H) @ (H, 4H)``: the ceiling the recurrent layers are measured against."""
+    gemms = [("square", square, square, square)]
+    for (_, B, _, H) in shapes:
+        gemms.append((f"recurrent (B,H)@(H,4H) B={B} H={H}", B, H, 4 * H))
+    out, seen = [], set()
+    for name, M, K, N in gemms:
+        if (M, K, N) in seen:
+            continue
+        seen.add((M, K, N))
+        a, b, c = torch.randn(M, K), torch.randn(K, N), torch.empty(M, N)
+        t0 = perf_counter()
+        torch.mm(a, b, out=c)
+        one = max(perf_counter() - t0, 1e-7)
+        inner = max(1, min(100_000, int(0.02 / one)))  # one sample >= ~20 ms
+
+        def fn(a=a, b=b, c=c, inner=inner):
+            for _ in range(inner):
+                torch.mm(a, b, out=c)
+
+        r = time_fn(fn, Timing(warmup=min(2, timing.warmup), reps=max(2, timing.reps),
+                               min_window_s=timing.min_window_s,
+                               max_case_s=min(3.0, timing.max_case_s), min_reps=timing.min_reps))
+        per = r["min_s"] / inner
+        out.append({"gemm": name, "M": M, "K": K, "N": N, "s_per_mm": per,
+                    "gflops_per_s": 2.0 * M * K * N / per / 1e9})
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The vector extensions that matter for GEMM speed."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return sorted(have & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"})
+    except OSError:
+        pass
+    return []
+
+
+def machine_info(threads: int) -> dict:
+    import gyre
+
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "logical_cores": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "torch_mkldnn": torch.backends.mkldnn.is_available(),
+        "gyre": getattr(gyre, "__version__", None) or _dist_version("gyre"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "loadavg_start": None if load is None else [round(v, 2) for v in load],
+    }
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001 - metadata is optional
+        return None
+
+
+class CpuNoise:
+    """Share of the machine's CPU time used by other processes while we ran (from
+    ``/proc/stat`` minus our own process time): above a few percent, timings are suspect."""
+
+    def __init__(self) -> None:
+        self._stat0 = _proc_stat()
+        self._own0 = _own_cpu()
+        self._t0 = perf_counter()
+
+    def result(self) -> dict | None:
+        stat1 = _proc_stat()
+        if self._stat0 is None or stat1 is None:
+            return None
+        d = [b - a for a, b in zip(self._stat0, stat1, strict=False)]
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (d[0] + d[1] + d[2] + d[5] + d[6]) / hz
+        own = _own_cpu() - self._own0
+        wall = perf_counter() - self._t0
+        ncpu = os.cpu_count() or 1
+        total = sum(d) or 1
+        return {"foreign_cpu_frac": round(max(0.0, busy - own) / max(wall * ncpu, 1e-9), 4),
+                "steal_frac": round(d[7] / total, 4) if len(d) > 7 else None,
+                "wall_s": round(wall, 2)}
+
+
+def _proc_stat() -> list[int] | None:
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system

@@ -1,0 +1,141 @@
+"""``gyre bench``: a tiny quick run has the promised structure and every timed gyre layer equals
+torch with the same weights. Times are never asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gyre import bench
+from gyre.bench import cases
+
+TINY = ["--quick", "--shapes", "5,2,3,4", "--stream-steps", "3", "--threads", "1",
+        "--min-window", "0", "--max-case-seconds", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    path = d / "run.json"
+    rc = bench.main([*TINY, "--cells", "rnn,lstm,gru,peephole,mingru", "--backends", "all",
+                     "--json", str(path), "--markdown", str(d / "RUN.md")])
+    return rc, json.loads(path.read_text()), d
+
+
+def test_quick_run_json_structure(quick_run):
+    rc, rec, _ = quick_run
+    assert rc == 0
+    assert rec["errors"] == []
+    meta = rec["meta"]
+    for key in ("cpu", "logical_cores", "threads", "torch", "date", "python", "spec"):
+        assert meta[key] not in (None, ""), key
+    assert meta["torch"] == torch.__version__ and meta["threads"] == 1
+    assert rec["gemm"][0]["gemm"] == "square" and rec["gemm"][0]["M"] == 2048
+    assert all(g["gflops_per_s"] > 0 for g in rec["gemm"])
+    assert {(g["M"], g["K"], g["N"]) for g in rec["gemm"][1:]} == {(2, 4, 16), (1, 128, 512)}
+    impls = meta["spec"]["impls"]
+    assert impls[:3] == ["torch", "eager", "auto"] and set(bench.gyre_backends()) <= set(impls)
+    got = {(r["cell"], r["mode"], r["impl"]) for r in rec["results"]}
+    for cell in ("rnn", "lstm", "gru", "peephole", "mingru"):
+        for mode in ("fwd", "train", "stream"):
+            for impl in ("torch", "eager", "auto"):
+                assert (cell, mode, impl) in got, (cell, mode, impl)
+    assert ("mingru", "train", "scan") in got and ("lstm", "fwd", "native") in got
+    assert ("peephole", "fwd", "native") not in got  # native cannot run it: not timed
+    for r in rec["results"]:
+        assert r["min_s"] > 0 and r["n"] >= 1 and r["gflops_per_s"] > 0
+        shape = (r["T"], r["B"], r["I"], r["H"])
+        assert shape == ((1, 1, 64, 128) if r["mode"] == "stream" else (5, 2, 3, 4))
+        if r["mode"] == "stream":
+            assert r["steps"] == 3
+            assert r["per_step_s"] == pytest.approx(r["min_s"] / 3)
+        if r["impl"] == "torch":
+            want = {"rnn": "RNN", "gru": "GRU"}.get(r["cell"], "LSTM")
+            assert r["layer"] == f"torch.nn.{want}"
+        else:
+            assert r["backend"] in ("reference", "native", "scan", "fused")
+    auto = {r["cell"]: r["backend"] for r in rec["results"] if r["impl"] == "auto"}
+    assert auto["mingru"] == "scan"
+    assert auto["lstm"] != "reference"
+
+
+def test_every_timed_gyre_layer_equals_torch(quick_run):
+    _, rec, _ = quick_run
+    checked = 0
+    for r in rec["results"]:
+        if r["impl"] == "torch" or "same_as" in r:
+            continue
+        c = r["check"]
+        if r["cell"] in ("rnn", "lstm", "gru"):
+            assert c["against"] == f"torch.nn.{r['cell'].upper()}"
+        elif r["backend"] == "reference":
+            assert c["against"].startswith("none")  # the eager loop is the reference itself
+            continue
+        assert c["out_max_abs_err"] <= 1e-5, r
+        if r["mode"] == "train":
+            assert c["grad_max_rel_err"] <= 1e-5, r
+        if r["mode"] == "stream":
+            assert c["state_max_abs_err"] <= 1e-5, r
+        checked += 1
+    assert checked >= 20
+
+
+def test_check_catches_a_wrong_layer():
+    """The numerics check is not vacuous: a perturbed weight shows up."""
+    m = cases.build("lstm", "auto", 3, 4)
+    x = cases.inputs(5, 2, 3)
+    assert cases.check("lstm", m, "train", x)["out_max_abs_err"] < 1e-6
+    with torch.no_grad():
+        m.weight_hh_l0[0, 0] += 0.5
+    c = cases.check("lstm", m, "train", x)
+    assert c["out_max_abs_err"] > 1e-3 and c["grad_max_rel_err"] > 1e-3
+
+
+def test_markdown_from_json(quick_run, tmp_path):
+    _, rec, d = quick_run
+    out = bench.write_markdown(d / "run.json", tmp_path / "BENCHMARKS.md")
+    text = out.read_text()
+    assert rec["meta"]["cpu"] in text and rec["meta"]["torch"] in text
+    assert "| cell | mode | T,B,I,H | torch layer | torch | eager | auto |" in text
+    assert "## sgemm ceiling" in text and "## Targets" in text and "## Numerics" in text
+    for cell in ("rnn", "lstm", "gru", "peephole", "mingru"):
+        assert f"| {cell} | train | 5,2,3,4 |" in text
+    assert (d / "RUN.md").read_text().startswith("# gyre benchmarks")
+    # latest() picks the newest run by its recorded date
+    older = dict(rec, meta=dict(rec["meta"], date="2000-01-01T00:00:00+00:00"))
+    bench.save(older, tmp_path / "res" / "zzz-old.json")
+    bench.save(rec, tmp_path / "res" / "aaa-new.json")
+    assert bench.latest(tmp_path / "res").name == "aaa-new.json"
+
+
+def test_flops_formulas():
+    T, B, I, H = 7, 3, 5, 11
+    assert cases.flops_fwd("lstm", T, B, I, H) == 2 * T * B * 4 * H * (I + H)
+    assert cases.flops_fwd("peephole", T, B, I, H) == 2 * T * B * 4 * H * (I + H)
+    assert cases.flops_fwd("gru", T, B, I, H) == 2 * T * B * 3 * H * (I + H)
+    assert cases.flops_fwd("rnn", T, B, I, H) == 2 * T * B * H * (I + H)
+    assert cases.flops_fwd("mingru", T, B, I, H) == 2 * T * B * 2 * H * I
+    assert cases.flops_fwd("rnn_output", T, B, I, H) == 2 * T * B * H * (I + H) + 2 * T * B * H * H
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"cells: got \['lstmm'\], expected names from"):
+        bench.run(cells=["lstmm"])
+    with pytest.raises(ValueError, match=r"backends: got \['cuda'\], expected some of"):
+        bench.run(cells=["lstm"], backends=["cuda"])
+    with pytest.raises(ValueError, match=r"shapes: got \(1, 2, 3\), expected \(T, B, I, H\)"):
+        bench.run(cells=["lstm"], shapes=[(1, 2, 3)])
+    with pytest.raises(ValueError, match=r"modes: got \['slow'\]"):
+        bench.run(cells=["lstm"], modes=["slow"])
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", "1,2,x,4", "--no-json"])
+
+
+def test_python_dash_m_help():
+    r = subprocess.run([sys.executable, "-m", "gyre.bench", "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "--backends" in r.stdout and "--quick" in r.stdout
