@@ -55,6 +55,7 @@ def run(
     timing: Timing | None = None,
     check: bool = True,
     gemm: bool = True,
+    wait_quiet: float = 0.0,
     notes: str = "",
     log=print,
 ) -> dict:
@@ -62,6 +63,8 @@ def run(
 
     ``backends``: gyre backends to time besides ``auto`` (see :func:`gyre_backends`).
     ``check``: compare every timed gyre layer with torch / the eager loop (same weights).
+    ``wait_quiet``: before each group of cases wait up to this many seconds for the rest of the
+    machine to go idle (each case records the CPU share other processes took while it ran).
     """
     timing = timing or Timing()
     cells, shapes, modes, backends = _validate(cells, shapes, modes, backends, threads,
@@ -80,6 +83,8 @@ def run(
     }
     noise = harness.CpuNoise()
     try:
+        if wait_quiet:
+            harness.wait_quiet(wait_quiet, log=log)
         if gemm:
             log("[gemm] measuring the sgemm ceiling (torch.mm)")
             stream = [STREAM_SHAPE] if "stream" in modes else []
@@ -91,6 +96,8 @@ def run(
             mode_shapes = [STREAM_SHAPE] if mode == "stream" else list(shapes)
             for shape in mode_shapes:
                 for cell in cells:
+                    if wait_quiet:
+                        harness.wait_quiet(wait_quiet, log=log)
                     _run_case(record, torch_cache, cell, mode, shape, impls, timing,
                               stream_steps, check, log)
     finally:
@@ -134,7 +141,8 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
                 if backend in timed_backend:
                     same = timed_backend[backend]
                     rec.update({k: same[k] for k in ("min_s", "median_s", "n", "first_call_s",
-                                                     "per_step_s", "gflops_per_s", "check")
+                                                     "per_step_s", "gflops_per_s", "check",
+                                                     "foreign_cpu_frac")
                                 if k in same})
                     rec["same_as"] = same["impl"]
                 else:
@@ -154,7 +162,10 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
 
 
 def _time(m, mode, x, timing, flops, steps) -> dict:
+    noise = harness.CpuNoise()
     r = harness.time_fn(cases.make_fn(m, mode, x), timing)
+    busy = noise.result()
+    r["foreign_cpu_frac"] = None if busy is None else busy["foreign_cpu_frac"]
     per = r["min_s"] / steps if steps else r["min_s"]
     r["gflops_per_s"] = flops / per / 1e9
     if steps:
@@ -289,6 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="stop timing a case after this once 3 samples exist (default 6)")
     ap.add_argument("--no-check", action="store_true", help="skip the numerics checks")
     ap.add_argument("--no-gemm", action="store_true", help="skip the sgemm ceiling")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                    help="before each group of cases, wait up to SECONDS for other processes "
+                         "to go idle (default: do not wait)")
     ap.add_argument("--json", default=None,
                     help="output JSON (default benchmarks/results/bench-<UTC time>.json)")
     ap.add_argument("--no-json", action="store_true", help="write no JSON")
@@ -319,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         record = run(args.cells, shapes, args.modes, backends, threads=args.threads,
                      stream_steps=steps, timing=timing, check=not args.no_check,
-                     gemm=not args.no_gemm, notes=args.notes)
+                     gemm=not args.no_gemm, wait_quiet=args.wait_quiet, notes=args.notes)
     except ValueError as e:
         ap.error(str(e))
     text = report.markdown(record)

@@ -13,6 +13,7 @@ import datetime as _dt
 import os
 import platform
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
@@ -183,3 +184,27 @@ def _proc_stat() -> list[int] | None:
 def _own_cpu() -> float:
     t = os.times()
     return t.user + t.system
+
+
+def wait_quiet(max_wait_s: float, threshold: float = 0.05, sample_s: float = 1.0, log=print) -> float:
+    """Block until processes use less than ``threshold`` of the machine's CPU over ``sample_s``
+    (we are idle while waiting, so that is all other processes), or ``max_wait_s`` passed.
+    Returns the last busy fraction measured."""
+    end = perf_counter() + max_wait_s
+    said = False
+    while True:
+        a = _proc_stat()
+        time.sleep(sample_s)
+        b = _proc_stat()
+        if a is None or b is None:
+            return 0.0
+        d = [y - x for x, y in zip(a, b, strict=False)]
+        busy = (d[0] + d[1] + d[2] + d[5] + d[6]) / max(sum(d), 1)
+        if busy < threshold or perf_counter() > end:
+            if busy >= threshold:
+                log(f"[wait] machine still {busy:.0%} busy after {max_wait_s:.0f} s; going on")
+            return busy
+        if not said:
+            log(f"[wait] machine {busy:.0%} busy with other processes; waiting up to "
+                f"{max_wait_s:.0f} s")
+            said = True

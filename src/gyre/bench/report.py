@@ -7,6 +7,8 @@ from collections import defaultdict
 #: issue 3's targets, checked against each run (never asserted in a test)
 STANDARD = ("rnn", "lstm", "gru")
 VARIANTS = ("peephole", "ln_lstm", "gated_004", "gru_001", "gru_002", "rnn_output")
+#: a case during which other processes took more than this share of the CPU is marked "!"
+NOISY = 0.10
 
 
 def markdown(record: dict, source: str | None = None) -> str:
@@ -104,7 +106,8 @@ def _times(record) -> str:
              "`torch` is the torch.nn layer named in its column (cells torch lacks: torch.nn.LSTM "
              "at the same shape); `eager` an eager loop of the same cell (gyre's `reference` "
              "backend); `auto` gyre's default. `=` marks a column that ran the same backend as "
-             "the one before it.", "",
+             f"the one before it; `!` a timing during which other processes used more than "
+             f"{100 * NOISY:.0f}% of the machine's CPU (suspect).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in keys:
         mode, shape, cell = key
@@ -118,6 +121,8 @@ def _times(record) -> str:
                 cols.append("-")
                 continue
             s = _fmt_time(r, mode)
+            if (r.get("foreign_cpu_frac") or 0) > NOISY:
+                s += "!"
             if base and impl != "torch":
                 s += f" [{_t(r) / _t(base):.2f}x]"
             if "same_as" in r:
