@@ -179,3 +179,17 @@ def test_streaming_step_on_scan_equals_forward():
         ys.append(y)
     torch.testing.assert_close(torch.stack(ys), out, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(state, h_n, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (40, 1, 8), (6, 64, 64)])
+def test_auto_solver_equals_both(shape):
+    """``auto`` (parallel below PARALLEL_BELOW numbers per step on CPU, else sequential) gives
+    what both solvers give, including for an empty sequence."""
+    a = torch.rand(shape, dtype=torch.float64)
+    b = torch.randn(shape, dtype=torch.float64)
+    h0 = torch.randn(shape[1:], dtype=torch.float64)
+    want = scan.linear_recurrence(a, b, h0, "sequential")
+    assert want.shape == shape
+    for solver in ("auto", "parallel"):
+        torch.testing.assert_close(scan.linear_recurrence(a, b, h0, solver), want,
+                                   atol=1e-12, rtol=1e-12)
