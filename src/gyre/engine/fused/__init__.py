@@ -1,0 +1,253 @@
+"""The ``fused`` backend: the time loop and its backward in generated, compiled C++.
+
+A cell's :meth:`~gyre.cells.Cell.step` is traced into per-unit scalar operations
+(:mod:`.ir`), from which :mod:`.codegen` writes the forward loop (recurrent GEMMs with
+``at::cpu::mm_out`` into preallocated buffers, pointwise work in vectorized loops) and the
+backward through time (the reverse-mode derivative of every pointwise op, one GEMM per step per
+matrix product for the state gradient, the weight gradients as single GEMMs over all ``T*B``
+rows). The input pre-activations and anything computed from parameters alone run in Python
+under autograd, so ``dW_ih`` comes from autograd through ``cell.input_preact``.
+
+A user cell gets all of this from its Python ``step``; nothing is written per cell. Kernels are
+built on first use (:mod:`.build`); where they cannot be, :func:`run_layer` runs the
+``reference`` loop after one warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ...cells import Cell, Params, State
+from .. import reference
+from . import build, ir
+from .codegen import program_source
+
+__all__ = ["run_layer", "unsupported_reason", "available", "Unsupported"]
+
+Unsupported = ir.Unsupported
+
+_lock = threading.RLock()
+_compiled: dict = {}
+_reasons: dict = {}
+_builtin: dict[str, str] | None = None
+_warned: set[str] = set()
+_broken: str | None = None  # why builds fail here, once known
+
+
+@dataclass
+class _Kernel:
+    prog: ir.Program
+    units: list[int]
+    fwd: object
+    bwd: object
+
+
+def _tagged(prog: ir.Program) -> tuple[str, str]:
+    src = program_source(prog, "TAG")
+    tag = "p" + hashlib.sha256(src.encode()).hexdigest()[:16]
+    return tag, src.replace("TAG", tag)
+
+
+def _builtin_programs() -> dict[str, str]:
+    """Every built-in cell's program (default options, with and without biases)."""
+    global _builtin
+    if _builtin is None:
+        from ...cells import LSTM, REGISTRY
+
+        progs = {}
+        cells = [factory() for factory in REGISTRY.values()] + [LSTM(proj_size=2)]
+        for cell in cells:
+            for bias in (True, False):
+                try:
+                    prog, _ = ir.trace(cell, 3, 4, bias, check=False)
+                except Unsupported:
+                    continue
+                tag, src = _tagged(prog)
+                progs[tag] = src
+        _builtin = progs
+    return _builtin
+
+
+def _key(cell: Cell):
+    try:
+        hash(cell)
+        return cell
+    except TypeError:
+        return id(cell)
+
+
+def available() -> str | None:
+    """None when fused kernels can be built here, else why not."""
+    global _broken
+    if _broken is None:
+        missing = build.toolchain_missing()
+        if missing:
+            _broken = missing
+    return _broken
+
+
+def unsupported_reason(cell: Cell) -> str | None:
+    """Why ``cell`` cannot run fused (checked by tracing at a small size), or None."""
+    k = _key(cell)
+    if k not in _reasons:
+        try:
+            ir.trace(cell, 3, 5, True)
+            _reasons[k] = None
+        except Unsupported as e:
+            _reasons[k] = str(e)
+    return _reasons[k]
+
+
+def _kernel(cell: Cell, input_size: int, hidden: int, bias: bool) -> _Kernel:
+    key = (_key(cell), input_size, hidden, bias)
+    with _lock:
+        if key in _compiled:
+            return _compiled[key]
+        prog, units = ir.trace(cell, input_size, hidden, bias)
+        tag, src = _tagged(prog)
+        builtin = _builtin_programs()
+        if tag in builtin:
+            ns = build.load(builtin, "gyre's built-in cells")
+        else:
+            ns = build.load({tag: src}, cell.describe())
+        ops = getattr(torch.ops, ns)
+        k = _Kernel(prog, [units[f] for f in range(prog.nfam)], getattr(ops, f"fwd_{tag}"),
+                    getattr(ops, f"bwd_{tag}"))
+        _compiled[key] = k
+        return k
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _sizes(cell: Cell, p: Params, x: Tensor, state: State):
+    """(input_size, hidden_size, bias) of this layer, checked against the cell's specs."""
+    input_size = x.shape[-1]
+    hidden = p["weight_hh"].shape[-1] if False else None
+    for h in _hidden_candidates(cell, state):
+        for bias in (True, False):
+            try:
+                specs = cell.param_specs(input_size, h, bias)
+            except ValueError:
+                continue
+            if set(specs) == set(p) and all(tuple(p[n].shape) == s.shape
+                                            for n, s in specs.items()):
+                hidden = h
+                return input_size, hidden, bias
+    raise Unsupported("cannot tell the hidden size from the parameters")
+
+
+def _hidden_candidates(cell: Cell, state: State):
+    seen = []
+    for s in state:
+        h = s.shape[-1]
+        if h not in seen:
+            seen.append(h)
+    return seen
+
+
+def run_layer(
+    cell: Cell,
+    p: Params,
+    x: Tensor,
+    state: State,
+    *,
+    valid: Tensor | None = None,
+    drop: Tensor | None = None,
+    zone: tuple[Tensor | None, ...] | None = None,
+    return_states: bool = False,
+) -> tuple[Tensor, State, tuple[Tensor, ...] | None]:
+    """Same contract as :func:`gyre.engine.reference.run_layer`, run by compiled kernels."""
+    kernel = None
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        reason = available()
+        if reason is None:
+            try:
+                kernel = _kernel(cell, *_sizes(cell, p, x, state))
+            except Unsupported as e:
+                _warn_once(f"unsupported:{cell.describe()}",
+                           f"gyre: the fused backend cannot compile {cell.describe()} ({e}); "
+                           "running the reference loop")
+            except build.BuildError as e:
+                global _broken
+                _broken = str(e)
+                _warn_once("build", f"gyre: fused kernels could not be built ({e}); "
+                                    "running the reference loop instead")
+        else:
+            _warn_once("build", f"gyre: fused kernels cannot be built here ({reason}); "
+                                "running the reference loop instead")
+    if kernel is None:
+        return reference.run_layer(cell, p, x, state, valid=valid, drop=drop, zone=zone,
+                                   return_states=return_states)
+    T, B = x.shape[:2]
+    xp = cell.input_preact(x, p).contiguous()
+    vecs, mats = kernel.prog.hoist(p)
+    K = len(state)
+    drop_t = xp.new_ones(B, state[0].shape[-1]) if drop is None else \
+        drop.to(xp.dtype).contiguous()
+    empty = xp.new_empty(0)
+    zts, zmodes = [], []
+    for k in range(K):
+        m = None if zone is None else zone[k]
+        if m is None:
+            zts.append(empty)
+            zmodes.append(0)
+        elif m.dim() == 0:
+            zts.append(m.detach().to(xp.dtype).reshape(1))
+            zmodes.append(1)
+        else:
+            zts.append(m.detach().to(xp.dtype).contiguous())
+            zmodes.append(2)
+    valid_t = empty.bool() if valid is None else valid.to(torch.bool).contiguous()
+    state0 = [s.contiguous() for s in state]
+    seqs = _Fused.apply(kernel, xp, drop_t.detach(), zts, zmodes, valid_t, K, len(vecs),
+                        *state0, *vecs, *mats)
+    final = tuple(s[-1] for s in seqs)
+    out = cell.readout(seqs[0], p)
+    states = tuple(seqs)
+    if valid is not None:
+        mask = valid.unsqueeze(-1).to(out.dtype)
+        out = out * mask
+        states = tuple(s * mask for s in states)
+    return out, final, (states if return_states else None)
+
+
+class _Fused(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernel, xp, drop, zts, zmodes, valid, K, V, *tensors):
+        state0, vecs, mats = tensors[:K], tensors[K:K + V], tensors[K + V:]
+        save = any(ctx.needs_input_grad)
+        res = kernel.fwd(xp, list(state0), list(vecs), list(mats), drop, zts, zmodes, valid,
+                         kernel.units, save)
+        seqs = res[:K]
+        if save:
+            ctx.kernel, ctx.zts, ctx.zmodes, ctx.K, ctx.V = kernel, zts, zmodes, K, V
+            ctx.saved = res[K:]
+            ctx.save_for_backward(xp, drop, valid, *state0, *vecs, *mats, *seqs)
+        return tuple(seqs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *gseqs):
+        K, V = ctx.K, ctx.V
+        xp, drop, valid, *rest = ctx.saved_tensors
+        state0, rest = rest[:K], rest[K:]
+        seqs = rest[-K:]
+        vecs, mats = rest[:V], rest[V:-K]
+        gseqs = [g.contiguous() for g in gseqs]
+        res = ctx.kernel.bwd(gseqs, xp, list(state0), list(seqs), list(vecs), list(mats), drop,
+                             ctx.zts, ctx.zmodes, valid, ctx.saved, ctx.kernel.units)
+        ctx.saved = None
+        dxp, dstate = res[0], res[1:1 + K]
+        dvecs, dmats = res[1 + K:1 + K + V], res[1 + K + V:]
+        return (None, dxp, None, None, None, None, None, None, *dstate, *dvecs, *dmats)

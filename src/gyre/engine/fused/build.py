@@ -1,0 +1,89 @@
+"""Compiling generated kernels: lazily, once, cached in torch's extension directory.
+
+Every built-in cell's kernels (with and without biases) go into one extension module, so a
+fresh machine compiles once for all of them; any other cell gets a small module of its own.
+A module is named after a hash of its source, the compiler flags and the CPU, so a cached build
+is reused exactly when it would come out the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+
+import torch
+
+from .codegen import module_source
+
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fno-math-errno", "-w"]
+
+_lock = threading.RLock()
+_loaded: dict[str, str] = {}  # module name -> namespace (loaded in this process)
+
+
+class BuildError(RuntimeError):
+    """The C++ toolchain is missing or failed."""
+
+
+def _cpu_id() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "model name")):
+                    flags += line
+                if line.startswith("flags"):
+                    break
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def module_name(programs: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for part in (torch.__version__, " ".join(FLAGS), _cpu_id(),
+                 module_source("NS", programs)):
+        h.update(part.encode())
+    return "gyre_fused_" + h.hexdigest()[:16]
+
+
+def load(programs: dict[str, str], what: str) -> str:
+    """Build (or reuse) the module holding ``programs`` and return its ``torch.ops`` namespace."""
+    name = module_name(programs)
+    with _lock:
+        if name in _loaded:
+            return _loaded[name]
+        from torch.utils import cpp_extension
+
+        try:
+            build_dir = cpp_extension._get_build_directory(name, verbose=False)
+            if not os.path.exists(os.path.join(build_dir, f"{name}.so")):
+                print(f"gyre: compiling fused kernels for {what} (once; cached in {build_dir})",
+                      file=sys.stderr, flush=True)
+            cpp_extension.load_inline(
+                name, cpp_sources=[module_source(name, programs)], extra_cflags=FLAGS,
+                is_python_module=False, no_implicit_headers=True, verbose=False,
+            )
+        except Exception as e:  # no compiler, no ninja, a compile error: fall back
+            raise BuildError(f"{type(e).__name__}: {str(e)[-2000:]}") from e
+        _loaded[name] = name
+        return name
+
+
+def toolchain_missing() -> str | None:
+    """Why no build can happen here, checked without compiling (None when it may)."""
+    from shutil import which
+
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.verify_ninja_availability()
+    except Exception:
+        return "ninja is not installed"
+    cxx = os.environ.get("CXX", "c++")
+    if which(cxx) is None:
+        return f"no C++ compiler ({cxx}) on PATH"
+    return None

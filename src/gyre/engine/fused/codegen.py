@@ -1,0 +1,667 @@
+"""C++ for a traced :class:`~gyre.engine.fused.ir.Program`: the time loop forward, and the
+backward through time with the reverse-mode derivative of every atom written out.
+
+Per step, forward: kernel 0, the boundaries of stage 1 (``at::cpu::mm_out`` into preallocated
+buffers, or a row-wise layer norm), kernel 1, ..., then zoneout and the valid mask. Each kernel
+is one loop over rows ``b`` and a vectorizable (``omp simd``) loop over units ``j``.
+
+Backward, per step from the last: the zoneout/valid backward gives the gradient of the cell's
+new state; then kernels and boundaries in reverse, each kernel recomputing its forward atoms
+from saved boundary outputs and then accumulating adjoints; one GEMM per matrix product per
+step for the gradient of its left operand. The matrices' gradients are single GEMMs over all
+``T*B`` rows after the loop.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .ir import Atom, Program, Unsupported
+
+# forward expressions: {0}, {1} operands, {e} the op's scalar parameter
+_FWD = {
+    "add": "{0} + {1}", "sub": "{0} - {1}", "rsub": "{1} - {0}", "mul": "{0} * {1}",
+    "div": "{0} / {1}", "neg": "-{0}",
+    "sigmoid": "T(1) / (T(1) + std::exp(-{0}))",
+    "tanh": "std::tanh({0})",
+    "relu": "({0} > T(0) ? {0} : T(0))",
+    "exp": "std::exp({0})", "log": "std::log({0})", "sqrt": "std::sqrt({0})",
+    "rsqrt": "T(1) / std::sqrt({0})", "reciprocal": "T(1) / {0}",
+    "silu": "{0} / (T(1) + std::exp(-{0}))",
+    "abs": "std::abs({0})",
+    "maximum": "({0} > {1} ? {0} : {1})", "minimum": "({0} < {1} ? {0} : {1})",
+    "pow": "std::pow({0}, T({e}))",
+}
+# adjoint contributions per operand: {g} output adjoint, {z} output value
+_BWD = {
+    "add": ["{g}", "{g}"], "sub": ["{g}", "-{g}"], "rsub": ["-{g}", "{g}"],
+    "mul": ["{g} * {1}", "{g} * {0}"], "div": ["{g} / {1}", "-{g} * {z} / {1}"],
+    "neg": ["-{g}"],
+    "sigmoid": ["{g} * {z} * (T(1) - {z})"],
+    "tanh": ["{g} * (T(1) - {z} * {z})"],
+    "relu": ["({0} > T(0) ? {g} : T(0))"],
+    "exp": ["{g} * {z}"], "log": ["{g} / {0}"], "sqrt": ["{g} * T(0.5) / {z}"],
+    "rsqrt": ["T(-0.5) * {g} * {z} * {z} * {z}"], "reciprocal": ["-{g} * {z} * {z}"],
+    "silu": ["{g} * (T(1) / (T(1) + std::exp(-{0}))) * (T(1) + {0} * (T(1) - T(1) / "
+             "(T(1) + std::exp(-{0}))))"],
+    "abs": ["({0} > T(0) ? {g} : ({0} < T(0) ? -{g} : T(0)))"],
+    "maximum": ["({0} > {1} ? {g} : ({0} == {1} ? T(0.5) * {g} : T(0)))",
+                "({1} > {0} ? {g} : ({0} == {1} ? T(0.5) * {g} : T(0)))"],
+    "minimum": ["({0} < {1} ? {g} : ({0} == {1} ? T(0.5) * {g} : T(0)))",
+                "({1} < {0} ? {g} : ({0} == {1} ? T(0.5) * {g} : T(0)))"],
+    "pow": ["{g} * T({e}) * std::pow({0}, T({e}) - T(1))"],
+}
+
+PRELUDE = r"""
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <torch/library.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// zoneout (new = m * old + (1 - m) * new) then the valid mask (invalid rows keep the old state)
+template <typename T>
+void post_fwd(T* nw, const T* old, const T* z, int64_t zmode, const bool* valid, int64_t B,
+              int64_t S) {
+  for (int64_t b = 0; b < B; ++b) {
+    T* __restrict__ n = nw + b * S;
+    const T* __restrict__ o = old + b * S;
+    if (valid && !valid[b]) {
+      std::memcpy(n, o, sizeof(T) * S);
+      continue;
+    }
+    if (zmode == 1) {
+      const T m = z[0];
+#pragma omp simd
+      for (int64_t j = 0; j < S; ++j) n[j] = m * o[j] + (T(1) - m) * n[j];
+    } else if (zmode == 2) {
+      const T* __restrict__ zr = z + b * S;
+#pragma omp simd
+      for (int64_t j = 0; j < S; ++j) n[j] = zr[j] * o[j] + (T(1) - zr[j]) * n[j];
+    }
+  }
+}
+
+// g = gseq + carry; splits g into the cell output's gradient gn and the carry to the old state
+template <typename T>
+void post_bwd(const T* gs, T* ds, T* gn, const T* z, int64_t zmode, const bool* valid,
+              int64_t B, int64_t S) {
+  for (int64_t b = 0; b < B; ++b) {
+    const T* __restrict__ g = gs + b * S;
+    T* __restrict__ d = ds + b * S;
+    T* __restrict__ n = gn + b * S;
+    if (valid && !valid[b]) {
+#pragma omp simd
+      for (int64_t j = 0; j < S; ++j) { d[j] = g[j] + d[j]; n[j] = T(0); }
+      continue;
+    }
+    if (zmode == 1) {
+      const T m = z[0];
+#pragma omp simd
+      for (int64_t j = 0; j < S; ++j) { T a = g[j] + d[j]; n[j] = (T(1) - m) * a; d[j] = m * a; }
+    } else if (zmode == 2) {
+      const T* __restrict__ zr = z + b * S;
+#pragma omp simd
+      for (int64_t j = 0; j < S; ++j) {
+        T a = g[j] + d[j]; n[j] = (T(1) - zr[j]) * a; d[j] = zr[j] * a;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < S; ++j) { n[j] = g[j] + d[j]; d[j] = T(0); }
+    }
+  }
+}
+
+// y = (x - mean) / sqrt(var + eps) * w + c over each row of width W
+template <typename T>
+void ln_fwd(const T* x, T* y, const T* w, const T* c, int64_t B, int64_t W, double eps) {
+  for (int64_t b = 0; b < B; ++b) {
+    const T* __restrict__ xr = x + b * W;
+    T* __restrict__ yr = y + b * W;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < W; ++j) s += xr[j];
+    const T mean = s / T(W);
+    T v = 0;
+#pragma omp simd reduction(+ : v)
+    for (int64_t j = 0; j < W; ++j) { T d = xr[j] - mean; v += d * d; }
+    const T rstd = T(1) / std::sqrt(v / T(W) + T(eps));
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) {
+      T h = (xr[j] - mean) * rstd;
+      if (w) h = h * w[j];
+      if (c) h = h + c[j];
+      yr[j] = h;
+    }
+  }
+}
+
+template <typename T>
+void ln_bwd(const T* x, const T* dy, const T* w, T* dx, T* dw, T* dc, int64_t B, int64_t W,
+            double eps) {
+  for (int64_t b = 0; b < B; ++b) {
+    const T* __restrict__ xr = x + b * W;
+    const T* __restrict__ gr = dy + b * W;
+    T* __restrict__ dr = dx + b * W;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < W; ++j) s += xr[j];
+    const T mean = s / T(W);
+    T v = 0;
+#pragma omp simd reduction(+ : v)
+    for (int64_t j = 0; j < W; ++j) { T d = xr[j] - mean; v += d * d; }
+    const T rstd = T(1) / std::sqrt(v / T(W) + T(eps));
+    T s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+    for (int64_t j = 0; j < W; ++j) {
+      T h = (xr[j] - mean) * rstd;
+      T gh = w ? gr[j] * w[j] : gr[j];
+      s1 += gh;
+      s2 += gh * h;
+    }
+    s1 /= T(W);
+    s2 /= T(W);
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) {
+      T h = (xr[j] - mean) * rstd;
+      T gh = w ? gr[j] * w[j] : gr[j];
+      dr[j] = rstd * (gh - s1 - h * s2);
+      if (dw) dw[j] += gr[j] * h;
+      if (dc) dc[j] += gr[j];
+    }
+  }
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; }
+
+}  // namespace
+"""
+
+
+def _lit(v: float) -> str:
+    if v != v:
+        return "std::numeric_limits<T>::quiet_NaN()"
+    if v in (float("inf"), float("-inf")):
+        return ("" if v > 0 else "-") + "std::numeric_limits<T>::infinity()"
+    return f"T({v!r})"
+
+
+@dataclass
+class _Roles:
+    out: dict  # atom -> [(k, blk)]
+    bin: dict  # atom -> [(bi, pos)]
+    cross: dict  # atom -> slot in its (stage, fam) cross buffer
+
+
+class _Gen:
+    def __init__(self, prog: Program, tag: str):
+        self.p = prog
+        self.tag = tag
+        self.S = prog.nstages
+        atoms = prog.atoms
+        users: dict[int, set[int]] = defaultdict(set)  # atom -> stages of kernels needing it
+        for a in atoms:
+            if a.op not in ("xp", "state", "drop", "vec", "bout", "const"):
+                for x in a.args:
+                    users[x].add(a.stage)
+        for b in prog.boundaries:
+            for x in b.inputs:
+                users[x].add(b.stage - 1)
+        for comp in prog.outputs:
+            for x in comp:
+                a = atoms[x]
+                if not a.row or a.fam < 0:
+                    raise Unsupported("a new state that does not depend on the batch row")
+        self.cross: dict[int, int] = {}
+        self.ncross: dict[tuple[int, int], int] = defaultdict(int)
+        for i, a in enumerate(atoms):
+            if a.stage >= 1 and a.op not in ("bout", "const") and users[i] and \
+                    max(users[i]) > a.stage:
+                key = (a.stage, a.fam)
+                self.cross[i] = self.ncross[key]
+                self.ncross[key] += 1
+        # buffer slots
+        self.slots: dict[tuple, int] = {}
+        for name in (("xp",), ("drop",)):
+            self.slot(name)
+        for k in range(len(prog.states)):
+            self.slot(("state", k))
+            self.slot(("new", k))
+        for i in range(len(prog.vecs)):
+            self.slot(("vec", i))
+        for bi in range(len(prog.boundaries)):
+            self.slot(("bout", bi))
+            self.slot(("bin", bi))
+        for key in sorted(self.ncross):
+            self.slot(("cross", *key))
+        self.nfwd = len(self.slots)
+        self.slot(("dxp",))
+        for k in range(len(prog.states)):
+            self.slot(("dstate", k))
+            self.slot(("gn", k))
+        for i in range(len(prog.vecs)):
+            self.slot(("dvec", i))
+        for bi in range(len(prog.boundaries)):
+            self.slot(("dbout", bi))
+            self.slot(("dbin", bi))
+        for key in sorted(self.ncross):
+            self.slot(("dcross", *key))
+
+    def slot(self, key) -> int:
+        if key not in self.slots:
+            self.slots[key] = len(self.slots)
+        return self.slots[key]
+
+    # -- widths (C++ expressions of the runtime units U[f]) ------------------------------------
+    @staticmethod
+    def width(fam: int, blocks: int) -> str:
+        return f"({blocks} * U[{fam}])"
+
+    def roots(self, s: int, f: int):
+        """What kernel (s, f) materializes: [(atom, kind, index, position)]."""
+        p, out = self.p, []
+        for k, comp in enumerate(p.outputs):
+            for blk, a in enumerate(comp):
+                if p.atoms[a].stage == s and p.atoms[a].fam == f:
+                    out.append((a, "new", k, blk))
+        for bi, b in enumerate(p.boundaries):
+            if b.stage - 1 == s and b.in_fam == f:
+                for pos, a in enumerate(b.inputs):
+                    out.append((a, "bin", bi, pos))
+        for a, slot in self.cross.items():
+            at = p.atoms[a]
+            if at.stage == s and at.fam == f:
+                out.append((a, "cross", (at.stage, at.fam), slot))
+        return out
+
+    def closure(self, s: int, roots) -> tuple[list[int], list[int]]:
+        """Atoms evaluated in kernel s: (computed in topological order, terminals)."""
+        seen, comp, term = set(), set(), set()
+        stack = [r[0] for r in roots]
+        while stack:
+            a = stack.pop()
+            if a in seen:
+                continue
+            seen.add(a)
+            at = self.p.atoms[a]
+            if at.op in ("xp", "state", "drop", "vec", "bout", "const"):
+                term.add(a)
+            elif a in self.cross and at.stage < s:
+                term.add(a)
+            else:
+                comp.add(a)
+                stack.extend(at.args)
+        return sorted(comp), sorted(term)
+
+    def load(self, a: int, s: int) -> tuple[str, str | None]:
+        """(value expression, row-pointer slot name) of a terminal atom in kernel s."""
+        at = self.p.atoms[a]
+        if at.op == "const":
+            return _lit(at.args[0]), None
+        if at.op in ("xp", "drop"):
+            return f"p{self.slots[(at.op,)]}[{at.args[1]} * U_ + j]", (at.op,)
+        if at.op == "state":
+            key = ("state", at.args[0])
+        elif at.op == "vec":
+            key = ("vec", at.args[0])
+        elif at.op == "bout":
+            key = ("bout", at.args[0])
+        else:  # cross
+            key = ("cross", at.stage, at.fam)
+            return f"p{self.slots[key]}[{self.cross[a]} * U_ + j]", key
+        return f"p{self.slots[key]}[{at.args[1]} * U_ + j]", key
+
+    def grad_target(self, a: int) -> tuple | None:
+        at = self.p.atoms[a]
+        if at.op == "const" or at.op == "drop":
+            return None
+        if at.op == "xp":
+            return ("dxp",), at.args[1]
+        if at.op in ("state", "vec", "bout"):
+            return ("d" + at.op, at.args[0]), at.args[1]
+        return ("dcross", at.stage, at.fam), self.cross[a]
+
+    def expr(self, a: int, comp: set[int]) -> str:
+        at = self.p.atoms[a]
+        args = [f"v{x}" for x in at.args]
+        e = at.extra[0] if at.extra else 0
+        return _FWD[at.op].format(*args, e=repr(float(e)))
+
+    def kernel(self, s: int, f: int, backward: bool) -> str | None:
+        roots = self.roots(s, f)
+        if not roots:
+            return None
+        comp, term = self.closure(s, roots)
+        used: set = set()
+        body: list[str] = []
+        for a in term:
+            val, key = self.load(a, s)
+            if key is not None:
+                used.add(key)
+            body.append(f"const T v{a} = {val};")
+        for a in comp:
+            body.append(f"const T v{a} = {self.expr(a, set(comp))};")
+        if not backward:
+            for a, kind, idx, pos in roots:
+                key = (kind, idx) if kind != "cross" else ("cross", *idx)
+                used.add(key)
+                body.append(f"p{self.slots[key]}[{pos} * U_ + j] = v{a};")
+        else:
+            every = term + comp
+            for a in every:
+                if self.p.atoms[a].op != "const":
+                    body.append(f"T g{a} = T(0);")
+            for a, kind, idx, pos in roots:
+                key = {"new": ("gn", idx), "bin": ("dbin", idx)}.get(kind)
+                if key is None:
+                    key = ("dcross", *idx)
+                used.add(key)
+                body.append(f"g{a} += p{self.slots[key]}[{pos} * U_ + j];")
+            for a in reversed(comp):
+                at = self.p.atoms[a]
+                e = at.extra[0] if at.extra else 0
+                vals = [f"v{x}" for x in at.args]
+                for x, tmpl in zip(at.args, _BWD[at.op], strict=False):
+                    if self.p.atoms[x].op == "const":
+                        continue
+                    body.append(f"g{x} += {tmpl.format(*vals, g=f'g{a}', z=f'v{a}', e=repr(float(e)))};")
+            for a in term:
+                tgt = self.grad_target(a)
+                if tgt is None:
+                    continue
+                key, pos = tgt
+                used.add(key)
+                body.append(f"p{self.slots[key]}[{pos} * U_ + j] += g{a};")
+        name = f"k{'b' if backward else 'f'}_{self.tag}_s{s}_f{f}"
+        ptrs = [f"    T* __restrict__ p{self.slots[key]} = P[{self.slots[key]}] + b * "
+                f"LD[{self.slots[key]}];" for key in sorted(used, key=lambda k: self.slots[k])]
+        lines = [
+            "template <typename T>",
+            f"static void {name}(int64_t B, int64_t U_, T* const* P, const int64_t* LD) {{",
+            "  for (int64_t b = 0; b < B; ++b) {",
+            *ptrs,
+            "#pragma omp simd",
+            "    for (int64_t j = 0; j < U_; ++j) {",
+            *("      " + x for x in body),
+            "    }",
+            "  }",
+            "}",
+        ]
+        return name, "\n".join(lines)
+
+    # -- drivers -------------------------------------------------------------------------------
+    def source(self) -> str:
+        p = self.p
+        kernels = {}
+        parts = []
+        for backward in (False, True):
+            for s in range(self.S):
+                for f in range(p.nfam):
+                    k = self.kernel(s, f, backward)
+                    if k is not None:
+                        kernels[(backward, s, f)] = k[0]
+                        parts.append(k[1])
+        parts.append(self.fwd_driver(kernels))
+        parts.append(self.bwd_driver(kernels))
+        return "\n\n".join(parts)
+
+    def _common(self) -> list[str]:
+        p = self.p
+        L = [
+            "  const int64_t T_ = xp.size(0), B = xp.size(1);",
+            f"  int64_t U[{max(p.nfam, 1)}];",
+            f"  for (int64_t f = 0; f < {p.nfam}; ++f) U[f] = units[f];",
+            "  auto opts = xp.options();",
+            f"  const int64_t W_xp = {self.width(*p.xp)};",
+        ]
+        for k, st in enumerate(p.states):
+            L.append(f"  const int64_t S{k} = {self.width(*st)};")
+        for bi, b in enumerate(p.boundaries):
+            L.append(f"  const int64_t WI{bi} = {self.width(b.in_fam, len(b.inputs))};")
+            L.append(f"  const int64_t WO{bi} = {self.width(b.out_fam, b.out_blocks)};")
+        for (s, f), n in sorted(self.ncross.items()):
+            L.append(f"  const int64_t WC{s}_{f} = {self.width(f, n)};")
+        L += [
+            f"  T* P[{len(self.slots)}] = {{}};",
+            f"  int64_t LD[{len(self.slots)}] = {{}};",
+            f"  P[{self.slots[('drop',)]}] = ptr<T>(drop); LD[{self.slots[('drop',)]}] = "
+            f"drop.size(1);",
+            "  const bool* vptr = valid.numel() ? valid.data_ptr<bool>() : nullptr;",
+        ]
+        for i in range(len(p.vecs)):
+            L.append(f"  P[{self.slots[('vec', i)]}] = ptr<T>(vecs[{i}]);")
+        return L
+
+    def _step_ptrs(self, saved_t: str) -> list[str]:
+        p, sl = self.p, self.slots
+        L = [f"    P[{sl[('xp',)]}] = xp_p + t * B * W_xp; LD[{sl[('xp',)]}] = W_xp;"]
+        for k in range(len(p.states)):
+            L.append(f"    P[{sl[('state', k)]}] = t == 0 ? ptr<T>(state0[{k}]) : "
+                     f"seq{k}_p + (t - 1) * B * S{k}; LD[{sl[('state', k)]}] = S{k};")
+            L.append(f"    P[{sl[('new', k)]}] = seq{k}_p + t * B * S{k}; "
+                     f"LD[{sl[('new', k)]}] = S{k};")
+        for bi in range(len(p.boundaries)):
+            L.append(f"    P[{sl[('bout', bi)]}] = bout{bi}_p + {saved_t} * B * WO{bi}; "
+                     f"LD[{sl[('bout', bi)]}] = WO{bi};")
+            L.append(f"    P[{sl[('bin', bi)]}] = bin{bi}_p + {saved_t} * B * WI{bi}; "
+                     f"LD[{sl[('bin', bi)]}] = WI{bi};")
+        for (s, f) in sorted(self.ncross):
+            i = sl[("cross", s, f)]
+            L.append(f"    P[{i}] = cross{s}_{f}_p + {saved_t} * B * WC{s}_{f}; LD[{i}] = WC{s}_{f};")
+        return L
+
+    def fwd_driver(self, kernels) -> str:
+        p, sl = self.p, self.slots
+        L = [
+            "template <typename T>",
+            f"static std::vector<at::Tensor> fwd_{self.tag}_impl(const at::Tensor& xp, "
+            "at::TensorList state0, at::TensorList vecs, at::TensorList mats, "
+            "const at::Tensor& drop, at::TensorList zone, at::IntArrayRef zmode, "
+            "const at::Tensor& valid, at::IntArrayRef units, bool save) {",
+            *self._common(),
+            "  const int64_t TS = save ? T_ : 1;",
+            "  std::vector<at::Tensor> res;",
+            "  T* xp_p = xp.data_ptr<T>();",
+        ]
+        for k in range(len(p.states)):
+            L.append(f"  at::Tensor seq{k} = at::empty({{T_, B, S{k}}}, opts); "
+                     f"T* seq{k}_p = seq{k}.data_ptr<T>(); res.push_back(seq{k});")
+        saved = []
+        for bi in range(len(p.boundaries)):
+            for nm, w in (("bin", "WI"), ("bout", "WO")):
+                L.append(f"  at::Tensor {nm}{bi} = at::empty({{TS, B, {w}{bi}}}, opts); "
+                         f"T* {nm}{bi}_p = {nm}{bi}.data_ptr<T>();")
+                saved.append(f"{nm}{bi}")
+        for (s, f) in sorted(self.ncross):
+            L.append(f"  at::Tensor cross{s}_{f} = at::empty({{TS, B, WC{s}_{f}}}, opts); "
+                     f"T* cross{s}_{f}_p = cross{s}_{f}.data_ptr<T>();")
+            saved.append(f"cross{s}_{f}")
+        L.append("  for (int64_t t = 0; t < T_; ++t) {")
+        L.append("    const int64_t ts = save ? t : 0;")
+        L += self._step_ptrs("ts")
+        for s in range(self.S):
+            if s > 0:
+                L += self._boundaries_fwd(s)
+            for f in range(p.nfam):
+                if (False, s, f) in kernels:
+                    L.append(f"    {kernels[(False, s, f)]}<T>(B, U[{f}], P, LD);")
+        for k in range(len(p.states)):
+            L.append(f"    post_fwd<T>(P[{sl[('new', k)]}], P[{sl[('state', k)]}], "
+                     f"zmode[{k}] ? zone[{k}].data_ptr<T>() + (zmode[{k}] == 2 ? t * B * S{k} : 0)"
+                     f" : nullptr, zmode[{k}], vptr ? vptr + t * B : nullptr, B, S{k});")
+        L.append("  }")
+        L.append("  if (save) {")
+        for nm in saved:
+            L.append(f"    res.push_back({nm});")
+        L.append("  }")
+        L.append("  return res;")
+        L.append("}")
+        return "\n".join(L)
+
+    def _boundaries_fwd(self, s: int) -> list[str]:
+        L = []
+        sl = self.slots
+        for bi, b in enumerate(self.p.boundaries):
+            if b.stage != s:
+                continue
+            if b.kind == "mm":
+                L.append(f"    {{ at::Tensor o = bout{bi}.select(0, ts), l = bin{bi}.select(0, ts); "
+                         f"at::cpu::mm_out(o, l, mats[{b.mat}]); }}")
+            else:
+                w = f"P[{sl[('vec', b.weight)]}]" if b.weight >= 0 else "nullptr"
+                c = f"P[{sl[('vec', b.bias)]}]" if b.bias >= 0 else "nullptr"
+                L.append(f"    ln_fwd<T>(P[{sl[('bin', bi)]}], P[{sl[('bout', bi)]}], {w}, {c}, "
+                         f"B, WI{bi}, {b.eps!r});")
+        return L
+
+    def bwd_driver(self, kernels) -> str:
+        p, sl = self.p, self.slots
+        nb = len(p.boundaries)
+        L = [
+            "template <typename T>",
+            f"static std::vector<at::Tensor> bwd_{self.tag}_impl(at::TensorList gseq, "
+            "const at::Tensor& xp, at::TensorList state0, at::TensorList seq, "
+            "at::TensorList vecs, at::TensorList mats, const at::Tensor& drop, "
+            "at::TensorList zone, at::IntArrayRef zmode, const at::Tensor& valid, "
+            "at::TensorList saved, at::IntArrayRef units) {",
+            *self._common(),
+            "  T* xp_p = xp.data_ptr<T>();",
+            "  at::Tensor dxp = at::zeros_like(xp); T* dxp_p = dxp.data_ptr<T>();",
+        ]
+        for k in range(len(p.states)):
+            L.append(f"  T* seq{k}_p = seq[{k}].data_ptr<T>();")
+            L.append(f"  T* gseq{k}_p = gseq[{k}].data_ptr<T>();")
+            L.append(f"  at::Tensor dstate{k} = at::zeros({{B, S{k}}}, opts), "
+                     f"gn{k} = at::empty({{B, S{k}}}, opts);")
+            L.append(f"  P[{sl[('dstate', k)]}] = dstate{k}.data_ptr<T>(); "
+                     f"LD[{sl[('dstate', k)]}] = S{k};")
+            L.append(f"  P[{sl[('gn', k)]}] = gn{k}.data_ptr<T>(); LD[{sl[('gn', k)]}] = S{k};")
+        i = 0
+        for bi in range(nb):
+            L.append(f"  const at::Tensor& bin{bi} = saved[{i}]; const at::Tensor& bout{bi} = "
+                     f"saved[{i + 1}];")
+            L.append(f"  T* bin{bi}_p = bin{bi}.data_ptr<T>(); T* bout{bi}_p = bout{bi}.data_ptr<T>();")
+            L.append(f"  at::Tensor dbout{bi} = at::zeros({{T_, B, WO{bi}}}, opts); "
+                     f"T* dbout{bi}_p = dbout{bi}.data_ptr<T>();")
+            L.append(f"  at::Tensor dbin{bi} = at::empty({{B, WI{bi}}}, opts); "
+                     f"P[{sl[('dbin', bi)]}] = dbin{bi}.data_ptr<T>(); "
+                     f"LD[{sl[('dbin', bi)]}] = WI{bi};")
+            i += 2
+        for (s, f) in sorted(self.ncross):
+            L.append(f"  const at::Tensor& cross{s}_{f} = saved[{i}]; "
+                     f"T* cross{s}_{f}_p = cross{s}_{f}.data_ptr<T>();")
+            L.append(f"  at::Tensor dcross{s}_{f} = at::zeros({{B, WC{s}_{f}}}, opts); "
+                     f"P[{sl[('dcross', s, f)]}] = dcross{s}_{f}.data_ptr<T>(); "
+                     f"LD[{sl[('dcross', s, f)]}] = WC{s}_{f};")
+            i += 1
+        L.append("  std::vector<at::Tensor> dvecs;")
+        for v in range(len(p.vecs)):
+            L.append(f"  dvecs.push_back(at::zeros_like(vecs[{v}])); "
+                     f"P[{sl[('dvec', v)]}] = dvecs.back().data_ptr<T>();")
+        L.append("  for (int64_t t = T_ - 1; t >= 0; --t) {")
+        L += self._step_ptrs("t")
+        L.append(f"    P[{sl[('dxp',)]}] = dxp_p + t * B * W_xp; LD[{sl[('dxp',)]}] = W_xp;")
+        for bi in range(nb):
+            L.append(f"    P[{sl[('dbout', bi)]}] = dbout{bi}_p + t * B * WO{bi}; "
+                     f"LD[{sl[('dbout', bi)]}] = WO{bi};")
+        for k in range(len(p.states)):
+            L.append(f"    post_bwd<T>(gseq{k}_p + t * B * S{k}, P[{sl[('dstate', k)]}], "
+                     f"P[{sl[('gn', k)]}], zmode[{k}] ? zone[{k}].data_ptr<T>() + "
+                     f"(zmode[{k}] == 2 ? t * B * S{k} : 0) : nullptr, zmode[{k}], "
+                     f"vptr ? vptr + t * B : nullptr, B, S{k});")
+        for (s, f) in sorted(self.ncross):
+            L.append(f"    dcross{s}_{f}.zero_();")
+        for s in reversed(range(self.S)):
+            for f in range(p.nfam):
+                if (True, s, f) in kernels:
+                    L.append(f"    {kernels[(True, s, f)]}<T>(B, U[{f}], P, LD);")
+            if s > 0:
+                for bi, b in enumerate(p.boundaries):
+                    if b.stage != s:
+                        continue
+                    if b.kind == "mm":
+                        L.append(f"    {{ at::Tensor g = dbout{bi}.select(0, t); "
+                                 f"at::cpu::mm_out(dbin{bi}, g, mats[{b.mat}].t()); }}")
+                    else:
+                        w = f"P[{sl[('vec', b.weight)]}]" if b.weight >= 0 else "nullptr"
+                        dw = f"P[{sl[('dvec', b.weight)]}]" if b.weight >= 0 else "nullptr"
+                        dc = f"P[{sl[('dvec', b.bias)]}]" if b.bias >= 0 else "nullptr"
+                        L.append(f"    ln_bwd<T>(P[{sl[('bin', bi)]}], P[{sl[('dbout', bi)]}], "
+                                 f"{w}, P[{sl[('dbin', bi)]}], {dw}, {dc}, B, WI{bi}, {b.eps!r});")
+        L.append("  }")
+        L.append("  std::vector<at::Tensor> res{dxp};")
+        for k in range(len(p.states)):
+            L.append(f"  res.push_back(dstate{k});")
+        L.append("  for (auto& d : dvecs) res.push_back(d);")
+        for m in range(len(p.mats)):
+            terms = [bi for bi, b in enumerate(p.boundaries) if b.kind == "mm" and b.mat == m]
+            L.append(f"  at::Tensor dmat{m} = at::zeros_like(mats[{m}]);")
+            for bi in terms:
+                L.append(f"  dmat{m} += at::mm(bin{bi}.view({{T_ * B, WI{bi}}}).t(), "
+                         f"dbout{bi}.view({{T_ * B, WO{bi}}}));")
+            L.append(f"  res.push_back(dmat{m});")
+        L.append("  return res;")
+        L.append("}")
+        return "\n".join(L)
+
+
+def program_source(prog: Program, tag: str) -> str:
+    """Kernels and drivers (templates ``fwd_<tag>_impl<T>`` / ``bwd_<tag>_impl<T>``)."""
+    return _Gen(prog, tag).source()
+
+
+def entry_points(tag: str) -> tuple[str, str]:
+    """The dtype-dispatching functions and their schema lines for ``tag``."""
+    fn = f"""
+std::vector<at::Tensor> fwd_{tag}(const at::Tensor& xp, at::TensorList state0,
+    at::TensorList vecs, at::TensorList mats, const at::Tensor& drop, at::TensorList zone,
+    at::IntArrayRef zmode, const at::Tensor& valid, at::IntArrayRef units, bool save) {{
+  if (xp.scalar_type() == at::kDouble)
+    return fwd_{tag}_impl<double>(xp, state0, vecs, mats, drop, zone, zmode, valid, units, save);
+  TORCH_CHECK(xp.scalar_type() == at::kFloat, "gyre fused: float32 or float64 only");
+  return fwd_{tag}_impl<float>(xp, state0, vecs, mats, drop, zone, zmode, valid, units, save);
+}}
+std::vector<at::Tensor> bwd_{tag}(at::TensorList gseq, const at::Tensor& xp,
+    at::TensorList state0, at::TensorList seq, at::TensorList vecs, at::TensorList mats,
+    const at::Tensor& drop, at::TensorList zone, at::IntArrayRef zmode, const at::Tensor& valid,
+    at::TensorList saved, at::IntArrayRef units) {{
+  if (xp.scalar_type() == at::kDouble)
+    return bwd_{tag}_impl<double>(gseq, xp, state0, seq, vecs, mats, drop, zone, zmode, valid,
+                                  saved, units);
+  return bwd_{tag}_impl<float>(gseq, xp, state0, seq, vecs, mats, drop, zone, zmode, valid,
+                               saved, units);
+}}
+"""
+    defs = (f'  m.def("fwd_{tag}(Tensor xp, Tensor[] state0, Tensor[] vecs, Tensor[] mats, '
+            f'Tensor drop, Tensor[] zone, int[] zmode, Tensor valid, int[] units, bool save) '
+            f'-> Tensor[]", &fwd_{tag});\n'
+            f'  m.def("bwd_{tag}(Tensor[] gseq, Tensor xp, Tensor[] state0, Tensor[] seq, '
+            f'Tensor[] vecs, Tensor[] mats, Tensor drop, Tensor[] zone, int[] zmode, '
+            f'Tensor valid, Tensor[] saved, int[] units) -> Tensor[]", &bwd_{tag});')
+    return fn, defs
+
+
+def module_source(namespace: str, programs: dict[str, str]) -> str:
+    """One translation unit holding the programs ``{tag: source}``, registered as
+    ``torch.ops.<namespace>.fwd_<tag>`` / ``bwd_<tag>``."""
+    parts = [PRELUDE, "#include <limits>"]
+    defs = []
+    for tag, src in sorted(programs.items()):
+        fn, d = entry_points(tag)
+        parts += [src, fn]
+        defs.append(d)
+    parts.append(f"TORCH_LIBRARY({namespace}, m) {{\n" + "\n".join(defs) + "\n}")
+    return "\n".join(parts)
+
+
+__all__ = ["PRELUDE", "Atom", "module_source", "program_source"]
