@@ -135,8 +135,28 @@ def config_to_toml(config) -> str:
     return tomli_w.dumps(dataclasses.asdict(config))
 
 
+def task_name(config) -> str | None:
+    """The task whose module defines ``type(config)`` (a key of ``gyre.tasks.TASKS``)."""
+    from . import TASKS
+    return next((k for k, v in TASKS.items() if v == type(config).__module__), None)
+
+
 def write_config(config, path: str | os.PathLike) -> None:
-    _atomic_write_bytes(Path(path), config_to_toml(config).encode())
+    """The config as TOML, headed by a ``# gyre task: NAME`` line that ``gyre eval`` reads."""
+    task = task_name(config)
+    head = f"# gyre task: {task}\n" if task else ""
+    _atomic_write_bytes(Path(path), (head + config_to_toml(config)).encode())
+
+
+def task_of_run(out_dir: str | os.PathLike) -> str | None:
+    """The task named in ``out_dir/config.toml``'s first line, or None."""
+    path = Path(out_dir) / "config.toml"
+    if not path.is_file():
+        raise FileNotFoundError(f"out_dir: {str(path)!r} does not exist; expected a run "
+                                "directory written by gyre train")
+    first = path.read_text().split("\n", 1)[0]
+    m = re.fullmatch(r"# gyre task: (\w+)\s*", first)
+    return m.group(1) if m else None
 
 
 def resolve_out(config, task: str) -> Path:

@@ -1,0 +1,361 @@
+"""Sequence classification: a recurrent classifier beside 1-NN DTW, majority class and, on request,
+an FCN-style 1D-CNN and a Transformer encoder, all on the same split.
+
+Follows the task contract in :mod:`gyre.tasks`. Data: :mod:`gyre.data.classification`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..data import classification as cdata
+from ..nn import Recurrent
+from ..train import CHECKPOINT, Trainer, load_checkpoint, seed_everything
+from . import base
+
+TASK = "classify"
+HEADS = ("mean", "last", "max")
+
+#: published test accuracy (../shared/DATA.md): FCN / ResNet, Fawaz et al. 2019 (mean of 10
+#: runs); 1-NN DTW = 1 - error from the UCR 2018 summary (full window)
+PUBLISHED = {
+    "gunpoint": {"fcn": 1.0, "resnet": 0.991, "1nn_dtw": 0.907},
+    "italy_power_demand": {"fcn": 0.961, "resnet": 0.963, "1nn_dtw": 0.950},
+    "arrow_head": {"fcn": 0.843, "resnet": 0.845, "1nn_dtw": 0.703},
+    "osuleaf": {"fcn": 0.977, "resnet": 0.979, "1nn_dtw": 0.591},
+    "acsf1": {"1nn_dtw": 0.64},
+    "japanese_vowels": {"fcn": 0.99, "resnet": 0.99},
+}
+EXTRA_BASELINES = ("cnn", "transformer")
+
+
+@dataclass
+class Config(base.TaskConfig):
+    """Classification run. Beyond :class:`gyre.tasks.base.TaskConfig`:
+
+    Attributes:
+        head: how the sequence becomes one vector: ``mean`` (masked mean of every step's
+            output), ``last`` (the forward direction's output at the last valid step, the
+            reverse direction's at the first), ``max`` (masked max).
+        head_dropout: dropout before the linear classifier.
+        baselines: extra trained baselines, any of ``cnn`` (FCN, Wang et al. 2017) and
+            ``transformer`` (``torch.nn.TransformerEncoder``); majority class always runs.
+        dtw: also run 1-NN DTW (aeon); quadratic in length, slow on long series.
+    """
+
+    data: str = "japanese_vowels"
+    cell: str = "lstm"
+    hidden: int = 64
+    bidirectional: bool = True
+    epochs: int = 60
+    batch_size: int = 16
+    lr: float = 3e-3
+    scheduler: str = "cosine"
+    head: str = "mean"
+    head_dropout: float = 0.2
+    baselines: list[str] = field(default_factory=list)
+    dtw: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.head not in HEADS:
+            raise ValueError(f"head: got {self.head!r}, expected one of {', '.join(HEADS)}")
+        if not 0 <= self.head_dropout < 1:
+            raise ValueError(f"head_dropout: got {self.head_dropout}, expected a number in [0, 1)")
+        bad = [b for b in self.baselines if b not in EXTRA_BASELINES]
+        if bad:
+            raise ValueError(f"baselines: got {bad}, expected any of {', '.join(EXTRA_BASELINES)} "
+                             "(majority class and 1-NN DTW always run; dtw=false skips DTW)")
+
+
+# -- models -------------------------------------------------------------------------------------
+def _mask(x: Tensor, lengths: Tensor | None) -> Tensor | None:
+    """``(B, T, 1)`` True at valid steps, or None when every step is valid."""
+    if lengths is None:
+        return None
+    steps = torch.arange(x.shape[1], device=x.device)
+    return (steps[None, :] < lengths.to(x.device)[:, None]).unsqueeze(-1)
+
+
+def _pool(out: Tensor, lengths: Tensor | None, how: str) -> Tensor:
+    mask = _mask(out, lengths)
+    if how == "mean":
+        if mask is None:
+            return out.mean(1)
+        return (out * mask).sum(1) / mask.sum(1).clamp_min(1)
+    if how == "max":
+        return (out if mask is None else out.masked_fill(~mask, -torch.inf)).amax(1)
+    raise ValueError(f"head: got {how!r}, expected one of {', '.join(HEADS)}")
+
+
+class RecurrentClassifier(nn.Module):
+    """``gyre.nn.Recurrent`` of any cell, a pooling head and a linear layer to class logits.
+
+    ``forward(x (B, T, C), state=None, *, lengths=None) -> (logits (B, K), h_n)``."""
+
+    def __init__(self, cell: str, n_channels: int, n_classes: int, hidden: int = 64,
+                 layers: int = 1, bidirectional: bool = True, dropout: float = 0.0,
+                 head: str = "mean", head_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.rnn = Recurrent(cell, n_channels, hidden, layers, batch_first=True, dropout=dropout,
+                             bidirectional=bidirectional)
+        self.head = head
+        self.dirs = 2 if bidirectional else 1
+        self.drop = nn.Dropout(head_dropout)
+        self.fc = nn.Linear(self.dirs * self.rnn.output_size, n_classes)
+
+    def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
+        out, h_n = self.rnn(x, state, lengths=lengths)  # (B, T, D*O)
+        if self.head == "last":
+            O = self.rnn.output_size
+            last = (torch.full((x.shape[0],), x.shape[1], dtype=torch.int64) if lengths is None
+                    else lengths).to(x.device) - 1
+            feats = out[torch.arange(x.shape[0], device=x.device), last, :O]
+            if self.dirs == 2:
+                feats = torch.cat([feats, out[:, 0, O:]], dim=1)
+        else:
+            feats = _pool(out, lengths, self.head)
+        return self.fc(self.drop(feats)), h_n
+
+
+class FCN(nn.Module):
+    """Fully convolutional baseline (Wang, Yan & Oates 2017): three Conv1d-BatchNorm-ReLU blocks
+    (128x8, 256x5, 128x3, 'same' padding), global average pooling over valid steps, linear."""
+
+    def __init__(self, n_channels: int, n_classes: int) -> None:
+        super().__init__()
+        blocks = []
+        for c_in, c_out, k in ((n_channels, 128, 8), (128, 256, 5), (256, 128, 3)):
+            blocks += [nn.Conv1d(c_in, c_out, k, padding="same"), nn.BatchNorm1d(c_out), nn.ReLU()]
+        self.body = nn.Sequential(*blocks)
+        self.fc = nn.Linear(128, n_classes)
+
+    def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
+        h = self.body(x.transpose(1, 2)).transpose(1, 2)  # (B, T, 128)
+        return self.fc(_pool(h, lengths, "mean")), None
+
+
+class TransformerClassifier(nn.Module):
+    """``torch.nn.TransformerEncoder`` baseline: linear embedding, sinusoidal positions, padding
+    mask from ``lengths``, masked mean pooling, linear."""
+
+    def __init__(self, n_channels: int, n_classes: int, d_model: int = 64, heads: int = 4,
+                 layers: int = 2, dropout: float = 0.1, max_len: int = 4096) -> None:
+        super().__init__()
+        self.embed = nn.Linear(n_channels, d_model)
+        pos = torch.arange(max_len).unsqueeze(1)
+        div = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(max_len, d_model)
+        pe[:, 0::2] = torch.sin(pos * div)
+        pe[:, 1::2] = torch.cos(pos * div)
+        self.register_buffer("pe", pe, persistent=False)
+        layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.fc = nn.Linear(d_model, n_classes)
+
+    def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
+        if x.shape[1] > self.pe.shape[0]:
+            raise ValueError(f"x: {x.shape[1]} steps, the transformer baseline takes at most "
+                             f"{self.pe.shape[0]}")
+        h = self.embed(x) + self.pe[: x.shape[1]]
+        mask = _mask(x, lengths)
+        pad = None if mask is None else ~mask.squeeze(-1)
+        h = self.encoder(h, src_key_padding_mask=pad)
+        return self.fc(_pool(h, lengths, "mean")), None
+
+
+def build_model(config: Config, n_channels: int, n_classes: int) -> nn.Module:
+    return RecurrentClassifier(config.cell, n_channels, n_classes, config.hidden, config.layers,
+                               config.bidirectional, config.dropout, config.head,
+                               config.head_dropout)
+
+
+def describe(config: Config) -> str:
+    return (f"{'bi' if config.bidirectional else ''}{config.cell} {config.layers}x{config.hidden} "
+            f"({config.head} head)")
+
+
+# -- metrics --------------------------------------------------------------------------------------
+def accuracy(logits: Tensor, y: Tensor) -> dict[str, float]:
+    return {"accuracy": float((logits.argmax(-1) == y).float().mean())}
+
+
+def _scores(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import f1_score
+    return {"accuracy": float(np.mean(pred == y)),
+            "f1_macro": float(f1_score(y, pred, average="macro", zero_division=0))}
+
+
+# -- running ----------------------------------------------------------------------------------------
+def _prepare(config: Config, data: cdata.ClassificationData):
+    tr, va = cdata.validation_split(data.y_train, config.val_fraction, config.seed)
+    X_fit = [data.X_train[i] for i in tr]
+    scaler = cdata.Standardizer.fit(X_fit)
+    train = cdata.SequenceDataset(scaler(X_fit), data.y_train[tr])
+    val = cdata.SequenceDataset(scaler([data.X_train[i] for i in va]), data.y_train[va])
+    test = cdata.SequenceDataset(scaler(data.X_test), data.y_test)
+    return train, val, test, scaler
+
+
+def _fit(model: nn.Module, config: Config, out: Path, train, val, extra, resume: bool,
+         progress: bool | None = None) -> tuple[Trainer, dict]:
+    tc = config.train_config(progress=config.progress if progress is None else progress)
+    trainer = Trainer(model, nn.functional.cross_entropy, tc, collate=cdata.collate,
+                      metrics=accuracy, out_dir=out, extra=extra)
+    result = trainer.fit(train, val if len(val) else None, resume=resume)
+    return trainer, result
+
+
+def train(config: Config, *, resume: bool = False) -> dict:
+    """Train, evaluate beside the baselines, write config.toml, checkpoint, metrics.json and
+    plots into ``config.out``; returns the metrics (see :mod:`gyre.tasks`)."""
+    if not isinstance(config, Config):
+        raise TypeError(f"config: got {type(config).__name__}, expected gyre.tasks.classify.Config")
+    out = base.resolve_out(config, TASK)
+    if resume and not (out / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} to resume from")
+    base.write_config(config, out / "config.toml")
+    data = cdata.load(config.data, seed=config.seed)
+    train_ds, val_ds, test_ds, scaler = _prepare(config, data)
+    seed_everything(config.seed)
+    model = build_model(config, data.n_channels, len(data.classes))
+    extra = {"classes": list(data.classes), "n_channels": data.n_channels,
+             "scaler": scaler.state()}
+    start = time.perf_counter()
+    trainer, result = _fit(model, config, out, train_ds, val_ds, extra, resume)
+    seconds = time.perf_counter() - start
+    if result["interrupted"]:
+        return {"interrupted": True, "out": str(out)}
+    logits, y = trainer.predict(test_ds)
+    pred = logits.argmax(-1).numpy()
+    test = _scores(pred, y.numpy())
+    base.plot_history(result["history"], out / "loss.png", f"{describe(config)} on {data.name}")
+    plot_confusion(y.numpy(), pred, data.classes, out / "confusion.png",
+                   f"{describe(config)}: accuracy {test['accuracy']:.3f}")
+
+    baselines = {"majority": _scores(np.full_like(data.y_test, np.bincount(data.y_train).argmax()),
+                                     data.y_test)}
+    if config.dtw:
+        baselines["1nn_dtw"] = dtw_baseline(data)
+    for name in config.baselines:
+        seed_everything(config.seed)
+        net = (FCN(data.n_channels, len(data.classes)) if name == "cnn"
+               else TransformerClassifier(data.n_channels, len(data.classes)))
+        bt, bres = _fit(net, config, out / "baselines" / name, train_ds, val_ds, extra,
+                        resume=resume and (out / "baselines" / name / CHECKPOINT).is_file())
+        if bres["interrupted"]:
+            return {"interrupted": True, "out": str(out)}
+        blog, by = bt.predict(test_ds)
+        baselines[name] = _scores(blog.argmax(-1).numpy(), by.numpy())
+    metrics = {
+        "task": TASK, "data": data.name, "out": str(out), "model": describe(config),
+        "test": test, "baselines": baselines,
+        "train": {"epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
+                  "stopped_early": result["stopped_early"], "seconds": round(seconds, 2),
+                  "n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds),
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "classes": list(data.classes),
+    }
+    if data.name in PUBLISHED:
+        metrics["published"] = {f"{k} accuracy": v for k, v in PUBLISHED[data.name].items()}
+    base.write_json(metrics, out / "metrics.json")
+    return metrics
+
+
+def dtw_baseline(data: cdata.ClassificationData) -> dict[str, float]:
+    """1-NN with full-window DTW (aeon), on the series as the archive gives them."""
+    from aeon.classification.distance_based import KNeighborsTimeSeriesClassifier
+    to_aeon = lambda X: [np.ascontiguousarray(x.T, np.float64) for x in X]  # noqa: E731
+    Xtr, Xte = to_aeon(data.X_train), to_aeon(data.X_test)
+    if not data.variable_length:
+        Xtr, Xte = np.stack(Xtr), np.stack(Xte)
+    clf = KNeighborsTimeSeriesClassifier(n_neighbors=1, distance="dtw")
+    clf.fit(Xtr, data.y_train)
+    return _scores(np.asarray(clf.predict(Xte)).astype(np.int64), data.y_test)
+
+
+def plot_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], path, title: str) -> None:
+    from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+    plt = base.pyplot()
+    cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
+    size = max(4.0, 0.5 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(cm, display_labels=classes).plot(ax=ax, colorbar=False)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- reloading ------------------------------------------------------------------------------------
+def load_run(out_dir) -> tuple[Config, nn.Module, dict]:
+    """``(config, model with the final weights, checkpoint extra)`` from a run directory."""
+    out = Path(out_dir)
+    if not (out / "config.toml").is_file():
+        raise FileNotFoundError(f"out_dir: {str(out)!r} has no config.toml; expected a directory "
+                                "written by gyre train classify")
+    config = base.load_config(Config, out / "config.toml")
+    ckpt = load_checkpoint(out / CHECKPOINT)
+    extra = ckpt["extra"]
+    model = build_model(config, extra["n_channels"], len(extra["classes"]))
+    best = ckpt["best"]["model"]
+    use_best = best is not None and ckpt["config"].get("restore_best", True)
+    model.load_state_dict(best if use_best else ckpt["model"])
+    model.eval()
+    return config, model, extra
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, X: list[np.ndarray], batch_size: int = 128) -> Tensor:
+    ds = cdata.SequenceDataset(X, np.zeros(len(X), np.int64))
+    outs = []
+    for s in range(0, len(ds), batch_size):
+        batch = cdata.collate([ds[i] for i in range(s, min(s + batch_size, len(ds)))])
+        outs.append(model(batch["x"], lengths=batch.get("lengths"))[0])
+    return torch.cat(outs)
+
+
+def evaluate(out_dir, data: str | None = None) -> dict:
+    """Test metrics of a trained run on its own test split, or on ``data``'s."""
+    config, model, extra = load_run(out_dir)
+    ds = cdata.load(data or config.data, seed=config.seed)
+    classes = list(extra["classes"])
+    if list(ds.classes) != classes:
+        remap = {c: i for i, c in enumerate(classes)}
+        missing = sorted(set(ds.classes) - set(classes))
+        if missing:
+            raise ValueError(f"data: labels {missing[:5]} were not among the trained classes "
+                             f"{classes[:10]}")
+        y = np.array([remap[ds.classes[i]] for i in ds.y_test])
+    else:
+        y = ds.y_test
+    scaler = cdata.Standardizer.from_state(extra["scaler"])
+    pred = _logits(model, scaler(ds.X_test)).argmax(-1).numpy()
+    return {"test": _scores(pred, y), "data": ds.name, "n_test": len(y)}
+
+
+def predict(out_dir, data_path: str) -> list[dict]:
+    """Class and class probabilities for every sequence in ``data_path`` (CSV/NPZ as for
+    training; labels and splits, when present, are ignored: every sequence is predicted)."""
+    _, model, extra = load_run(out_dir)
+    X = cdata.read_sequences(data_path)
+    scaler = cdata.Standardizer.from_state(extra["scaler"])
+    probs = torch.softmax(_logits(model, scaler(X)), -1).numpy()
+    classes = list(extra["classes"])
+    rows = []
+    for i, p in enumerate(probs):
+        row = {"index": i, "label": classes[int(p.argmax())]}
+        row.update({f"prob_{c}": round(float(v), 6) for c, v in zip(classes, p, strict=True)})
+        rows.append(row)
+    return rows
+
+
+__all__ = ["Config", "TASK", "train", "evaluate", "predict", "RecurrentClassifier", "FCN",
+           "TransformerClassifier", "build_model", "load_run", "dtw_baseline"]
