@@ -1,0 +1,435 @@
+"""Forecasting data: real series that work offline, a user's CSV, splits in time, scaling, windows.
+
+The pieces, in the order a run uses them:
+
+* :func:`load_series` returns a :class:`SeriesSet` (one or many series, each ``(T_i, C)``) for a
+  built-in name (:data:`BUILTIN`) or a path to a CSV file.
+* :func:`split_points` cuts every series in time: the last ``horizon`` points are the test part,
+  the ``horizon`` points before them the validation part (optional), the rest the training part.
+* :class:`Scaler` is fitted on the training part of each series only (per series, per column)
+  and is applied to the whole series; nothing after the training part leaks into it.
+* :func:`make_windows` cuts ``(lookback, horizon)`` samples whose targets lie inside one part.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "BUILTIN", "SeriesSet", "Scaler", "Windows", "catalog", "load_series", "make_windows",
+    "split_points", "SCALERS",
+]
+
+
+@dataclass(frozen=True)
+class SeriesSet:
+    """One or many aligned-column time series.
+
+    ``series[i]`` is a float64 array ``(T_i, C)`` (the columns named by ``columns``), ``index[i]``
+    its time stamps (``T_i`` values, for plots), ``target`` the column indices to forecast,
+    ``season`` the seasonal period ``m`` (12 monthly, 4 quarterly, 1 yearly), ``horizon`` the
+    default number of steps to forecast, ``note`` anything done to the raw data (interpolation).
+    """
+
+    name: str
+    series: tuple[np.ndarray, ...]
+    index: tuple[np.ndarray, ...]
+    columns: tuple[str, ...]
+    target: tuple[int, ...]
+    season: int
+    horizon: int
+    ids: tuple[str, ...]
+    note: str = ""
+
+    @property
+    def num_columns(self) -> int:
+        return len(self.columns)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(s) for s in self.series])
+
+
+# -- built-in data sets --------------------------------------------------------------------------
+
+def _airline() -> SeriesSet:
+    from aeon.datasets import load_airline
+
+    y = np.asarray(load_airline(), dtype=np.float64)
+    idx = pd.period_range("1949-01", periods=len(y), freq="M").to_timestamp().to_numpy()
+    return SeriesSet("airline", (y[:, None],), (idx,), ("passengers",), (0,), 12, 12, ("airline",),
+                     "monthly international airline passengers (thousands), 1949-1960")
+
+
+def _m1_yearly() -> SeriesSet:
+    from aeon.datasets import load_forecasting
+
+    df = load_forecasting("m1_yearly_dataset")
+    series, index = [], []
+    for start, values in zip(df["start_timestamp"], df["series_value"], strict=True):
+        v = np.asarray(values, dtype=np.float64)
+        series.append(v[:, None])
+        index.append(pd.date_range(pd.Timestamp(start), periods=len(v), freq="YS").to_numpy())
+    return SeriesSet("m1_yearly", tuple(series), tuple(index), ("value",), (0,), 1, 6,
+                     tuple(str(s) for s in df["series_name"]),
+                     "M1 competition, 181 yearly series (Monash archive copy shipped with aeon)")
+
+
+def _co2() -> SeriesSet:
+    import statsmodels.api as sm
+
+    df = sm.datasets.co2.load_pandas().data
+    missing = int(df["co2"].isna().sum())
+    weekly = df["co2"].interpolate(method="time")
+    monthly = weekly.resample("MS").mean()
+    return SeriesSet("co2", (monthly.to_numpy(np.float64)[:, None],), (monthly.index.to_numpy(),),
+                     ("co2",), (0,), 12, 12, ("co2",),
+                     f"Mauna Loa CO2 (ppm), weekly 1958-2001: {missing} missing weeks linearly "
+                     "interpolated in time, then averaged to monthly means")
+
+
+def _sunspots() -> SeriesSet:
+    import statsmodels.api as sm
+
+    df = sm.datasets.sunspots.load_pandas().data
+    idx = pd.to_datetime(df["YEAR"].astype(int).astype(str), format="%Y").to_numpy()
+    return SeriesSet("sunspots", (df["SUNACTIVITY"].to_numpy(np.float64)[:, None],), (idx,),
+                     ("sunactivity",), (0,), 1, 11, ("sunspots",),
+                     "yearly sunspot numbers 1700-2008; horizon one ~11-year cycle, m=1 (yearly)")
+
+
+def _uschange() -> SeriesSet:
+    from aeon.datasets import load_uschange
+
+    x = np.asarray(load_uschange(), dtype=np.float64).T  # (187, 5)
+    cols = ("Consumption", "Income", "Production", "Savings", "Unemployment")
+    idx = pd.period_range("1970Q1", periods=len(x), freq="Q").to_timestamp().to_numpy()
+    return SeriesSet("uschange", (x,), (idx,), cols, tuple(range(len(cols))), 4, 8, ("uschange",),
+                     "quarterly % changes of US consumption, income, production, savings, "
+                     "unemployment (fpp2), 1970Q1-2016Q3")
+
+
+BUILTIN = {
+    "airline": (_airline, "aeon", "144 monthly airline passengers, horizon 12, m=12"),
+    "m1_yearly": (_m1_yearly, "aeon", "181 yearly M1 series (15-58 points), horizon 6, m=1"),
+    "co2": (_co2, "statsmodels", "Mauna Loa CO2, monthly means (526), horizon 12, m=12"),
+    "sunspots": (_sunspots, "statsmodels", "309 yearly sunspot numbers, horizon 11, m=1"),
+    "uschange": (_uschange, "aeon", "5 quarterly US series (187), multivariate, horizon 8, m=4"),
+}
+
+
+def _m1_file_present() -> bool:
+    import importlib.util
+
+    spec = importlib.util.find_spec("aeon")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    folder = os.path.join(spec.submodule_search_locations[0], "datasets", "data",
+                          "m1_yearly_dataset")
+    return os.path.isdir(folder)
+
+
+def catalog():
+    """The built-in forecasting data sets, whether each loads offline here, what to install."""
+    from . import DatasetInfo, module_available
+
+    rows = []
+    for name, (_, package, desc) in BUILTIN.items():
+        ok = module_available(package)
+        install = "" if ok else f"pip install {package}"
+        if ok and name == "m1_yearly" and not _m1_file_present():
+            ok, install = False, ("the aeon wheel's datasets/data/m1_yearly_dataset folder "
+                                  "(reinstall aeon)")
+        rows.append(DatasetInfo(name, "forecast", desc, ok, install))
+    return rows
+
+
+# -- a user's CSV --------------------------------------------------------------------------------
+
+_FREQ_SEASON = {"Y": 1, "A": 1, "Q": 4, "M": 12, "W": 52, "D": 7, "B": 5, "h": 24, "H": 24}
+
+
+def _season_of(dates: pd.DatetimeIndex) -> int:
+    if len(dates) < 3:
+        return 1
+    freq = pd.infer_freq(dates)
+    if freq is None:
+        return 1
+    code = freq.lstrip("0123456789").split("-")[0]
+    for key in (code, code[:2], code[:1]):
+        if key in _FREQ_SEASON:
+            return _FREQ_SEASON[key]
+    return 1
+
+
+def _read_csv(path: str, target, date_column: str | None) -> SeriesSet:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data: file {path!r} does not exist; expected a built-in name "
+                         f"({', '.join(BUILTIN)}) or a path to a CSV file")
+    if os.path.isdir(path):
+        raise ValueError(f"data: {path!r} is a directory; expected a CSV file")
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"data: {path!r} is empty; expected a header row and numeric rows") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"data: {path!r} is not a readable CSV file ({e})") from None
+    if df.shape[1] == 0 or len(df) == 0:
+        raise ValueError(f"data: {path!r} has no data rows; expected a header row and numeric rows")
+    df.columns = [str(c).strip() for c in df.columns]
+    if date_column is not None and date_column not in df.columns:
+        raise ValueError(f"date_column: {date_column!r} is not a column of {path!r}; "
+                         f"columns are {list(df.columns)}")
+    if date_column is None:  # a first column that is entirely dates is taken as the time stamps
+        first = df.columns[0]
+        if not pd.api.types.is_numeric_dtype(df[first]):
+            parsed = pd.to_datetime(df[first], errors="coerce", format="mixed")
+            if parsed.notna().all():
+                date_column = first
+    dates = None
+    if date_column is not None:
+        dates = pd.to_datetime(df[date_column], errors="coerce", format="mixed")
+        if dates.isna().any():
+            row = int(np.flatnonzero(dates.isna().to_numpy())[0])
+            raise ValueError(f"date_column: {date_column!r} in {path!r} has a value that is not a "
+                             f"date at data row {row + 1}: {df[date_column].iloc[row]!r}")
+        if not dates.is_monotonic_increasing:
+            raise ValueError(f"date_column: {date_column!r} in {path!r} is not in increasing order")
+        df = df.drop(columns=[date_column])
+    if df.shape[1] == 0:
+        raise ValueError(f"data: {path!r} has only a date column; expected numeric value columns")
+    values = {}
+    for col in df.columns:
+        raw = df[col]
+        num = pd.to_numeric(raw, errors="coerce")
+        bad = num.isna() & raw.notna() & (raw.astype(str).str.strip() != "")
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise ValueError(f"data: column {col!r} of {path!r} is not numeric: data row {row + 1} "
+                             f"holds {raw.iloc[row]!r}; expected numbers (and an optional date "
+                             f"column, see date_column)")
+        values[col] = num.astype(np.float64)
+    columns = list(values)
+    if target is None:
+        target_names = columns
+    else:
+        target_names = [target] if isinstance(target, str) else list(target)
+        if not target_names or not all(isinstance(t, str) for t in target_names):
+            raise TypeError(f"target: expected a column name or a list of names, got {target!r}")
+        missing = [t for t in target_names if t not in columns]
+        if missing:
+            raise ValueError(f"target: {missing[0]!r} is not a numeric column of {path!r}; "
+                             f"columns are {columns}")
+    frame = pd.DataFrame(values)
+    note = ""
+    n_missing = int(frame.isna().sum().sum())
+    if n_missing:
+        empty = [c for c in columns if frame[c].isna().all()]
+        if empty:
+            raise ValueError(f"data: column {empty[0]!r} of {path!r} has no values")
+        frame = frame.interpolate(method="linear", limit_direction="both")
+        note = f"{n_missing} missing values linearly interpolated"
+    idx = dates.to_numpy() if dates is not None else np.arange(len(frame))
+    season = _season_of(pd.DatetimeIndex(dates)) if dates is not None else 1
+    horizon = season if season > 1 else 1
+    name = os.path.splitext(os.path.basename(path))[0]
+    return SeriesSet(name, (frame.to_numpy(np.float64),), (idx,), tuple(columns),
+                     tuple(columns.index(t) for t in target_names), season, horizon, (name,), note)
+
+
+def load_series(data: str, *, target=None, date_column: str | None = None) -> SeriesSet:
+    """Load a built-in data set by name (:data:`BUILTIN`) or a CSV file by path.
+
+    A CSV has a header row and one or more numeric columns; a first column made entirely of dates
+    (or the column named by ``date_column``) gives the time stamps and the season (12 for monthly,
+    4 quarterly, 52 weekly, 7 daily, 1 otherwise). ``target`` picks the column(s) to forecast
+    (default: all); the other columns are inputs only. Interior gaps are linearly interpolated
+    (and said so in ``note``).
+    """
+    if not isinstance(data, str | os.PathLike):
+        raise TypeError(f"data: expected a data set name or a CSV path, got {type(data).__name__}")
+    data = os.fspath(data)
+    key = data.lower().replace("-", "_")
+    if key in BUILTIN:
+        ss = BUILTIN[key][0]()
+        if date_column is not None:
+            raise ValueError(f"date_column: only for CSV files; {data!r} is a built-in data set")
+        if target is not None:
+            names = [target] if isinstance(target, str) else list(target)
+            missing = [t for t in names if t not in ss.columns]
+            if missing:
+                raise ValueError(f"target: {missing[0]!r} is not a column of {key}; "
+                                 f"columns are {list(ss.columns)}")
+            ss = SeriesSet(ss.name, ss.series, ss.index, ss.columns,
+                           tuple(ss.columns.index(t) for t in names), ss.season, ss.horizon,
+                           ss.ids, ss.note)
+        return ss
+    if not data.lower().endswith(".csv") and not os.path.exists(data):
+        raise FileNotFoundError(f"data: {data!r} is neither a built-in forecasting data set "
+                         f"({', '.join(BUILTIN)}) nor an existing CSV file")
+    return _read_csv(data, target, date_column)
+
+
+# -- splits in time ------------------------------------------------------------------------------
+
+def split_points(lengths, horizon: int, val_fraction: float = 0.0):
+    """Per series ``(val_start, test_start)`` arrays: the test part is the last ``horizon``
+    points; with ``val_fraction > 0`` the validation part is the
+    ``max(horizon, round(val_fraction * test_start))`` points before it (whole horizons, in
+    time; shortened so that at least 2 training points remain), else empty
+    (``val_start == test_start``); the training part is everything before."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    test_start = lengths - int(horizon)
+    if val_fraction > 0:
+        val_len = np.maximum(int(horizon), np.round(val_fraction * test_start).astype(np.int64))
+        val_start = np.maximum(test_start - val_len, np.minimum(2, test_start))
+    else:
+        val_start = test_start.copy()
+    return val_start, test_start
+
+
+# -- scaling fitted on the training part only ----------------------------------------------------
+
+SCALERS = ("standard", "minmax", "mean", "none")
+
+
+@dataclass
+class Scaler:
+    """Per series, per column affine scaling ``(x - loc) / scale`` fitted on the training part.
+
+    ``standard``: mean and standard deviation; ``minmax``: to [0, 1]; ``mean``: divide by the mean
+    absolute value (DeepAR-style, no shift); ``none``: identity. With ``log=True`` values are
+    ``log``-transformed first (all must be positive). A column constant on the training part gets
+    scale 1, so nothing divides by zero.
+    """
+
+    kind: str = "standard"
+    log: bool = False
+    loc: np.ndarray = field(default=None, repr=False)  # (S, C)
+    scale: np.ndarray = field(default=None, repr=False)  # (S, C)
+
+    def __post_init__(self):
+        if self.kind not in SCALERS:
+            raise ValueError(f"scaler: got {self.kind!r}, expected one of {', '.join(SCALERS)}")
+
+    def _pre(self, x: np.ndarray) -> np.ndarray:
+        return np.log(x) if self.log else x
+
+    def fit(self, series, train_ends) -> Scaler:
+        """Fit on ``series[i][:train_ends[i]]`` for each series ``i``."""
+        locs, scales = [], []
+        for s, end in zip(series, train_ends, strict=True):
+            part = np.asarray(s[: int(end)], dtype=np.float64)
+            if len(part) == 0:
+                raise ValueError("scaler: a series has no training points to fit on")
+            if self.log and not (part > 0).all():
+                raise ValueError("log: every value must be positive to take logs; got a value <= 0")
+            part = self._pre(part)
+            if self.kind == "standard":
+                loc, scale = part.mean(0), part.std(0)
+            elif self.kind == "minmax":
+                loc, scale = part.min(0), part.max(0) - part.min(0)
+            elif self.kind == "mean":
+                loc, scale = np.zeros(part.shape[1]), np.abs(part).mean(0)
+            else:
+                loc, scale = np.zeros(part.shape[1]), np.ones(part.shape[1])
+            scale = np.where(scale > 1e-12 * np.maximum(1.0, np.abs(loc)), scale, 1.0)
+            locs.append(loc)
+            scales.append(scale)
+        self.loc, self.scale = np.stack(locs), np.stack(scales)
+        return self
+
+    def transform(self, x: np.ndarray, i: int, cols=None) -> np.ndarray:
+        if self.log and not (np.asarray(x) > 0).all():
+            raise ValueError("log: every value must be positive to take logs; got a value <= 0")
+        cols = slice(None) if cols is None else list(cols)
+        return (self._pre(np.asarray(x, dtype=np.float64)) - self.loc[i, cols]) / self.scale[i, cols]
+
+    def inverse(self, z: np.ndarray, i: int, cols=None) -> np.ndarray:
+        cols = slice(None) if cols is None else list(cols)
+        x = np.asarray(z, dtype=np.float64) * self.scale[i, cols] + self.loc[i, cols]
+        return np.exp(x) if self.log else x
+
+    def state(self) -> dict:
+        return {"kind": self.kind, "log": self.log, "loc": self.loc.tolist(),
+                "scale": self.scale.tolist()}
+
+    @classmethod
+    def from_state(cls, d: dict) -> Scaler:
+        return cls(d["kind"], bool(d["log"]), np.asarray(d["loc"], dtype=np.float64),
+                   np.asarray(d["scale"], dtype=np.float64))
+
+
+# -- windows ------------------------------------------------------------------------------------
+
+@dataclass
+class Windows:
+    """``(lookback, horizon)`` samples, right-padded where a series' history is shorter.
+
+    ``seq``: ``(N, lookback + horizon, C)``: the ``n_in[k]`` input steps, then the ``horizon``
+    target steps, then zeros; ``n_in``: ``(N,)`` input lengths; ``y``: ``(N, horizon, C_t)`` the
+    target columns; ``series``: ``(N,)`` which series; ``start``: ``(N,)`` index of the first
+    target step in its series.
+    """
+
+    seq: np.ndarray
+    n_in: np.ndarray
+    y: np.ndarray
+    series: np.ndarray
+    start: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.n_in)
+
+    def inputs(self) -> np.ndarray:
+        """``(N, lookback, C)``: the input steps, zero after ``n_in``."""
+        lookback = self.seq.shape[1] - self.y.shape[1]
+        x = self.seq[:, :lookback].copy()
+        for k, n in enumerate(self.n_in):
+            x[k, n:] = 0.0
+        return x
+
+
+def make_windows(series, lookback: int, horizon: int, ranges, *, target=None,
+                 min_lookback: int | None = None, stride: int = 1) -> Windows:
+    """Cut every series into samples whose ``horizon`` targets start at ``s`` with
+    ``lo <= s`` and ``s + horizon <= hi`` for the series' ``(lo, hi)`` in ``ranges``, taking
+    (right-aligned to ``s``) the last ``min(lookback, s)`` points before ``s`` as input; samples
+    with fewer than ``min_lookback`` (default ``lookback``) input points are left out. Windows
+    step by ``stride``, counted back from the latest one, so the most recent one is always kept.
+    """
+    for name, v, lo_ in (("lookback", lookback, 1), ("horizon", horizon, 1), ("stride", stride, 1)):
+        if not isinstance(v, int | np.integer) or isinstance(v, bool) or v < lo_:
+            raise ValueError(f"{name}: expected an integer >= {lo_}, got {v!r}")
+    min_lookback = lookback if min_lookback is None else int(min_lookback)
+    if not 1 <= min_lookback <= lookback:
+        raise ValueError(f"min_lookback: expected 1 <= min_lookback <= lookback={lookback}, "
+                         f"got {min_lookback}")
+    n_cols = np.asarray(series[0]).shape[1]
+    target = list(range(n_cols)) if target is None else list(target)
+    seqs, n_ins, ys, sids, starts = [], [], [], [], []
+    for i, (s, (lo, hi)) in enumerate(zip(series, ranges, strict=True)):
+        s = np.asarray(s, dtype=np.float64)
+        first = max(int(lo), min_lookback)
+        last = int(hi) - horizon
+        for t in range(last, first - 1, -stride):
+            n = min(lookback, t)
+            seq = np.zeros((lookback + horizon, n_cols))
+            seq[: n + horizon] = s[t - n: t + horizon]
+            seqs.append(seq)
+            n_ins.append(n)
+            ys.append(s[t: t + horizon][:, target])
+            sids.append(i)
+            starts.append(t)
+    if not seqs:
+        return Windows(np.zeros((0, lookback + horizon, n_cols)), np.zeros(0, np.int64),
+                       np.zeros((0, horizon, len(target))), np.zeros(0, np.int64),
+                       np.zeros(0, np.int64))
+    order = np.lexsort((np.array(starts), np.array(sids)))  # by series, then time
+    return Windows(np.stack(seqs)[order], np.array(n_ins, np.int64)[order],
+                   np.stack(ys)[order], np.array(sids, np.int64)[order],
+                   np.array(starts, np.int64)[order])
