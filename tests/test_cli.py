@@ -1,0 +1,90 @@
+"""The gyre command line: train / resume / eval / predict / data list, and bad options."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from gyre.cli import main
+from gyre.data import classification as cd
+
+
+@pytest.fixture(scope="module")
+def italy_csv(tmp_path_factory):
+    """ItalyPowerDemand (real data) as a wide CSV with a split column."""
+    d = cd.load("italy_power_demand")
+    path = tmp_path_factory.mktemp("data") / "italy.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "split"] + [f"t{i}" for i in range(24)])
+        for X, y, split in ((d.X_train, d.y_train, "train"), (d.X_test[:200], d.y_test, "test")):
+            for x, label in zip(X, y, strict=False):
+                w.writerow([d.classes[label], split] + [f"{v:.6f}" for v in x[:, 0]])
+    return path
+
+
+FAST = ["--hidden", "8", "--no-dtw", "--no-progress", "--no-tensorboard", "--device", "cpu"]
+
+
+def test_train_resume_eval_predict_on_a_user_csv(tmp_path, italy_csv, capsys):
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("epochs = 2\ncell = \"gru\"\nhidden = 99\n")
+    rc = main(["train", "classify", "--data", str(italy_csv), "--out", str(out), "--config",
+               str(cfg), *FAST])
+    text = capsys.readouterr().out
+    assert rc == 0 and "majority" in text and "accuracy" in text
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["train"]["epochs_run"] == 2 and m["model"].startswith("bigru 1x8")  # flag beat TOML
+    assert m["test"]["accuracy"] > m["baselines"]["majority"]["accuracy"]
+    # resume the finished run with more epochs: continues from epoch 2
+    assert main(["train", "classify", "--out", str(out), "--resume", "--epochs", "3",
+                 "--no-progress"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["epochs_run"] == 3
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["test"]["accuracy"] == pytest.approx(
+        json.loads((out / "metrics.json").read_text())["test"]["accuracy"])
+    assert main(["predict", str(out), str(italy_csv), "-o", str(tmp_path / "p.csv")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == 67 + 200 and set(rows[0]) == {"index", "label", "prob_1", "prob_2"}
+    assert {r["label"] for r in rows} <= {"1", "2"}
+    assert np.isclose(float(rows[0]["prob_1"]) + float(rows[0]["prob_2"]), 1, atol=1e-4)
+
+
+def test_data_list(capsys):
+    assert main(["data", "list"]) == 0
+    text = capsys.readouterr().out
+    assert "japanese_vowels" in text and "offline" in text and "classify:" in text
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "classify", "--cell", "nope"], "gyre: error: cell: got 'nope'"),
+    (["train", "classify", "--data", "missing.csv"], "gyre: error: data: file 'missing.csv' does"),
+    (["train", "classify", "--resume", "--out", "/nonexistent/run"], "resume: '/nonexistent"),
+    (["train", "classify", "--config", "/no/such.toml"], "config: '/no/such.toml' does not"),
+    (["train", "classify", "--head", "first"], "head: got 'first'"),
+    (["train", "classify", "--device", "tpu"], "device: got 'tpu'"),
+    (["eval", "/no/such/run"], "out_dir: '/no/such/run/config.toml' does not exist"),
+])
+def test_bad_options_give_one_clear_error(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["train", "classify", "--hidden", "x"],
+                                  ["train", "classify", "--no-such-flag"],
+                                  ["train", "regress"], ["train", "classify", "--resume"]])
+def test_argparse_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_config_file_with_unknown_key(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochz = 3\n")
+    assert main(["train", "classify", "--config", str(bad)]) == 2
+    assert "unknown key(s) epochz" in capsys.readouterr().err
