@@ -8,9 +8,12 @@ Backends, all behind :func:`run`:
   (:mod:`gyre.engine.native`).
 * ``scan``: cells linear in their state (minGRU, minLSTM, any cell with ``linear_form``),
   solved for all steps at once (:mod:`gyre.engine.scan`); every layer option, zoneout included.
+* ``fused``: the time loop and its backward generated as C++ from the cell's own ``step`` and
+  compiled on first use (:mod:`gyre.engine.fused`); CPU, float32/float64, every layer option.
 
-``backend="auto"`` takes ``scan`` for cells linear in their state, ``native`` where it applies,
-and ``reference`` otherwise.
+``backend="auto"`` takes ``scan`` for cells linear in their state, ``native`` for torch's LSTM
+(oneDNN on CPU, cuDNN on GPU), ``fused`` on CPU for every other cell it can compile (torch's
+GRU and RNN included: their CPU kernels are not fused), and ``reference`` otherwise.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..cells import Cell, Params, State
-from . import native, reference, scan
+from . import fused, native, reference, scan
 
-BACKENDS = ("auto", "reference", "native", "scan")
+BACKENDS = ("auto", "reference", "native", "scan", "fused")
 
 
 @dataclass
@@ -55,7 +58,16 @@ def select_backend(
     if backend == "native" and reason is not None:
         raise ValueError(f"backend: 'native' cannot run this configuration ({reason}); "
                          "use backend='auto' or 'reference'")
+    if backend == "fused":
+        fused_reason = fused.unsupported_reason(cell)
+        if fused_reason is not None:
+            raise ValueError(f"backend: 'fused' cannot run this cell ({fused_reason}); "
+                             "use backend='auto' or 'reference'")
     if backend == "auto":
+        if reason is None and native.mode(cell) == "lstm":
+            return "native"  # oneDNN/cuDNN LSTM: measured faster than fused (BENCHMARKS.md)
+        if fused.available() is None and fused.unsupported_reason(cell) is None:
+            return "fused"
         return "native" if reason is None else "reference"
     return backend
 
@@ -88,11 +100,16 @@ def run(
     """
     chosen = select_backend(cell, backend, residual=residual, drop=drop, zone=zone,
                             return_states=return_states)
+    if chosen == "fused" and backend == "auto" and x.device.type != "cpu":
+        # fused kernels are CPU code; on an accelerator take torch's kernels where they apply
+        chosen = "reference" if native.unsupported_reason(
+            cell, residual=residual, drop=drop, zone=zone, return_states=return_states
+        ) else "native"
     if chosen == "native":
         out, state = native.run(cell, params, x, hx, lengths=lengths, bidirectional=bidirectional,
                                 dropout=dropout, training=training)
         return Result(out, state)
-    layer_fn = scan.run_layer if chosen == "scan" else reference.run_layer
+    layer_fn = {"scan": scan.run_layer, "fused": fused.run_layer}.get(chosen, reference.run_layer)
     return _run_stack(layer_fn, cell, params, x, hx, lengths=lengths,
                       dropout=dropout, training=training, residual=residual, drop=drop,
                       zone=zone, return_states=return_states)

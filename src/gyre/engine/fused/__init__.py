@@ -247,7 +247,6 @@ class _Fused(torch.autograd.Function):
         gseqs = [g.contiguous() for g in gseqs]
         res = ctx.kernel.bwd(gseqs, xp, list(state0), list(seqs), list(vecs), list(mats), drop,
                              ctx.zts, ctx.zmodes, valid, ctx.saved, ctx.kernel.units)
-        ctx.saved = None
         dxp, dstate = res[0], res[1:1 + K]
         dvecs, dmats = res[1 + K:1 + K + V], res[1 + K + V:]
         return (None, dxp, None, None, None, None, None, None, *dstate, *dvecs, *dmats)

@@ -1,0 +1,189 @@
+"""The ``fused`` backend equals ``reference`` for every built-in cell and a user cell: outputs,
+final states and every gradient, across layers, directions, lengths, recurrent dropout and
+zoneout (the same masks: torch is seeded before each call), plus gradcheck in float64.
+
+All built-in cells share one compiled module, built once per machine (cached by torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from gyre import cells, engine
+from gyre.cells import Cell, ParamSpec
+from gyre.engine import fused
+from gyre.nn import Recurrent
+
+pytestmark = pytest.mark.skipif(fused.available() is not None,
+                                reason=f"no C++ toolchain: {fused.available()}")
+
+I, H, T, B = 3, 4, 5, 3
+BUILTIN = [n for n in cells.names() if n != "rnn"]  # "rnn" is "rnn_tanh"
+
+
+@dataclass(frozen=True)
+class ScaledTanhRNN(Cell):
+    """A user cell: h' = a * tanh(W x + U h + b) + (1 - a) * relu(h) * exp(-|u|)"""
+
+    name = "scaled_tanh_rnn"
+
+    def param_specs(self, input_size, hidden_size, bias=True):
+        specs = super().param_specs(input_size, hidden_size, bias)
+        specs["mix"] = ParamSpec((hidden_size,), init="uniform")
+        return specs
+
+    def pointwise(self, xp, hp, state, p):
+        (h,) = state
+        a = torch.sigmoid(p["mix"])
+        return (a * torch.tanh(xp + hp) + (1 - a) * torch.relu(h) * torch.exp(-hp.abs()),)
+
+
+def _pair(cell, dtype, **kw):
+    ref = Recurrent(cell, I, H, backend="reference", dtype=dtype, **kw)
+    with torch.no_grad():
+        for prm in ref.parameters():
+            prm.uniform_(-0.8, 0.8)
+    fast = Recurrent(cell, I, H, backend="fused", dtype=dtype, **kw)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _hx(m, dtype):
+    k = m.num_layers * (2 if m.bidirectional else 1)
+    parts = tuple(torch.randn(k, B, s, dtype=dtype) * 0.5 for s in m.state_sizes)
+    return parts[0] if len(parts) == 1 else parts
+
+
+def _compare(ref, fast, dtype, atol, *, lengths=None, train=True, states=False):
+    ref.train(train)
+    fast.train(train)
+    x = torch.randn(T, B, I, dtype=dtype)
+    hx = _hx(ref, dtype)
+    hx_t = (hx,) if isinstance(hx, torch.Tensor) else hx
+    results = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_()
+        hi = tuple(h.clone().requires_grad_() for h in hx_t)
+        torch.manual_seed(1234)  # the same dropout, recurrent-dropout and zoneout masks
+        hin = hi[0] if len(hi) == 1 else hi
+        if states:
+            out, h_n, st = m.forward_with_states(xi, hin, lengths=lengths)
+        else:
+            out, h_n = m(xi, hin, lengths=lengths)
+            st = ()
+        h_n = (h_n,) if isinstance(h_n, torch.Tensor) else h_n
+        gen = torch.Generator().manual_seed(7)
+        loss = (out * torch.randn(out.shape, generator=gen, dtype=dtype)).sum()
+        loss = loss + sum((h * torch.randn(h.shape, generator=gen, dtype=dtype)).sum()
+                          for h in (*h_n, *st))
+        grads = torch.autograd.grad(loss, [xi, *hi, *m.parameters()], allow_unused=True)
+        results.append((out, h_n, st, grads))
+    (o1, h1, s1, g1), (o2, h2, s2, g2) = results
+    torch.testing.assert_close(o2, o1, atol=atol, rtol=0)
+    for a, b in zip((*h1, *s1), (*h2, *s2), strict=True):
+        torch.testing.assert_close(b, a, atol=atol, rtol=0)
+    names = ["input", *[f"hx[{i}]" for i in range(len(hx_t))],
+             *[n for n, _ in ref.named_parameters()]]
+    for name, a, b in zip(names, g1, g2, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_cell_every_option_float64(name):
+    ref, fast = _pair(name, torch.float64, num_layers=2, bidirectional=True, dropout=0.3,
+                      recurrent_dropout=0.4, zoneout=0.25)
+    _compare(ref, fast, torch.float64, 1e-10, lengths=[5, 2, 4], train=True)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_cell_float32_eval_zoneout_without_bias(name):
+    ref, fast = _pair(name, torch.float32, bias=False, zoneout=0.3)
+    _compare(ref, fast, torch.float32, 1e-5, train=False, states=True)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"num_layers": 2}, {"bidirectional": True}, {"residual": True, "num_layers": 2},
+])
+@pytest.mark.parametrize("name", ["lstm", "gru", "gru_cho", "ln_lstm"])
+def test_layer_options_float64(name, options):
+    ref, fast = _pair(name, torch.float64, **options)
+    _compare(ref, fast, torch.float64, 1e-10, lengths=[3, 5, 1], train=True)
+
+
+def test_lstm_projection_and_zoneout_per_component():
+    cell = cells.LSTM(proj_size=2, peephole=True)
+    ref, fast = _pair(cell, torch.float64, num_layers=2, recurrent_dropout=0.3,
+                      zoneout=(0.1, 0.4))
+    _compare(ref, fast, torch.float64, 1e-10, lengths=[4, 5, 2], train=True)
+
+
+def test_user_cell_gets_fused_kernels():
+    assert fused.unsupported_reason(ScaledTanhRNN()) is None
+    ref, fast = _pair(ScaledTanhRNN(), torch.float64, num_layers=2, bidirectional=True,
+                      recurrent_dropout=0.2, zoneout=0.1)
+    _compare(ref, fast, torch.float64, 1e-10, lengths=[5, 1, 3])
+    ref, fast = _pair(ScaledTanhRNN(), torch.float32)
+    _compare(ref, fast, torch.float32, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru_cho", "ln_lstm", "gated_004"])
+def test_gradcheck_through_fused(name):
+    torch.manual_seed(3)
+    m = Recurrent(name, 2, 3, backend="fused", dtype=torch.float64, zoneout=0.2)
+    m.eval()
+    params = list(m.parameters())
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    hx = tuple(torch.randn(1, 2, s, dtype=torch.float64, requires_grad=True)
+               for s in m.state_sizes)
+
+    def f(x, *args):
+        hxs, ps = args[:len(hx)], args[len(hx):]
+        with torch.nn.utils.stateless._reparametrize_module(
+                m, {n: p for (n, _), p in zip(m.named_parameters(), ps, strict=True)}):
+            out, h_n = m(x, hxs[0] if len(hxs) == 1 else hxs, lengths=[4, 3])
+        h_n = (h_n,) if isinstance(h_n, torch.Tensor) else h_n
+        return (out, *h_n)
+
+    assert torch.autograd.gradcheck(f, (x, *hx, *params), atol=1e-7, rtol=1e-6)
+
+
+def test_streaming_step_matches_reference():
+    ref, fast = _pair("gru", torch.float32)
+    ref.eval()
+    fast.eval()
+    xs = torch.randn(6, 2, I)
+    sa = sb = None
+    for x in xs:
+        ya, sa = ref.step(x, sa)
+        yb, sb = fast.step(x, sb)
+        torch.testing.assert_close(yb, ya, atol=1e-5, rtol=0)
+    out, h_n = ref(xs)
+    torch.testing.assert_close(sb, h_n, atol=1e-5, rtol=0)
+
+
+def test_auto_picks_fused_where_torch_has_no_fused_kernel():
+    assert engine.select_backend(cells.get("gru")) == "fused"
+    assert engine.select_backend(cells.get("peephole")) == "fused"
+    assert engine.select_backend(cells.get("lstm")) == "native"
+    assert engine.select_backend(cells.get("lstm"), drop=[[None]]) == "fused"
+
+
+@dataclass(frozen=True)
+class CumsumCell(Cell):
+    """A step with an op the fused backend does not compile (a cumulative sum over units)."""
+
+    def pointwise(self, xp, hp, state, p):
+        return (torch.tanh(torch.cumsum(xp + hp, dim=-1)),)
+
+
+def test_unsupported_cell_is_refused_by_name_and_auto_falls_back():
+    with pytest.raises(ValueError, match="fused.*cumsum"):
+        engine.select_backend(CumsumCell(), "fused")
+    assert engine.select_backend(CumsumCell()) == "reference"
+    m = Recurrent(CumsumCell(), I, H)
+    out, _ = m(torch.randn(T, B, I))
+    assert out.shape == (T, B, H)
