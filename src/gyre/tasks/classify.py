@@ -54,7 +54,7 @@ class Config(base.TaskConfig):
     cell: str = "lstm"
     hidden: int = 64
     bidirectional: bool = True
-    epochs: int = 60
+    epochs: int = 40
     batch_size: int = 16
     lr: float = 3e-3
     scheduler: str = "cosine"
