@@ -43,6 +43,11 @@ from ..nn import Recurrent
 from . import base
 from .base import TaskConfig
 
+#: published mean MASE on M1 yearly (Monash archive, Godahewa et al. 2021; ../shared/DATA.md)
+PUBLISHED = {"m1_yearly": {"TBATS MASE": 3.499, "ETS MASE": 3.771, "Theta MASE": 4.191,
+                           "N-BEATS MASE": 4.384, "DeepAR MASE": 4.603,
+                           "Transformer MASE": 5.519}}
+
 STRATEGIES = ("direct", "recursive")
 RESIDUALS = ("last", "seasonal", "none")
 LOSSES = ("mse", "mae", "huber")
@@ -209,11 +214,15 @@ class Forecaster(nn.Module):
     (the head learns the change), ``"seasonal"`` the value one season ``m`` before the forecast
     step, i.e. the seasonal-naive forecast (the last value where the history is shorter than
     ``m``), ``"none"`` nothing. An untrained model then starts at that naive forecast.
+    With ``center`` the recurrent stack reads each window relative to its last observed value
+    (``x - x[n_in - 1]``), which makes a global model over series of different levels
+    level-free (with logs: it reads log-ratios).
     """
 
     def __init__(self, cell, n_inputs: int, target: list[int], horizon: int, hidden: int = 64,
                  layers: int = 1, dropout: float = 0.0, bidirectional: bool = False,
-                 strategy: str = "direct", residual: str = "last", season: int = 1) -> None:
+                 strategy: str = "direct", residual: str = "last", season: int = 1,
+                 center: bool = False) -> None:
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy: got {strategy!r}, expected one of {', '.join(STRATEGIES)}")
@@ -228,6 +237,7 @@ class Forecaster(nn.Module):
         self.target = list(target)
         self.residual = residual
         self.season = max(1, int(season)) if residual == "seasonal" else 1
+        self.center = bool(center)
         self.rnn = Recurrent(cell, n_inputs, hidden, layers, batch_first=True, dropout=dropout,
                              bidirectional=bidirectional)
         width = self.rnn.output_size * (2 if bidirectional else 1)
@@ -250,8 +260,13 @@ class Forecaster(nn.Module):
             lengths = torch.full((B,), T, dtype=torch.int64)
         lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
         rows = torch.arange(B)
+        n_last = lengths - 1 if self.strategy == "direct" else lengths - self.horizon
+        if (n_last < 0).any():
+            raise ValueError(f"lengths: a recursive forecast of horizon {self.horizon} needs "
+                             f"lengths >= {self.horizon}, got {int(lengths.min())}")
+        ref = x[rows, n_last][:, None] if self.center else 0.0  # (B, 1, C)
         if self.strategy == "direct":
-            out, state = self.rnn(x, state, lengths=lengths)
+            out, state = self.rnn(x - ref, state, lengths=lengths)
             O = self.rnn.output_size
             feat = out[rows, lengths - 1]
             if self.rnn.bidirectional:
@@ -261,7 +276,7 @@ class Forecaster(nn.Module):
                 pred = pred + self._base(x, lengths, self.horizon)[:, :, self.target]
             return pred, state
         if self.training:
-            out, state = self.rnn(x, state, lengths=lengths)
+            out, state = self.rnn(x - ref, state, lengths=lengths)
             pred = self.head(out)
             if self.residual != "none":  # the base of step t+1's forecast, for every t
                 t1 = torch.arange(1, T + 1)
@@ -270,10 +285,7 @@ class Forecaster(nn.Module):
             return pred, state
         # evaluation: read the inputs, then feed the forecasts back
         n_in = lengths - (self.horizon - 1)
-        if (n_in < 1).any():
-            raise ValueError(f"lengths: a recursive forecast of horizon {self.horizon} needs "
-                             f"lengths >= {self.horizon}, got {int(lengths.min())}")
-        out, state = self.rnn(x, state, lengths=n_in)
+        out, state = self.rnn(x - ref, state, lengths=n_in)
         pred = self.head(out)
         seq = x.clone()  # the inputs, then the forecasts fed back in place of the future
         if self.residual != "none":
@@ -283,7 +295,7 @@ class Forecaster(nn.Module):
         p = pred[rows, n_in - 1]
         for k in range(1, self.horizon):
             seq[rows, n_in - 1 + k] = p
-            y, state = self.rnn.step(p, state)
+            y, state = self.rnn.step(p - ref[:, 0] if self.center else p, state)
             p = self.head(y)
             if self.residual != "none":
                 p = p + self._base(seq, n_in + k, 1)[:, 0]
@@ -423,6 +435,7 @@ class Config(TaskConfig):
             back; forecasts every column).
         residual: what the model's output is added to: ``last`` (the last observed value),
             ``seasonal`` (the value one season back, i.e. seasonal naive) or ``none``.
+        center: the recurrent stack reads each window relative to its last observed value.
         scaler: ``standard``, ``minmax``, ``mean`` or ``none``, per series and column, fitted
             on the training part only; ``log``: take logs first (positive data only).
         loss: ``mse``, ``mae`` or ``huber`` on the scaled values.
@@ -444,6 +457,7 @@ class Config(TaskConfig):
     min_lookback: int = 0
     strategy: str = "direct"
     residual: str = "last"
+    center: bool = True
     scaler: str = "standard"
     log: bool = False
     loss: str = "mse"
@@ -503,7 +517,7 @@ class _Setup:
     def model(self, config: Config) -> Forecaster:
         return Forecaster(config.cell, self.ss.num_columns, self.model_target, self.horizon,
                           config.hidden, config.layers, config.dropout, config.bidirectional,
-                          config.strategy, config.residual, self.season)
+                          config.strategy, config.residual, self.season, config.center)
 
     def describe(self, config: Config) -> str:
         return (f"{config.cell} x{config.layers} h{config.hidden} "
@@ -599,6 +613,8 @@ def train(config: Config, *, resume: bool = False) -> dict:
                                                                  trainer.model.parameters())},
         "note": ss.note,
     }
+    if ss.name in PUBLISHED and setup.horizon == ss.horizon:
+        metrics["published"] = PUBLISHED[ss.name]
     metrics = _jsonable(metrics)
     base.write_json(metrics, out / "metrics.json")
     base.plot_history(fit["history"], out / "loss.png", f"forecast {ss.name}: loss")

@@ -1,0 +1,295 @@
+"""Forecasting: metrics, windows, scaling, baselines against DATA.md, the model, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gyre.data.forecasting import Scaler, load_series, make_windows, split_points
+from gyre.tasks import forecast as F
+
+
+# -- metrics against hand computations -----------------------------------------------------------
+def test_metrics_by_hand():
+    y, f = [1.0, 2.0, 4.0], [2.0, 2.0, 2.0]
+    errs = [abs(a - b) for a, b in zip(y, f, strict=True)]  # 1, 0, 2
+    assert F.mae(y, f) == pytest.approx(sum(errs) / 3)
+    assert F.rmse(y, f) == pytest.approx(math.sqrt(sum(e * e for e in errs) / 3))
+    assert F.mape(y, f) == pytest.approx(100 * (1 / 1 + 0 / 2 + 2 / 4) / 3)
+    assert F.smape(y, f) == pytest.approx(100 * (2 * 1 / 3 + 0 + 2 * 2 / 6) / 3)
+    insample = [1.0, 3.0, 2.0, 5.0]
+    d1 = (2 + 1 + 3) / 3  # |3-1|, |2-3|, |5-2|
+    d2 = (1 + 2) / 2  # |2-1|, |5-3|
+    assert F.mase(y, f, insample, 1) == pytest.approx(1.0 / d1)
+    assert F.mase(y, f, insample, 2) == pytest.approx(1.0 / d2)
+    assert F.mase(y, f, insample, 12) == pytest.approx(1.0 / d1)  # too short for m=12: m=1
+    assert math.isnan(F.mape([0.0, 1.0], [1.0, 1.0]))
+    assert F.smape([0.0], [0.0]) == 0.0
+
+
+def test_score_averages_series_and_columns():
+    a = [np.array([[1.0, 10.0], [2.0, 20.0]]), np.array([[3.0, 0.0], [3.0, 0.0]])]
+    f = [np.array([[2.0, 10.0], [2.0, 22.0]]), np.array([[3.0, 1.0], [5.0, 0.0]])]
+    x = [np.array([[0.0, 5.0], [1.0, 6.0], [3.0, 8.0]]), np.array([[1.0, 1.0], [2.0, 1.0]])]
+    got = F.score(a, f, x, 1)
+    maes = [0.5, 1.0, 1.0, 0.5]  # series 0 col 0, col 1, series 1 col 0, col 1
+    assert got["mae"] == pytest.approx(np.mean(maes))
+    mases = [0.5 / 1.5, 1.0 / 1.5, 1.0 / 1.0]  # series 1 col 1 has a flat in-sample: NaN, left out
+    assert got["mase"] == pytest.approx(np.mean(mases))
+    assert math.isfinite(got["smape"]) and math.isnan(got["mape"]) is False
+
+
+# -- splits, scaling, windows against hand examples ---------------------------------------------
+def test_split_points():
+    val_start, test_start = split_points([20, 10], 3, 0.2)
+    assert test_start.tolist() == [17, 7]
+    # validation: max(horizon, round(0.2 * test_start)) = max(3, 3), max(3, 1)
+    assert val_start.tolist() == [14, 4]
+    v, t = split_points([20], 3, 0.0)
+    assert v.tolist() == t.tolist() == [17]
+
+
+def test_windows_by_hand():
+    s = np.arange(10.0)[:, None]
+    w = make_windows([s], 3, 2, [(0, 8)])
+    # targets start at s=3..6 (inputs need 3 points, targets end by 8)
+    assert w.start.tolist() == [3, 4, 5, 6]
+    assert w.inputs()[0, :, 0].tolist() == [0, 1, 2] and w.y[0, :, 0].tolist() == [3, 4]
+    assert w.inputs()[-1, :, 0].tolist() == [3, 4, 5] and w.y[-1, :, 0].tolist() == [6, 7]
+    w = make_windows([s], 3, 2, [(0, 8)], min_lookback=1)
+    assert w.start.tolist() == [1, 2, 3, 4, 5, 6]
+    assert w.n_in.tolist() == [1, 2, 3, 3, 3, 3]
+    # short histories are right-padded: input, then the targets, then zeros
+    assert w.seq[0, :, 0].tolist() == [0, 1, 2, 0, 0]
+    assert w.inputs()[0, :, 0].tolist() == [0, 0, 0]
+    # a range: only targets inside [lo, hi)
+    w = make_windows([s, s[:6]], 2, 2, [(7, 10), (4, 6)], min_lookback=1)
+    assert w.series.tolist() == [0, 0, 1] and w.start.tolist() == [7, 8, 4]
+    assert w.y[2, :, 0].tolist() == [4, 5]
+    # stride counts back from the latest window
+    w = make_windows([s], 3, 2, [(0, 10)], stride=3)
+    assert w.start.tolist() == [5, 8]
+
+
+def test_scaler_fits_on_the_training_part_only():
+    rng = np.random.default_rng(0)
+    a = rng.normal(5, 2, size=(30, 2))
+    b = a.copy()
+    b[20:] *= 100  # the part after the training end must not matter
+    sa = Scaler("standard").fit([a], [20])
+    sb = Scaler("standard").fit([b], [20])
+    assert np.allclose(sa.loc, sb.loc) and np.allclose(sa.scale, sb.scale)
+    assert np.allclose(sa.loc[0], a[:20].mean(0)) and np.allclose(sa.scale[0], a[:20].std(0))
+    z = sa.transform(a, 0)
+    assert np.allclose(z[:20].mean(0), 0) and np.allclose(z[:20].std(0), 1)
+    assert np.allclose(sa.inverse(z, 0), a)
+    mm = Scaler("minmax", log=True).fit([np.exp(a)], [20])
+    z = mm.transform(np.exp(a), 0)
+    assert np.allclose(z[:20].min(0), 0) and np.allclose(z[:20].max(0), 1)
+    assert np.allclose(mm.inverse(z, 0), np.exp(a))
+    r = Scaler.from_state(json.loads(json.dumps(sa.state())))
+    assert np.allclose(r.transform(a, 0), sa.transform(a, 0))
+
+
+def test_prepare_scales_with_training_part_and_windows_in_their_parts():
+    ss = load_series("airline")
+    scaler = Scaler("standard")
+    scaled, tr, va, te, val_start, test_start = F.prepare(ss, 12, 24, 24, scaler, 0.2)
+    y = ss.series[0][:, 0]
+    assert test_start[0] == 132 and val_start[0] == 132 - 26
+    assert scaler.loc[0, 0] == pytest.approx(y[:106].mean())
+    assert (tr.start + 12 <= 106).all() and tr.start.min() == 24
+    assert va.start.tolist() == list(range(106, 121))
+    assert te.start.tolist() == [132] and np.allclose(scaler.inverse(te.y[0], 0), y[132:, None])
+
+
+# -- baselines reproduce DATA.md ------------------------------------------------------------------
+def test_statsmodels_baselines_match_reference_numbers():
+    y = load_series("airline").series[0]
+    insample, actual = y[:-12], y[-12:]
+    got = F.baseline_forecasts([insample], 12, 12)
+    want = {"holt_winters": (15.8, 2.2), "arima": (18.6, 2.9), "seasonal_naive": (50.7, 10.0)}
+    for name, (r, p) in want.items():
+        fc, failures = got[name]
+        assert failures == 0
+        assert F.rmse(actual, fc[0]) == pytest.approx(r, abs=0.06), name
+        assert F.mape(actual, fc[0]) == pytest.approx(p, abs=0.06), name
+    assert np.allclose(got["naive"][0][0], insample[-1])
+    assert np.allclose(got["seasonal_naive"][0][0][:, 0], insample[-12:, 0])
+
+
+# -- the model ------------------------------------------------------------------------------------
+def _loop_forecast(model, x, n_in):
+    """Reference recursive forecast for one row: read the inputs, then feed back step by step."""
+    seq = [x[t] for t in range(n_in)]
+    m = model.season if model.residual == "seasonal" else 1
+    ref = seq[n_in - 1] if model.center else 0.0
+    out, state = model.rnn(torch.stack(seq)[None] - ref)
+
+    def base(n):
+        if model.residual == "none":
+            return 0.0
+        return seq[n - m] if n >= m else seq[n - 1]
+
+    p = model.head(out[0, -1]) + base(n_in)
+    preds = [p]
+    for k in range(1, model.horizon):
+        seq.append(p)
+        y, state = model.rnn.step((p - ref)[None], state)
+        p = model.head(y[0]) + base(n_in + k)
+        preds.append(p)
+    return torch.stack(preds)
+
+
+@pytest.mark.parametrize("residual,center", [("last", True), ("seasonal", False),
+                                             ("none", True)])
+def test_recursive_forecast_equals_a_step_loop(residual, center):
+    torch.manual_seed(0)
+    model = F.Forecaster("gru", 2, [0, 1], 4, hidden=8, strategy="recursive",
+                         residual=residual, season=3, center=center).eval()
+    rng = np.random.default_rng(1)
+    series = [rng.normal(size=(20, 2)), rng.normal(size=(9, 2))]
+    w = make_windows(series, 6, 4, [(16, 20), (5, 9)], min_lookback=1)
+    got = F.forecast_windows(model, w)
+    for k in range(len(w)):
+        n = int(w.n_in[k])
+        x = torch.as_tensor(w.seq[k, :n], dtype=torch.float32)
+        with torch.no_grad():
+            want = _loop_forecast(model, x, n)
+        assert np.allclose(got[k], want.numpy(), atol=1e-5)
+    # teacher-forced training output at the last input step is the same first forecast
+    data = F.WindowData(w, "recursive", teacher=True)
+    b = F.collate([data[i] for i in range(len(data))])
+    model.train()
+    with torch.no_grad():
+        tf, _ = model(b["x"], lengths=b["lengths"])
+    rows = torch.arange(len(w))
+    assert torch.allclose(tf[rows, torch.as_tensor(w.n_in) - 1], torch.as_tensor(
+        got[:, 0], dtype=torch.float32), atol=1e-5)
+
+
+def test_direct_forecast_by_hand():
+    torch.manual_seed(0)
+    model = F.Forecaster("lstm", 3, [1], 5, hidden=6, strategy="direct", residual="last",
+                         center=True).eval()
+    x = torch.randn(2, 7, 3)
+    lengths = torch.tensor([7, 4])
+    with torch.no_grad():
+        got, _ = model(x, lengths=lengths)
+        for b in range(2):
+            n = int(lengths[b])
+            ref = x[b, n - 1]
+            out, _ = model.rnn(x[b:b + 1, :n] - ref)
+            want = model.head(out[0, -1]).view(5, 1) + x[b, n - 1, 1]
+            assert torch.allclose(got[b], want, atol=1e-5)
+
+
+def test_masked_loss_ignores_nan_targets():
+    out = torch.tensor([[1.0, 2.0], [3.0, 5.0]])
+    y = torch.tensor([[0.0, math.nan], [3.0, 3.0]])
+    assert float(F.masked_loss("mse")(out, y)) == pytest.approx((1 + 0 + 4) / 3)
+    assert float(F.masked_loss("mae")(out, y)) == pytest.approx((1 + 0 + 2) / 3)
+
+
+# -- real data ------------------------------------------------------------------------------------
+def test_datasets_load_offline():
+    m1 = load_series("m1_yearly")
+    assert len(m1.series) == 181 and m1.horizon == 6 and m1.season == 1
+    assert m1.lengths.min() == 15
+    co2 = load_series("co2")
+    assert "interpolated" in co2.note and np.isfinite(co2.series[0]).all()
+    us = load_series("uschange", target="Consumption")
+    assert us.series[0].shape == (187, 5) and us.target == (0,) and us.season == 4
+    sun = load_series("sunspots")
+    assert sun.series[0].shape == (309, 1)
+
+
+def test_airline_training_beats_last_value(tmp_path):
+    cfg = F.Config(data="airline", out=str(tmp_path / "run"), hidden=32, epochs=60,
+                   val_fraction=0.0, log=True, baselines=["naive"], progress=False,
+                   tensorboard=False, device="cpu", seed=0)
+    m = F.train(cfg)
+    naive = m["baselines"]["naive"]
+    assert m["test"]["rmse"] < 0.6 * naive["rmse"] and m["test"]["mae"] < 0.6 * naive["mae"]
+    for name in ("config.toml", "checkpoint", "metrics.json", "loss.png", "forecast.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"] == m["test"]
+    # eval rebuilds the model and gets the same numbers; predict forecasts past the end
+    assert F.evaluate(tmp_path / "run")["test"]["rmse"] == pytest.approx(m["test"]["rmse"])
+    rows = F.predict(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert all(300 < r["forecast"] < 900 for r in rows)
+
+
+def test_multivariate_recursive_and_cli(tmp_path):
+    from gyre.cli import main
+
+    out = tmp_path / "us"
+    rc = main(["train", "forecast", "--data", "uschange", "--strategy", "recursive",
+               "--epochs", "2", "--hidden", "8", "--baselines", "naive,seasonal_naive",
+               "--out", str(out), "--no-progress", "--no-tensorboard", "--device", "cpu"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["test"]) == set(F.METRICS) and m["train"]["horizon"] == 8
+    assert set(m["baselines"]) == {"naive", "seasonal_naive"}
+    assert main(["eval", str(out)]) == 0
+
+
+# -- bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content,match", [
+    ("", "empty"),
+    ("a,b\n", "no data rows"),
+    ("value\n1\n2\nx\n4\n", "column 'value'.*not numeric.*row 3"),
+    ("date,value\n2020-01-01,1\nnot a date,2\n", "column 'date'.*not numeric"),
+])
+def test_bad_csv(tmp_path, content, match):
+    p = tmp_path / "bad.csv"
+    p.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_series(str(p))
+
+
+def test_csv_columns_target_and_dates(tmp_path):
+    p = tmp_path / "s.csv"
+    dates = [f"20{y:02d}-{m:02d}-01" for y in range(10, 14) for m in range(1, 13)]
+    rows = [f"{d},{i},{2 * i}" for i, d in enumerate(dates)]
+    p.write_text("month,a,b\n" + "\n".join(rows) + "\n")
+    ss = load_series(str(p), target="b")
+    assert ss.columns == ("a", "b") and ss.target == (1,) and ss.season == 12
+    with pytest.raises(ValueError, match="target: 'c'.*columns are"):
+        load_series(str(p), target="c")
+    with pytest.raises(ValueError, match="date_column: 'when'"):
+        load_series(str(p), date_column="when")
+    with pytest.raises(FileNotFoundError, match="data: file"):
+        load_series(str(tmp_path / "missing.csv"))
+    with pytest.raises(ValueError, match="target: 'x' is not a column of airline"):
+        load_series("airline", target="x")
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"strategy": "sideways"}, "strategy"),
+    ({"scaler": "robust"}, "scaler"),
+    ({"residual": "yes"}, "residual"),
+    ({"loss": "l3"}, "loss"),
+    ({"baselines": ["prophet"]}, "baselines"),
+    ({"horizon": -1}, "horizon"),
+    ({"lookback": 4, "min_lookback": 8}, "min_lookback"),
+    ({"strategy": "recursive", "bidirectional": True}, "bidirectional"),
+    ({"cell": "nope"}, "cell"),
+])
+def test_bad_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        F.Config(**kw)
+
+
+def test_bad_sizes(tmp_path):
+    with pytest.raises(ValueError, match="horizon"):
+        F.train(F.Config(data="airline", horizon=143, out=str(tmp_path), progress=False))
+    with pytest.raises(ValueError, match="lookback"):
+        F.train(F.Config(data="airline", lookback=130, out=str(tmp_path), progress=False))
+    with pytest.raises(ValueError, match="log"):
+        F.train(F.Config(data="uschange", log=True, out=str(tmp_path), progress=False))
