@@ -91,6 +91,9 @@ def test_scaler_fits_on_the_training_part_only():
     z = mm.transform(np.exp(a), 0)
     assert np.allclose(z[:20].min(0), 0) and np.allclose(z[:20].max(0), 1)
     assert np.allclose(mm.inverse(z, 0), np.exp(a))
+    d = Scaler("diff").fit([a], [20])
+    assert np.allclose(d.scale[0], np.abs(np.diff(a[:20], axis=0)).mean(0))
+    assert np.allclose(d.loc[0], a[:20].mean(0))
     r = Scaler.from_state(json.loads(json.dumps(sa.state())))
     assert np.allclose(r.transform(a, 0), sa.transform(a, 0))
 

@@ -294,7 +294,7 @@ def split_points(lengths, horizon: int, val_fraction: float = 0.0):
 
 # -- scaling fitted on the training part only ----------------------------------------------------
 
-SCALERS = ("standard", "minmax", "mean", "none")
+SCALERS = ("standard", "minmax", "mean", "diff", "none")
 
 
 @dataclass
@@ -302,7 +302,9 @@ class Scaler:
     """Per series, per column affine scaling ``(x - loc) / scale`` fitted on the training part.
 
     ``standard``: mean and standard deviation; ``minmax``: to [0, 1]; ``mean``: divide by the mean
-    absolute value (DeepAR-style, no shift); ``none``: identity. With ``log=True`` values are
+    absolute value (DeepAR-style, no shift); ``diff``: subtract the mean, divide by the mean
+    absolute one-step change (the MASE denominator with m=1, so an MAE loss on the scaled values
+    is a MASE); ``none``: identity. With ``log=True`` values are
     ``log``-transformed first (all must be positive). A column constant on the training part gets
     scale 1, so nothing divides by zero.
     """
@@ -333,6 +335,10 @@ class Scaler:
                 loc, scale = part.mean(0), part.std(0)
             elif self.kind == "minmax":
                 loc, scale = part.min(0), part.max(0) - part.min(0)
+            elif self.kind == "diff":
+                loc = part.mean(0)
+                scale = (np.abs(np.diff(part, axis=0)).mean(0) if len(part) > 1
+                         else np.ones(part.shape[1]))
             elif self.kind == "mean":
                 loc, scale = np.zeros(part.shape[1]), np.abs(part).mean(0)
             else:

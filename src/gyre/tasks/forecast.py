@@ -436,8 +436,9 @@ class Config(TaskConfig):
         residual: what the model's output is added to: ``last`` (the last observed value),
             ``seasonal`` (the value one season back, i.e. seasonal naive) or ``none``.
         center: the recurrent stack reads each window relative to its last observed value.
-        scaler: ``standard``, ``minmax``, ``mean`` or ``none``, per series and column, fitted
-            on the training part only; ``log``: take logs first (positive data only).
+        scaler: ``standard``, ``minmax``, ``mean``, ``diff`` (mean absolute one-step change) or
+            ``none``, per series and column, fitted on the training part only; ``log``: take
+            logs first (positive data only).
         loss: ``mse``, ``mae`` or ``huber`` on the scaled values.
         baselines: which of naive, seasonal_naive, holt_winters, arima to fit ("none": none).
         val_fraction: > 0 holds out, before the test part, the last
