@@ -16,8 +16,12 @@ from gyre.cells import Cell, ParamSpec
 from gyre.engine import fused
 from gyre.nn import Recurrent
 
-pytestmark = pytest.mark.skipif(fused.available() is not None,
-                                reason=f"no C++ toolchain: {fused.available()}")
+pytestmark = [
+    pytest.mark.skipif(fused.available() is not None,
+                       reason=f"no C++ toolchain: {fused.available()}"),
+    # a build failure makes the backend fall back to reference with a RuntimeWarning: fail
+    pytest.mark.filterwarnings("error::RuntimeWarning"),
+]
 
 I, H, T, B = 3, 4, 5, 3
 BUILTIN = [n for n in cells.names() if n != "rnn"]  # "rnn" is "rnn_tanh"
@@ -81,6 +85,8 @@ def _compare(ref, fast, dtype, atol, *, lengths=None, train=True, states=False):
         grads = torch.autograd.grad(loss, [xi, *hi, *m.parameters()], allow_unused=True)
         results.append((out, h_n, st, grads))
     (o1, h1, s1, g1), (o2, h2, s2, g2) = results
+    assert fused.available() is None  # the kernels were built and ran (no fallback)
+    assert "Fused" in _graph_names(o2)
     torch.testing.assert_close(o2, o1, atol=atol, rtol=0)
     for a, b in zip((*h1, *s1), (*h2, *s2), strict=True):
         torch.testing.assert_close(b, a, atol=atol, rtol=0)
@@ -90,6 +96,19 @@ def _compare(ref, fast, dtype, atol, *, lengths=None, train=True, states=False):
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(b, a, atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _graph_names(t) -> str:
+    """Names of the autograd nodes behind ``t`` (to see which backend ran)."""
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return " ".join(names)
 
 
 @pytest.mark.parametrize("name", BUILTIN)

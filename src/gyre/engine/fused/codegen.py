@@ -59,8 +59,11 @@ PRELUDE = r"""
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
+#include <ATen/ops/sum.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <cmath>
 #include <cstring>
@@ -175,14 +178,25 @@ void ln_bwd(const T* x, const T* dy, const T* w, T* dx, T* dw, T* dc, int64_t B,
       T h = (xr[j] - mean) * rstd;
       T gh = w ? gr[j] * w[j] : gr[j];
       dr[j] = rstd * (gh - s1 - h * s2);
-      if (dw) dw[j] += gr[j] * h;
-      if (dc) dc[j] += gr[j];
+      if (dw) dw[b * W + j] += gr[j] * h;
+      if (dc) dc[b * W + j] += gr[j];
     }
   }
 }
 
 template <typename T>
 T* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; }
+
+// a kernel over rows [b0, b1): split across torch's threads when a step has enough work
+template <typename F>
+void rows(int64_t B, int64_t per_row, const F& f) {
+  constexpr int64_t kMin = 1 << 15;
+  if (B > 1 && B * per_row >= 2 * kMin) {
+    at::parallel_for(0, B, std::max<int64_t>(1, kMin / std::max<int64_t>(per_row, 1)), f);
+  } else {
+    f(0, B);
+  }
+}
 
 }  // namespace
 """
@@ -381,14 +395,16 @@ class _Gen:
                     continue
                 key, pos = tgt
                 used.add(key)
-                body.append(f"p{self.slots[key]}[{pos} * U_ + j] += g{a};")
+                first = self.first_writer.get((key, pos)) == (s, f)
+                body.append(f"p{self.slots[key]}[{pos} * U_ + j] {'=' if first else '+='} g{a};")
         name = f"k{'b' if backward else 'f'}_{self.tag}_s{s}_f{f}"
         ptrs = [f"    T* __restrict__ p{self.slots[key]} = P[{self.slots[key]}] + b * "
                 f"LD[{self.slots[key]}];" for key in sorted(used, key=lambda k: self.slots[k])]
         lines = [
             "template <typename T>",
-            f"static void {name}(int64_t B, int64_t U_, T* const* P, const int64_t* LD) {{",
-            "  for (int64_t b = 0; b < B; ++b) {",
+            f"static void {name}(int64_t b0, int64_t b1, int64_t U_, T* const* P, "
+            "const int64_t* LD) {",
+            "  for (int64_t b = b0; b < b1; ++b) {",
             *ptrs,
             "#pragma omp simd",
             "    for (int64_t j = 0; j < U_; ++j) {",
@@ -397,11 +413,41 @@ class _Gen:
             "  }",
             "}",
         ]
+        self.work[(backward, s, f)] = len(comp) + len(term)
         return name, "\n".join(lines)
 
     # -- drivers -------------------------------------------------------------------------------
+    def _call(self, kernels, backward: bool, s: int, f: int) -> str:
+        name = kernels[(backward, s, f)]
+        work = self.work[(backward, s, f)]
+        return (f"    rows(B, {work} * U[{f}], [&](int64_t b0, int64_t b1) {{ "
+                f"{name}<T>(b0, b1, U[{f}], P, LD); }});")
+
+    def _first_writers(self) -> None:
+        """Which backward kernel writes each gradient block of dxp/dbout first (it assigns
+        instead of accumulating, so those buffers need no zeroing)."""
+        self.first_writer = {}
+        self.writers = defaultdict(int)
+        for s in reversed(range(self.S)):
+            for f in range(self.p.nfam):
+                roots = self.roots(s, f)
+                if not roots:
+                    continue
+                _, term = self.closure(s, roots)
+                for a in term:
+                    tgt = self.grad_target(a)
+                    if tgt is None or tgt[0][0] not in ("dxp", "dbout"):
+                        continue
+                    self.writers[tgt] += 1
+                    self.first_writer.setdefault(tgt, (s, f))
+
+    def _needs_zero(self, key, blocks: int) -> bool:
+        return any(self.writers[(key, pos)] == 0 for pos in range(blocks))
+
     def source(self) -> str:
         p = self.p
+        self._first_writers()
+        self.work = {}
         kernels = {}
         parts = []
         for backward in (False, True):
@@ -494,7 +540,7 @@ class _Gen:
                 L += self._boundaries_fwd(s)
             for f in range(p.nfam):
                 if (False, s, f) in kernels:
-                    L.append(f"    {kernels[(False, s, f)]}<T>(B, U[{f}], P, LD);")
+                    L.append(self._call(kernels, False, s, f))
         for k in range(len(p.states)):
             L.append(f"    post_fwd<T>(P[{sl[('new', k)]}], P[{sl[('state', k)]}], "
                      f"zmode[{k}] ? zone[{k}].data_ptr<T>() + (zmode[{k}] == 2 ? t * B * S{k} : 0)"
@@ -536,7 +582,8 @@ class _Gen:
             "at::TensorList saved, at::IntArrayRef units) {",
             *self._common(),
             "  T* xp_p = xp.data_ptr<T>();",
-            "  at::Tensor dxp = at::zeros_like(xp); T* dxp_p = dxp.data_ptr<T>();",
+            f"  at::Tensor dxp = at::{'zeros' if self._needs_zero(('dxp',), p.xp[1]) else 'empty'}"
+            "_like(xp); T* dxp_p = dxp.data_ptr<T>();",
         ]
         for k in range(len(p.states)):
             L.append(f"  T* seq{k}_p = seq[{k}].data_ptr<T>();")
@@ -551,7 +598,9 @@ class _Gen:
             L.append(f"  const at::Tensor& bin{bi} = saved[{i}]; const at::Tensor& bout{bi} = "
                      f"saved[{i + 1}];")
             L.append(f"  T* bin{bi}_p = bin{bi}.data_ptr<T>(); T* bout{bi}_p = bout{bi}.data_ptr<T>();")
-            L.append(f"  at::Tensor dbout{bi} = at::zeros({{T_, B, WO{bi}}}, opts); "
+            init = "zeros" if self._needs_zero(("dbout", bi), p.boundaries[bi].out_blocks) \
+                else "empty"
+            L.append(f"  at::Tensor dbout{bi} = at::{init}({{T_, B, WO{bi}}}, opts); "
                      f"T* dbout{bi}_p = dbout{bi}.data_ptr<T>();")
             L.append(f"  at::Tensor dbin{bi} = at::empty({{B, WI{bi}}}, opts); "
                      f"P[{sl[('dbin', bi)]}] = dbin{bi}.data_ptr<T>(); "
@@ -566,8 +615,9 @@ class _Gen:
             i += 1
         L.append("  std::vector<at::Tensor> dvecs;")
         for v in range(len(p.vecs)):
-            L.append(f"  dvecs.push_back(at::zeros_like(vecs[{v}])); "
-                     f"P[{sl[('dvec', v)]}] = dvecs.back().data_ptr<T>();")
+            L.append(f"  dvecs.push_back(at::zeros({{B, vecs[{v}].size(0)}}, opts)); "
+                     f"P[{sl[('dvec', v)]}] = dvecs.back().data_ptr<T>(); "
+                     f"LD[{sl[('dvec', v)]}] = vecs[{v}].size(0);")
         L.append("  for (int64_t t = T_ - 1; t >= 0; --t) {")
         L += self._step_ptrs("t")
         L.append(f"    P[{sl[('dxp',)]}] = dxp_p + t * B * W_xp; LD[{sl[('dxp',)]}] = W_xp;")
@@ -584,7 +634,7 @@ class _Gen:
         for s in reversed(range(self.S)):
             for f in range(p.nfam):
                 if (True, s, f) in kernels:
-                    L.append(f"    {kernels[(True, s, f)]}<T>(B, U[{f}], P, LD);")
+                    L.append(self._call(kernels, True, s, f))
             if s > 0:
                 for bi, b in enumerate(p.boundaries):
                     if b.stage != s:
@@ -602,13 +652,14 @@ class _Gen:
         L.append("  std::vector<at::Tensor> res{dxp};")
         for k in range(len(p.states)):
             L.append(f"  res.push_back(dstate{k});")
-        L.append("  for (auto& d : dvecs) res.push_back(d);")
+        L.append("  for (auto& d : dvecs) res.push_back(d.sum(0));")
         for m in range(len(p.mats)):
             terms = [bi for bi, b in enumerate(p.boundaries) if b.kind == "mm" and b.mat == m]
-            L.append(f"  at::Tensor dmat{m} = at::zeros_like(mats[{m}]);")
-            for bi in terms:
-                L.append(f"  dmat{m} += at::mm(bin{bi}.view({{T_ * B, WI{bi}}}).t(), "
-                         f"dbout{bi}.view({{T_ * B, WO{bi}}}));")
+            prods = [f"at::mm(bin{bi}.view({{T_ * B, WI{bi}}}).t(), "
+                     f"dbout{bi}.view({{T_ * B, WO{bi}}}))" for bi in terms]
+            if not prods:
+                prods = [f"at::zeros_like(mats[{m}])"]
+            L.append(f"  at::Tensor dmat{m} = {' + '.join(prods)};")
             L.append(f"  res.push_back(dmat{m});")
         L.append("  return res;")
         L.append("}")
