@@ -38,7 +38,7 @@ _compiled: dict = {}
 _reasons: dict = {}
 _builtin: dict[str, str] | None = None
 _warned: set[str] = set()
-_broken: str | None = None  # why builds fail here, once known
+_broken: str | None = None  # why builds fail here, once known ("" once known to work)
 
 
 @dataclass
@@ -87,10 +87,8 @@ def available() -> str | None:
     """None when fused kernels can be built here, else why not."""
     global _broken
     if _broken is None:
-        missing = build.toolchain_missing()
-        if missing:
-            _broken = missing
-    return _broken
+        _broken = build.toolchain_missing() or ""
+    return _broken or None
 
 
 def unsupported_reason(cell: Cell) -> str | None:
