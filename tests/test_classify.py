@@ -55,7 +55,7 @@ def test_dtw_baseline_matches_published_ucr_figure():
 
 
 def test_cnn_and_transformer_baselines_train_by_the_same_trainer(tmp_path):
-    m = classify.train(_quick(tmp_path, data="basic_motions", epochs=1, hidden=8,
+    m = classify.train(_quick(tmp_path, data="italy_power_demand", epochs=1, hidden=8,
                               baselines=["cnn", "transformer"]))
     assert set(m["baselines"]) == {"majority", "cnn", "transformer"}
     for name in ("cnn", "transformer"):
@@ -67,7 +67,7 @@ def test_cnn_and_transformer_baselines_train_by_the_same_trainer(tmp_path):
 def test_heads_ignore_padding(head):
     """A padded batch with lengths gives each sequence the logits it gets alone."""
     torch.manual_seed(0)
-    model = classify.RecurrentClassifier("gru", 3, 4, hidden=5, bidirectional=True, head=head)
+    model = classify.RecurrentClassifier("lstm", 3, 4, hidden=5, bidirectional=True, head=head)
     model.eval()
     seqs = [torch.randn(n, 3) for n in (6, 2, 4)]
     batch = cd.collate([(s, torch.tensor(0)) for s in seqs])
