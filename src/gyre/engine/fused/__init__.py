@@ -128,10 +128,21 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
+_size_cache: dict = {}
+
+
 def _sizes(cell: Cell, p: Params, x: Tensor, state: State):
     """(input_size, hidden_size, bias) of this layer, checked against the cell's specs."""
+    key = (_key(cell), x.shape[-1], tuple(s.shape[-1] for s in state),
+           tuple((k, v.shape) for k, v in p.items()))
+    found = _size_cache.get(key)
+    if found is None:
+        found = _size_cache[key] = _find_sizes(cell, p, x, state)
+    return found
+
+
+def _find_sizes(cell: Cell, p: Params, x: Tensor, state: State):
     input_size = x.shape[-1]
-    hidden = p["weight_hh"].shape[-1] if False else None
     for h in _hidden_candidates(cell, state):
         for bias in (True, False):
             try:
@@ -140,8 +151,7 @@ def _sizes(cell: Cell, p: Params, x: Tensor, state: State):
                 continue
             if set(specs) == set(p) and all(tuple(p[n].shape) == s.shape
                                             for n, s in specs.items()):
-                hidden = h
-                return input_size, hidden, bias
+                return input_size, h, bias
     raise Unsupported("cannot tell the hidden size from the parameters")
 
 
@@ -208,8 +218,12 @@ def run_layer(
             zmodes.append(2)
     valid_t = empty.bool() if valid is None else valid.to(torch.bool).contiguous()
     state0 = [s.contiguous() for s in state]
-    seqs = _Fused.apply(kernel, xp, drop_t.detach(), zts, zmodes, valid_t, K, len(vecs),
-                        *state0, *vecs, *mats)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (xp, *state0, *vecs, *mats)):
+        seqs = _Fused.apply(kernel, xp, drop_t.detach(), zts, zmodes, valid_t, K, len(vecs),
+                            *state0, *vecs, *mats)
+    else:  # inference (streaming included): no autograd node, nothing saved
+        seqs = kernel.fwd(xp, state0, vecs, mats, drop_t, zts, zmodes, valid_t, kernel.units,
+                          False)[:K]
     final = tuple(s[-1] for s in seqs)
     out = cell.readout(seqs[0], p)
     states = tuple(seqs)

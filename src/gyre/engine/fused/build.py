@@ -63,10 +63,20 @@ def load(programs: dict[str, str], what: str) -> str:
             if not os.path.exists(os.path.join(build_dir, f"{name}.so")):
                 print(f"gyre: compiling fused kernels for {what} (once; cached in {build_dir})",
                       file=sys.stderr, flush=True)
-            cpp_extension.load_inline(
-                name, cpp_sources=[module_source(name, programs)], extra_cflags=FLAGS,
-                is_python_module=False, no_implicit_headers=True, verbose=False,
-            )
+            # two translation units for a big module: ninja compiles them on two cores
+            parts = 2 if len(programs) > 4 else 1
+            sources = []
+            os.makedirs(build_dir, exist_ok=True)
+            for part in range(parts):
+                path = os.path.join(build_dir, f"{name}_{part}.cpp")
+                src = module_source(name, programs, part, parts)
+                if not os.path.exists(path) or open(path).read() != src:
+                    with open(path + ".tmp", "w") as f:
+                        f.write(src)
+                    os.replace(path + ".tmp", path)
+                sources.append(path)
+            cpp_extension.load(name, sources, extra_cflags=FLAGS, build_directory=build_dir,
+                               is_python_module=False, verbose=False)
         except Exception as e:  # no compiler, no ninja, a compile error: fall back
             raise BuildError(f"{type(e).__name__}: {str(e)[-2000:]}") from e
         _loaded[name] = name

@@ -702,17 +702,19 @@ std::vector<at::Tensor> bwd_{tag}(at::TensorList gseq, const at::Tensor& xp,
     return fn, defs
 
 
-def module_source(namespace: str, programs: dict[str, str]) -> str:
-    """One translation unit holding the programs ``{tag: source}``, registered as
-    ``torch.ops.<namespace>.fwd_<tag>`` / ``bwd_<tag>``."""
-    parts = [PRELUDE, "#include <limits>"]
+def module_source(namespace: str, programs: dict[str, str], part: int = 0,
+                  parts: int = 1) -> str:
+    """A translation unit holding every ``parts``-th of the programs ``{tag: source}`` (from
+    ``part``), registered as ``torch.ops.<namespace>.fwd_<tag>`` / ``bwd_<tag>``."""
+    out = [PRELUDE, "#include <limits>"]
     defs = []
-    for tag, src in sorted(programs.items()):
+    for tag, src in sorted(programs.items())[part::parts]:
         fn, d = entry_points(tag)
-        parts += [src, fn]
+        out += [src, fn]
         defs.append(d)
-    parts.append(f"TORCH_LIBRARY({namespace}, m) {{\n" + "\n".join(defs) + "\n}")
-    return "\n".join(parts)
+    macro = "TORCH_LIBRARY" if part == 0 else "TORCH_LIBRARY_FRAGMENT"
+    out.append(f"{macro}({namespace}, m) {{\n" + "\n".join(defs) + "\n}")
+    return "\n".join(out)
 
 
 __all__ = ["PRELUDE", "Atom", "module_source", "program_source"]
