@@ -212,7 +212,7 @@ def test_datasets_load_offline():
 
 
 def test_airline_training_beats_last_value(tmp_path):
-    cfg = F.Config(data="airline", out=str(tmp_path / "run"), hidden=32, epochs=60,
+    cfg = F.Config(data="airline", out=str(tmp_path / "run"), hidden=32, epochs=40,
                    val_fraction=0.0, log=True, baselines=["naive"], progress=False,
                    tensorboard=False, device="cpu", seed=0)
     m = F.train(cfg)
