@@ -44,6 +44,24 @@ class ScaledTanhRNN(Cell):
         return (a * torch.tanh(xp + hp) + (1 - a) * torch.relu(h) * torch.exp(-hp.abs()),)
 
 
+@dataclass(frozen=True)
+class NormGatedCell(Cell):
+    """A user cell overriding step: two matrix products on weight slices, a layer norm without
+    affine parameters between them, and half of the input pre-activations unused."""
+
+    name = "norm_gated"
+    gates = 2
+
+    def step(self, xp, state, p, drop=None):
+        (h,) = state
+        n = h.shape[-1]
+        hd = h if drop is None else h * drop
+        a, _ = xp.chunk(2, dim=-1)
+        u = torch.nn.functional.layer_norm(hd @ p["weight_hh"][:n].T, (n,))
+        gate = torch.sigmoid(torch.relu(u) @ p["weight_hh"][n:].T)
+        return (torch.tanh(a + u) * gate + (1 - gate) * h,)
+
+
 def _pair(cell, dtype, **kw):
     ref = Recurrent(cell, I, H, backend="reference", dtype=dtype, **kw)
     with torch.no_grad():
@@ -147,6 +165,11 @@ def test_user_cell_gets_fused_kernels():
     _compare(ref, fast, torch.float64, 1e-10, lengths=[5, 1, 3])
     ref, fast = _pair(ScaledTanhRNN(), torch.float32)
     _compare(ref, fast, torch.float32, 1e-5)
+
+
+def test_user_cell_overriding_step_gets_fused_kernels():
+    ref, fast = _pair(NormGatedCell(), torch.float64, bidirectional=True, recurrent_dropout=0.3)
+    _compare(ref, fast, torch.float64, 1e-10, lengths=[2, 5, 4])
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru_cho", "ln_lstm", "gated_004"])
