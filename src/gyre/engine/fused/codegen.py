@@ -190,7 +190,7 @@ T* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; }
 // a kernel over rows [b0, b1): split across torch's threads when a step has enough work
 template <typename F>
 void rows(int64_t B, int64_t per_row, const F& f) {
-  constexpr int64_t kMin = 1 << 15;
+  constexpr int64_t kMin = 1 << 19;
   if (B > 1 && B * per_row >= 2 * kMin) {
     at::parallel_for(0, B, std::max<int64_t>(1, kMin / std::max<int64_t>(per_row, 1)), f);
   } else {
