@@ -229,3 +229,22 @@ def test_unsupported_cell_is_refused_by_name_and_auto_falls_back():
     m = Recurrent(CumsumCell(), I, H)
     out, _ = m(torch.randn(T, B, I))
     assert out.shape == (T, B, H)
+
+
+def test_float32_at_a_size_that_uses_onednn_packed_weights():
+    batch, hidden = 32, 128
+    assert batch * hidden * 4 * hidden >= fused.PACK_MIN_MACS
+    ref = Recurrent("peephole", 8, hidden, backend="reference", recurrent_dropout=0.2)
+    fast = Recurrent("peephole", 8, hidden, backend="fused", recurrent_dropout=0.2)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(3, batch, 8)
+    res = []
+    for m in (ref, fast):
+        torch.manual_seed(5)
+        out, (h, c) = m(x)
+        loss = (out * torch.linspace(-1, 1, hidden)).sum() + c.sum()
+        res.append((out, c, torch.autograd.grad(loss, list(m.parameters()))))
+    torch.testing.assert_close(res[1][0], res[0][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(res[1][1], res[0][1], atol=1e-5, rtol=0)
+    for a, b in zip(res[0][2], res[1][2], strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)

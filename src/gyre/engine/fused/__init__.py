@@ -218,12 +218,13 @@ def run_layer(
             zmodes.append(2)
     valid_t = empty.bool() if valid is None else valid.to(torch.bool).contiguous()
     state0 = [s.contiguous() for s in state]
+    packed = _packed(mats, B, xp)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (xp, *state0, *vecs, *mats)):
-        seqs = _Fused.apply(kernel, xp, drop_t.detach(), zts, zmodes, valid_t, K, len(vecs),
-                            *state0, *vecs, *mats)
+        seqs = _Fused.apply(kernel, xp, drop_t.detach(), zts, zmodes, valid_t, packed, K,
+                            len(vecs), *state0, *vecs, *mats)
     else:  # inference (streaming included): no autograd node, nothing saved
-        seqs = kernel.fwd(xp, state0, vecs, mats, drop_t, zts, zmodes, valid_t, kernel.units,
-                          False)[:K]
+        seqs = kernel.fwd(xp, state0, vecs, mats, packed, drop_t, zts, zmodes, valid_t,
+                          kernel.units, False)[:K]
     final = tuple(s[-1] for s in seqs)
     out = cell.readout(seqs[0], p)
     states = tuple(seqs)
@@ -234,16 +235,37 @@ def run_layer(
     return out, final, (states if return_states else None)
 
 
+#: below this many multiply-adds per step a matrix product stays with MKL (measured crossover)
+PACK_MIN_MACS = 1 << 21
+
+
+def _packed(mats: list[Tensor], batch: int, xp: Tensor) -> list[Tensor]:
+    """oneDNN-prepacked weights for each matrix product, forward and backward (float32 on CPU
+    with oneDNN and big enough products), else empty: the kernels then use MKL's sgemm."""
+    if xp.dtype != torch.float32 or not mats or not torch.backends.mkldnn.is_available():
+        return []
+    if any(batch * m.shape[0] * m.shape[1] < PACK_MIN_MACS for m in mats):
+        return []
+    try:
+        with torch.no_grad():
+            reorder = torch.ops.mkldnn._reorder_linear_weight
+            return [w for m in mats for w in (reorder(m.t().contiguous(), batch),
+                                              reorder(m.contiguous(), batch))]
+    except (RuntimeError, AttributeError):
+        return []
+
+
 class _Fused(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kernel, xp, drop, zts, zmodes, valid, K, V, *tensors):
+    def forward(ctx, kernel, xp, drop, zts, zmodes, valid, packed, K, V, *tensors):
         state0, vecs, mats = tensors[:K], tensors[K:K + V], tensors[K + V:]
         save = any(ctx.needs_input_grad)
-        res = kernel.fwd(xp, list(state0), list(vecs), list(mats), drop, zts, zmodes, valid,
-                         kernel.units, save)
+        res = kernel.fwd(xp, list(state0), list(vecs), list(mats), packed, drop, zts, zmodes,
+                         valid, kernel.units, save)
         seqs = res[:K]
         if save:
             ctx.kernel, ctx.zts, ctx.zmodes, ctx.K, ctx.V = kernel, zts, zmodes, K, V
+            ctx.packed = packed
             ctx.saved = res[K:]
             ctx.save_for_backward(xp, drop, valid, *state0, *vecs, *mats, *seqs)
         return tuple(seqs)
@@ -257,8 +279,9 @@ class _Fused(torch.autograd.Function):
         seqs = rest[-K:]
         vecs, mats = rest[:V], rest[V:-K]
         gseqs = [g.contiguous() for g in gseqs]
-        res = ctx.kernel.bwd(gseqs, xp, list(state0), list(seqs), list(vecs), list(mats), drop,
-                             ctx.zts, ctx.zmodes, valid, ctx.saved, ctx.kernel.units)
+        res = ctx.kernel.bwd(gseqs, xp, list(state0), list(seqs), list(vecs), list(mats),
+                             ctx.packed, drop, ctx.zts, ctx.zmodes, valid, ctx.saved,
+                             ctx.kernel.units)
         dxp, dstate = res[0], res[1:1 + K]
         dvecs, dmats = res[1 + K:1 + K + V], res[1 + K + V:]
-        return (None, dxp, None, None, None, None, None, None, *dstate, *dvecs, *dmats)
+        return (None, dxp, None, None, None, None, None, None, None, *dstate, *dvecs, *dmats)

@@ -187,6 +187,30 @@ void ln_bwd(const T* x, const T* dy, const T* w, T* dx, T* dw, T* dc, int64_t B,
 template <typename T>
 T* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; }
 
+}  // namespace
+
+// oneDNN's matmul with a prepacked weight, through torch's stable C shim (faster than MKL's
+// sgemm for the recurrent shapes on this CPU); at::cpu::mm_out where no packed weight is given
+extern "C" int32_t aoti_torch_cpu__linear_pointwise(void* X, void* W, void** B, const char* attr,
+    const double** scalars, int64_t scalars_len, const char** algorithm, void** ret0);
+extern "C" int32_t aoti_torch_delete_tensor_object(void* tensor);
+
+namespace {
+
+void gemm(at::Tensor& out, const at::Tensor& l, const at::Tensor& mat, const at::Tensor* packed) {
+  if (packed != nullptr && packed->defined() && packed->numel()) {
+    at::Tensor x = l, w = *packed;
+    void* r = nullptr;
+    if (aoti_torch_cpu__linear_pointwise(&x, &w, nullptr, "none", nullptr, 0, nullptr, &r) == 0
+        && r != nullptr) {
+      out.copy_(*static_cast<at::Tensor*>(r));
+      aoti_torch_delete_tensor_object(r);
+      return;
+    }
+  }
+  at::cpu::mm_out(out, l, mat);
+}
+
 // a kernel over rows [b0, b1): split across torch's threads when a step has enough work
 template <typename F>
 void rows(int64_t B, int64_t per_row, const F& f) {
@@ -512,8 +536,8 @@ class _Gen:
             "template <typename T>",
             f"static std::vector<at::Tensor> fwd_{self.tag}_impl(const at::Tensor& xp, "
             "at::TensorList state0, at::TensorList vecs, at::TensorList mats, "
-            "const at::Tensor& drop, at::TensorList zone, at::IntArrayRef zmode, "
-            "const at::Tensor& valid, at::IntArrayRef units, bool save) {",
+            "at::TensorList packed, const at::Tensor& drop, at::TensorList zone, "
+            "at::IntArrayRef zmode, const at::Tensor& valid, at::IntArrayRef units, bool save) {",
             *self._common(),
             "  const int64_t TS = save ? T_ : 1;",
             "  std::vector<at::Tensor> res;",
@@ -562,7 +586,8 @@ class _Gen:
                 continue
             if b.kind == "mm":
                 L.append(f"    {{ at::Tensor o = bout{bi}.select(0, ts), l = bin{bi}.select(0, ts); "
-                         f"at::cpu::mm_out(o, l, mats[{b.mat}]); }}")
+                         f"gemm(o, l, mats[{b.mat}], packed.empty() ? nullptr : "
+                         f"&packed[{2 * b.mat}]); }}")
             else:
                 w = f"P[{sl[('vec', b.weight)]}]" if b.weight >= 0 else "nullptr"
                 c = f"P[{sl[('vec', b.bias)]}]" if b.bias >= 0 else "nullptr"
@@ -577,9 +602,9 @@ class _Gen:
             "template <typename T>",
             f"static std::vector<at::Tensor> bwd_{self.tag}_impl(at::TensorList gseq, "
             "const at::Tensor& xp, at::TensorList state0, at::TensorList seq, "
-            "at::TensorList vecs, at::TensorList mats, const at::Tensor& drop, "
-            "at::TensorList zone, at::IntArrayRef zmode, const at::Tensor& valid, "
-            "at::TensorList saved, at::IntArrayRef units) {",
+            "at::TensorList vecs, at::TensorList mats, at::TensorList packed, "
+            "const at::Tensor& drop, at::TensorList zone, at::IntArrayRef zmode, "
+            "const at::Tensor& valid, at::TensorList saved, at::IntArrayRef units) {",
             *self._common(),
             "  T* xp_p = xp.data_ptr<T>();",
             f"  at::Tensor dxp = at::{'zeros' if self._needs_zero(('dxp',), p.xp[1]) else 'empty'}"
@@ -641,7 +666,8 @@ class _Gen:
                         continue
                     if b.kind == "mm":
                         L.append(f"    {{ at::Tensor g = dbout{bi}.select(0, t); "
-                                 f"at::cpu::mm_out(dbin{bi}, g, mats[{b.mat}].t()); }}")
+                                 f"gemm(dbin{bi}, g, mats[{b.mat}].t(), packed.empty() ? "
+                                 f"nullptr : &packed[{2 * b.mat + 1}]); }}")
                     else:
                         w = f"P[{sl[('vec', b.weight)]}]" if b.weight >= 0 else "nullptr"
                         dw = f"P[{sl[('dvec', b.weight)]}]" if b.weight >= 0 else "nullptr"
@@ -675,30 +701,33 @@ def entry_points(tag: str) -> tuple[str, str]:
     """The dtype-dispatching functions and their schema lines for ``tag``."""
     fn = f"""
 std::vector<at::Tensor> fwd_{tag}(const at::Tensor& xp, at::TensorList state0,
-    at::TensorList vecs, at::TensorList mats, const at::Tensor& drop, at::TensorList zone,
-    at::IntArrayRef zmode, const at::Tensor& valid, at::IntArrayRef units, bool save) {{
+    at::TensorList vecs, at::TensorList mats, at::TensorList packed, const at::Tensor& drop,
+    at::TensorList zone, at::IntArrayRef zmode, const at::Tensor& valid, at::IntArrayRef units,
+    bool save) {{
   if (xp.scalar_type() == at::kDouble)
-    return fwd_{tag}_impl<double>(xp, state0, vecs, mats, drop, zone, zmode, valid, units, save);
+    return fwd_{tag}_impl<double>(xp, state0, vecs, mats, packed, drop, zone, zmode, valid, units,
+                                  save);
   TORCH_CHECK(xp.scalar_type() == at::kFloat, "gyre fused: float32 or float64 only");
-  return fwd_{tag}_impl<float>(xp, state0, vecs, mats, drop, zone, zmode, valid, units, save);
+  return fwd_{tag}_impl<float>(xp, state0, vecs, mats, packed, drop, zone, zmode, valid, units,
+                               save);
 }}
 std::vector<at::Tensor> bwd_{tag}(at::TensorList gseq, const at::Tensor& xp,
     at::TensorList state0, at::TensorList seq, at::TensorList vecs, at::TensorList mats,
-    const at::Tensor& drop, at::TensorList zone, at::IntArrayRef zmode, const at::Tensor& valid,
-    at::TensorList saved, at::IntArrayRef units) {{
+    at::TensorList packed, const at::Tensor& drop, at::TensorList zone, at::IntArrayRef zmode,
+    const at::Tensor& valid, at::TensorList saved, at::IntArrayRef units) {{
   if (xp.scalar_type() == at::kDouble)
-    return bwd_{tag}_impl<double>(gseq, xp, state0, seq, vecs, mats, drop, zone, zmode, valid,
-                                  saved, units);
-  return bwd_{tag}_impl<float>(gseq, xp, state0, seq, vecs, mats, drop, zone, zmode, valid,
-                               saved, units);
+    return bwd_{tag}_impl<double>(gseq, xp, state0, seq, vecs, mats, packed, drop, zone, zmode,
+                                  valid, saved, units);
+  return bwd_{tag}_impl<float>(gseq, xp, state0, seq, vecs, mats, packed, drop, zone, zmode,
+                               valid, saved, units);
 }}
 """
     defs = (f'  m.def("fwd_{tag}(Tensor xp, Tensor[] state0, Tensor[] vecs, Tensor[] mats, '
-            f'Tensor drop, Tensor[] zone, int[] zmode, Tensor valid, int[] units, bool save) '
-            f'-> Tensor[]", &fwd_{tag});\n'
+            f'Tensor[] packed, Tensor drop, Tensor[] zone, int[] zmode, Tensor valid, '
+            f'int[] units, bool save) -> Tensor[]", &fwd_{tag});\n'
             f'  m.def("bwd_{tag}(Tensor[] gseq, Tensor xp, Tensor[] state0, Tensor[] seq, '
-            f'Tensor[] vecs, Tensor[] mats, Tensor drop, Tensor[] zone, int[] zmode, '
-            f'Tensor valid, Tensor[] saved, int[] units) -> Tensor[]", &bwd_{tag});')
+            f'Tensor[] vecs, Tensor[] mats, Tensor[] packed, Tensor drop, Tensor[] zone, '
+            f'int[] zmode, Tensor valid, Tensor[] saved, int[] units) -> Tensor[]", &bwd_{tag});')
     return fn, defs
 
 
