@@ -232,12 +232,13 @@ def test_unsupported_cell_is_refused_by_name_and_auto_falls_back():
 
 
 def test_float32_at_a_size_that_uses_onednn_packed_weights():
-    batch, hidden = 32, 128
-    assert batch * hidden * 4 * hidden >= fused.PACK_MIN_MACS
-    ref = Recurrent("peephole", 8, hidden, backend="reference", recurrent_dropout=0.2)
-    fast = Recurrent("peephole", 8, hidden, backend="fused", recurrent_dropout=0.2)
+    steps, batch, inputs, hidden = 8, 64, 128, 128
+    assert batch * hidden * 4 * hidden >= fused.PACK_MIN_MACS  # recurrent products
+    assert steps * batch * inputs * 4 * hidden >= fused.PACK_MIN_MACS << 4  # input product
+    ref = Recurrent("peephole", inputs, hidden, backend="reference", recurrent_dropout=0.2)
+    fast = Recurrent("peephole", inputs, hidden, backend="fused", recurrent_dropout=0.2)
     fast.load_state_dict(ref.state_dict())
-    x = torch.randn(3, batch, 8)
+    x = torch.randn(steps, batch, inputs)
     res = []
     for m in (ref, fast):
         torch.manual_seed(5)

@@ -198,7 +198,7 @@ def run_layer(
         return reference.run_layer(cell, p, x, state, valid=valid, drop=drop, zone=zone,
                                    return_states=return_states)
     T, B = x.shape[:2]
-    xp = cell.input_preact(x, p).contiguous()
+    xp = _input_preact(cell, p, x).contiguous()
     vecs, mats = kernel.prog.hoist(p)
     K = len(state)
     drop_t = xp.new_ones(B, state[0].shape[-1]) if drop is None else \
@@ -237,6 +237,75 @@ def run_layer(
 
 #: below this many multiply-adds per step a matrix product stays with MKL (measured crossover)
 PACK_MIN_MACS = 1 << 21
+
+
+def _input_preact(cell: Cell, p: Params, x: Tensor) -> Tensor:
+    """``cell.input_preact``; for the base class's ``linear(x, weight_ih, bias_ih)`` on big
+    float32 inputs, the same product through oneDNN with a prepacked weight (its backward
+    is the usual two matrix products)."""
+    if (x.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
+            or x.dim() != 3):
+        return cell.input_preact(x, p)
+    names = _plain_linear(cell, p)
+    w = None if names is None else p[names[0]]
+    if w is None or x.shape[0] * x.shape[1] * w.shape[0] * w.shape[1] < (PACK_MIN_MACS << 4):
+        return cell.input_preact(x, p)
+    try:
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(),
+                                                            x.shape[0] * x.shape[1])
+    except (RuntimeError, AttributeError):
+        return cell.input_preact(x, p)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = _PackedLinear.apply(x2, w, None if names[1] is None else p[names[1]], packed)
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
+_linear_cache: dict = {}
+
+
+def _plain_linear(cell: Cell, p: Params) -> tuple[str, str | None] | None:
+    """(weight, bias) parameter names when ``cell.input_preact`` is exactly
+    ``linear(x, p[weight], p[bias])`` (checked by recording it once), else None."""
+    key = (_key(cell), tuple(p))
+    if key not in _linear_cache:
+        found = None
+        try:
+            ex = {k: torch.rand(v.shape) for k, v in p.items()}
+            x = torch.rand(2, next(v.shape[-1] for k, v in p.items() if v.dim() == 2))
+            ops, _ = ir.record_fn(lambda: cell.input_preact(x, ex))
+            names = {id(v): k for k, v in ex.items()}
+            funcs = [op[0] for op in ops]
+            aten = torch.ops.aten
+            if funcs == [aten.t.default, aten.addmm.default] and ops[1][1][1] is x and \
+                    ops[1][1][2] is ops[0][3] and id(ops[1][1][0]) in names:
+                found = (names[id(ops[0][1][0])], names[id(ops[1][1][0])])
+            elif funcs == [aten.t.default, aten.mm.default] and ops[1][1][0] is x and \
+                    ops[1][1][1] is ops[0][3]:
+                found = (names[id(ops[0][1][0])], None)
+            if found is not None and id(ops[0][1][0]) not in names:
+                found = None
+        except Exception:  # anything unexpected: the cell's own code runs
+            found = None
+        _linear_cache[key] = found
+    return _linear_cache[key]
+
+
+class _PackedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, w, b, packed):
+        ctx.save_for_backward(x2, w)
+        ctx.has_bias = b is not None
+        return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), packed, b, "none", [], "")
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x2, w = ctx.saved_tensors
+        dx = g @ w if ctx.needs_input_grad[0] else None
+        dw = g.t() @ x2 if ctx.needs_input_grad[1] else None
+        db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
 
 
 def _packed(mats: list[Tensor], batch: int, xp: Tensor) -> list[Tensor]:

@@ -131,6 +131,13 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+def record_fn(fn):
+    """(recorded aten ops, result) of ``fn()`` run without grad."""
+    with torch.no_grad(), _Recorder() as rec:
+        out = fn()
+    return rec.ops, out
+
+
 def record(cell, xp, state, p, drop):
     with torch.no_grad(), _Recorder() as rec:
         new = cell.step(xp, state, p, drop)
