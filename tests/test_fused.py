@@ -212,6 +212,8 @@ def test_auto_picks_fused_where_torch_has_no_fused_kernel():
     assert engine.select_backend(cells.get("peephole")) == "fused"
     assert engine.select_backend(cells.get("lstm")) == "native"
     assert engine.select_backend(cells.get("lstm"), drop=[[None]]) == "fused"
+    # a projection wider than the small size the support check starts from
+    assert engine.select_backend(cells.LSTM(proj_size=16, peephole=True)) == "fused"
 
 
 @dataclass(frozen=True)

@@ -95,11 +95,17 @@ def unsupported_reason(cell: Cell) -> str | None:
     """Why ``cell`` cannot run fused (checked by tracing at a small size), or None."""
     k = _key(cell)
     if k not in _reasons:
-        try:
-            ir.trace(cell, 3, 5, True)
-            _reasons[k] = None
-        except Unsupported as e:
-            _reasons[k] = str(e)
+        reason = None
+        for hidden in (5, 67, 1031):  # a cell may need a bigger size (LSTM's proj_size < H)
+            try:
+                ir.trace(cell, 3, hidden, True)
+                reason = None
+                break
+            except Unsupported as e:
+                reason = str(e)
+                if not isinstance(e.__cause__, ValueError):
+                    break
+        _reasons[k] = reason
     return _reasons[k]
 
 

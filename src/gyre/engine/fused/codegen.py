@@ -369,7 +369,7 @@ class _Gen:
             return ("d" + at.op, at.args[0]), at.args[1]
         return ("dcross", at.stage, at.fam), self.cross[a]
 
-    def expr(self, a: int, comp: set[int]) -> str:
+    def expr(self, a: int) -> str:
         at = self.p.atoms[a]
         args = [f"v{x}" for x in at.args]
         e = at.extra[0] if at.extra else 0
@@ -388,7 +388,7 @@ class _Gen:
                 used.add(key)
             body.append(f"const T v{a} = {val};")
         for a in comp:
-            body.append(f"const T v{a} = {self.expr(a, set(comp))};")
+            body.append(f"const T v{a} = {self.expr(a)};")
         if not backward:
             for a, kind, idx, pos in roots:
                 key = (kind, idx) if kind != "cross" else ("cross", *idx)
