@@ -62,7 +62,8 @@ def _builtin_programs() -> dict[str, str]:
         from ...cells import LSTM, REGISTRY
 
         progs = {}
-        cells = [factory() for factory in REGISTRY.values()] + [LSTM(proj_size=2)]
+        cells = [factory() for factory in REGISTRY.values()] + [
+            LSTM(proj_size=2), LSTM(proj_size=2, peephole=True)]
         for cell in cells:
             for bias in (True, False):
                 try:
