@@ -65,8 +65,11 @@ PRELUDE = r"""
 #include <ATen/ops/sum.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <ATen/ops/from_blob.h>
+#include <dlfcn.h>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -197,18 +200,62 @@ extern "C" int32_t aoti_torch_delete_tensor_object(void* tensor);
 
 namespace {
 
-void gemm(at::Tensor& out, const at::Tensor& l, const at::Tensor& mat, const at::Tensor* packed) {
+// BLAS (torch's MKL) called directly where torch exports it: no tensor views or dispatch per
+// step. Row-major out (B x N) = l (B x K) @ mat (K x N) is column-major out^T = mat^T l^T.
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*,
+                          const float*, const float*, const int*, const float*, const int*,
+                          const float*, float*, const int*);
+using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*,
+                          const double*, const double*, const int*, const double*, const int*,
+                          const double*, double*, const int*);
+
+template <typename T>
+void* blas_symbol() {
+  static void* f = dlsym(RTLD_DEFAULT, std::is_same<T, float>::value ? "sgemm_" : "dgemm_");
+  return f;
+}
+
+template <typename T>
+bool blas_gemm(T* out, int64_t ldc, const T* l, int64_t ldl, const at::Tensor& mat, int64_t B) {
+  void* f = blas_symbol<T>();
+  const int64_t K = mat.size(0), N = mat.size(1);
+  if (f == nullptr || B <= 0 || K <= 0 || N <= 0) return false;
+  const int64_t s0 = mat.stride(0), s1 = mat.stride(1);
+  char ta;
+  int64_t lda;
+  if (s1 == 1 && s0 >= std::max<int64_t>(N, 1)) { ta = 'N'; lda = s0; }
+  else if (s0 == 1 && s1 >= std::max<int64_t>(K, 1)) { ta = 'T'; lda = s1; }
+  else return false;
+  const int m = N, n = B, k = K, ia = lda, ib = ldl, ic = ldc;
+  const char tb = 'N';
+  const T one = 1, zero = 0;
+  const T* a = mat.data_ptr<T>();
+  if constexpr (std::is_same<T, float>::value) {
+    reinterpret_cast<sgemm_fn>(f)(&ta, &tb, &m, &n, &k, &one, a, &ia, l, &ib, &zero, out, &ic);
+  } else {
+    reinterpret_cast<dgemm_fn>(f)(&ta, &tb, &m, &n, &k, &one, a, &ia, l, &ib, &zero, out, &ic);
+  }
+  return true;
+}
+
+// out (B x N, row stride ldc) = l (B x K, row stride ldl) @ mat (K x N)
+template <typename T>
+void gemm(T* out, int64_t ldc, T* l, int64_t ldl, int64_t B, const at::Tensor& mat,
+          const at::Tensor* packed) {
   if (packed != nullptr && packed->defined() && packed->numel()) {
-    at::Tensor x = l, w = *packed;
+    at::Tensor x = at::from_blob(l, {B, mat.size(0)}, {ldl, 1}, mat.options()), w = *packed;
     void* r = nullptr;
     if (aoti_torch_cpu__linear_pointwise(&x, &w, nullptr, "none", nullptr, 0, nullptr, &r) == 0
         && r != nullptr) {
-      out.copy_(*static_cast<at::Tensor*>(r));
+      at::from_blob(out, {B, mat.size(1)}, {ldc, 1}, mat.options())
+          .copy_(*static_cast<at::Tensor*>(r));
       aoti_torch_delete_tensor_object(r);
       return;
     }
   }
-  at::cpu::mm_out(out, l, mat);
+  if (blas_gemm<T>(out, ldc, l, ldl, mat, B)) return;
+  at::Tensor o = at::from_blob(out, {B, mat.size(1)}, {ldc, 1}, mat.options());
+  at::cpu::mm_out(o, at::from_blob(l, {B, mat.size(0)}, {ldl, 1}, mat.options()), mat);
 }
 
 // a kernel over rows [b0, b1): split across torch's threads when a step has enough work
@@ -585,9 +632,8 @@ class _Gen:
             if b.stage != s:
                 continue
             if b.kind == "mm":
-                L.append(f"    {{ at::Tensor o = bout{bi}.select(0, ts), l = bin{bi}.select(0, ts); "
-                         f"gemm(o, l, mats[{b.mat}], packed.empty() ? nullptr : "
-                         f"&packed[{2 * b.mat}]); }}")
+                L.append(f"    gemm<T>(P[{sl[('bout', bi)]}], WO{bi}, P[{sl[('bin', bi)]}], WI{bi}, "
+                         f"B, mats[{b.mat}], packed.empty() ? nullptr : &packed[{2 * b.mat}]);")
             else:
                 w = f"P[{sl[('vec', b.weight)]}]" if b.weight >= 0 else "nullptr"
                 c = f"P[{sl[('vec', b.bias)]}]" if b.bias >= 0 else "nullptr"
@@ -638,6 +684,8 @@ class _Gen:
                      f"P[{sl[('dcross', s, f)]}] = dcross{s}_{f}.data_ptr<T>(); "
                      f"LD[{sl[('dcross', s, f)]}] = WC{s}_{f};")
             i += 1
+        L.append("  std::vector<at::Tensor> matsT;")
+        L.append("  for (const auto& m : mats) matsT.push_back(m.t());")
         L.append("  std::vector<at::Tensor> dvecs;")
         for v in range(len(p.vecs)):
             L.append(f"  dvecs.push_back(at::zeros({{B, vecs[{v}].size(0)}}, opts)); "
@@ -665,9 +713,9 @@ class _Gen:
                     if b.stage != s:
                         continue
                     if b.kind == "mm":
-                        L.append(f"    {{ at::Tensor g = dbout{bi}.select(0, t); "
-                                 f"gemm(dbin{bi}, g, mats[{b.mat}].t(), packed.empty() ? "
-                                 f"nullptr : &packed[{2 * b.mat + 1}]); }}")
+                        L.append(f"    gemm<T>(P[{sl[('dbin', bi)]}], WI{bi}, "
+                                 f"P[{sl[('dbout', bi)]}], WO{bi}, B, matsT[{b.mat}], "
+                                 f"packed.empty() ? nullptr : &packed[{2 * b.mat + 1}]);")
                     else:
                         w = f"P[{sl[('vec', b.weight)]}]" if b.weight >= 0 else "nullptr"
                         dw = f"P[{sl[('dvec', b.weight)]}]" if b.weight >= 0 else "nullptr"
