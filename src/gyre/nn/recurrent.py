@@ -28,7 +28,8 @@ class Recurrent(nn.Module):
         zoneout: rate (or one rate per state component, e.g. ``(h_rate, c_rate)`` for LSTM) at which
             a unit keeps its previous value (Krueger et al. 2016). In training a fresh random mask
             per step; in evaluation the expectation ``rate * old + (1 - rate) * new``.
-        backend: ``"auto"`` (fastest correct), ``"reference"`` or ``"native"``.
+        backend: ``"auto"`` (fastest correct) or one of ``gyre.engine.BACKENDS``
+            (``"reference"``, ``"native"``, ``"fused"``, ``"scan"``).
 
     ``forward(input, hx=None, *, lengths=None, enforce_sorted=False)`` returns
     ``(output, h_n)``, where ``h_n`` is a tensor for one-component states and a tuple otherwise
