@@ -196,3 +196,22 @@ def test_auto_solver_equals_both(shape):
     for solver in ("auto", "parallel"):
         torch.testing.assert_close(scan.linear_recurrence(a, b, h0, solver), want,
                                    atol=1e-12, rtol=1e-12)
+
+
+def test_auto_off_cpu_takes_scan(monkeypatch):
+    """The compiled loop is CPU code: off the CPU ("meta" stands in for an accelerator here),
+    auto runs a linear cell with the scan."""
+    calls = []
+    real = scan.run_layer
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(scan, "run_layer", spy)
+    c = cells.get("mingru")
+    p = {k: torch.empty(s.shape, device="meta") for k, s in c.param_specs(3, 4).items()}
+    x = torch.empty(5, 2, 3, device="meta")
+    res = engine.run(c, [[p]], x, (torch.empty(1, 2, 4, device="meta"),), backend="auto")
+    assert calls == [1]
+    assert res.output.shape == (5, 2, 4) and res.state[0].shape == (1, 2, 4)

@@ -243,13 +243,14 @@ def latest(results_dir: str | os.PathLike = RESULTS_DIR) -> Path:
 
 def write_markdown(json_path: str | os.PathLike | None = None,
                    out: str | os.PathLike = "BENCHMARKS.md",
-                   results_dir: str | os.PathLike = RESULTS_DIR) -> Path:
-    """Regenerate ``BENCHMARKS.md`` from a results JSON (default: the latest one)."""
+                   results_dir: str | os.PathLike = RESULTS_DIR, notes: str = "") -> Path:
+    """Regenerate ``BENCHMARKS.md`` from a results JSON (default: the latest one); ``notes``:
+    text added under the run's own notes."""
     src = Path(json_path) if json_path is not None else latest(results_dir)
     record = json.loads(src.read_text())
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(report.markdown(record, source=str(src)))
+    tmp.write_text(report.markdown(record, source=str(src), extra_notes=notes))
     os.replace(tmp, out)
     return out
 
@@ -308,14 +309,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-json", action="store_true", help="write no JSON")
     ap.add_argument("--markdown", default=None, metavar="PATH",
                     help="also render this run as markdown to PATH (e.g. BENCHMARKS.md)")
-    ap.add_argument("--notes", default="", help="free text stored with the run and rendered")
+    ap.add_argument("--notes", default="",
+                    help="free text stored with the run and rendered (with --render-md: added "
+                         "to the rendered file only)")
     ap.add_argument("--render-md", nargs="?", const="", default=None, metavar="JSON",
                     help="run nothing: regenerate BENCHMARKS.md from JSON (default: the latest "
                          "under benchmarks/results/)")
     args = ap.parse_args(argv)
 
     if args.render_md is not None:
-        out = write_markdown(args.render_md or None, args.markdown or "BENCHMARKS.md")
+        out = write_markdown(args.render_md or None, args.markdown or "BENCHMARKS.md",
+                             notes=args.notes)
         print(f"wrote {out}")
         return 0
     backends = gyre_backends() if args.backends == ["all"] else args.backends

@@ -102,10 +102,14 @@ def run(
     chosen = select_backend(cell, backend, residual=residual, drop=drop, zone=zone,
                             return_states=return_states)
     if chosen == "fused" and backend == "auto" and x.device.type != "cpu":
-        # fused kernels are CPU code; on an accelerator take torch's kernels where they apply
-        chosen = "reference" if native.unsupported_reason(
-            cell, residual=residual, drop=drop, zone=zone, return_states=return_states
-        ) else "native"
+        # fused kernels are CPU code; on an accelerator take the scan for cells linear in the
+        # state, else torch's kernels where they apply
+        if scan.unsupported_reason(cell) is None:
+            chosen = "scan"
+        else:
+            chosen = "reference" if native.unsupported_reason(
+                cell, residual=residual, drop=drop, zone=zone, return_states=return_states
+            ) else "native"
     if chosen == "native":
         out, state = native.run(cell, params, x, hx, lengths=lengths, bidirectional=bidirectional,
                                 dropout=dropout, training=training)
