@@ -310,3 +310,13 @@ def _gru(P, x, h):
     hr, hz, hn = (_lin(P["weight_hh"], h) + P["bias_hh"]).split(H, dim=-1)
     r, z = sig(xr + hr), sig(xz + hz)
     return (1 - z) * tanh(xn + r * hn) + z * h
+
+
+def test_minlstm_gates_stay_finite_when_both_underflow():
+    """f / (f + i) with both gates below ~-88 is 0/0 in float32; the cell must still give the
+    float64 value of its formula."""
+    xp = torch.tensor([[-120.0, -125.0, 3.0]])
+    a, b = cells.MinLSTM().linear_form(xp, {})
+    f, i = torch.sigmoid(xp[:, :1].double()), torch.sigmoid(xp[:, 1:2].double())
+    torch.testing.assert_close(a.double(), f / (f + i), atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.double(), i / (f + i) * 3.0, atol=1e-5, rtol=0)

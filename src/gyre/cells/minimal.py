@@ -11,6 +11,12 @@ from torch import Tensor
 from .base import Cell, Params, ParamSpec, _drop_bias
 
 
+def _log_sigmoid(x: Tensor) -> Tensor:
+    """``log(sigmoid(x)) = min(x, 0) - log(1 + exp(-|x|))`` with ``min(x, 0) = (x - |x|) / 2``;
+    finite for every finite ``x``."""
+    return (x - x.abs()) * 0.5 - torch.log(1 + torch.exp(-x.abs()))
+
+
 @dataclass(frozen=True)
 class MinGRU(Cell):
     r"""minGRU (Feng et al. 2024, section 3.1.3). Gate order in ``weight_ih (2H, I)``,
@@ -77,9 +83,10 @@ class MinLSTM(Cell):
         """``(a_t, b_t)`` with ``h_t = a_t * h_{t-1} + b_t``: ``a = f'``, ``b = i' * h~``.
         ``xp`` may carry any leading dims (the ``scan`` backend passes all steps at once)."""
         af, ai, h_tilde = xp.chunk(3, dim=-1)
-        f, i = torch.sigmoid(af), torch.sigmoid(ai)
-        total = f + i
-        return f / total, (i / total) * h_tilde
+        # f / (f + i) = sigmoid(log f - log i): the same value, but finite when both gates
+        # underflow (f + i = 0 gave 0/0 = NaN below about -88 in float32)
+        d = _log_sigmoid(af) - _log_sigmoid(ai)
+        return torch.sigmoid(d), torch.sigmoid(-d) * h_tilde
 
     def step(self, xp, state, p, drop=None):
         a, b = self.linear_form(xp, p)
