@@ -272,3 +272,39 @@ def test_resume_without_checkpoint_and_patience_without_val(tmp_path):
         Trainer(SeqModel(), nn.functional.mse_loss, _cfg(), out_dir=tmp_path).fit(data, resume=True)
     with pytest.raises(ValueError, match="patience"):
         Trainer(SeqModel(), nn.functional.mse_loss, _cfg(patience=2)).fit(data)
+
+
+@pytest.mark.parametrize("scheduler,interval", [("cosine", "epoch"), ("onecycle", "step")])
+def test_resume_with_more_epochs_replans_the_schedule(tmp_path, scheduler, interval):
+    """A run of 2 epochs resumed with epochs=4 follows the 4-epoch schedule from the resumed step
+    on: the rates of epochs 3-4 are those of an uninterrupted 4-epoch run (computed by torch's
+    own scheduler on a fresh optimizer), not a schedule that already ended."""
+    data, _, _ = _data(n=8, T=4)
+    kw = dict(scheduler=scheduler, scheduler_interval=interval, lr=0.05)
+    torch.manual_seed(0)
+    Trainer(SeqModel(), nn.functional.mse_loss, _cfg(epochs=2, **kw), out_dir=tmp_path).fit(data)
+    torch.manual_seed(0)
+    trainer = Trainer(SeqModel(), nn.functional.mse_loss, _cfg(epochs=4, **kw), out_dir=tmp_path)
+    result = trainer.fit(data, resume=True)
+    assert result["epochs_run"] == 4
+    lrs = [r["lr"] for r in result["history"]]  # the rate after each epoch's scheduler steps
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.05)
+    if scheduler == "cosine":
+        ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+        steps_per_epoch = 1
+    else:
+        ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=4 * 2)
+        steps_per_epoch = 2  # 8 examples, batch 4
+    expected = []  # the history's lr: at the end of the epoch, before an epoch-level step
+    for _ in range(4):
+        for _ in range(steps_per_epoch):
+            opt.step()
+            if interval == "step":
+                ref.step()
+        expected.append(opt.param_groups[0]["lr"])
+        if interval == "epoch":
+            ref.step()
+    # epochs 1-2 ran under the 2-epoch plan; the resumed epochs 3-4 follow the 4-epoch plan
+    assert lrs[2:] == pytest.approx(expected[2:], rel=1e-9, abs=1e-12)
+    assert lrs[-1] != pytest.approx(lrs[1])

@@ -42,7 +42,9 @@ def _task_parser(task: str, module) -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.toml", help="read fields from a TOML file")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue the run in --out from its checkpoint (its config.toml is the "
-                        "base; flags given here override it)")
+                        "base; flags given here override it; a new --epochs extends or shortens "
+                        "the run, and a learning-rate schedule set by the epochs is re-planned "
+                        "for the new length from where the run stopped)")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         t = hints[f.name]

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -369,7 +370,9 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.epochs * n_batches, initial=min(
                 pos["epoch"] * n_batches + pos["batch"], cfg.epochs * n_batches),
-                desc="train", unit="batch", dynamic_ncols=True, leave=True)
+                desc="train", unit="batch", dynamic_ncols=True, leave=True,
+                # a log file (not a terminal) gets a line every 30 s instead of every redraw
+                mininterval=0.1 if sys.stderr.isatty() else 30.0)
         self._stop = False
         restore = self._install_sigint()
         interrupted = False
@@ -565,6 +568,39 @@ class Trainer:
         except TypeError as e:
             raise ValueError(f"scheduler_options: {cls.__name__} rejected {opts}: {e}") from e
 
+    #: scheduler state that :meth:`_make_scheduler` derives from the run's length
+    _LENGTH_KEYS = {"CosineAnnealingLR": ("T_max",), "OneCycleLR": ("total_steps", "_schedule_phases"),
+                    "StepLR": ("step_size",)}
+
+    def _load_scheduler(self, state: dict) -> None:
+        """Load a checkpoint's scheduler state. Where the schedule's length came from the
+        number of epochs (not from ``scheduler_options``) and the run is now longer or shorter,
+        the schedule is re-planned for the new length from the current step on: position and
+        base rates come from the checkpoint, the length from the new config."""
+        sched = self.scheduler
+        keys = [k for k in self._LENGTH_KEYS.get(type(sched).__name__, ())
+                if k not in self.config.scheduler_options]
+        fresh = {k: getattr(sched, k) for k in keys}
+        sched.load_state_dict(state)
+        changed = [k for k in keys if state.get(k) != fresh[k]]
+        if not changed:
+            return
+        for k in keys:
+            setattr(sched, k, fresh[k])
+        if isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+            # the recursive cosine update continues from the closed form at the new length
+            t = min(sched.last_epoch, sched.T_max)
+            lrs = [sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * t / sched.T_max)) / 2
+                   for base in sched.base_lrs]
+        elif isinstance(sched, torch.optim.lr_scheduler.OneCycleLR):
+            with torch.optim.lr_scheduler._enable_get_lr_call(sched):
+                lrs = [float(lr) for lr in sched.get_lr()]  # the rate at this step, new phases
+        else:
+            return
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        sched._last_lr = list(lrs)
+
     def _checkpoint(self, epoch, batch, perm, running, micro, best, bad_epochs, stopped_early):
         return {
             "format": _FORMAT,
@@ -596,7 +632,7 @@ class Trainer:
                              f"{ckpt['config'].get('scheduler')!r}, the config now says "
                              f"{self.config.scheduler!r}")
         if self.scheduler is not None:
-            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self._load_scheduler(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"])
         self._loader_gen.set_state(ckpt["loader_rng"])
         self.history = list(ckpt["history"])
