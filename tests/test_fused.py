@@ -212,6 +212,11 @@ def test_auto_picks_fused_where_torch_has_no_fused_kernel():
     assert engine.select_backend(cells.get("peephole")) == "fused"
     assert engine.select_backend(cells.get("lstm")) == "native"
     assert engine.select_backend(cells.get("lstm"), drop=[[None]]) == "fused"
+    # torch's packed-sequence CPU LSTM is not oneDNN's: variable lengths go fused on CPU only
+    assert engine.select_backend(cells.get("lstm"), varlen=True) == "fused"
+    assert engine.select_backend(cells.get("lstm"), varlen=True, device="cuda") == "native"
+    assert engine.select_backend(cells.get("gru"), device="cuda") == "native"
+    assert engine.select_backend(cells.get("mingru"), device="cuda") == "scan"
     # a projection wider than the small size the support check starts from
     assert engine.select_backend(cells.LSTM(proj_size=16, peephole=True)) == "fused"
 

@@ -11,7 +11,8 @@ Backends, all behind :func:`run`:
 * ``fused``: the time loop and its backward generated as C++ from the cell's own ``step`` and
   compiled on first use (:mod:`gyre.engine.fused`); CPU, float32/float64, every layer option.
 
-``backend="auto"`` takes ``native`` for torch's LSTM (oneDNN on CPU, cuDNN on GPU), ``fused`` on
+``backend="auto"`` takes ``native`` for torch's LSTM (oneDNN on CPU, cuDNN on GPU; on CPU with
+``lengths``, ``fused``, as torch's packed-sequence CPU kernel is far slower), ``fused`` on
 CPU for every other cell it can compile (torch's GRU and RNN included: their CPU kernels are not
 fused; minGRU/minLSTM too, where it measured faster than ``scan``), ``scan`` for cells linear in
 their state when ``fused`` is not there, and ``reference`` otherwise.
@@ -43,9 +44,10 @@ class Result:
 
 def select_backend(
     cell: Cell, backend: str = "auto", *, residual: bool = False, drop=None, zone=None,
-    return_states: bool = False,
+    return_states: bool = False, varlen: bool = False, device: str = "cpu",
 ) -> str:
-    """The backend that will run: ``backend`` itself, or for ``"auto"`` the fastest correct one."""
+    """The backend that will run: ``backend`` itself, or for ``"auto"`` the fastest correct one
+    for a run on ``device`` (a device type), with ``lengths`` when ``varlen``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: got {backend!r}, expected one of {', '.join(BACKENDS)}")
     scan_reason = scan.unsupported_reason(cell)
@@ -63,12 +65,17 @@ def select_backend(
             raise ValueError(f"backend: 'fused' cannot run this cell ({fused_reason}); "
                              "use backend='auto' or 'reference'")
     if backend == "auto":
-        if reason is None and native.mode(cell) == "lstm":
-            return "native"  # oneDNN/cuDNN LSTM: measured faster than fused (BENCHMARKS.md)
-        if fused.available() is None and fused.unsupported_reason(cell) is None:
+        on_cpu = device == "cpu"
+        fusable = on_cpu and fused.available() is None and fused.unsupported_reason(cell) is None
+        if reason is None and native.mode(cell) == "lstm" and not (varlen and fusable):
+            # oneDNN/cuDNN LSTM: measured faster than fused (BENCHMARKS.md); but torch's CPU
+            # kernel for packed (variable-length) input is not oneDNN's, and measured 1.5-5x
+            # slower than fused for forward+backward at the bench shapes
+            return "native"
+        if fusable:
             return "fused"  # also ahead of scan: 1.05-2.3x faster on CPU at every bench shape
         if scan_reason is None:
-            return "scan"
+            return "scan"  # fused kernels are CPU code; off the CPU the scan for linear cells
         return "native" if reason is None else "reference"
     return backend
 
@@ -100,16 +107,8 @@ def run(
     from the second layer on.
     """
     chosen = select_backend(cell, backend, residual=residual, drop=drop, zone=zone,
-                            return_states=return_states)
-    if chosen == "fused" and backend == "auto" and x.device.type != "cpu":
-        # fused kernels are CPU code; on an accelerator take the scan for cells linear in the
-        # state, else torch's kernels where they apply
-        if scan.unsupported_reason(cell) is None:
-            chosen = "scan"
-        else:
-            chosen = "reference" if native.unsupported_reason(
-                cell, residual=residual, drop=drop, zone=zone, return_states=return_states
-            ) else "native"
+                            return_states=return_states, varlen=lengths is not None,
+                            device=x.device.type)
     if chosen == "native":
         out, state = native.run(cell, params, x, hx, lengths=lengths, bidirectional=bidirectional,
                                 dropout=dropout, training=training)
