@@ -221,6 +221,7 @@ def test_airline_training_beats_last_value(tmp_path):
     for name in ("config.toml", "checkpoint", "metrics.json", "loss.png", "forecast.png"):
         assert (tmp_path / "run" / name).is_file(), name
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"] == m["test"]
+    assert m["validation"] is None  # val_fraction=0: no validation part
     # eval rebuilds the model and gets the same numbers; predict forecasts past the end
     assert F.evaluate(tmp_path / "run")["test"]["rmse"] == pytest.approx(m["test"]["rmse"])
     rows = F.predict(tmp_path / "run")
@@ -238,6 +239,8 @@ def test_multivariate_recursive_and_cli(tmp_path):
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["test"]) == set(F.METRICS) and m["train"]["horizon"] == 8
+    # the validation forecast (from the validation part's first point) is scored the same way
+    assert set(m["validation"]) == set(F.METRICS) and m["validation"] != m["test"]
     assert set(m["baselines"]) == {"naive", "seasonal_naive"}
     assert main(["eval", str(out)]) == 0
 

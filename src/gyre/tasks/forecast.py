@@ -596,6 +596,14 @@ def train(config: Config, *, resume: bool = False) -> dict:
 
     forecasts, actuals, insamples, test = _scored(setup, trainer.model, scaler, test_w,
                                                   test_start)
+    validation = None
+    if val_w is not None and len(val_w):
+        # the same forecast from the validation part's first point: comparable across
+        # configurations (any scaler, loss or strategy), for choosing one without the test part
+        val_origin = make_windows(scaled, setup.lookback, setup.horizon,
+                                  [(v, v + setup.horizon) for v in val_start], target=ss.target,
+                                  min_lookback=1)
+        validation = _scored(setup, trainer.model, scaler, val_origin, val_start)[3]
     names = [b for b in config.baselines if b != "none"]
     bl = baseline_forecasts(insamples, setup.horizon, setup.season, names)
     baselines = {}
@@ -605,7 +613,7 @@ def train(config: Config, *, resume: bool = False) -> dict:
             baselines[name]["fallbacks"] = failures
     metrics = {
         "task": "forecast", "data": ss.name, "out": str(out), "model": setup.describe(config),
-        "test": test, "baselines": baselines,
+        "test": test, "validation": validation, "baselines": baselines,
         "train": {"epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"],
                   "stopped_early": fit["stopped_early"], "seconds": round(seconds, 2),
                   "train_windows": len(train_w), "val_windows": 0 if val_w is None else len(val_w),
