@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .. import cells as _cells
 from .. import engine
 from ..cells import Cell, init_parameter
+from ..engine.fused import stream as _stream
 
 HiddenState = Tensor | tuple[Tensor, ...]
 
@@ -140,7 +141,14 @@ class Recurrent(nn.Module):
     def step(self, input: Tensor, state: HiddenState | None = None):
         """One time step with carried state, for streaming: ``input`` ``(B, I)`` or ``(I,)``,
         ``state`` as ``h_n`` from ``forward`` or a previous ``step`` (None: zeros).
-        Returns ``(y, state)`` with ``y`` ``(B, O)`` (or ``(O,)``)."""
+        Returns ``(y, state)`` with ``y`` ``(B, O)`` (or ``(O,)``).
+
+        Without autograd (grad disabled, or nothing involved requiring grad) on CPU, one call
+        runs the whole stack in compiled code (:mod:`gyre.engine.fused.stream`); every call
+        returns new tensors, never the previous step's."""
+        fast = _stream.step(self, input, state)
+        if fast is not None:
+            return fast
         if self.bidirectional:
             raise ValueError("step: the layer is bidirectional; a reverse direction needs the whole "
                              "sequence, so streaming needs bidirectional=False")

@@ -8,6 +8,9 @@ matrix product for the state gradient, the weight gradients as single GEMMs over
 rows). The input pre-activations and anything computed from parameters alone run in Python
 under autograd, so ``dW_ih`` comes from autograd through ``cell.input_preact``.
 
+For streaming, every program also has a one-step entry that ``Recurrent.step`` calls through
+:mod:`.stream` (a cached plan per module, the whole stack in one call, no autograd).
+
 A user cell gets all of this from its Python ``step``; nothing is written per cell. Kernels are
 built on first use (:mod:`.build`); where they cannot be, :func:`run_layer` runs the
 ``reference`` loop after one warning.
@@ -47,6 +50,8 @@ class _Kernel:
     units: list[int]
     fwd: object
     bwd: object
+    tag: str = ""  # the program's name in its module (``step_<tag>`` is its streaming step)
+    module: str = ""  # the built module's name (see :func:`build.python_module`)
 
 
 def _tagged(prog: ir.Program) -> tuple[str, str]:
@@ -124,7 +129,7 @@ def _kernel(cell: Cell, input_size: int, hidden: int, bias: bool) -> _Kernel:
             ns = build.load({tag: src}, cell.describe())
         ops = getattr(torch.ops, ns)
         k = _Kernel(prog, [units[f] for f in range(prog.nfam)], getattr(ops, f"fwd_{tag}"),
-                    getattr(ops, f"bwd_{tag}"))
+                    getattr(ops, f"bwd_{tag}"), tag, ns)
         _compiled[key] = k
         return k
 

@@ -9,6 +9,7 @@ is reused exactly when it would come out the same.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 import sys
@@ -22,6 +23,7 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fno-math-errn
 
 _lock = threading.RLock()
 _loaded: dict[str, str] = {}  # module name -> namespace (loaded in this process)
+_python: dict[str, object] = {}  # module name -> its Python module (the streaming entry)
 
 
 class BuildError(RuntimeError):
@@ -81,6 +83,24 @@ def load(programs: dict[str, str], what: str) -> str:
             raise BuildError(f"{type(e).__name__}: {str(e)[-2000:]}") from e
         _loaded[name] = name
         return name
+
+
+def python_module(name: str):
+    """The Python side of a loaded module (its streaming entry: ``make``, ``run``, ``layer``),
+    imported from the same shared object that :func:`load` built."""
+    with _lock:
+        if name not in _python:
+            from torch.utils import cpp_extension
+
+            path = os.path.join(cpp_extension._get_build_directory(name, verbose=False),
+                                f"{name}.so")
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                raise BuildError(f"cannot import {path}")
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            _python[name] = mod
+        return _python[name]
 
 
 def toolchain_missing() -> str | None:

@@ -10,6 +10,12 @@ new state; then kernels and boundaries in reverse, each kernel recomputing its f
 from saved boundary outputs and then accumulating adjoints; one GEMM per matrix product per
 step for the gradient of its left operand. The matrices' gradients are single GEMMs over all
 ``T*B`` rows after the loop.
+
+Streaming, one step at any batch (``step_<tag>``): the forward's kernels on scratch that is
+reused across calls, the matrix products (and the input projection, when it is a plain linear
+map) by a hand-written vectorized product for small batches, BLAS above. Its Python entry
+(:data:`STREAM_MODULE`) runs a whole stack of layers per call; see
+:mod:`gyre.engine.fused.stream`.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ _BWD = {
 }
 
 PRELUDE = r"""
+#include <Python.h>  // first, as Python asks: the streaming entry (STREAM_MODULE)
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -64,11 +71,13 @@ PRELUDE = r"""
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <ATen/ops/sum.h>
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 #include <torch/library.h>
 #include <ATen/ops/from_blob.h>
 #include <dlfcn.h>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -267,6 +276,149 @@ void rows(int64_t B, int64_t per_row, const F& f) {
   } else {
     f(0, B);
   }
+}
+
+}  // namespace
+
+// -- streaming: one time step, any batch, in place (see STREAM_MODULE for the Python entry) --
+namespace gyre_stream {
+
+// scratch that grows to the largest step seen and is then reused: no allocation per call
+struct Work {
+  std::vector<double> buf;
+  template <typename T>
+  T* get(int64_t n) {
+    const size_t need = (static_cast<size_t>(n) * sizeof(T) + 63) / sizeof(double) + 16;
+    if (buf.size() < need) buf.resize(need);
+    return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+  }
+};
+
+struct Layer;
+using StepFn = void (*)(bool dbl, const Layer& L, int64_t B, const void* xin, void* const* sin,
+                        void* const* sout, Work& w);
+
+// one layer's constant inputs: raw pointers into parameter memory (the Python plan keeps the
+// tensors alive), each matrix as (N x K) rows with row stride ld (a transposed view of a
+// row-major weight, the layout F.linear records)
+struct Layer {
+  StepFn fn = nullptr;
+  int64_t units[4] = {0, 0, 0, 0};
+  std::vector<const void*> vecs, mats;
+  std::vector<int64_t> mat_ld;
+  const void* wih = nullptr;  // folded input projection x @ wih^T + bih, else xin is xp
+  int64_t wih_ld = 0;
+  const void* bih = nullptr;
+  int64_t in_size = 0;
+  std::vector<double> zone;  // per state component: eval zoneout rate, < 0 for none
+};
+
+}  // namespace gyre_stream
+
+namespace {
+
+// up to this batch a hand-written product beats BLAS's fixed cost per call (measured at
+// H=128: 1.5x faster at B=1, even at B=4, slower at B=8); BLAS above
+constexpr int64_t kSmallBatch = 4;
+
+// 32-byte vectors (GCC/Clang vector extensions, compiled for the host by -march=native): R rows
+// of W at once, R = lanes, each row's partial sums in one vector, then one transposing
+// reduction tree gives the R dot products in one vector (no per-row horizontal sums)
+typedef float v8f __attribute__((vector_size(32)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef double v4d_u __attribute__((vector_size(32), aligned(8), may_alias));
+template <typename T> struct Lanes;
+template <> struct Lanes<float> {
+  using V = v8f;
+  using U = v8f_u;
+  static constexpr int R = 8;
+  static V pair(V x, V y) {
+    return __builtin_shufflevector(x, y, 0, 2, 4, 6, 8, 10, 12, 14) +
+           __builtin_shufflevector(x, y, 1, 3, 5, 7, 9, 11, 13, 15);
+  }
+  static V reduce(const V* a) {
+    return pair(pair(pair(a[0], a[1]), pair(a[2], a[3])), pair(pair(a[4], a[5]), pair(a[6], a[7])));
+  }
+};
+template <> struct Lanes<double> {
+  using V = v4d;
+  using U = v4d_u;
+  static constexpr int R = 4;
+  static V pair(V x, V y) {
+    return __builtin_shufflevector(x, y, 0, 2, 4, 6) + __builtin_shufflevector(x, y, 1, 3, 5, 7);
+  }
+  static V reduce(const V* a) { return pair(pair(a[0], a[1]), pair(a[2], a[3])); }
+};
+
+// out (B x N, row stride ldo) = l (B x K, row stride ldl) @ W^T (+ bias), W (N x K) stride ldw
+template <typename T>
+void linear(T* out, int64_t ldo, const T* l, int64_t ldl, int64_t B, const T* W, int64_t ldw,
+            int64_t K, int64_t N, const T* bias) {
+  void* f = B > kSmallBatch ? blas_symbol<T>() : nullptr;
+  if (f != nullptr && K > 0 && N > 0) {
+    const char ta = 'T', tb = 'N';
+    const int m = N, n = B, k = K, ia = ldw, ib = ldl, ic = ldo;
+    const T one = 1, zero = 0;
+    if constexpr (std::is_same<T, float>::value) {
+      reinterpret_cast<sgemm_fn>(f)(&ta, &tb, &m, &n, &k, &one, W, &ia, l, &ib, &zero, out, &ic);
+    } else {
+      reinterpret_cast<dgemm_fn>(f)(&ta, &tb, &m, &n, &k, &one, W, &ia, l, &ib, &zero, out, &ic);
+    }
+    if (bias) {
+      for (int64_t b = 0; b < B; ++b) {
+        T* __restrict__ o = out + b * ldo;
+#pragma omp simd
+        for (int64_t n2 = 0; n2 < N; ++n2) o[n2] += bias[n2];
+      }
+    }
+    return;
+  }
+  using VT = Lanes<T>;
+  using V = typename VT::V;
+  using U = typename VT::U;
+  constexpr int R = VT::R;
+  const int64_t K0 = K / R * R;
+  int64_t n = 0;
+  for (; n + R <= N; n += R) {
+    const T* w = W + n * ldw;
+    for (int64_t b = 0; b < B; ++b) {
+      const T* x = l + b * ldl;
+      V acc[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r] = V{};
+      for (int64_t k = 0; k < K0; k += R) {
+        const V xv = *reinterpret_cast<const U*>(x + k);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r] += *reinterpret_cast<const U*>(w + r * ldw + k) * xv;
+      }
+      const V s = VT::reduce(acc);
+      T res[R];
+      std::memcpy(res, &s, sizeof(res));
+      for (int64_t k = K0; k < K; ++k)
+        for (int r = 0; r < R; ++r) res[r] += w[r * ldw + k] * x[k];
+      T* o = out + b * ldo + n;
+      for (int r = 0; r < R; ++r) o[r] = bias ? res[r] + bias[n + r] : res[r];
+    }
+  }
+  for (; n < N; ++n) {
+    const T* __restrict__ w = W + n * ldw;
+    for (int64_t b = 0; b < B; ++b) {
+      const T* __restrict__ x = l + b * ldl;
+      T s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < K; ++k) s += w[k] * x[k];
+      out[b * ldo + n] = bias ? s + bias[n] : s;
+    }
+  }
+}
+
+// carve n elements (rounded to 64 bytes) off a scratch cursor
+template <typename T>
+T* carve(T*& cur, int64_t n) {
+  T* p = cur;
+  cur += (n * int64_t(sizeof(T)) + 63) / 64 * 64 / int64_t(sizeof(T));
+  return p;
 }
 
 }  // namespace
@@ -530,6 +682,7 @@ class _Gen:
                         parts.append(k[1])
         parts.append(self.fwd_driver(kernels))
         parts.append(self.bwd_driver(kernels))
+        parts.append(self.step_driver(kernels))
         return "\n\n".join(parts)
 
     def _common(self) -> list[str]:
@@ -640,6 +793,101 @@ class _Gen:
                 L.append(f"    ln_fwd<T>(P[{sl[('bin', bi)]}], P[{sl[('bout', bi)]}], {w}, {c}, "
                          f"B, WI{bi}, {b.eps!r});")
         return L
+
+    def step_driver(self, kernels) -> str:
+        """One time step for streaming: the forward's kernels on scratch from ``gyre_stream::Work``
+        (no allocation once grown), the matrix products by ``linear`` (the input projection too
+        when ``L.wih`` is set), the new state written to ``sout`` (``sin[k]`` null: zeros)."""
+        p, sl = self.p, self.slots
+        nb = len(p.boundaries)
+        K = len(p.states)
+        L = [
+            "template <typename T>",
+            f"static void step_{self.tag}_impl(const gyre_stream::Layer& Ly, int64_t B, "
+            "const T* xin, T* const* sin, T* const* sout, gyre_stream::Work& wk) {",
+            f"  int64_t U[{max(p.nfam, 1)}];",
+            f"  for (int64_t f = 0; f < {p.nfam}; ++f) U[f] = Ly.units[f];",
+            f"  const int64_t W_xp = {self.width(*p.xp)}, W_dr = {self.width(*p.drop)};",
+        ]
+        for k, st in enumerate(p.states):
+            L.append(f"  const int64_t S{k} = {self.width(*st)};")
+        for bi, b in enumerate(p.boundaries):
+            L.append(f"  const int64_t WI{bi} = {self.width(b.in_fam, len(b.inputs))};")
+            L.append(f"  const int64_t WO{bi} = {self.width(b.out_fam, b.out_blocks)};")
+        for (s, f), n in sorted(self.ncross.items()):
+            L.append(f"  const int64_t WC{s}_{f} = {self.width(f, n)};")
+        sizes = ["(Ly.wih ? B * W_xp : 0)", "W_dr"]
+        sizes += [f"B * S{k}" for k in range(K)]
+        sizes += [f"B * (WI{bi} + WO{bi})" for bi in range(nb)]
+        sizes += [f"B * WC{s}_{f}" for (s, f) in sorted(self.ncross)]
+        n_bufs = 3 + K + 2 * nb + len(self.ncross)
+        L += [
+            f"  T* cur = wk.get<T>({' + '.join(sizes)} + {n_bufs} * 64);",
+            f"  T* P[{len(self.slots)}] = {{}};",
+            f"  int64_t LD[{len(self.slots)}] = {{}};",
+            "  if (Ly.wih) {",
+            "    T* xp = carve(cur, B * W_xp);",
+            "    linear<T>(xp, W_xp, xin, Ly.in_size, B, static_cast<const T*>(Ly.wih), Ly.wih_ld, "
+            "Ly.in_size, W_xp, static_cast<const T*>(Ly.bih));",
+            f"    P[{sl[('xp',)]}] = xp;",
+            "  } else {",
+            f"    P[{sl[('xp',)]}] = const_cast<T*>(xin);",
+            "  }",
+            f"  LD[{sl[('xp',)]}] = W_xp;",
+            "  T* ones = carve(cur, W_dr);",
+            "  for (int64_t j = 0; j < W_dr; ++j) ones[j] = T(1);",
+            f"  P[{sl[('drop',)]}] = ones; LD[{sl[('drop',)]}] = 0;  // no recurrent dropout",
+        ]
+        for i in range(len(p.vecs)):
+            L.append(f"  P[{sl[('vec', i)]}] = const_cast<T*>(static_cast<const T*>(Ly.vecs[{i}]));")
+        for k in range(K):
+            L += [
+                f"  if (sin[{k}]) {{ P[{sl[('state', k)]}] = sin[{k}]; }} else {{",
+                f"    P[{sl[('state', k)]}] = carve(cur, B * S{k});",
+                f"    std::memset(P[{sl[('state', k)]}], 0, sizeof(T) * B * S{k});",
+                "  }",
+                f"  LD[{sl[('state', k)]}] = S{k};",
+                f"  P[{sl[('new', k)]}] = sout[{k}]; LD[{sl[('new', k)]}] = S{k};",
+            ]
+        for bi in range(nb):
+            L += [f"  P[{sl[('bin', bi)]}] = carve(cur, B * WI{bi}); LD[{sl[('bin', bi)]}] = WI{bi};",
+                  f"  P[{sl[('bout', bi)]}] = carve(cur, B * WO{bi}); LD[{sl[('bout', bi)]}] = WO{bi};"]
+        for (s, f) in sorted(self.ncross):
+            i = sl[("cross", s, f)]
+            L.append(f"  P[{i}] = carve(cur, B * WC{s}_{f}); LD[{i}] = WC{s}_{f};")
+        for s in range(self.S):
+            if s > 0:
+                for bi, b in enumerate(p.boundaries):
+                    if b.stage != s:
+                        continue
+                    if b.kind == "mm":
+                        L.append(f"  linear<T>(P[{sl[('bout', bi)]}], WO{bi}, P[{sl[('bin', bi)]}], "
+                                 f"WI{bi}, B, static_cast<const T*>(Ly.mats[{b.mat}]), "
+                                 f"Ly.mat_ld[{b.mat}], WI{bi}, WO{bi}, nullptr);")
+                    else:
+                        w = f"P[{sl[('vec', b.weight)]}]" if b.weight >= 0 else "nullptr"
+                        c = f"P[{sl[('vec', b.bias)]}]" if b.bias >= 0 else "nullptr"
+                        L.append(f"  ln_fwd<T>(P[{sl[('bin', bi)]}], P[{sl[('bout', bi)]}], {w}, "
+                                 f"{c}, B, WI{bi}, {b.eps!r});")
+            for f in range(p.nfam):
+                if (False, s, f) in kernels:
+                    L.append(self._call(kernels, False, s, f).strip())
+        for k in range(K):
+            L.append(f"  if (Ly.zone[{k}] >= 0) {{ const T z = T(Ly.zone[{k}]); "
+                     f"post_fwd<T>(P[{sl[('new', k)]}], P[{sl[('state', k)]}], &z, 1, nullptr, B, "
+                     f"S{k}); }}")
+        L.append("}")
+        L += [
+            f"__attribute__((visibility(\"hidden\"))) void step_{self.tag}(bool dbl, "
+            "const gyre_stream::Layer& Ly, int64_t B, const void* xin, void* const* sin, "
+            "void* const* sout, gyre_stream::Work& wk) {",
+            f"  if (dbl) step_{self.tag}_impl<double>(Ly, B, static_cast<const double*>(xin), "
+            "reinterpret_cast<double* const*>(sin), reinterpret_cast<double* const*>(sout), wk);",
+            f"  else step_{self.tag}_impl<float>(Ly, B, static_cast<const float*>(xin), "
+            "reinterpret_cast<float* const*>(sin), reinterpret_cast<float* const*>(sout), wk);",
+            "}",
+        ]
+        return "\n".join(L)
 
     def bwd_driver(self, kernels) -> str:
         p, sl = self.p, self.slots
@@ -779,10 +1027,402 @@ std::vector<at::Tensor> bwd_{tag}(at::TensorList gseq, const at::Tensor& xp,
     return fn, defs
 
 
+#: The Python entry of a module's streaming steps, in its first translation unit: a plain
+#: CPython module (``PyInit_<namespace>``, METH_FASTCALL functions taking ints), measured ~1.2 us
+#: cheaper per call than a ``torch.ops`` schema and without pybind11's headers (+20-35 s of
+#: compile per translation unit here). New tensors are wrapped with torch's exported
+#: ``THPVariable_Wrap`` (torch is pinned; the module hash includes its version).
+STREAM_MODULE = r"""
+PyObject* THPVariable_Wrap(const at::TensorBase& var);  // libtorch_python
+extern PyObject* THPVariableClass;  // torch.Tensor
+
+namespace {
+
+// torch.Tensor's instance layout (torch/csrc/autograd/python_variable.h, whose pybind11 headers
+// would add ~20 s of compile): checked on every plan against data_ptr() seen from Python
+struct PyTensor {
+  PyObject_HEAD
+  at::Tensor cdata;
+};
+
+struct StreamPlan {
+  bool dbl = false, residual = false;
+  std::vector<gyre_stream::Layer> layers;
+  std::vector<int64_t> sizes;  // state sizes S_k
+  int64_t out_size = 0, in_size = 0;
+  gyre_stream::Work work;
+  std::vector<double> ybuf[2];
+  // for step(): the module's parameters as registered, their storage and versions at make()
+  bool objects = false, versions = false;
+  std::vector<PyObject*> param_objs;  // strong references
+  std::vector<at::Tensor> params;
+  std::vector<const void*> param_ptrs;
+  std::vector<int64_t> param_versions;
+  ~StreamPlan() { for (PyObject* o : param_objs) Py_DECREF(o); }
+};
+
+const at::Tensor* tensor_of(PyObject* o, bool exact) {
+  PyTypeObject* cls = reinterpret_cast<PyTypeObject*>(THPVariableClass);
+  if (cls == nullptr || !(exact ? Py_TYPE(o) == cls : PyObject_TypeCheck(o, cls))) return nullptr;
+  return &reinterpret_cast<PyTensor*>(o)->cdata;
+}
+
+const char* kCapsule = "gyre_stream_plan";
+
+struct StepEntry { const char* tag; gyre_stream::StepFn fn; };
+const StepEntry kSteps[] = {
+@@ENTRIES@@
+  {nullptr, nullptr}};
+
+bool as_i64(PyObject* o, int64_t* v) {
+  *v = PyLong_AsLongLong(o);
+  return !(*v == -1 && PyErr_Occurred());
+}
+
+void* as_ptr(PyObject* o) { return o == Py_None ? nullptr : PyLong_AsVoidPtr(o); }
+
+bool i64_tuple(PyObject* o, std::vector<int64_t>* out) {
+  PyObject* seq = PySequence_Fast(o, "expected a sequence of ints");
+  if (!seq) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    int64_t v;
+    if (!as_i64(PySequence_Fast_GET_ITEM(seq, i), &v)) { Py_DECREF(seq); return false; }
+    out->push_back(v);
+  }
+  Py_DECREF(seq);
+  return true;
+}
+
+void plan_free(PyObject* cap) {
+  delete static_cast<StreamPlan*>(PyCapsule_GetPointer(cap, kCapsule));
+}
+
+// make(dbl, residual, sizes, out_size, layers, params, param_ptrs, versions): layers a sequence
+// of (tag, units, vecs, mats, mat_ld, wih, wih_ld, bih, in_size, zone) with pointers as ints;
+// params the module's parameters in registration order, param_ptrs their data_ptr()s
+PyObject* stream_make(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  if (n != 8) { PyErr_SetString(PyExc_TypeError, "make: 8 arguments"); return nullptr; }
+  auto pl = std::make_unique<StreamPlan>();
+  int64_t v;
+  if (!as_i64(a[0], &v)) return nullptr;
+  pl->dbl = v != 0;
+  if (!as_i64(a[1], &v)) return nullptr;
+  pl->residual = v != 0;
+  if (!i64_tuple(a[2], &pl->sizes) || !as_i64(a[3], &pl->out_size)) return nullptr;
+  if (pl->sizes.empty() || pl->sizes.size() > 16) {
+    PyErr_SetString(PyExc_ValueError, "make: 1 to 16 state components");
+    return nullptr;
+  }
+  PyObject* seq = PySequence_Fast(a[4], "make: layers must be a sequence");
+  if (!seq) return nullptr;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
+    PyObject* t = PySequence_Fast_GET_ITEM(seq, i);
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 10) {
+      Py_DECREF(seq);
+      PyErr_SetString(PyExc_TypeError, "make: a layer is a tuple of 10");
+      return nullptr;
+    }
+    gyre_stream::Layer ly;
+    const char* tag = PyUnicode_AsUTF8(PyTuple_GET_ITEM(t, 0));
+    for (const StepEntry* e = kSteps; tag && e->tag; ++e)
+      if (std::strcmp(e->tag, tag) == 0) ly.fn = e->fn;
+    std::vector<int64_t> units, vecs, mats, ld;
+    bool ok = tag && ly.fn && i64_tuple(PyTuple_GET_ITEM(t, 1), &units) && units.size() <= 4 &&
+              i64_tuple(PyTuple_GET_ITEM(t, 2), &vecs) && i64_tuple(PyTuple_GET_ITEM(t, 3), &mats) &&
+              i64_tuple(PyTuple_GET_ITEM(t, 4), &ld) && mats.size() == ld.size() &&
+              as_i64(PyTuple_GET_ITEM(t, 6), &ly.wih_ld) &&
+              as_i64(PyTuple_GET_ITEM(t, 8), &ly.in_size);
+    if (ok) {
+      ly.wih = as_ptr(PyTuple_GET_ITEM(t, 5));
+      ly.bih = as_ptr(PyTuple_GET_ITEM(t, 7));
+      PyObject* z = PySequence_Fast(PyTuple_GET_ITEM(t, 9), "zone rates");
+      ok = z != nullptr && !PyErr_Occurred();
+      for (Py_ssize_t k = 0; ok && k < PySequence_Fast_GET_SIZE(z); ++k) {
+        ly.zone.push_back(PyFloat_AsDouble(PySequence_Fast_GET_ITEM(z, k)));
+        ok = !PyErr_Occurred();
+      }
+      Py_XDECREF(z);
+      ok = ok && ly.zone.size() == pl->sizes.size();
+    }
+    if (!ok) {
+      Py_DECREF(seq);
+      if (!PyErr_Occurred())
+        PyErr_Format(PyExc_ValueError, "make: bad layer %zd (tag %s)", i, tag ? tag : "?");
+      return nullptr;
+    }
+    for (size_t f = 0; f < units.size(); ++f) ly.units[f] = units[f];
+    for (int64_t p : vecs) ly.vecs.push_back(reinterpret_cast<const void*>(p));
+    for (int64_t p : mats) ly.mats.push_back(reinterpret_cast<const void*>(p));
+    ly.mat_ld = ld;
+    pl->layers.push_back(std::move(ly));
+  }
+  Py_DECREF(seq);
+  if (pl->layers.empty()) { PyErr_SetString(PyExc_ValueError, "make: no layers"); return nullptr; }
+  pl->in_size = pl->layers[0].in_size;
+  std::vector<int64_t> ptrs;
+  if (!as_i64(a[7], &v) || !i64_tuple(a[6], &ptrs)) return nullptr;
+  pl->versions = v != 0;
+  PyObject* ps = PySequence_Fast(a[5], "make: params must be a sequence");
+  if (!ps) return nullptr;
+  pl->objects = size_t(PySequence_Fast_GET_SIZE(ps)) == ptrs.size();
+  for (Py_ssize_t i = 0; pl->objects && i < PySequence_Fast_GET_SIZE(ps); ++i) {
+    PyObject* o = PySequence_Fast_GET_ITEM(ps, i);
+    const at::Tensor* t = tensor_of(o, false);
+    // the layout check: this tensor's storage as Python sees it
+    if (!t || !t->defined() || reinterpret_cast<int64_t>(t->data_ptr()) != ptrs[i]) {
+      pl->objects = false;
+      break;
+    }
+    Py_INCREF(o);
+    pl->param_objs.push_back(o);
+    pl->params.push_back(*t);
+    pl->param_ptrs.push_back(t->data_ptr());
+    pl->param_versions.push_back(t->_version());
+  }
+  Py_DECREF(ps);
+  return PyCapsule_New(pl.release(), kCapsule, plan_free);
+}
+
+// the whole stack, each layer's output its state component 0 (identity read-out), every input
+// projection folded: outputs (y, state_0, ..., state_{K-1}), new tensors
+template <typename T>
+void run_stack(StreamPlan& pl, int64_t B, const T* x, T* const* in, T* const* out, T* y) {
+  const int64_t L = pl.layers.size(), K = pl.sizes.size(), O = pl.out_size;
+  void* sin[16];
+  void* sout[16];
+  const T* xin = x;
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t k = 0; k < K; ++k) {
+      sin[k] = in[k] ? in[k] + l * B * pl.sizes[k] : nullptr;
+      sout[k] = out[k] + l * B * pl.sizes[k];
+    }
+    const auto& ly = pl.layers[l];
+    ly.fn(pl.dbl, ly, B, xin, sin, sout, pl.work);
+    const T* h = static_cast<const T*>(sout[0]);
+    const bool last = l == L - 1;
+    if (pl.residual && l > 0) {
+      T* dst = y;
+      if (!last) {
+        auto& v = pl.ybuf[l % 2];
+        if (v.size() < size_t(B * O)) v.resize(B * O);
+        dst = reinterpret_cast<T*>(v.data());
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < B * O; ++i) dst[i] = h[i] + xin[i];
+      xin = dst;
+    } else if (last) {
+      std::memcpy(y, h, sizeof(T) * B * O);
+    } else {
+      xin = h;
+    }
+  }
+}
+
+StreamPlan* get_plan(PyObject* cap) {
+  return static_cast<StreamPlan*>(PyCapsule_GetPointer(cap, kCapsule));
+}
+
+// run(plan, B, unbatched, x, in_0, ..., in_{K-1}) -> (y, state_0, ..., state_{K-1})
+PyObject* stream_run(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  StreamPlan* pl = n >= 4 ? get_plan(a[0]) : nullptr;
+  if (!pl) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "run: bad call"); return nullptr; }
+  const int64_t K = pl->sizes.size(), L = pl->layers.size();
+  int64_t B, unbatched;
+  if (n != 4 + K || !as_i64(a[1], &B) || !as_i64(a[2], &unbatched)) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "run: bad arguments");
+    return nullptr;
+  }
+  void* x = as_ptr(a[3]);
+  void* in[16];
+  for (int64_t k = 0; k < K; ++k) in[k] = as_ptr(a[4 + k]);
+  if (PyErr_Occurred()) return nullptr;
+  try {
+    const auto opts = at::TensorOptions().dtype(pl->dbl ? at::kDouble : at::kFloat);
+    std::vector<at::Tensor> outs;
+    void* out[16];
+    for (int64_t k = 0; k < K; ++k) {
+      outs.push_back(unbatched ? at::empty({L, pl->sizes[k]}, opts)
+                               : at::empty({L, B, pl->sizes[k]}, opts));
+      out[k] = outs.back().data_ptr();
+    }
+    at::Tensor y = unbatched ? at::empty({pl->out_size}, opts) : at::empty({B, pl->out_size}, opts);
+    if (pl->dbl)
+      run_stack<double>(*pl, B, static_cast<const double*>(x), reinterpret_cast<double* const*>(in),
+                        reinterpret_cast<double* const*>(out), y.data_ptr<double>());
+    else
+      run_stack<float>(*pl, B, static_cast<const float*>(x), reinterpret_cast<float* const*>(in),
+                       reinterpret_cast<float* const*>(out), y.data_ptr<float>());
+    PyObject* res = PyTuple_New(1 + K);
+    if (!res) return nullptr;
+    PyTuple_SET_ITEM(res, 0, THPVariable_Wrap(y));
+    for (int64_t k = 0; k < K; ++k) PyTuple_SET_ITEM(res, 1 + k, THPVariable_Wrap(outs[k]));
+    return res;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+// the plan's parameters are still the module's, unchanged (same objects, storage, versions)
+bool params_current(const StreamPlan& pl, PyObject* dict) {
+  if (!PyDict_Check(dict) || size_t(PyDict_Size(dict)) != pl.param_objs.size()) return false;
+  Py_ssize_t pos = 0, i = 0;
+  PyObject *key, *value;
+  while (PyDict_Next(dict, &pos, &key, &value)) {
+    if (value != pl.param_objs[i]) return false;
+    const at::Tensor& t = pl.params[i];
+    if (t.data_ptr() != pl.param_ptrs[i] || (pl.versions && t._version() != pl.param_versions[i]))
+      return false;
+    ++i;
+  }
+  return true;
+}
+
+// a tensor step() can read in place: exactly torch.Tensor, CPU, strided, contiguous, the dtype
+const at::Tensor* usable(PyObject* o, at::ScalarType dt, bool grad) {
+  const at::Tensor* t = tensor_of(o, true);
+  if (!t || !t->defined() || t->scalar_type() != dt || !t->is_cpu() ||
+      t->layout() != at::kStrided || !t->is_contiguous() || (grad && t->requires_grad()))
+    return nullptr;
+  return t;
+}
+
+// step(plan, params, x, state) -> (y, state), or None where this fast entry does not apply
+// (parameters changed, grad needed, anything unusual about x or state): the caller then takes
+// the careful path. Only for stacks run() can take (folded projections, identity read-out).
+PyObject* stream_step(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  StreamPlan* pl = n == 4 ? get_plan(a[0]) : nullptr;
+  if (!pl) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "step: bad call"); return nullptr; }
+  if (!pl->objects || !params_current(*pl, a[1])) Py_RETURN_NONE;
+  const bool grad = c10::GradMode::is_enabled();
+  if (grad) {
+    for (const auto& p : pl->params) if (p.requires_grad()) Py_RETURN_NONE;
+  }
+  const at::ScalarType dt = pl->dbl ? at::kDouble : at::kFloat;
+  const at::Tensor* x = usable(a[2], dt, grad);
+  if (!x) Py_RETURN_NONE;
+  const int64_t L = pl->layers.size(), K = pl->sizes.size();
+  const bool unbatched = x->dim() == 1;
+  if ((x->dim() != 1 && x->dim() != 2) || x->size(-1) != pl->in_size) Py_RETURN_NONE;
+  const int64_t B = unbatched ? 1 : x->size(0);
+  if (B == 0) Py_RETURN_NONE;
+  void* in[16] = {};
+  PyObject* st = a[3];
+  if (st != Py_None) {
+    PyObject* const* items = &st;
+    Py_ssize_t count = 1;
+    if (PyTuple_Check(st) || PyList_Check(st)) {
+      items = PySequence_Fast_ITEMS(st);
+      count = PySequence_Fast_GET_SIZE(st);
+    }
+    if (count != K) Py_RETURN_NONE;
+    for (int64_t k = 0; k < K; ++k) {
+      const at::Tensor* s = usable(items[k], dt, grad);
+      if (!s) Py_RETURN_NONE;
+      if (unbatched ? (s->dim() != 2 || s->size(0) != L || s->size(1) != pl->sizes[k])
+                    : (s->dim() != 3 || s->size(0) != L || s->size(1) != B ||
+                       s->size(2) != pl->sizes[k]))
+        Py_RETURN_NONE;
+      in[k] = s->data_ptr();
+    }
+  }
+  try {
+    const auto opts = at::TensorOptions().dtype(dt);
+    at::Tensor outs[16];
+    void* out[16];
+    for (int64_t k = 0; k < K; ++k) {
+      outs[k] = unbatched ? at::empty({L, pl->sizes[k]}, opts) : at::empty({L, B, pl->sizes[k]}, opts);
+      out[k] = outs[k].data_ptr();
+    }
+    at::Tensor y = unbatched ? at::empty({pl->out_size}, opts) : at::empty({B, pl->out_size}, opts);
+    if (pl->dbl)
+      run_stack<double>(*pl, B, x->data_ptr<double>(), reinterpret_cast<double* const*>(in),
+                        reinterpret_cast<double* const*>(out), y.data_ptr<double>());
+    else
+      run_stack<float>(*pl, B, x->data_ptr<float>(), reinterpret_cast<float* const*>(in),
+                       reinterpret_cast<float* const*>(out), y.data_ptr<float>());
+    PyObject* state;
+    if (K == 1) {
+      state = THPVariable_Wrap(outs[0]);
+    } else {
+      state = PyTuple_New(K);
+      if (!state) return nullptr;
+      for (int64_t k = 0; k < K; ++k) PyTuple_SET_ITEM(state, k, THPVariable_Wrap(outs[k]));
+    }
+    PyObject* res = PyTuple_New(2);
+    if (!res) { Py_DECREF(state); return nullptr; }
+    PyTuple_SET_ITEM(res, 0, THPVariable_Wrap(y));
+    PyTuple_SET_ITEM(res, 1, state);
+    return res;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+// layer(plan, l, B, xin, in_0.., out_0..): one layer into caller-given (L, B, S_k) states; xin
+// is the layer's input when its projection is folded, else its pre-activations (B, G*H)
+PyObject* stream_layer(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  StreamPlan* pl = n >= 4 ? get_plan(a[0]) : nullptr;
+  if (!pl) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "layer: bad call"); return nullptr; }
+  const int64_t K = pl->sizes.size();
+  int64_t l, B;
+  if (n != 4 + 2 * K || !as_i64(a[1], &l) || !as_i64(a[2], &B) || l < 0 ||
+      l >= int64_t(pl->layers.size())) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "layer: bad arguments");
+    return nullptr;
+  }
+  const size_t es = pl->dbl ? sizeof(double) : sizeof(float);
+  void* xin = as_ptr(a[3]);
+  void* sin[16];
+  void* sout[16];
+  for (int64_t k = 0; k < K; ++k) {
+    char* i = static_cast<char*>(as_ptr(a[4 + k]));
+    sin[k] = i ? i + es * l * B * pl->sizes[k] : nullptr;
+    sout[k] = static_cast<char*>(as_ptr(a[4 + K + k])) + es * l * B * pl->sizes[k];
+  }
+  if (PyErr_Occurred()) return nullptr;
+  try {
+    const auto& ly = pl->layers[l];
+    ly.fn(pl->dbl, ly, B, xin, sin, sout, pl->work);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef kStreamMethods[] = {
+    {"make", (PyCFunction)(void (*)(void))stream_make, METH_FASTCALL, "a streaming plan"},
+    {"run", (PyCFunction)(void (*)(void))stream_run, METH_FASTCALL, "one step, every layer"},
+    {"step", (PyCFunction)(void (*)(void))stream_step, METH_FASTCALL, "run() on tensors, or None"},
+    {"layer", (PyCFunction)(void (*)(void))stream_layer, METH_FASTCALL, "one step, one layer"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kStreamModule = {PyModuleDef_HEAD_INIT, "@@NS@@", "gyre streaming steps", -1,
+                             kStreamMethods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit_@@NS@@(void) { return PyModule_Create(&kStreamModule); }
+"""
+
+
+def stream_source(namespace: str, tags: list[str]) -> str:
+    """The Python streaming entry of a module holding the programs ``tags``."""
+    decls = "".join(
+        f'__attribute__((visibility("hidden"))) void step_{t}(bool, const gyre_stream::Layer&, '
+        "int64_t, const void*, void* const*, void* const*, gyre_stream::Work&);\n" for t in tags)
+    entries = "\n".join(f'  {{"{t}", &step_{t}}},' for t in tags)
+    return decls + STREAM_MODULE.replace("@@ENTRIES@@", entries).replace("@@NS@@", namespace)
+
+
 def module_source(namespace: str, programs: dict[str, str], part: int = 0,
                   parts: int = 1) -> str:
     """A translation unit holding every ``parts``-th of the programs ``{tag: source}`` (from
-    ``part``), registered as ``torch.ops.<namespace>.fwd_<tag>`` / ``bwd_<tag>``."""
+    ``part``), registered as ``torch.ops.<namespace>.fwd_<tag>`` / ``bwd_<tag>``; the first also
+    holds the module's streaming entry (``PyInit_<namespace>``, :data:`STREAM_MODULE`)."""
     out = [PRELUDE, "#include <limits>"]
     defs = []
     for tag, src in sorted(programs.items())[part::parts]:
@@ -791,7 +1431,9 @@ def module_source(namespace: str, programs: dict[str, str], part: int = 0,
         defs.append(d)
     macro = "TORCH_LIBRARY" if part == 0 else "TORCH_LIBRARY_FRAGMENT"
     out.append(f"{macro}({namespace}, m) {{\n" + "\n".join(defs) + "\n}")
+    if part == 0:
+        out.append(stream_source(namespace, sorted(programs)))
     return "\n".join(out)
 
 
-__all__ = ["PRELUDE", "Atom", "module_source", "program_source"]
+__all__ = ["PRELUDE", "STREAM_MODULE", "Atom", "module_source", "program_source", "stream_source"]
