@@ -22,6 +22,7 @@ import torch
 from gyre import cells
 from gyre.cells import LSTM as LSTMCell
 from gyre.engine import fused
+from gyre.engine.fused import stream
 from gyre.nn import LSTM, Recurrent
 
 pytestmark = [
@@ -115,7 +116,7 @@ def test_plain_cells_run_whole_stack_in_one_call():
         m = _layer(name, torch.float32, num_layers=2)
         with torch.no_grad():
             m.step(x)
-        assert _plan(m).ok and _plan(m).run_all is whole, name
+        assert _plan(m).ok and _plan(m).run_all is whole and stream.compiled(m), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

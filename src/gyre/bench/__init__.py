@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .. import engine
+from ..engine.fused import stream as fused_stream
 from . import cases, harness, report
 from .cases import CELLS, MODES, SHAPES, STREAM_SHAPE
 from .harness import Timing
@@ -153,6 +154,8 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
                         rec["check"] = {"against": "none: this is the reference"}
                     rec.update(_time(m, mode, x, timing, flops, steps))
                     timed_backend[backend] = rec
+                    if mode == "stream" and fused_stream.compiled(m):
+                        rec["backend"] = "fused"  # layer.step's compiled step, whatever forward runs
         except Exception as e:  # a failing implementation is recorded, the run goes on
             record["errors"].append({**rec, "error": f"{type(e).__name__}: {e}"})
             log(f"[error] {cell} {mode} {shape} {impl}: {type(e).__name__}: {e}")

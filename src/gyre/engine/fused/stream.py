@@ -31,7 +31,7 @@ from torch import Tensor
 from ...cells import Cell
 from . import build
 
-__all__ = ["step"]
+__all__ = ["compiled", "step"]
 
 _ptr = Tensor.data_ptr
 _version = attrgetter("_version")
@@ -152,6 +152,12 @@ def _build(m) -> _Plan:
     plan.layers, plan.cell, plan.residual = layers, cell, m.residual
     plan.keep = keep
     return plan
+
+
+def compiled(m) -> bool:
+    """Whether ``m.step`` runs the compiled step (as of its latest call)."""
+    plan = m.__dict__.get("_gyre_stream")
+    return plan is not None and plan.ok
 
 
 def step(m, x, state):
