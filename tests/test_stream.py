@@ -15,12 +15,15 @@ import copy
 import importlib.util
 import pathlib
 import pickle
+from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gyre import cells
 from gyre.cells import LSTM as LSTMCell
+from gyre.cells import Cell
 from gyre.engine import fused
 from gyre.engine.fused import stream
 from gyre.nn import LSTM, Recurrent
@@ -107,6 +110,19 @@ def test_stream_equals_forward(name, dtype):
             _close(s0, r0, dtype)
 
 
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn_relu", "ln_lstm"])
+def test_stream_without_biases(name):
+    m = _layer(name, torch.float32, num_layers=2, bias=False)
+    x = torch.randn(T, 3, I)
+    with torch.no_grad():
+        out, h_n = m(x)
+        ys, state = _stream(m, x)
+    assert _plan(m).ok
+    _close(ys, out, torch.float32)
+    for a, b in zip(_parts(state), _parts(h_n), strict=True):
+        _close(a, b, torch.float32)
+
+
 def test_plain_cells_run_whole_stack_in_one_call():
     """Plain linear input projections and identity read-outs: the whole stack in C++; a
     layer-normed projection or a read-out product: layer by layer."""
@@ -191,6 +207,38 @@ def test_stream_follows_weight_changes():
         y, _ = m.step(x64, state64)
     assert y.dtype == torch.float64 and _plan(m).ok
     _close(y, _expected_next(m, x64, state64)[0], torch.float64)
+
+
+@dataclass(frozen=True)
+class ScaledRNN(Cell):
+    """A user cell whose step uses tensors computed from the parameters (``2 * W_hh``,
+    ``b_hh / 2``): the same compiled program as the built-in tanh RNN (no build of its own),
+    but the plan holds copies, so in-place updates must be noticed through version counters."""
+
+    name = "scaled_rnn"
+
+    def recurrent(self, h, p):
+        return F.linear(h, 2 * p["weight_hh"], p["bias_hh"] / 2)
+
+    def pointwise(self, xp, hp, state, p):
+        return (torch.tanh(xp + hp),)
+
+
+def test_computed_weights_follow_in_place_updates():
+    m = _layer(ScaledRNN(), torch.float64, num_layers=2)
+    ref = Recurrent(ScaledRNN(), I, H, num_layers=2, backend="reference").double().eval()
+    x = torch.randn(T, 2, I, dtype=torch.float64)
+    opt = torch.optim.SGD(m.parameters(), lr=0.3)
+    for _ in range(2):
+        ref.load_state_dict(m.state_dict())
+        with torch.no_grad():
+            ys, h = _stream(m, x)
+            out, h_ref = ref(x)
+        assert _plan(m).ok and _plan(m).versions is not None
+        _close(ys, out, torch.float64)
+        _close(h, h_ref, torch.float64)
+        m(x)[0].square().sum().backward()
+        opt.step()  # in place: the plan's 2 * W_hh is now stale and must be rebuilt
 
 
 def test_held_states_are_not_overwritten():

@@ -12,9 +12,10 @@ hoisted parameter views (``kernel.prog.hoist``) and, where ``cell.input_preact``
 is rebuilt when a parameter's storage changes (reassignment, ``.to()``, ``load_state_dict(...,
 assign=True)``: the data pointers are compared every step). In-place updates
 (``optimizer.step()``, ``load_state_dict``) need no rebuild: the plan reads the parameters'
-memory itself. Where a matrix has to be copied into the layout the kernel reads, the plan also
-compares the parameters' version counters (bumped by in-place ops; changes made through
-``.data`` are invisible to them, as to autograd).
+memory itself. Where the step uses a tensor computed from parameters (``2 * weight``) or a
+matrix had to be copied into the layout the kernel reads, the plan also compares the
+parameters' version counters (bumped by in-place ops; changes made through ``.data`` are
+invisible to them, as to autograd).
 
 Every call returns new tensors (``(y, state)``); the previous step's tensors are never written.
 The scratch of a plan is shared, so one module must not step from two threads at once (the call
@@ -70,15 +71,12 @@ class _LayerPlan:
 
 def _dot_layout(m: Tensor, keep: list) -> tuple[int, int]:
     """(pointer, row stride) of ``m`` (K x N) read as N rows of K (``m.t()`` row-major), copying
-    only when its layout is not already that (the caller then checks versions)."""
+    only when its layout is not already that."""
     K = m.shape[0]
-    if m.stride(0) == 1 and (m.stride(1) >= K or m.shape[1] <= 1):
-        keep.append(m)
-        return m.data_ptr(), max(m.stride(1), K)
-    w = m.t().contiguous()
-    keep.append(w)
-    keep.append(None)  # marks a copy
-    return w.data_ptr(), K
+    if not (m.stride(0) == 1 and (m.stride(1) >= K or m.shape[1] <= 1)):
+        m = m.t().contiguous().t()
+    keep.append(m)
+    return m.data_ptr(), max(m.stride(1), K)
 
 
 def _build(m) -> _Plan:
@@ -122,17 +120,18 @@ def _build(m) -> _Plan:
                     if lin[1] is not None:
                         b = p[lin[1]].contiguous()
                         keep.append(b)
-                        if b.data_ptr() != p[lin[1]].data_ptr():
-                            keep.append(None)
                         bih = b.data_ptr()
                 zone = tuple(r if r > 0 else -1.0 for r in m.zoneout)
                 specs.append((kernel.tag, tuple(kernel.units), tuple(v.data_ptr() for v in vecs),
                               tuple(mat_ptrs), tuple(mat_ld), wih, wih_ld, bih, layer_in, zone))
                 layers.append(_LayerPlan(lin is not None, p))
-            if any(t is not None and t.dtype != dtype for t in keep):
+            if any(t.dtype != dtype for t in keep):
                 return plan
+            # a hoisted tensor computed from parameters (not a view of one), or copied into the
+            # layout read here, goes stale on in-place updates: those then rebuild the plan
+            storages = {p.untyped_storage().data_ptr() for p in params}
+            copies = any(t.untyped_storage().data_ptr() not in storages for t in keep)
             mod = build.python_module(kernel.module)
-            copies = None in keep  # a copy: in-place changes must rebuild
             cap = mod.make(int(dtype == torch.float64), int(m.residual), tuple(m.state_sizes),
                            m.output_size, tuple(specs), params, plan.ptrs, int(copies))
     except Exception:  # unsupported or not buildable here: the general path (it warns once)
