@@ -1223,11 +1223,63 @@ StreamPlan* get_plan(PyObject* cap) {
   return static_cast<StreamPlan*>(PyCapsule_GetPointer(cap, kCapsule));
 }
 
+// new outputs, every layer run into them, then (y, state_0, ..., state_{K-1}) or, nested,
+// (y, state) with state a tensor (K = 1) or a tuple
+PyObject* run_and_wrap(StreamPlan& pl, int64_t B, bool unbatched, const void* x, void* const* in,
+                       bool nested) {
+  const int64_t K = pl.sizes.size(), L = pl.layers.size();
+  at::Tensor outs[16], y;
+  try {
+    const auto opts = at::TensorOptions().dtype(pl.dbl ? at::kDouble : at::kFloat);
+    void* out[16];
+    for (int64_t k = 0; k < K; ++k) {
+      outs[k] = unbatched ? at::empty({L, pl.sizes[k]}, opts) : at::empty({L, B, pl.sizes[k]}, opts);
+      out[k] = outs[k].data_ptr();
+    }
+    y = unbatched ? at::empty({pl.out_size}, opts) : at::empty({B, pl.out_size}, opts);
+    if (pl.dbl)
+      run_stack<double>(pl, B, static_cast<const double*>(x), reinterpret_cast<double* const*>(in),
+                        reinterpret_cast<double* const*>(out), y.data_ptr<double>());
+    else
+      run_stack<float>(pl, B, static_cast<const float*>(x), reinterpret_cast<float* const*>(in),
+                       reinterpret_cast<float* const*>(out), y.data_ptr<float>());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  PyObject* items[17];
+  bool ok = true;
+  for (int64_t i = 0; i <= K; ++i) {
+    items[i] = THPVariable_Wrap(i == 0 ? y : outs[i - 1]);
+    ok = ok && items[i] != nullptr;
+  }
+  PyObject* res = nullptr;
+  if (ok && !nested) {
+    res = PyTuple_New(1 + K);
+    for (int64_t i = 0; res && i <= K; ++i) PyTuple_SET_ITEM(res, i, items[i]);
+  } else if (ok) {
+    PyObject* state = K == 1 ? items[1] : PyTuple_New(K);
+    for (int64_t k = 0; K > 1 && state && k < K; ++k) PyTuple_SET_ITEM(state, k, items[1 + k]);
+    res = state ? PyTuple_New(2) : nullptr;
+    if (res) {
+      PyTuple_SET_ITEM(res, 0, items[0]);
+      PyTuple_SET_ITEM(res, 1, state);
+    } else if (state && K > 1) {
+      Py_DECREF(state);  // owns items[1..K]
+      Py_DECREF(items[0]);
+      return nullptr;
+    }
+  }
+  if (!res)
+    for (int64_t i = 0; i <= K; ++i) Py_XDECREF(items[i]);
+  return res;
+}
+
 // run(plan, B, unbatched, x, in_0, ..., in_{K-1}) -> (y, state_0, ..., state_{K-1})
 PyObject* stream_run(PyObject*, PyObject* const* a, Py_ssize_t n) {
   StreamPlan* pl = n >= 4 ? get_plan(a[0]) : nullptr;
   if (!pl) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "run: bad call"); return nullptr; }
-  const int64_t K = pl->sizes.size(), L = pl->layers.size();
+  const int64_t K = pl->sizes.size();
   int64_t B, unbatched;
   if (n != 4 + K || !as_i64(a[1], &B) || !as_i64(a[2], &unbatched)) {
     if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "run: bad arguments");
@@ -1237,31 +1289,7 @@ PyObject* stream_run(PyObject*, PyObject* const* a, Py_ssize_t n) {
   void* in[16];
   for (int64_t k = 0; k < K; ++k) in[k] = as_ptr(a[4 + k]);
   if (PyErr_Occurred()) return nullptr;
-  try {
-    const auto opts = at::TensorOptions().dtype(pl->dbl ? at::kDouble : at::kFloat);
-    std::vector<at::Tensor> outs;
-    void* out[16];
-    for (int64_t k = 0; k < K; ++k) {
-      outs.push_back(unbatched ? at::empty({L, pl->sizes[k]}, opts)
-                               : at::empty({L, B, pl->sizes[k]}, opts));
-      out[k] = outs.back().data_ptr();
-    }
-    at::Tensor y = unbatched ? at::empty({pl->out_size}, opts) : at::empty({B, pl->out_size}, opts);
-    if (pl->dbl)
-      run_stack<double>(*pl, B, static_cast<const double*>(x), reinterpret_cast<double* const*>(in),
-                        reinterpret_cast<double* const*>(out), y.data_ptr<double>());
-    else
-      run_stack<float>(*pl, B, static_cast<const float*>(x), reinterpret_cast<float* const*>(in),
-                       reinterpret_cast<float* const*>(out), y.data_ptr<float>());
-    PyObject* res = PyTuple_New(1 + K);
-    if (!res) return nullptr;
-    PyTuple_SET_ITEM(res, 0, THPVariable_Wrap(y));
-    for (int64_t k = 0; k < K; ++k) PyTuple_SET_ITEM(res, 1 + k, THPVariable_Wrap(outs[k]));
-    return res;
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
+  return run_and_wrap(*pl, B, unbatched != 0, x, in, false);
 }
 
 // the plan's parameters are still the module's, unchanged (same objects, storage, versions)
@@ -1327,38 +1355,7 @@ PyObject* stream_step(PyObject*, PyObject* const* a, Py_ssize_t n) {
       in[k] = s->data_ptr();
     }
   }
-  try {
-    const auto opts = at::TensorOptions().dtype(dt);
-    at::Tensor outs[16];
-    void* out[16];
-    for (int64_t k = 0; k < K; ++k) {
-      outs[k] = unbatched ? at::empty({L, pl->sizes[k]}, opts) : at::empty({L, B, pl->sizes[k]}, opts);
-      out[k] = outs[k].data_ptr();
-    }
-    at::Tensor y = unbatched ? at::empty({pl->out_size}, opts) : at::empty({B, pl->out_size}, opts);
-    if (pl->dbl)
-      run_stack<double>(*pl, B, x->data_ptr<double>(), reinterpret_cast<double* const*>(in),
-                        reinterpret_cast<double* const*>(out), y.data_ptr<double>());
-    else
-      run_stack<float>(*pl, B, x->data_ptr<float>(), reinterpret_cast<float* const*>(in),
-                       reinterpret_cast<float* const*>(out), y.data_ptr<float>());
-    PyObject* state;
-    if (K == 1) {
-      state = THPVariable_Wrap(outs[0]);
-    } else {
-      state = PyTuple_New(K);
-      if (!state) return nullptr;
-      for (int64_t k = 0; k < K; ++k) PyTuple_SET_ITEM(state, k, THPVariable_Wrap(outs[k]));
-    }
-    PyObject* res = PyTuple_New(2);
-    if (!res) { Py_DECREF(state); return nullptr; }
-    PyTuple_SET_ITEM(res, 0, THPVariable_Wrap(y));
-    PyTuple_SET_ITEM(res, 1, state);
-    return res;
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
+  return run_and_wrap(*pl, B, unbatched, x->data_ptr(), in, true);
 }
 
 // layer(plan, l, B, xin, in_0.., out_0..): one layer into caller-given (L, B, S_k) states; xin
