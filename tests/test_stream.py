@@ -132,7 +132,16 @@ def test_plain_cells_run_whole_stack_in_one_call():
         m = _layer(name, torch.float32, num_layers=2)
         with torch.no_grad():
             m.step(x)
-        assert _plan(m).ok and _plan(m).run_all is whole and stream.compiled(m), name
+        plan = _plan(m)
+        assert plan.ok and plan.run_all is whole and stream.compiled(m), name
+        if whole:  # the entry that reads the tensors themselves accepts them here
+            with torch.no_grad():
+                y, h = plan.mod.step(plan.cap, m._parameters, x, None)
+                assert y.shape == (2, H) and not torch.isnan(y).any()
+                # not contiguous: left to the checked path
+                assert plan.mod.step(plan.cap, m._parameters, x.t().contiguous().t(), None) is None
+            # weights that need grad: left to autograd
+            assert plan.mod.step(plan.cap, m._parameters, x, None) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

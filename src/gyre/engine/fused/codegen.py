@@ -1098,11 +1098,12 @@ void plan_free(PyObject* cap) {
   delete static_cast<StreamPlan*>(PyCapsule_GetPointer(cap, kCapsule));
 }
 
-// make(dbl, residual, sizes, out_size, layers, params, param_ptrs, versions): layers a sequence
-// of (tag, units, vecs, mats, mat_ld, wih, wih_ld, bih, in_size, zone) with pointers as ints;
-// params the module's parameters in registration order, param_ptrs their data_ptr()s
+// make(dbl, residual, sizes, out_size, layers, params, param_ptrs, versions, param_impls):
+// layers a sequence of (tag, units, vecs, mats, mat_ld, wih, wih_ld, bih, in_size, zone) with
+// pointers as ints; params the module's parameters in registration order, param_ptrs their
+// data_ptr()s, param_impls their ._cdata (TensorImpl addresses)
 PyObject* stream_make(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  if (n != 8) { PyErr_SetString(PyExc_TypeError, "make: 8 arguments"); return nullptr; }
+  if (n != 9) { PyErr_SetString(PyExc_TypeError, "make: 9 arguments"); return nullptr; }
   auto pl = std::make_unique<StreamPlan>();
   int64_t v;
   if (!as_i64(a[0], &v)) return nullptr;
@@ -1160,17 +1161,22 @@ PyObject* stream_make(PyObject*, PyObject* const* a, Py_ssize_t n) {
   Py_DECREF(seq);
   if (pl->layers.empty()) { PyErr_SetString(PyExc_ValueError, "make: no layers"); return nullptr; }
   pl->in_size = pl->layers[0].in_size;
-  std::vector<int64_t> ptrs;
-  if (!as_i64(a[7], &v) || !i64_tuple(a[6], &ptrs)) return nullptr;
+  std::vector<int64_t> ptrs, impls;
+  if (!as_i64(a[7], &v) || !i64_tuple(a[6], &ptrs) || !i64_tuple(a[8], &impls)) return nullptr;
   pl->versions = v != 0;
   PyObject* ps = PySequence_Fast(a[5], "make: params must be a sequence");
   if (!ps) return nullptr;
-  pl->objects = size_t(PySequence_Fast_GET_SIZE(ps)) == ptrs.size();
+  pl->objects = size_t(PySequence_Fast_GET_SIZE(ps)) == ptrs.size() && ptrs.size() == impls.size();
+  static_assert(sizeof(at::Tensor) == sizeof(void*), "at::Tensor is one TensorImpl pointer");
   for (Py_ssize_t i = 0; pl->objects && i < PySequence_Fast_GET_SIZE(ps); ++i) {
     PyObject* o = PySequence_Fast_GET_ITEM(ps, i);
     const at::Tensor* t = tensor_of(o, false);
-    // the layout check: this tensor's storage as Python sees it
-    if (!t || !t->defined() || reinterpret_cast<int64_t>(t->data_ptr()) != ptrs[i]) {
+    // the layout check, before anything is dereferenced: the word after the object header is
+    // the TensorImpl Python reports, and through it the storage Python sees
+    int64_t impl = 0;
+    if (t) std::memcpy(&impl, static_cast<const void*>(t), sizeof(impl));
+    if (!t || impl == 0 || impl != impls[i] ||
+        reinterpret_cast<int64_t>(t->data_ptr()) != ptrs[i]) {
       pl->objects = false;
       break;
     }

@@ -133,7 +133,8 @@ def _build(m) -> _Plan:
             copies = any(t.untyped_storage().data_ptr() not in storages for t in keep)
             mod = build.python_module(kernel.module)
             cap = mod.make(int(dtype == torch.float64), int(m.residual), tuple(m.state_sizes),
-                           m.output_size, tuple(specs), params, plan.ptrs, int(copies))
+                           m.output_size, tuple(specs), params, plan.ptrs, int(copies),
+                           tuple(p._cdata for p in params))
     except Exception:  # unsupported or not buildable here: the general path (it warns once)
         return plan
     plan.ok = True
