@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import cells
 from ..data import classification as cdata
 from ..nn import Recurrent
 from ..train import CHECKPOINT, Trainer, load_checkpoint, seed_everything
@@ -40,33 +41,56 @@ EXTRA_BASELINES = ("cnn", "transformer")
 class Config(base.TaskConfig):
     """Classification run. Beyond :class:`gyre.tasks.base.TaskConfig`:
 
+    The defaults are one recipe for every dataset, chosen on the validation split (the
+    held-out ``val_fraction`` of the training split) of five aeon datasets, never on a test
+    split (RESULTS.md, "Sequence classification", says how): a bidirectional LSTM over frames
+    of about 1/16 of the median sequence, last-state and mean-pooled features, forget-gate bias
+    1, Adam with a one-cycle learning rate (warm-up to ``lr``, then cosine decay) for 100
+    epochs, and the weights of the epoch with the lowest validation loss.
+
     Attributes:
         head: how the sequence becomes one vector: ``mean`` (masked mean of every step's
             output), ``last`` (the forward direction's output at the last valid step, the
-            reverse direction's at the first), ``max`` (masked max).
+            reverse direction's at the first), ``max`` (masked max), or several joined by
+            ``+`` (their features concatenated; default ``last+mean``).
         head_dropout: dropout before the linear classifier.
+        frame: feed the recurrence ``frame`` consecutive steps at a time: a ``(T, C)``
+            sequence becomes ``ceil(T / frame)`` steps of ``frame * C`` values (the last frame
+            zero-padded). ``1`` = every step on its own; ``0`` (default) = automatic,
+            ``ceil(median training length / 16)``, so the recurrence runs about 16 steps
+            (1 for sequences of at most 16 steps). The frame used is stored with the run.
+        forget_bias: initial forget-gate bias of LSTM-family cells (``lstm``, ``peephole``,
+            ``ln_lstm``, ``minlstm``; Gers et al. 2000, Jozefowicz et al. 2015); other cells
+            keep their own initialisation.
         baselines: extra trained baselines, any of ``cnn`` (FCN, Wang et al. 2017) and
             ``transformer`` (``torch.nn.TransformerEncoder``); majority class always runs.
         dtw: also run 1-NN DTW (aeon); quadratic in length, slow on long series.
+
+    ``scheduler="onecycle"`` steps the rate every optimizer step (``OneCycleLR``, peak ``lr``);
+    the other schedulers step once per epoch.
     """
 
     data: str = "japanese_vowels"
     cell: str = "lstm"
     hidden: int = 64
     bidirectional: bool = True
-    epochs: int = 40
+    epochs: int = 100
     batch_size: int = 16
-    lr: float = 3e-3
-    scheduler: str = "cosine"
-    head: str = "mean"
+    lr: float = 1e-2
+    scheduler: str = "onecycle"
+    val_fraction: float = 0.0
+    head: str = "last+mean"
     head_dropout: float = 0.2
+    frame: int = 0
+    forget_bias: float = 1.0
     baselines: list[str] = field(default_factory=list)
     dtw: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.head not in HEADS:
-            raise ValueError(f"head: got {self.head!r}, expected one of {', '.join(HEADS)}")
+        head_parts(self.head)
+        if self.frame < 0:
+            raise ValueError(f"frame: got {self.frame}, expected an int >= 1, or 0 for automatic")
         if not 0 <= self.head_dropout < 1:
             raise ValueError(f"head_dropout: got {self.head_dropout}, expected a number in [0, 1)")
         bad = [b for b in self.baselines if b not in EXTRA_BASELINES]
@@ -95,33 +119,91 @@ def _pool(out: Tensor, lengths: Tensor | None, how: str) -> Tensor:
     raise ValueError(f"head: got {how!r}, expected one of {', '.join(HEADS)}")
 
 
+def _last(out: Tensor, lengths: Tensor | None, dirs: int) -> Tensor:
+    """The forward direction's output at the last valid step, the reverse direction's at the
+    first (which has read the whole sequence)."""
+    B, T = out.shape[:2]
+    O = out.shape[2] // dirs
+    last = (torch.full((B,), T, dtype=torch.int64) if lengths is None else lengths).to(out.device) - 1
+    feats = out[torch.arange(B, device=out.device), last, :O]
+    return feats if dirs == 1 else torch.cat([feats, out[:, 0, O:]], dim=1)
+
+
+def head_parts(head: str) -> list[str]:
+    """``"last+mean"`` -> ``["last", "mean"]``, checked against :data:`HEADS`."""
+    parts = head.split("+") if isinstance(head, str) else []
+    if not parts or any(p not in HEADS for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"head: got {head!r}, expected one of {', '.join(HEADS)} or several "
+                         "joined by '+' (e.g. 'last+mean'), each at most once")
+    return parts
+
+
+def to_frames(x: Tensor, lengths: Tensor | None, k: int) -> tuple[Tensor, Tensor | None]:
+    """``(B, T, C)`` -> ``(B, ceil(T/k), k*C)``: each step of the result holds ``k`` consecutive
+    steps (zero-padded at the end), and ``lengths`` become ``ceil(lengths / k)``."""
+    if k == 1:
+        return x, lengths
+    B, T, C = x.shape
+    n = -(-T // k)
+    if n * k != T:
+        x = torch.nn.functional.pad(x, (0, 0, 0, n * k - T))
+    x = x.reshape(B, n, k * C)
+    return x, None if lengths is None else -(-lengths // k)
+
+
+def set_forget_bias(rnn: Recurrent, value: float) -> bool:
+    """Set the forget-gate bias of an LSTM-family layer to ``value`` (in ``bias_ih``; the
+    ``bias_hh`` share, where there is one, to 0). Returns False for cells without a forget gate."""
+    H = rnn.hidden_size
+    if isinstance(rnn.cell, cells.LSTM):
+        gate = slice(H, 2 * H)  # i, f, g, o
+    elif isinstance(rnn.cell, cells.MinLSTM):
+        gate = slice(0, H)  # f, i, h~
+    else:
+        return False
+    with torch.no_grad():
+        for name, prm in rnn.named_parameters():
+            if name.startswith("bias_ih"):
+                prm[gate] = value
+            elif name.startswith("bias_hh"):
+                prm[gate] = 0.0
+    return True
+
+
 class RecurrentClassifier(nn.Module):
     """``gyre.nn.Recurrent`` of any cell, a pooling head and a linear layer to class logits.
+
+    ``head`` is ``mean``, ``last`` or ``max`` or several joined by ``+`` (their features
+    concatenated). ``frame=k`` feeds the recurrence ``k`` consecutive steps at a time (a
+    ``(T, C)`` sequence becomes ``(ceil(T/k), k*C)``). ``forget_bias`` (LSTM-family cells
+    only; None keeps the cell's own initialisation) sets the forget-gate bias.
 
     ``forward(x (B, T, C), state=None, *, lengths=None) -> (logits (B, K), h_n)``."""
 
     def __init__(self, cell: str, n_channels: int, n_classes: int, hidden: int = 64,
                  layers: int = 1, bidirectional: bool = True, dropout: float = 0.0,
-                 head: str = "mean", head_dropout: float = 0.0) -> None:
+                 head: str = "last+mean", head_dropout: float = 0.0, *, frame: int = 1,
+                 forget_bias: float | None = 1.0) -> None:
         super().__init__()
-        self.rnn = Recurrent(cell, n_channels, hidden, layers, batch_first=True, dropout=dropout,
-                             bidirectional=bidirectional)
+        if isinstance(frame, bool) or not isinstance(frame, int) or frame < 1:
+            raise ValueError(f"frame: got {frame!r}, expected an int >= 1")
+        self.parts = head_parts(head)
+        self.frame = frame
+        self.rnn = Recurrent(cell, n_channels * frame, hidden, layers, batch_first=True,
+                             dropout=dropout, bidirectional=bidirectional)
+        if forget_bias is not None:
+            set_forget_bias(self.rnn, forget_bias)
         self.head = head
         self.dirs = 2 if bidirectional else 1
         self.drop = nn.Dropout(head_dropout)
-        self.fc = nn.Linear(self.dirs * self.rnn.output_size, n_classes)
+        self.fc = nn.Linear(len(self.parts) * self.dirs * self.rnn.output_size, n_classes)
 
     def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
+        x, lengths = to_frames(x, lengths, self.frame)
         out, h_n = self.rnn(x, state, lengths=lengths)  # (B, T, D*O)
-        if self.head == "last":
-            O = self.rnn.output_size
-            last = (torch.full((x.shape[0],), x.shape[1], dtype=torch.int64) if lengths is None
-                    else lengths).to(x.device) - 1
-            feats = out[torch.arange(x.shape[0], device=x.device), last, :O]
-            if self.dirs == 2:
-                feats = torch.cat([feats, out[:, 0, O:]], dim=1)
-        else:
-            feats = _pool(out, lengths, self.head)
+        feats = [_last(out, lengths, self.dirs) if p == "last" else _pool(out, lengths, p)
+                 for p in self.parts]
+        feats = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
         return self.fc(self.drop(feats)), h_n
 
 
@@ -171,15 +253,30 @@ class TransformerClassifier(nn.Module):
         return self.fc(_pool(h, lengths, "mean")), None
 
 
-def build_model(config: Config, n_channels: int, n_classes: int) -> nn.Module:
+def build_model(config: Config, n_channels: int, n_classes: int, frame: int | None = None
+                ) -> nn.Module:
+    """The recurrent classifier ``config`` describes (``frame``: the resolved frame length when
+    ``config.frame`` is 0, automatic)."""
     return RecurrentClassifier(config.cell, n_channels, n_classes, config.hidden, config.layers,
                                config.bidirectional, config.dropout, config.head,
-                               config.head_dropout)
+                               config.head_dropout, frame=frame or config.frame or 1,
+                               forget_bias=config.forget_bias)
 
 
-def describe(config: Config) -> str:
+#: the recurrence's target number of steps when ``frame`` is automatic (``frame=0``)
+FRAME_STEPS = 16
+
+
+def auto_frame(X: list[np.ndarray], steps: int = FRAME_STEPS) -> int:
+    """The frame length that gives the median training sequence about ``steps`` recurrent
+    steps: ``ceil(median length / steps)``, 1 for sequences of at most ``steps``."""
+    return max(1, math.ceil(float(np.median([len(x) for x in X])) / steps))
+
+
+def describe(config: Config, frame: int | None = None) -> str:
+    k = frame or config.frame
     return (f"{'bi' if config.bidirectional else ''}{config.cell} {config.layers}x{config.hidden} "
-            f"({config.head} head)")
+            f"({config.head} head{f', frame {k}' if k and k > 1 else ''})")
 
 
 # -- metrics --------------------------------------------------------------------------------------
@@ -206,7 +303,10 @@ def _prepare(config: Config, data: cdata.ClassificationData):
 
 def _fit(model: nn.Module, config: Config, out: Path, train, val, extra, resume: bool,
          progress: bool | None = None) -> tuple[Trainer, dict]:
-    tc = config.train_config(progress=config.progress if progress is None else progress)
+    over = {"progress": config.progress if progress is None else progress}
+    if config.scheduler.lower() in ("onecycle", "onecyclelr"):
+        over["scheduler_interval"] = "step"  # OneCycleLR changes the rate every step
+    tc = config.train_config(**over)
     trainer = Trainer(model, nn.functional.cross_entropy, tc, collate=cdata.collate,
                       metrics=accuracy, out_dir=out, extra=extra)
     result = trainer.fit(train, val if len(val) else None, resume=resume)
@@ -225,9 +325,10 @@ def train(config: Config, *, resume: bool = False) -> dict:
     data = cdata.load(config.data, seed=config.seed)
     train_ds, val_ds, test_ds, scaler = _prepare(config, data)
     seed_everything(config.seed)
-    model = build_model(config, data.n_channels, len(data.classes))
+    k = auto_frame(data.X_train) if config.frame == 0 else config.frame
+    model = build_model(config, data.n_channels, len(data.classes), frame=k)
     extra = {"classes": list(data.classes), "n_channels": data.n_channels,
-             "scaler": scaler.state()}
+             "scaler": scaler.state(), "frame": k}
     start = time.perf_counter()
     trainer, result = _fit(model, config, out, train_ds, val_ds, extra, resume)
     seconds = time.perf_counter() - start
@@ -236,9 +337,9 @@ def train(config: Config, *, resume: bool = False) -> dict:
     logits, y = trainer.predict(test_ds)
     pred = logits.argmax(-1).numpy()
     test = _scores(pred, y.numpy())
-    base.plot_history(result["history"], out / "loss.png", f"{describe(config)} on {data.name}")
+    base.plot_history(result["history"], out / "loss.png", f"{describe(config, k)} on {data.name}")
     plot_confusion(y.numpy(), pred, data.classes, out / "confusion.png",
-                   f"{describe(config)}: accuracy {test['accuracy']:.3f}")
+                   f"{describe(config, k)}: accuracy {test['accuracy']:.3f}")
 
     baselines = {"majority": _scores(np.full_like(data.y_test, np.bincount(data.y_train).argmax()),
                                      data.y_test)}
@@ -255,11 +356,11 @@ def train(config: Config, *, resume: bool = False) -> dict:
         blog, by = bt.predict(test_ds)
         baselines[name] = _scores(blog.argmax(-1).numpy(), by.numpy())
     metrics = {
-        "task": TASK, "data": data.name, "out": str(out), "model": describe(config),
+        "task": TASK, "data": data.name, "out": str(out), "model": describe(config, k),
         "test": test, "baselines": baselines,
         "train": {"epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
                   "stopped_early": result["stopped_early"], "seconds": round(seconds, 2),
-                  "n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds),
+                  "n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds), "frame": k,
                   "parameters": sum(p.numel() for p in model.parameters())},
         "classes": list(data.classes),
     }
@@ -304,7 +405,7 @@ def load_run(out_dir) -> tuple[Config, nn.Module, dict]:
     config = base.load_config(Config, out / "config.toml")
     ckpt = load_checkpoint(out / CHECKPOINT)
     extra = ckpt["extra"]
-    model = build_model(config, extra["n_channels"], len(extra["classes"]))
+    model = build_model(config, extra["n_channels"], len(extra["classes"]), extra.get("frame"))
     best = ckpt["best"]["model"]
     use_best = best is not None and ckpt["config"].get("restore_best", True)
     model.load_state_dict(best if use_best else ckpt["model"])
