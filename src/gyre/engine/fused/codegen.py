@@ -199,6 +199,58 @@ void ln_bwd(const T* x, const T* dy, const T* w, T* dx, T* dw, T* dc, int64_t B,
 template <typename T>
 T* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; }
 
+// Big buffers reused across calls, per thread. A training loop asks for the same tens of MB
+// every step, and memory fresh from the system costs a page fault per 4 KiB on first touch
+// (measured: a third of a small LSTM's training step). Every tensor handed out is a view of a
+// slab, so the slab is free again exactly when nothing but the pool holds its storage (outputs
+// the caller keeps, tensors autograd saved, a gradient that became .grad stay theirs); free
+// slabs unused for a while are dropped.
+struct Slab {
+  at::Tensor t;
+  int64_t bytes;
+  uint64_t used;
+};
+struct Pool {
+  std::vector<Slab> slabs;
+  uint64_t tick = 0;
+};
+constexpr int64_t kPoolMinBytes = 1 << 16;  // smaller ones come from malloc, as before
+constexpr uint64_t kPoolAge = 256;  // a free slab not chosen in this many allocations is dropped
+constexpr int64_t kPoolFreeBytes = int64_t(1) << 30;  // at most this much kept in free slabs
+
+at::Tensor pooled(at::IntArrayRef sizes, const at::TensorOptions& opts, bool zero) {
+  int64_t n = 1;
+  for (int64_t s : sizes) n *= s;
+  const int64_t bytes = n * int64_t(opts.dtype().itemsize());
+  if (bytes < kPoolMinBytes) return zero ? at::zeros(sizes, opts) : at::empty(sizes, opts);
+  static thread_local Pool pool;
+  const uint64_t now = ++pool.tick;
+  Slab* best = nullptr;
+  for (auto& s : pool.slabs)
+    if (s.bytes >= bytes && s.bytes <= 2 * bytes && (!best || s.bytes < best->bytes) &&
+        s.t.dtype() == opts.dtype() && s.t.storage().use_count() == 1 &&
+        int64_t(s.t.storage().nbytes()) >= s.bytes)  // (storage().resize_(0) by someone)
+      best = &s;
+  if (best == nullptr) {
+    pool.slabs.push_back({at::empty({n}, opts), bytes, now});
+    best = &pool.slabs.back();
+  }
+  best->used = now;
+  at::Tensor out = best->t.narrow(0, 0, n).view(sizes);
+  int64_t free_bytes = 0;
+  for (size_t i = pool.slabs.size(); i-- > 0;) {
+    Slab& s = pool.slabs[i];
+    if (s.t.storage().use_count() != 1) continue;
+    free_bytes += s.bytes;
+    if (now - s.used > kPoolAge || free_bytes > kPoolFreeBytes) {
+      free_bytes -= s.bytes;
+      pool.slabs.erase(pool.slabs.begin() + i);
+    }
+  }
+  if (zero) out.zero_();
+  return out;
+}
+
 }  // namespace
 
 // oneDNN's matmul with a prepacked weight, through torch's stable C shim (faster than MKL's
@@ -744,16 +796,16 @@ class _Gen:
             "  T* xp_p = xp.data_ptr<T>();",
         ]
         for k in range(len(p.states)):
-            L.append(f"  at::Tensor seq{k} = at::empty({{T_, B, S{k}}}, opts); "
+            L.append(f"  at::Tensor seq{k} = pooled({{T_, B, S{k}}}, opts, false); "
                      f"T* seq{k}_p = seq{k}.data_ptr<T>(); res.push_back(seq{k});")
         saved = []
         for bi in range(len(p.boundaries)):
             for nm, w in (("bin", "WI"), ("bout", "WO")):
-                L.append(f"  at::Tensor {nm}{bi} = at::empty({{TS, B, {w}{bi}}}, opts); "
+                L.append(f"  at::Tensor {nm}{bi} = pooled({{TS, B, {w}{bi}}}, opts, false); "
                          f"T* {nm}{bi}_p = {nm}{bi}.data_ptr<T>();")
                 saved.append(f"{nm}{bi}")
         for (s, f) in sorted(self.ncross):
-            L.append(f"  at::Tensor cross{s}_{f} = at::empty({{TS, B, WC{s}_{f}}}, opts); "
+            L.append(f"  at::Tensor cross{s}_{f} = pooled({{TS, B, WC{s}_{f}}}, opts, false); "
                      f"T* cross{s}_{f}_p = cross{s}_{f}.data_ptr<T>();")
             saved.append(f"cross{s}_{f}")
         L.append("  for (int64_t t = 0; t < T_; ++t) {")
@@ -901,8 +953,9 @@ class _Gen:
             "const at::Tensor& valid, at::TensorList saved, at::IntArrayRef units) {",
             *self._common(),
             "  T* xp_p = xp.data_ptr<T>();",
-            f"  at::Tensor dxp = at::{'zeros' if self._needs_zero(('dxp',), p.xp[1]) else 'empty'}"
-            "_like(xp); T* dxp_p = dxp.data_ptr<T>();",
+            f"  at::Tensor dxp = pooled(xp.sizes(), opts, "
+            f"{'true' if self._needs_zero(('dxp',), p.xp[1]) else 'false'}); "
+            "T* dxp_p = dxp.data_ptr<T>();",
         ]
         for k in range(len(p.states)):
             L.append(f"  T* seq{k}_p = seq[{k}].data_ptr<T>();")
@@ -917,9 +970,9 @@ class _Gen:
             L.append(f"  const at::Tensor& bin{bi} = saved[{i}]; const at::Tensor& bout{bi} = "
                      f"saved[{i + 1}];")
             L.append(f"  T* bin{bi}_p = bin{bi}.data_ptr<T>(); T* bout{bi}_p = bout{bi}.data_ptr<T>();")
-            init = "zeros" if self._needs_zero(("dbout", bi), p.boundaries[bi].out_blocks) \
-                else "empty"
-            L.append(f"  at::Tensor dbout{bi} = at::{init}({{T_, B, WO{bi}}}, opts); "
+            init = "true" if self._needs_zero(("dbout", bi), p.boundaries[bi].out_blocks) \
+                else "false"
+            L.append(f"  at::Tensor dbout{bi} = pooled({{T_, B, WO{bi}}}, opts, {init}); "
                      f"T* dbout{bi}_p = dbout{bi}.data_ptr<T>();")
             L.append(f"  at::Tensor dbin{bi} = at::empty({{B, WI{bi}}}, opts); "
                      f"P[{sl[('dbin', bi)]}] = dbin{bi}.data_ptr<T>(); "
