@@ -30,18 +30,18 @@ FAST = ["--hidden", "8", "--no-dtw", "--no-progress", "--no-tensorboard", "--dev
 def test_train_resume_eval_predict_on_a_user_csv(tmp_path, italy_csv, capsys):
     out = tmp_path / "run"
     cfg = tmp_path / "c.toml"
-    cfg.write_text("epochs = 2\ncell = \"gru\"\nhidden = 99\n")
+    cfg.write_text("epochs = 6\ncell = \"gru\"\nhidden = 99\n")
     rc = main(["train", "classify", "--data", str(italy_csv), "--out", str(out), "--config",
                str(cfg), *FAST])
     text = capsys.readouterr().out
     assert rc == 0 and "majority" in text and "accuracy" in text
     m = json.loads((out / "metrics.json").read_text())
-    assert m["train"]["epochs_run"] == 2 and m["model"].startswith("bigru 1x8")  # flag beat TOML
+    assert m["train"]["epochs_run"] == 6 and m["model"].startswith("bigru 1x8")  # flag beat TOML
     assert m["test"]["accuracy"] > m["baselines"]["majority"]["accuracy"]
-    # resume the finished run with more epochs: continues from epoch 2
-    assert main(["train", "classify", "--out", str(out), "--resume", "--epochs", "3",
+    # resume the finished run with more epochs: continues from epoch 6
+    assert main(["train", "classify", "--out", str(out), "--resume", "--epochs", "7",
                  "--no-progress"]) == 0
-    assert json.loads((out / "metrics.json").read_text())["train"]["epochs_run"] == 3
+    assert json.loads((out / "metrics.json").read_text())["train"]["epochs_run"] == 7
     capsys.readouterr()
     assert main(["eval", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["test"]["accuracy"] == pytest.approx(
