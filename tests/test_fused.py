@@ -256,3 +256,29 @@ def test_float32_at_a_size_that_uses_onednn_packed_weights():
     torch.testing.assert_close(res[1][1], res[0][1], atol=1e-5, rtol=0)
     for a, b in zip(res[0][2], res[1][2], strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_buffers_reused_across_calls_never_overwrite_what_a_caller_still_holds():
+    """The kernels reuse their big buffers (outputs, saved activations, gradients) across calls
+    once nothing holds them: outputs and gradients kept from earlier calls stay as they were,
+    and every call still equals the reference."""
+    steps, batch, inputs, hidden = 40, 8, 6, 64  # buffers well above the reuse threshold
+    ref = Recurrent("peephole", inputs, hidden, backend="reference")
+    fast = Recurrent("peephole", inputs, hidden, backend="fused")
+    fast.load_state_dict(ref.state_dict())
+    xs = [torch.randn(steps, batch, inputs, requires_grad=True) for _ in range(3)]
+    kept = []
+    for x in xs:
+        out, (h, c) = fast(x)
+        (gx,) = torch.autograd.grad(out.sum() + c.sum(), x)
+        kept.append((out, c, gx, out.clone(), c.clone(), gx.clone()))
+        with torch.no_grad():
+            fast(torch.randn(steps, batch, inputs))  # a call whose buffers are freed at once
+    for x, (out, c, gx, out0, c0, gx0) in zip(xs, kept, strict=True):
+        torch.testing.assert_close(out, out0, atol=0, rtol=0)
+        torch.testing.assert_close(c, c0, atol=0, rtol=0)
+        torch.testing.assert_close(gx, gx0, atol=0, rtol=0)
+        r_out, (_, r_c) = ref(x)
+        (r_gx,) = torch.autograd.grad(r_out.sum() + r_c.sum(), x)
+        torch.testing.assert_close(out, r_out, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gx, r_gx, atol=1e-5, rtol=1e-5)

@@ -201,10 +201,10 @@ T* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; }
 
 // Big buffers reused across calls, per thread. A training loop asks for the same tens of MB
 // every step, and memory fresh from the system costs a page fault per 4 KiB on first touch
-// (measured: a third of a small LSTM's training step). Every tensor handed out is a view of a
-// slab, so the slab is free again exactly when nothing but the pool holds its storage (outputs
-// the caller keeps, tensors autograd saved, a gradient that became .grad stay theirs); free
-// slabs unused for a while are dropped.
+// (measured: ~15% of a small LSTM's training step, more in the median). Every tensor handed out
+// is a view of a slab, so the slab is free again exactly when nothing but the pool holds its
+// storage, not even a weak reference (outputs the caller keeps, tensors autograd saved, a
+// gradient that became .grad stay theirs); free slabs unused for a while are dropped.
 struct Slab {
   at::Tensor t;
   int64_t bytes;
@@ -214,6 +214,13 @@ struct Pool {
   std::vector<Slab> slabs;
   uint64_t tick = 0;
 };
+
+bool slab_free(const Slab& s) {
+  const c10::Storage& st = s.t.storage();
+  // the weak count: 1 for all strong references together, 1 for this probe
+  return st.use_count() == 1 && st.getWeakStorageImpl().weak_use_count() == 2 &&
+         int64_t(st.nbytes()) >= s.bytes;  // (someone's storage().resize_(0))
+}
 constexpr int64_t kPoolMinBytes = 1 << 16;  // smaller ones come from malloc, as before
 constexpr uint64_t kPoolAge = 256;  // a free slab not chosen in this many allocations is dropped
 constexpr int64_t kPoolFreeBytes = int64_t(1) << 30;  // at most this much kept in free slabs
@@ -228,8 +235,7 @@ at::Tensor pooled(at::IntArrayRef sizes, const at::TensorOptions& opts, bool zer
   Slab* best = nullptr;
   for (auto& s : pool.slabs)
     if (s.bytes >= bytes && s.bytes <= 2 * bytes && (!best || s.bytes < best->bytes) &&
-        s.t.dtype() == opts.dtype() && s.t.storage().use_count() == 1 &&
-        int64_t(s.t.storage().nbytes()) >= s.bytes)  // (storage().resize_(0) by someone)
+        s.t.dtype() == opts.dtype() && slab_free(s))
       best = &s;
   if (best == nullptr) {
     pool.slabs.push_back({at::empty({n}, opts), bytes, now});
@@ -240,7 +246,7 @@ at::Tensor pooled(at::IntArrayRef sizes, const at::TensorOptions& opts, bool zer
   int64_t free_bytes = 0;
   for (size_t i = pool.slabs.size(); i-- > 0;) {
     Slab& s = pool.slabs[i];
-    if (s.t.storage().use_count() != 1) continue;
+    if (!slab_free(s)) continue;
     free_bytes += s.bytes;
     if (now - s.used > kPoolAge || free_bytes > kPoolFreeBytes) {
       free_bytes -= s.bytes;
