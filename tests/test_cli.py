@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from gyre.cli import main
 from gyre.data import classification as cd
@@ -43,7 +44,12 @@ def test_train_resume_eval_predict_on_a_user_csv(tmp_path, italy_csv, capsys):
                  "--no-progress"]) == 0
     assert json.loads((out / "metrics.json").read_text())["train"]["epochs_run"] == 7
     capsys.readouterr()
-    assert main(["eval", str(out)]) == 0
+    before = torch.get_num_threads()
+    try:
+        assert main(["eval", str(out), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
     assert json.loads(capsys.readouterr().out)["test"]["accuracy"] == pytest.approx(
         json.loads((out / "metrics.json").read_text())["test"]["accuracy"])
     assert main(["predict", str(out), str(italy_csv), "-o", str(tmp_path / "p.csv")]) == 0
@@ -76,11 +82,16 @@ def test_bad_options_give_one_clear_error(argv, match, capsys):
 
 @pytest.mark.parametrize("argv", [["train", "classify", "--hidden", "x"],
                                   ["train", "classify", "--no-such-flag"],
-                                  ["train", "regress"], ["train", "classify", "--resume"]])
+                                  ["train", "regress"], ["train", "classify", "--resume"],
+                                  ["train", "classify", "--threads", "0"],
+                                  ["eval", "somewhere", "--threads", "two"]])
 def test_argparse_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error:" in err
+    if "--threads" in argv:
+        assert "--threads: got" in err and "expected an int >= 1" in err
 
 
 def test_config_file_with_unknown_key(tmp_path, capsys):

@@ -3,14 +3,19 @@
     gyre train classify|forecast [--data NAME|PATH] [--cell NAME] [--hidden N] [--layers N]
                                  [--bidirectional] [--epochs N] [--seed N] [--out DIR]
                                  [--config FILE.toml] [--resume] [--device auto|cpu|cuda] ...
-    gyre eval DIR [--data NAME|PATH]
-    gyre predict DIR DATA_PATH [--output FILE.csv]
+    gyre eval DIR [--data NAME|PATH] [--threads N]
+    gyre predict DIR DATA_PATH [--output FILE.csv] [--threads N]
     gyre data list
     gyre bench ...
 
 Every field of a task's ``Config`` is a flag (``--field-name``; booleans also ``--no-...``;
 lists comma separated). Precedence: the task's defaults, then ``--config`` (or, with
 ``--resume``, the run's own ``config.toml``), then the flags given.
+
+``--threads N`` (train, eval, predict) sets torch's intra-op threads for this process (default:
+torch's, one per core). It is not part of the run's config. Small recurrent models on a machine
+whose other cores are busy run far faster with ``--threads 1``: a thread that waits for a busy
+core stalls every small matrix product.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def _task_parser(task: str, module) -> argparse.ArgumentParser:
     p = _Parser(prog=f"gyre train {task}", description=(cls.__doc__ or "").split("\n")[0],
                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", metavar="FILE.toml", help="read fields from a TOML file")
+    _add_threads(p)
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue the run in --out from its checkpoint (its config.toml is the "
                         "base; flags given here override it; a new --epochs extends or shortens "
@@ -62,10 +68,33 @@ def _task_parser(task: str, module) -> argparse.ArgumentParser:
     return p
 
 
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected an int >= 1")
+    return n
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_threads, metavar="N", default=None,
+                   help="torch intra-op threads for this process (default: torch's; not saved "
+                        "with the run; 1 is much faster for small models on a busy machine)")
+
+
+def _set_threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+        torch.set_num_threads(n)
+
+
 def _build_config(task: str, module, argv: list[str]):
     from .tasks import base
     parser = _task_parser(task, module)
     ns = vars(parser.parse_args(argv))
+    _set_threads(ns.pop("threads", None))
     config_file = ns.pop("config", None)
     resume = ns.pop("resume", False)
     if resume:
@@ -110,6 +139,7 @@ def _task_of(out_dir: str) -> str:
 
 
 def _cmd_eval(args) -> int:
+    _set_threads(args.threads)
     task = _task_of(args.dir)
     result = _tasks.get(task).evaluate(args.dir, data=args.data)
     print(json.dumps(result, indent=2))
@@ -117,6 +147,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_predict(args) -> int:
+    _set_threads(args.threads)
     task = _task_of(args.dir)
     rows = _tasks.get(task).predict(args.dir, args.data_path)
     out = open(args.output, "w", newline="") if args.output else sys.stdout
@@ -176,10 +207,12 @@ def _top_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a trained run on its test split or other data")
     e.add_argument("dir", help="run directory written by gyre train")
     e.add_argument("--data", default=None, help="dataset name or file (default: the run's)")
+    _add_threads(e)
     pr = sub.add_parser("predict", help="predict for a CSV/NPZ file with a trained run")
     pr.add_argument("dir", help="run directory written by gyre train")
     pr.add_argument("data_path", help="CSV or NPZ file")
     pr.add_argument("--output", "-o", default=None, help="CSV file to write (default: stdout)")
+    _add_threads(pr)
     d = sub.add_parser("data", help="datasets")
     d.add_argument("action", choices=["list"], help="list: what is available offline")
     b = sub.add_parser("bench", help="benchmark layers against torch.nn (gyre.bench)",
