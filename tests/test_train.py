@@ -308,3 +308,12 @@ def test_resume_with_more_epochs_replans_the_schedule(tmp_path, scheduler, inter
     # epochs 1-2 ran under the 2-epoch plan; the resumed epochs 3-4 follow the 4-epoch plan
     assert lrs[2:] == pytest.approx(expected[2:], rel=1e-9, abs=1e-12)
     assert lrs[-1] != pytest.approx(lrs[1])
+
+
+def test_progress_bar_in_a_log_file_is_not_redrawn_every_batch(capsys):
+    """stderr that is not a terminal (a log file, CI) gets a redraw every 30 s, not one per
+    batch: 40 batches in well under 30 s leave the first and the final line only."""
+    data, _, _ = _data(n=40, T=3)
+    Trainer(SeqModel(), nn.functional.mse_loss, _cfg(batch_size=1, progress=True)).fit(data)
+    err = capsys.readouterr().err
+    assert "40/40" in err and err.count("\r") <= 3

@@ -393,11 +393,11 @@ class Trainer:
                     idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
                     batch = _to_device(self.collate([train[i] for i in idx]), self.device)
                     micro = self._train_batch(batch, running, micro, epoch, b)
-                    if bar is not None:
-                        bar.update(1)
+                    if bar is not None:  # redrawn by update() at most every mininterval
                         bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} "
                                             f"loss {running[0] / max(running[1], 1):.4f}"
-                                            + self._last_val_str())
+                                            + self._last_val_str(), refresh=False)
+                        bar.update(1)
                     if self._stop and micro % cfg.accumulate == 0:
                         self._save(epoch, b + 1, perm, running, micro, best, bad_epochs,
                                    stopped_early)
