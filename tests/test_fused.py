@@ -215,6 +215,9 @@ def test_auto_picks_fused_where_torch_has_no_fused_kernel():
     # torch's packed-sequence CPU LSTM is not oneDNN's: variable lengths go fused on CPU only
     assert engine.select_backend(cells.get("lstm"), varlen=True) == "fused"
     assert engine.select_backend(cells.get("lstm"), varlen=True, device="cuda") == "native"
+    # ... and so is its LSTM with a projection
+    assert engine.select_backend(cells.LSTM(proj_size=16)) == "fused"
+    assert engine.select_backend(cells.LSTM(proj_size=16), device="cuda") == "native"
     assert engine.select_backend(cells.get("gru"), device="cuda") == "native"
     assert engine.select_backend(cells.get("mingru"), device="cuda") == "scan"
     # a projection wider than the small size the support check starts from

@@ -12,7 +12,8 @@ Backends, all behind :func:`run`:
   compiled on first use (:mod:`gyre.engine.fused`); CPU, float32/float64, every layer option.
 
 ``backend="auto"`` takes ``native`` for torch's LSTM (oneDNN on CPU, cuDNN on GPU; on CPU with
-``lengths``, ``fused``, as torch's packed-sequence CPU kernel is far slower), ``fused`` on
+``lengths`` or ``proj_size``, ``fused``, as torch's CPU kernel for those is not oneDNN's and far
+slower), ``fused`` on
 CPU for every other cell it can compile (torch's GRU and RNN included: their CPU kernels are not
 fused; minGRU/minLSTM too, where it measured faster than ``scan``), ``scan`` for cells linear in
 their state when ``fused`` is not there, and ``reference`` otherwise.
@@ -67,10 +68,11 @@ def select_backend(
     if backend == "auto":
         on_cpu = device == "cpu"
         fusable = on_cpu and fused.available() is None and fused.unsupported_reason(cell) is None
-        if reason is None and native.mode(cell) == "lstm" and not (varlen and fusable):
-            # oneDNN/cuDNN LSTM: measured faster than fused (BENCHMARKS.md); but torch's CPU
-            # kernel for packed (variable-length) input is not oneDNN's, and measured 1.5-5x
-            # slower than fused for forward+backward at the bench shapes
+        # oneDNN/cuDNN LSTM: measured faster than fused (BENCHMARKS.md); but torch's CPU kernel
+        # for packed (variable-length) input or with proj_size is not oneDNN's, and measured
+        # 1.1-5x slower than fused for forward+backward at the bench shapes, single thread
+        not_onednn = varlen or getattr(cell, "proj_size", 0) > 0
+        if reason is None and native.mode(cell) == "lstm" and not (not_onednn and fusable):
             return "native"
         if fusable:
             return "fused"  # also ahead of scan: 1.05-2.3x faster on CPU at every bench shape
