@@ -229,6 +229,26 @@ def test_airline_training_beats_last_value(tmp_path):
     assert all(300 < r["forecast"] < 900 for r in rows)
 
 
+def test_validation_score_is_the_test_score_of_the_series_cut_before_its_test_part(tmp_path):
+    """metrics.json's ``validation`` is the forecast from the validation part's first point: with a
+    validation part of exactly ``horizon`` points and no fitted scaling, it equals what ``evaluate``
+    (a separate path: the last ``horizon`` points as test) scores on the series cut there."""
+    cfg = F.Config(data="airline", out=str(tmp_path / "run"), hidden=8, epochs=3, patience=0,
+                   val_fraction=0.05, scaler="none", log=True, baselines=["naive"],
+                   progress=False, tensorboard=False, device="cpu", seed=0)
+    m = F.train(cfg)
+    air = load_series("airline").series[0][:, 0]
+    cut = tmp_path / "airline_to_1958.csv"  # validation: the 12 months before the test year
+    months = [f"{1949 + i // 12}-{i % 12 + 1:02d}-01" for i in range(132)]
+    cut.write_text("month,passengers\n" + "".join(f"{d},{v}\n" for d, v in zip(months, air[:132],
+                                                                                 strict=True)))
+    again = F.evaluate(tmp_path / "run", data=str(cut))["test"]
+    assert set(m["validation"]) == set(F.METRICS)
+    for k in F.METRICS:
+        assert m["validation"][k] == pytest.approx(again[k], rel=1e-6), k
+    assert m["validation"]["rmse"] != pytest.approx(m["test"]["rmse"])
+
+
 def test_multivariate_recursive_and_cli(tmp_path):
     from gyre.cli import main
 
