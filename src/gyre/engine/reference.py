@@ -49,12 +49,17 @@ def run_layer(
         state = new
         trace.append(state)
     states = tuple(torch.stack(s) for s in zip(*trace, strict=True))
-    out = cell.readout(states[0], p)
-    if valid is not None:
-        mask = valid.unsqueeze(-1).to(out.dtype)
-        out = out * mask
-        states = tuple(s * mask for s in states)
+    out, states = zero_padding(cell.readout(states[0], p), states, valid)
     return out, state, (states if return_states else None)
+
+
+def zero_padding(out: Tensor, states: tuple[Tensor, ...], valid: Tensor | None):
+    """``out`` and the per-step ``states`` with the steps past each sequence's end
+    (``valid`` False) set to 0, as every backend returns them."""
+    if valid is None:
+        return out, states
+    mask = valid.unsqueeze(-1).to(out.dtype)
+    return out * mask, tuple(s * mask for s in states)
 
 
 def _per_step(zone, steps):

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ..cells import Cell, Params, State
+from . import reference
 
 SOLVERS = ("auto", "parallel", "sequential")
 #: on CPU, ``"auto"`` solves with the parallel scan when one step holds fewer numbers than this
@@ -92,13 +93,8 @@ def run_layer(
         b = torch.where(v, b, torch.zeros((), dtype=b.dtype, device=b.device))
     a, b = torch.broadcast_tensors(a, b)
     h = linear_recurrence(a, b, h0)  # (T, B, H): every step's state
-    last = h[-1]
-    out = cell.readout(h, p)
-    if valid is not None:
-        mask = valid.unsqueeze(-1).to(out.dtype)
-        out = out * mask
-        h = h * mask
-    return out, (last,), ((h,) if return_states else None)
+    out, states = reference.zero_padding(cell.readout(h, p), (h,), valid)
+    return out, (h[-1],), (states if return_states else None)
 
 
 def linear_recurrence(a: Tensor, b: Tensor, h0: Tensor, solver: str = "auto") -> Tensor:

@@ -238,12 +238,7 @@ def run_layer(
         seqs = kernel.fwd(xp, state0, vecs, mats, packed, drop_t, zts, zmodes, valid_t,
                           kernel.units, False)[:K]
     final = tuple(s[-1] for s in seqs)
-    out = cell.readout(seqs[0], p)
-    states = tuple(seqs)
-    if valid is not None:
-        mask = valid.unsqueeze(-1).to(out.dtype)
-        out = out * mask
-        states = tuple(s * mask for s in states)
+    out, states = reference.zero_padding(cell.readout(seqs[0], p), tuple(seqs), valid)
     return out, final, (states if return_states else None)
 
 
