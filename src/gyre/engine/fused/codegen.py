@@ -836,15 +836,22 @@ class _Gen:
         L.append("}")
         return "\n".join(L)
 
-    def _boundaries_fwd(self, s: int) -> list[str]:
+    def _boundaries_fwd(self, s: int, step: bool = False) -> list[str]:
+        """The forward of stage ``s``'s boundaries: matrix products (the time loop's ``gemm`` on
+        ``mats``/``packed``, or with ``step`` the streaming step's ``linear`` on the layer's raw
+        matrices) and layer norms."""
         L = []
         sl = self.slots
         for bi, b in enumerate(self.p.boundaries):
             if b.stage != s:
                 continue
-            if b.kind == "mm":
-                L.append(f"    gemm<T>(P[{sl[('bout', bi)]}], WO{bi}, P[{sl[('bin', bi)]}], WI{bi}, "
-                         f"B, mats[{b.mat}], packed.empty() ? nullptr : &packed[{2 * b.mat}]);")
+            out, inp = f"P[{sl[('bout', bi)]}], WO{bi}", f"P[{sl[('bin', bi)]}], WI{bi}"
+            if b.kind == "mm" and step:
+                L.append(f"    linear<T>({out}, {inp}, B, static_cast<const T*>(Ly.mats[{b.mat}]), "
+                         f"Ly.mat_ld[{b.mat}], WI{bi}, WO{bi}, nullptr);")
+            elif b.kind == "mm":
+                L.append(f"    gemm<T>({out}, {inp}, B, mats[{b.mat}], "
+                         f"packed.empty() ? nullptr : &packed[{2 * b.mat}]);")
             else:
                 w = f"P[{sl[('vec', b.weight)]}]" if b.weight >= 0 else "nullptr"
                 c = f"P[{sl[('vec', b.bias)]}]" if b.bias >= 0 else "nullptr"
@@ -915,18 +922,7 @@ class _Gen:
             L.append(f"  P[{i}] = carve(cur, B * WC{s}_{f}); LD[{i}] = WC{s}_{f};")
         for s in range(self.S):
             if s > 0:
-                for bi, b in enumerate(p.boundaries):
-                    if b.stage != s:
-                        continue
-                    if b.kind == "mm":
-                        L.append(f"  linear<T>(P[{sl[('bout', bi)]}], WO{bi}, P[{sl[('bin', bi)]}], "
-                                 f"WI{bi}, B, static_cast<const T*>(Ly.mats[{b.mat}]), "
-                                 f"Ly.mat_ld[{b.mat}], WI{bi}, WO{bi}, nullptr);")
-                    else:
-                        w = f"P[{sl[('vec', b.weight)]}]" if b.weight >= 0 else "nullptr"
-                        c = f"P[{sl[('vec', b.bias)]}]" if b.bias >= 0 else "nullptr"
-                        L.append(f"  ln_fwd<T>(P[{sl[('bin', bi)]}], P[{sl[('bout', bi)]}], {w}, "
-                                 f"{c}, B, WI{bi}, {b.eps!r});")
+                L += self._boundaries_fwd(s, step=True)
             for f in range(p.nfam):
                 if (False, s, f) in kernels:
                     L.append(self._call(kernels, False, s, f).strip())
