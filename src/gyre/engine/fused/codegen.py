@@ -136,20 +136,27 @@ void post_bwd(const T* gs, T* ds, T* gn, const T* z, int64_t zmode, const bool* 
   }
 }
 
+// a row's mean and 1 / sqrt(biased variance + eps)
+template <typename T>
+inline void row_stats(const T* __restrict__ xr, int64_t W, double eps, T& mean, T& rstd) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < W; ++j) s += xr[j];
+  mean = s / T(W);
+  T v = 0;
+#pragma omp simd reduction(+ : v)
+  for (int64_t j = 0; j < W; ++j) { T d = xr[j] - mean; v += d * d; }
+  rstd = T(1) / std::sqrt(v / T(W) + T(eps));
+}
+
 // y = (x - mean) / sqrt(var + eps) * w + c over each row of width W
 template <typename T>
 void ln_fwd(const T* x, T* y, const T* w, const T* c, int64_t B, int64_t W, double eps) {
   for (int64_t b = 0; b < B; ++b) {
     const T* __restrict__ xr = x + b * W;
     T* __restrict__ yr = y + b * W;
-    T s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < W; ++j) s += xr[j];
-    const T mean = s / T(W);
-    T v = 0;
-#pragma omp simd reduction(+ : v)
-    for (int64_t j = 0; j < W; ++j) { T d = xr[j] - mean; v += d * d; }
-    const T rstd = T(1) / std::sqrt(v / T(W) + T(eps));
+    T mean, rstd;
+    row_stats(xr, W, eps, mean, rstd);
 #pragma omp simd
     for (int64_t j = 0; j < W; ++j) {
       T h = (xr[j] - mean) * rstd;
@@ -167,14 +174,8 @@ void ln_bwd(const T* x, const T* dy, const T* w, T* dx, T* dw, T* dc, int64_t B,
     const T* __restrict__ xr = x + b * W;
     const T* __restrict__ gr = dy + b * W;
     T* __restrict__ dr = dx + b * W;
-    T s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < W; ++j) s += xr[j];
-    const T mean = s / T(W);
-    T v = 0;
-#pragma omp simd reduction(+ : v)
-    for (int64_t j = 0; j < W; ++j) { T d = xr[j] - mean; v += d * d; }
-    const T rstd = T(1) / std::sqrt(v / T(W) + T(eps));
+    T mean, rstd;
+    row_stats(xr, W, eps, mean, rstd);
     T s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
     for (int64_t j = 0; j < W; ++j) {
