@@ -242,9 +242,9 @@ def test_unsupported_cell_is_refused_by_name_and_auto_falls_back():
 
 
 def test_float32_at_a_size_that_uses_onednn_packed_weights():
-    steps, batch, inputs, hidden = 8, 64, 128, 128
+    steps, batch, inputs, hidden = 8, 64, 128, 256
     assert batch * hidden * 4 * hidden >= fused.PACK_MIN_MACS  # recurrent products
-    assert steps * batch * inputs * 4 * hidden >= fused.PACK_MIN_MACS << 4  # input product
+    assert steps * batch * inputs * 4 * hidden >= fused.INPUT_PACK_MIN_MACS  # input product
     ref = Recurrent("peephole", inputs, hidden, backend="reference", recurrent_dropout=0.2)
     fast = Recurrent("peephole", inputs, hidden, backend="fused", recurrent_dropout=0.2)
     fast.load_state_dict(ref.state_dict())
@@ -285,3 +285,39 @@ def test_buffers_reused_across_calls_never_overwrite_what_a_caller_still_holds()
         (r_gx,) = torch.autograd.grad(r_out.sum() + r_c.sum(), x)
         torch.testing.assert_close(out, r_out, atol=1e-5, rtol=0)
         torch.testing.assert_close(gx, r_gx, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,dtype", [("peephole", torch.float32), ("ln_lstm", torch.float64),
+                                        ("gru", torch.float32), ("gated_004", torch.float64)])
+def test_batch_split_across_threads_equals_reference(name, dtype):
+    """With two threads, the kernels run the batch as two row ranges, each its own time loop
+    (``batch_split``: 11 rows -> 5 + 6, well above its work threshold at this size), with MKL's
+    packed weights in float32; variable lengths, zoneout and recurrent dropout per row."""
+    steps, batch, inputs, hidden = 30, 11, 16, 64
+    atol = 1e-5 if dtype == torch.float32 else 1e-10
+    kw = dict(dtype=dtype, recurrent_dropout=0.3, zoneout=0.2, bidirectional=True)
+    ref = Recurrent(name, inputs, hidden, backend="reference", **kw)
+    fast = Recurrent(name, inputs, hidden, backend="fused", **kw)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(steps, batch, inputs, dtype=dtype)
+    lengths = torch.randint(steps // 2, steps + 1, (batch,))
+    threads = torch.get_num_threads()
+    res = []
+    try:
+        for m, nt in ((ref, 2), (fast, 2), (fast, 1)):
+            torch.set_num_threads(nt)
+            xi = x.clone().requires_grad_()
+            torch.manual_seed(3)
+            out, h_n = m(xi, lengths=lengths)
+            gen = torch.Generator().manual_seed(7)
+            loss = (out * torch.randn(out.shape, generator=gen, dtype=dtype)).sum() + \
+                sum((h * h).sum() for h in (h_n if isinstance(h_n, tuple) else (h_n,)))
+            res.append((out, torch.autograd.grad(loss, [xi, *m.parameters()])))
+    finally:
+        torch.set_num_threads(threads)
+    (o_ref, g_ref), (o_two, g_two), (o_one, g_one) = res
+    torch.testing.assert_close(o_two, o_ref, atol=atol, rtol=0)
+    torch.testing.assert_close(o_two, o_one, atol=atol, rtol=0)
+    for a, b, c in zip(g_ref, g_two, g_one, strict=True):
+        torch.testing.assert_close(b, a, atol=atol, rtol=atol)
+        torch.testing.assert_close(b, c, atol=atol, rtol=atol)

@@ -242,8 +242,12 @@ def run_layer(
     return out, final, (states if return_states else None)
 
 
-#: below this many multiply-adds per step a matrix product stays with MKL (measured crossover)
-PACK_MIN_MACS = 1 << 21
+#: from this many multiply-adds per step a recurrent product runs on oneDNN's prepacked weight;
+#: below, on MKL's packed one (measured, 2 threads each on half the batch: MKL's faster at
+#: (32,128)@(128,512), oneDNN's at (64,256)@(256,1024) and up)
+PACK_MIN_MACS = 1 << 23
+#: from this many multiply-adds the input projection runs on oneDNN's prepacked weight
+INPUT_PACK_MIN_MACS = 1 << 25
 
 
 def _input_preact(cell: Cell, p: Params, x: Tensor) -> Tensor:
@@ -255,7 +259,7 @@ def _input_preact(cell: Cell, p: Params, x: Tensor) -> Tensor:
         return cell.input_preact(x, p)
     names = _plain_linear(cell, p)
     w = None if names is None else p[names[0]]
-    if w is None or x.shape[0] * x.shape[1] * w.shape[0] * w.shape[1] < (PACK_MIN_MACS << 4):
+    if w is None or x.shape[0] * x.shape[1] * w.shape[0] * w.shape[1] < INPUT_PACK_MIN_MACS:
         return cell.input_preact(x, p)
     try:
         with torch.no_grad():

@@ -19,7 +19,9 @@ import torch
 
 from .codegen import module_source
 
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fno-math-errno", "-w"]
+# -fopenmp: ATen's parallel_for is a header template that runs serially without it (it then
+# links the libgomp torch already loaded)
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fno-math-errno", "-w"]
 
 _lock = threading.RLock()
 _loaded: dict[str, str] = {}  # module name -> namespace (loaded in this process)
@@ -77,7 +79,8 @@ def load(programs: dict[str, str], what: str) -> str:
                         f.write(src)
                     os.replace(path + ".tmp", path)
                 sources.append(path)
-            cpp_extension.load(name, sources, extra_cflags=FLAGS, build_directory=build_dir,
+            cpp_extension.load(name, sources, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                               build_directory=build_dir,
                                is_python_module=False, verbose=False)
         except Exception as e:  # no compiler, no ninja, a compile error: fall back
             raise BuildError(f"{type(e).__name__}: {str(e)[-2000:]}") from e

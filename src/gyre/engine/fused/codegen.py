@@ -306,10 +306,54 @@ bool blas_gemm(T* out, int64_t ldc, const T* l, int64_t ldl, const at::Tensor& m
   return true;
 }
 
-// out (B x N, row stride ldc) = l (B x K, row stride ldl) @ mat (K x N)
+// MKL's packed-operand product (cblas_sgemm_pack/compute, exported by torch's MKL): a weight
+// packed once per call for a fixed number of rows, so that no step's product repacks it
+using pack_size_fn = size_t (*)(int, int, int, int);
+using pack_fn = void (*)(int, int, int, int, int, int, float, const float*, int, float*);
+using compute_fn = void (*)(int, int, int, int, int, int, const float*, int, const float*, int,
+                            float, float*, int);
+struct MklPack {
+  at::Tensor buf;  // undefined: not packed
+  int64_t rows = 0;
+};
+
+template <typename T>
+MklPack mkl_pack(const at::Tensor& mat, int64_t rows) {
+  MklPack pk;
+  if constexpr (std::is_same<T, float>::value) {
+    static const auto size = reinterpret_cast<pack_size_fn>(
+        dlsym(RTLD_DEFAULT, "cblas_sgemm_pack_get_size"));
+    static const auto pack = reinterpret_cast<pack_fn>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack"));
+    static const auto compute = dlsym(RTLD_DEFAULT, "cblas_sgemm_compute");
+    const int64_t K = mat.size(0), N = mat.size(1), s0 = mat.stride(0), s1 = mat.stride(1);
+    if (!size || !pack || !compute || rows <= 0 || K <= 0 || N <= 0) return pk;
+    int trans, ld;  // CBLAS row-major (101), B matrix (162), NoTrans (111) / Trans (112)
+    if (s1 == 1 && s0 >= N) { trans = 111; ld = s0; }
+    else if (s0 == 1 && s1 >= K) { trans = 112; ld = s1; }
+    else return pk;
+    const size_t bytes = size(162, rows, N, K);
+    pk.buf = at::empty({int64_t(bytes / sizeof(float)) + 16}, mat.options());
+    pack(101, 162, trans, rows, N, K, 1.0f, mat.data_ptr<float>(), ld, pk.buf.data_ptr<float>());
+    pk.rows = rows;
+  }
+  return pk;
+}
+
+// out (B x N, row stride ldc) = l (B x K, row stride ldl) @ mat (K x N); through oneDNN's
+// prepacked weight when given, else MKL's packed one when it was packed for these B rows
 template <typename T>
 void gemm(T* out, int64_t ldc, T* l, int64_t ldl, int64_t B, const at::Tensor& mat,
-          const at::Tensor* packed) {
+          const at::Tensor* packed, const MklPack* mk = nullptr) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (mk != nullptr && mk->buf.defined() && mk->rows == B) {
+      static const auto compute = reinterpret_cast<compute_fn>(
+          dlsym(RTLD_DEFAULT, "cblas_sgemm_compute"));
+      // row-major, A as is (111), B packed (151)
+      compute(101, 111, 151, B, mat.size(1), mat.size(0), l, ldl, mk->buf.data_ptr<float>(),
+              mat.size(1), 0.0f, out, ldc);
+      return;
+    }
+  }
   if (packed != nullptr && packed->defined() && packed->numel()) {
     at::Tensor x = at::from_blob(l, {B, mat.size(0)}, {ldl, 1}, mat.options()), w = *packed;
     void* r = nullptr;
@@ -324,6 +368,32 @@ void gemm(T* out, int64_t ldc, T* l, int64_t ldl, int64_t B, const at::Tensor& m
   if (blas_gemm<T>(out, ldc, l, ldl, mat, B)) return;
   at::Tensor o = at::from_blob(out, {B, mat.size(1)}, {ldc, 1}, mat.options());
   at::cpu::mm_out(o, at::from_blob(l, {B, mat.size(0)}, {ldl, 1}, mat.options()), mat);
+}
+
+// chunk(R0, R1) over all batch rows: split across torch's threads, one contiguous range each,
+// when each gets at least kMinRows rows and the whole loop is worth it (cost: per row). The rows
+// of a batch never meet in a recurrence, so the chunks need no synchronisation at all: each runs
+// its own time loop with single-threaded matrix products (BLAS and oneDNN run serially inside
+// a parallel region), instead of every step's product split across threads and the pointwise
+// work on one.
+template <typename F>
+void batch_split(int64_t B, int64_t cost_per_row, const F& chunk) {
+  constexpr int64_t kMinRows = 4;
+  constexpr int64_t kMinCost = int64_t(1) << 20;
+  const int64_t nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t n = std::min<int64_t>(nt, B / kMinRows);
+  if (n < 2 || B * cost_per_row < kMinCost) {
+    chunk(0, B);
+    return;
+  }
+  using local_fn = int (*)(int);
+  static const auto set_local =
+      reinterpret_cast<local_fn>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  at::parallel_for(0, n, 1, [&](int64_t c0, int64_t c1) {
+    const int before = set_local ? set_local(1) : 0;  // MKL serial on this thread
+    for (int64_t c = c0; c < c1; ++c) chunk(B * c / n, B * (c + 1) / n);
+    if (set_local) set_local(before);
+  });
 }
 
 // a kernel over rows [b0, b1): split across torch's threads when a step has enough work
@@ -702,7 +772,7 @@ class _Gen:
     def _call(self, kernels, backward: bool, s: int, f: int) -> str:
         name = kernels[(backward, s, f)]
         work = self.work[(backward, s, f)]
-        return (f"    rows(B, {work} * U[{f}], [&](int64_t b0, int64_t b1) {{ "
+        return (f"    rows(NB, {work} * U[{f}], [&](int64_t b0, int64_t b1) {{ "
                 f"{name}<T>(b0, b1, U[{f}], P, LD); }});")
 
     def _first_writers(self) -> None:
@@ -761,32 +831,57 @@ class _Gen:
         for (s, f), n in sorted(self.ncross.items()):
             L.append(f"  const int64_t WC{s}_{f} = {self.width(f, n)};")
         L += [
-            f"  T* P[{len(self.slots)}] = {{}};",
-            f"  int64_t LD[{len(self.slots)}] = {{}};",
-            f"  P[{self.slots[('drop',)]}] = ptr<T>(drop); LD[{self.slots[('drop',)]}] = "
+            f"  T* P0[{len(self.slots)}] = {{}};",
+            f"  int64_t LD0[{len(self.slots)}] = {{}};",
+            f"  P0[{self.slots[('drop',)]}] = ptr<T>(drop); LD0[{self.slots[('drop',)]}] = "
             f"drop.size(1);",
             "  const bool* vptr = valid.numel() ? valid.data_ptr<bool>() : nullptr;",
         ]
         for i in range(len(p.vecs)):
-            L.append(f"  P[{self.slots[('vec', i)]}] = ptr<T>(vecs[{i}]);")
+            L.append(f"  P0[{self.slots[('vec', i)]}] = ptr<T>(vecs[{i}]);")
         return L
+
+    def _row_cost(self) -> str:
+        """Work per batch row per time step (multiply-adds of its products plus the kernels'
+        op counts), as C++ over the drivers' width names: what ``batch_split`` weighs."""
+        terms = [f"WI{bi} * WO{bi}" for bi, b in enumerate(self.p.boundaries) if b.kind == "mm"]
+        terms += [f"{w} * U[{f}]" for (bwd, s, f), w in sorted(self.work.items()) if not bwd]
+        return "(" + " + ".join(terms or ["1"]) + ")"
+
+    def _chunk_open(self, mats: str) -> list[str]:
+        """Start of the time loop's body over batch rows [R0, R1): the rows of a batch never
+        meet in a recurrence, so each chunk runs the whole loop on its own (one per thread,
+        see ``batch_split``) with its own pointer arrays, the shared ones moved to row R0."""
+        n = len(self.slots)
+        return [
+            "  auto chunk = [&](int64_t R0, int64_t R1) {",
+            "  const int64_t NB = R1 - R0;",
+            f"  T* P[{n}];",
+            f"  int64_t LD[{n}];",
+            f"  for (int i = 0; i < {n}; ++i) {{ LD[i] = LD0[i]; P[i] = P0[i] ? P0[i] + R0 * LD0[i] "
+            ": nullptr; }",
+            "  std::vector<MklPack> mk;",
+            f"  if (packed.empty()) for (const auto& m : {mats}) mk.push_back(mkl_pack<T>(m, NB));",
+            f"  else mk.resize({mats}.size());",
+        ]
 
     def _step_ptrs(self, saved_t: str) -> list[str]:
         p, sl = self.p, self.slots
-        L = [f"    P[{sl[('xp',)]}] = xp_p + t * B * W_xp; LD[{sl[('xp',)]}] = W_xp;"]
+        L = [f"    P[{sl[('xp',)]}] = xp_p + (t * B + R0) * W_xp; LD[{sl[('xp',)]}] = W_xp;"]
         for k in range(len(p.states)):
-            L.append(f"    P[{sl[('state', k)]}] = t == 0 ? ptr<T>(state0[{k}]) : "
-                     f"seq{k}_p + (t - 1) * B * S{k}; LD[{sl[('state', k)]}] = S{k};")
-            L.append(f"    P[{sl[('new', k)]}] = seq{k}_p + t * B * S{k}; "
+            L.append(f"    P[{sl[('state', k)]}] = (t == 0 ? ptr<T>(state0[{k}]) : "
+                     f"seq{k}_p + (t - 1) * B * S{k}) + R0 * S{k}; LD[{sl[('state', k)]}] = S{k};")
+            L.append(f"    P[{sl[('new', k)]}] = seq{k}_p + (t * B + R0) * S{k}; "
                      f"LD[{sl[('new', k)]}] = S{k};")
         for bi in range(len(p.boundaries)):
-            L.append(f"    P[{sl[('bout', bi)]}] = bout{bi}_p + {saved_t} * B * WO{bi}; "
+            L.append(f"    P[{sl[('bout', bi)]}] = bout{bi}_p + ({saved_t} * B + R0) * WO{bi}; "
                      f"LD[{sl[('bout', bi)]}] = WO{bi};")
-            L.append(f"    P[{sl[('bin', bi)]}] = bin{bi}_p + {saved_t} * B * WI{bi}; "
+            L.append(f"    P[{sl[('bin', bi)]}] = bin{bi}_p + ({saved_t} * B + R0) * WI{bi}; "
                      f"LD[{sl[('bin', bi)]}] = WI{bi};")
         for (s, f) in sorted(self.ncross):
             i = sl[("cross", s, f)]
-            L.append(f"    P[{i}] = cross{s}_{f}_p + {saved_t} * B * WC{s}_{f}; LD[{i}] = WC{s}_{f};")
+            L.append(f"    P[{i}] = cross{s}_{f}_p + ({saved_t} * B + R0) * WC{s}_{f}; "
+                     f"LD[{i}] = WC{s}_{f};")
         return L
 
     def fwd_driver(self, kernels) -> str:
@@ -815,6 +910,7 @@ class _Gen:
             L.append(f"  at::Tensor cross{s}_{f} = pooled({{TS, B, WC{s}_{f}}}, opts, false); "
                      f"T* cross{s}_{f}_p = cross{s}_{f}.data_ptr<T>();")
             saved.append(f"cross{s}_{f}")
+        L += self._chunk_open("mats")
         L.append("  for (int64_t t = 0; t < T_; ++t) {")
         L.append("    const int64_t ts = save ? t : 0;")
         L += self._step_ptrs("ts")
@@ -826,9 +922,11 @@ class _Gen:
                     L.append(self._call(kernels, False, s, f))
         for k in range(len(p.states)):
             L.append(f"    post_fwd<T>(P[{sl[('new', k)]}], P[{sl[('state', k)]}], "
-                     f"zmode[{k}] ? zone[{k}].data_ptr<T>() + (zmode[{k}] == 2 ? t * B * S{k} : 0)"
-                     f" : nullptr, zmode[{k}], vptr ? vptr + t * B : nullptr, B, S{k});")
+                     f"zmode[{k}] ? zone[{k}].data_ptr<T>() + (zmode[{k}] == 2 ? (t * B + R0) * S{k} "
+                     f": 0) : nullptr, zmode[{k}], vptr ? vptr + t * B + R0 : nullptr, NB, S{k});")
         L.append("  }")
+        L.append("  };")
+        L.append(f"  batch_split(B, T_ * {self._row_cost()}, chunk);")
         L.append("  if (save) {")
         for nm in saved:
             L.append(f"    res.push_back({nm});")
@@ -848,16 +946,16 @@ class _Gen:
                 continue
             out, inp = f"P[{sl[('bout', bi)]}], WO{bi}", f"P[{sl[('bin', bi)]}], WI{bi}"
             if b.kind == "mm" and step:
-                L.append(f"    linear<T>({out}, {inp}, B, static_cast<const T*>(Ly.mats[{b.mat}]), "
+                L.append(f"    linear<T>({out}, {inp}, NB, static_cast<const T*>(Ly.mats[{b.mat}]), "
                          f"Ly.mat_ld[{b.mat}], WI{bi}, WO{bi}, nullptr);")
             elif b.kind == "mm":
-                L.append(f"    gemm<T>({out}, {inp}, B, mats[{b.mat}], "
-                         f"packed.empty() ? nullptr : &packed[{2 * b.mat}]);")
+                L.append(f"    gemm<T>({out}, {inp}, NB, mats[{b.mat}], "
+                         f"packed.empty() ? nullptr : &packed[{2 * b.mat}], &mk[{b.mat}]);")
             else:
                 w = f"P[{sl[('vec', b.weight)]}]" if b.weight >= 0 else "nullptr"
                 c = f"P[{sl[('vec', b.bias)]}]" if b.bias >= 0 else "nullptr"
                 L.append(f"    ln_fwd<T>(P[{sl[('bin', bi)]}], P[{sl[('bout', bi)]}], {w}, {c}, "
-                         f"B, WI{bi}, {b.eps!r});")
+                         f"NB, WI{bi}, {b.eps!r});")
         return L
 
     def step_driver(self, kernels) -> str:
@@ -889,6 +987,7 @@ class _Gen:
         n_bufs = 3 + K + 2 * nb + len(self.ncross)
         L += [
             f"  T* cur = wk.get<T>({' + '.join(sizes)} + {n_bufs} * 64);",
+            "  const int64_t NB = B;",
             f"  T* P[{len(self.slots)}] = {{}};",
             f"  int64_t LD[{len(self.slots)}] = {{}};",
             "  if (Ly.wih) {",
@@ -965,9 +1064,9 @@ class _Gen:
             L.append(f"  T* gseq{k}_p = gseq[{k}].data_ptr<T>();")
             L.append(f"  at::Tensor dstate{k} = at::zeros({{B, S{k}}}, opts), "
                      f"gn{k} = at::empty({{B, S{k}}}, opts);")
-            L.append(f"  P[{sl[('dstate', k)]}] = dstate{k}.data_ptr<T>(); "
-                     f"LD[{sl[('dstate', k)]}] = S{k};")
-            L.append(f"  P[{sl[('gn', k)]}] = gn{k}.data_ptr<T>(); LD[{sl[('gn', k)]}] = S{k};")
+            L.append(f"  P0[{sl[('dstate', k)]}] = dstate{k}.data_ptr<T>(); "
+                     f"LD0[{sl[('dstate', k)]}] = S{k};")
+            L.append(f"  P0[{sl[('gn', k)]}] = gn{k}.data_ptr<T>(); LD0[{sl[('gn', k)]}] = S{k};")
         i = 0
         for bi in range(nb):
             L.append(f"  const at::Tensor& bin{bi} = saved[{i}]; const at::Tensor& bout{bi} = "
@@ -978,36 +1077,37 @@ class _Gen:
             L.append(f"  at::Tensor dbout{bi} = pooled({{T_, B, WO{bi}}}, opts, {init}); "
                      f"T* dbout{bi}_p = dbout{bi}.data_ptr<T>();")
             L.append(f"  at::Tensor dbin{bi} = at::empty({{B, WI{bi}}}, opts); "
-                     f"P[{sl[('dbin', bi)]}] = dbin{bi}.data_ptr<T>(); "
-                     f"LD[{sl[('dbin', bi)]}] = WI{bi};")
+                     f"P0[{sl[('dbin', bi)]}] = dbin{bi}.data_ptr<T>(); "
+                     f"LD0[{sl[('dbin', bi)]}] = WI{bi};")
             i += 2
         for (s, f) in sorted(self.ncross):
             L.append(f"  const at::Tensor& cross{s}_{f} = saved[{i}]; "
                      f"T* cross{s}_{f}_p = cross{s}_{f}.data_ptr<T>();")
             L.append(f"  at::Tensor dcross{s}_{f} = at::zeros({{B, WC{s}_{f}}}, opts); "
-                     f"P[{sl[('dcross', s, f)]}] = dcross{s}_{f}.data_ptr<T>(); "
-                     f"LD[{sl[('dcross', s, f)]}] = WC{s}_{f};")
+                     f"P0[{sl[('dcross', s, f)]}] = dcross{s}_{f}.data_ptr<T>(); "
+                     f"LD0[{sl[('dcross', s, f)]}] = WC{s}_{f};")
             i += 1
         L.append("  std::vector<at::Tensor> matsT;")
         L.append("  for (const auto& m : mats) matsT.push_back(m.t());")
         L.append("  std::vector<at::Tensor> dvecs;")
         for v in range(len(p.vecs)):
             L.append(f"  dvecs.push_back(at::zeros({{B, vecs[{v}].size(0)}}, opts)); "
-                     f"P[{sl[('dvec', v)]}] = dvecs.back().data_ptr<T>(); "
-                     f"LD[{sl[('dvec', v)]}] = vecs[{v}].size(0);")
+                     f"P0[{sl[('dvec', v)]}] = dvecs.back().data_ptr<T>(); "
+                     f"LD0[{sl[('dvec', v)]}] = vecs[{v}].size(0);")
+        L += self._chunk_open("matsT")
         L.append("  for (int64_t t = T_ - 1; t >= 0; --t) {")
         L += self._step_ptrs("t")
-        L.append(f"    P[{sl[('dxp',)]}] = dxp_p + t * B * W_xp; LD[{sl[('dxp',)]}] = W_xp;")
+        L.append(f"    P[{sl[('dxp',)]}] = dxp_p + (t * B + R0) * W_xp; LD[{sl[('dxp',)]}] = W_xp;")
         for bi in range(nb):
-            L.append(f"    P[{sl[('dbout', bi)]}] = dbout{bi}_p + t * B * WO{bi}; "
+            L.append(f"    P[{sl[('dbout', bi)]}] = dbout{bi}_p + (t * B + R0) * WO{bi}; "
                      f"LD[{sl[('dbout', bi)]}] = WO{bi};")
         for k in range(len(p.states)):
-            L.append(f"    post_bwd<T>(gseq{k}_p + t * B * S{k}, P[{sl[('dstate', k)]}], "
+            L.append(f"    post_bwd<T>(gseq{k}_p + (t * B + R0) * S{k}, P[{sl[('dstate', k)]}], "
                      f"P[{sl[('gn', k)]}], zmode[{k}] ? zone[{k}].data_ptr<T>() + "
-                     f"(zmode[{k}] == 2 ? t * B * S{k} : 0) : nullptr, zmode[{k}], "
-                     f"vptr ? vptr + t * B : nullptr, B, S{k});")
+                     f"(zmode[{k}] == 2 ? (t * B + R0) * S{k} : 0) : nullptr, zmode[{k}], "
+                     f"vptr ? vptr + t * B + R0 : nullptr, NB, S{k});")
         for (s, f) in sorted(self.ncross):
-            L.append(f"    dcross{s}_{f}.zero_();")
+            L.append(f"    std::memset(P[{sl[('dcross', s, f)]}], 0, sizeof(T) * NB * WC{s}_{f});")
         for s in reversed(range(self.S)):
             for f in range(p.nfam):
                 if (True, s, f) in kernels:
@@ -1018,15 +1118,19 @@ class _Gen:
                         continue
                     if b.kind == "mm":
                         L.append(f"    gemm<T>(P[{sl[('dbin', bi)]}], WI{bi}, "
-                                 f"P[{sl[('dbout', bi)]}], WO{bi}, B, matsT[{b.mat}], "
-                                 f"packed.empty() ? nullptr : &packed[{2 * b.mat + 1}]);")
+                                 f"P[{sl[('dbout', bi)]}], WO{bi}, NB, matsT[{b.mat}], "
+                                 f"packed.empty() ? nullptr : &packed[{2 * b.mat + 1}], "
+                                 f"&mk[{b.mat}]);")
                     else:
                         w = f"P[{sl[('vec', b.weight)]}]" if b.weight >= 0 else "nullptr"
                         dw = f"P[{sl[('dvec', b.weight)]}]" if b.weight >= 0 else "nullptr"
                         dc = f"P[{sl[('dvec', b.bias)]}]" if b.bias >= 0 else "nullptr"
                         L.append(f"    ln_bwd<T>(P[{sl[('bin', bi)]}], P[{sl[('dbout', bi)]}], "
-                                 f"{w}, P[{sl[('dbin', bi)]}], {dw}, {dc}, B, WI{bi}, {b.eps!r});")
+                                 f"{w}, P[{sl[('dbin', bi)]}], {dw}, {dc}, NB, WI{bi}, "
+                                 f"{b.eps!r});")
         L.append("  }")
+        L.append("  };")
+        L.append(f"  batch_split(B, T_ * {self._row_cost()}, chunk);")
         L.append("  std::vector<at::Tensor> res{dxp};")
         for k in range(len(p.states)):
             L.append(f"  res.push_back(dstate{k});")
