@@ -746,6 +746,9 @@ class _Gen:
                 if tgt is None:
                     continue
                 key, pos = tgt
+                if (key == ("dxp",) and self.dxp_alias is not None) or \
+                        (key[0] == "dvec" and key[1] in self.vec_alias):
+                    continue  # the same values are written to (or summed from) another buffer
                 used.add(key)
                 first = self.first_writer.get((key, pos)) == (s, f)
                 body.append(f"p{self.slots[key]}[{pos} * U_ + j] {'=' if first else '+='} g{a};")
@@ -793,12 +796,74 @@ class _Gen:
                     self.writers[tgt] += 1
                     self.first_writer.setdefault(tgt, (s, f))
 
+    def _canonical(self, s: int, f: int) -> dict[int, int]:
+        """For kernel (s, f)'s terminals: the atom whose adjoint equals theirs. An atom whose one
+        use is as a term of a sum passes its adjoint on unchanged (``g_a = g_c``), so e.g. the
+        input pre-activation, the product's output and a bias added to them all have the
+        adjoint of their sum."""
+        roots = self.roots(s, f)
+        comp, term = self.closure(s, roots)
+        uses: dict[int, list[int]] = defaultdict(list)
+        for c in comp:
+            for x in self.p.atoms[c].args:
+                uses[x].append(c)
+        rootset = {r[0] for r in roots}
+        out = {}
+        for a in term:
+            c = a
+            while c not in rootset and len(uses[c]) == 1:
+                u = self.p.atoms[uses[c][0]]
+                if not (u.op == "add" or (u.op == "sub" and u.args[0] == c)):
+                    break
+                c = uses[c][0]
+            out[a] = c
+        return out
+
+    def _aliases(self) -> None:
+        """Gradient buffers that would hold the same values: ``dxp`` equal to a product's
+        ``dbout`` block by block (written once, returned as both), and a vector's gradient that
+        is the column sum of such a buffer (one sum after the loop instead of a per-row
+        accumulation every step)."""
+        p = self.p
+        found: dict = {}  # (key, pos) -> (kernel, canonical atom), for single-writer targets
+        for s in range(self.S):
+            for f in range(p.nfam):
+                if not self.roots(s, f):
+                    continue
+                canon = self._canonical(s, f)
+                for a, c in canon.items():
+                    tgt = self.grad_target(a)
+                    if tgt is None:
+                        continue
+                    found.setdefault(tgt, []).append(((s, f), c))
+
+        def same(k1, k2, blocks: int) -> bool:
+            return all(len(found.get((k1, i), [])) == 1 and found.get((k2, i)) == found[(k1, i)]
+                       for i in range(blocks))
+
+        self.dxp_alias = None  # bi: dxp is dbout{bi}
+        xp_w = self.width(*p.xp)
+        for bi, b in enumerate(p.boundaries):
+            if b.kind == "mm" and self.width(b.out_fam, b.out_blocks) == xp_w and \
+                    same(("dxp",), ("dbout", bi), p.xp[1]):
+                self.dxp_alias = bi
+                break
+        self.vec_alias: dict[int, tuple] = {}  # vec -> the gradient buffer it sums
+        for v, (fam, blocks) in enumerate(p.vecs):
+            cands = [(("dxp",), p.xp)] + [(("dbout", bi), (b.out_fam, b.out_blocks))
+                                          for bi, b in enumerate(p.boundaries)]
+            for key, (bf, bb) in cands:
+                if (bf, bb) == (fam, blocks) and same(("dvec", v), key, blocks):
+                    self.vec_alias[v] = key
+                    break
+
     def _needs_zero(self, key, blocks: int) -> bool:
         return any(self.writers[(key, pos)] == 0 for pos in range(blocks))
 
     def source(self) -> str:
         p = self.p
         self._first_writers()
+        self._aliases()
         self.work = {}
         kernels = {}
         parts = []
@@ -1055,10 +1120,13 @@ class _Gen:
             "const at::Tensor& valid, at::TensorList saved, at::IntArrayRef units) {",
             *self._common(),
             "  T* xp_p = xp.data_ptr<T>();",
-            f"  at::Tensor dxp = pooled(xp.sizes(), opts, "
-            f"{'true' if self._needs_zero(('dxp',), p.xp[1]) else 'false'}); "
-            "T* dxp_p = dxp.data_ptr<T>();",
         ]
+        if self.dxp_alias is None:
+            L.append(f"  at::Tensor dxp = pooled(xp.sizes(), opts, "
+                     f"{'true' if self._needs_zero(('dxp',), p.xp[1]) else 'false'}); "
+                     "T* dxp_p = dxp.data_ptr<T>();")
+        else:
+            L.append("  at::Tensor dxp; T* dxp_p = nullptr;  // the same values as a dbout")
         for k in range(len(p.states)):
             L.append(f"  T* seq{k}_p = seq[{k}].data_ptr<T>();")
             L.append(f"  T* gseq{k}_p = gseq[{k}].data_ptr<T>();")
@@ -1076,6 +1144,8 @@ class _Gen:
                 else "false"
             L.append(f"  at::Tensor dbout{bi} = pooled({{T_, B, WO{bi}}}, opts, {init}); "
                      f"T* dbout{bi}_p = dbout{bi}.data_ptr<T>();")
+            if self.dxp_alias == bi:
+                L.append(f"  dxp = dbout{bi}; dxp_p = dbout{bi}_p;")
             L.append(f"  at::Tensor dbin{bi} = at::empty({{B, WI{bi}}}, opts); "
                      f"P0[{sl[('dbin', bi)]}] = dbin{bi}.data_ptr<T>(); "
                      f"LD0[{sl[('dbin', bi)]}] = WI{bi};")
@@ -1089,11 +1159,11 @@ class _Gen:
             i += 1
         L.append("  std::vector<at::Tensor> matsT;")
         L.append("  for (const auto& m : mats) matsT.push_back(m.t());")
-        L.append("  std::vector<at::Tensor> dvecs;")
         for v in range(len(p.vecs)):
-            L.append(f"  dvecs.push_back(at::zeros({{B, vecs[{v}].size(0)}}, opts)); "
-                     f"P0[{sl[('dvec', v)]}] = dvecs.back().data_ptr<T>(); "
-                     f"LD0[{sl[('dvec', v)]}] = vecs[{v}].size(0);")
+            if v not in self.vec_alias:  # per-row sums over steps, summed over rows at the end
+                L.append(f"  at::Tensor dvec{v} = at::zeros({{B, vecs[{v}].size(0)}}, opts); "
+                         f"P0[{sl[('dvec', v)]}] = dvec{v}.data_ptr<T>(); "
+                         f"LD0[{sl[('dvec', v)]}] = vecs[{v}].size(0);")
         L += self._chunk_open("matsT")
         L.append("  for (int64_t t = T_ - 1; t >= 0; --t) {")
         L += self._step_ptrs("t")
@@ -1134,7 +1204,14 @@ class _Gen:
         L.append("  std::vector<at::Tensor> res{dxp};")
         for k in range(len(p.states)):
             L.append(f"  res.push_back(dstate{k});")
-        L.append("  for (auto& d : dvecs) res.push_back(d.sum(0));")
+        for v in range(len(p.vecs)):
+            key = self.vec_alias.get(v)
+            if key is None:
+                L.append(f"  res.push_back(dvec{v}.sum(0));")
+            elif key == ("dxp",):
+                L.append("  res.push_back(dxp.view({T_ * B, W_xp}).sum(0));")
+            else:
+                L.append(f"  res.push_back(dbout{key[1]}.view({{T_ * B, WO{key[1]}}}).sum(0));")
         for m in range(len(p.mats)):
             terms = [bi for bi, b in enumerate(p.boundaries) if b.kind == "mm" and b.mat == m]
             prods = [f"at::mm(bin{bi}.view({{T_ * B, WI{bi}}}).t(), "
