@@ -246,8 +246,10 @@ def run_layer(
 #: below, on MKL's packed one (measured, 2 threads each on half the batch: MKL's faster at
 #: (32,128)@(128,512), oneDNN's at (64,256)@(256,1024) and up)
 PACK_MIN_MACS = 1 << 23
-#: from this many multiply-adds the input projection runs on oneDNN's prepacked weight
-INPUT_PACK_MIN_MACS = 1 << 25
+#: from this many multiply-adds the input projection runs on oneDNN's prepacked weight (measured
+#: in LSTM training, 2 threads: 3-10% faster at (100*64,256)@(256,1024) and up; at
+#: (100*32,64)@(64,512) the weight's reorder every call costs more than it saves)
+INPUT_PACK_MIN_MACS = 1 << 28
 
 
 def _input_preact(cell: Cell, p: Params, x: Tensor) -> Tensor:
