@@ -242,7 +242,7 @@ def test_unsupported_cell_is_refused_by_name_and_auto_falls_back():
 
 
 def test_float32_at_a_size_that_uses_onednn_packed_weights():
-    steps, batch, inputs, hidden = 40, 64, 128, 256
+    steps, batch, inputs, hidden = 8, 64, 512, 256
     assert batch * hidden * 4 * hidden >= fused.PACK_MIN_MACS  # recurrent products
     assert steps * batch * inputs * 4 * hidden >= fused.INPUT_PACK_MIN_MACS  # input product
     ref = Recurrent("peephole", inputs, hidden, backend="reference", recurrent_dropout=0.2)
