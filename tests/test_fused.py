@@ -258,7 +258,8 @@ def test_float32_at_a_size_that_uses_onednn_packed_weights():
     torch.testing.assert_close(res[1][0], res[0][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(res[1][1], res[0][1], atol=1e-5, rtol=0)
     for a, b in zip(res[0][2], res[1][2], strict=True):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        # weight gradients are sums over all 512 rows, in another order: 1e-5 of their scale
+        torch.testing.assert_close(b, a, atol=1e-5 * max(1.0, a.abs().max().item()), rtol=1e-5)
 
 
 def test_buffers_reused_across_calls_never_overwrite_what_a_caller_still_holds():
