@@ -222,6 +222,24 @@ def test_auto_picks_fused_where_torch_has_no_fused_kernel():
     assert engine.select_backend(cells.get("mingru"), device="cuda") == "scan"
     # a projection wider than the small size the support check starts from
     assert engine.select_backend(cells.LSTM(proj_size=16, peephole=True)) == "fused"
+    # LSTM training at large sizes: fused on CPU; inference, small sizes and GPUs: torch's kernel
+    big, small = (64, 256), (32, 128)
+    assert 64 * 4 * 256 * 256 >= engine.LSTM_FUSED_TRAIN_MIN_MACS > 32 * 4 * 128 * 128
+    lstm = cells.get("lstm")
+    assert engine.select_backend(lstm, size=big, grad=True) == "fused"
+    assert engine.select_backend(lstm, size=big, grad=False) == "native"
+    assert engine.select_backend(lstm, size=small, grad=True) == "native"
+    assert engine.select_backend(lstm, size=big, grad=True, device="cuda") == "native"
+
+
+def test_auto_lstm_training_at_a_large_size_runs_fused():
+    m = Recurrent("lstm", 8, 256)
+    x = torch.randn(3, 64, 8)
+    out, _ = m(x)
+    assert "Fused" in _graph_names(out)
+    m.requires_grad_(False)  # frozen parameters (only the input's gradient): torch's kernel
+    out, _ = m(x.requires_grad_())
+    assert "Fused" not in _graph_names(out) and out.grad_fn is not None
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,7 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
                     torch_cache[key] = _time(m, mode, x, timing, fl, steps)
                 rec.update(torch_cache[key])
             else:
-                backend = cases.gyre_backend(cell, impl)
+                backend = cases.gyre_backend(cell, impl, mode, B, H)
                 if backend is None:
                     continue  # this backend cannot run this cell: nothing to time
                 rec["backend"] = backend

@@ -51,11 +51,13 @@ def flops_fwd(cell: str, T: int, B: int, I: int, H: int) -> float:
     return f
 
 
-def gyre_backend(cell: str, impl: str) -> str | None:
-    """The engine backend ``impl`` runs for ``cell`` (None: this backend cannot run it)."""
+def gyre_backend(cell: str, impl: str, mode: str = "fwd", B: int = 1, H: int = 1) -> str | None:
+    """The engine backend ``impl`` runs for ``cell`` in ``mode`` at batch ``B`` and hidden size
+    ``H`` (None: this backend cannot run it)."""
     backend = "reference" if impl == "eager" else impl
     try:
-        return engine.select_backend(_cells.get(cell), backend)
+        return engine.select_backend(_cells.get(cell), backend, size=(B, H),
+                                     grad=mode == "train")
     except ValueError:
         return None
 

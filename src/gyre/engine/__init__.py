@@ -43,12 +43,22 @@ class Result:
     states: tuple[Tensor, ...] | None = None
 
 
+#: LSTM training (forward+backward) takes ``fused`` over oneDNN's LSTM on the CPU from this many
+#: multiply-adds per recurrent step (batch * 4H * H): measured 0.76x torch's time at
+#: (T,B,I,H) = (100,64,256,256) and 0.84x at (50,128,512,512) with 2 threads, 0.84x single-
+#: threaded at the first; 1.1-1.2x at (100,32,64,128) and (200,16,32,64). Inference stays on
+#: oneDNN at every size.
+LSTM_FUSED_TRAIN_MIN_MACS = 1 << 24
+
+
 def select_backend(
     cell: Cell, backend: str = "auto", *, residual: bool = False, drop=None, zone=None,
     return_states: bool = False, varlen: bool = False, device: str = "cpu",
+    size: tuple[int, int] | None = None, grad: bool = False,
 ) -> str:
     """The backend that will run: ``backend`` itself, or for ``"auto"`` the fastest correct one
-    for a run on ``device`` (a device type), with ``lengths`` when ``varlen``."""
+    for a run on ``device`` (a device type), with ``lengths`` when ``varlen``, of ``size``
+    ``(batch, hidden)`` when known, with gradients to compute when ``grad``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: got {backend!r}, expected one of {', '.join(BACKENDS)}")
     scan_reason = scan.unsupported_reason(cell)
@@ -72,7 +82,10 @@ def select_backend(
         # for packed (variable-length) input or with proj_size is not oneDNN's, and measured
         # 1.1-5x slower than fused for forward+backward at the bench shapes, single thread
         not_onednn = varlen or getattr(cell, "proj_size", 0) > 0
-        if reason is None and native.mode(cell) == "lstm" and not (not_onednn and fusable):
+        big_training = grad and size is not None and \
+            size[0] * 4 * size[1] * size[1] >= LSTM_FUSED_TRAIN_MIN_MACS
+        if reason is None and native.mode(cell) == "lstm" and \
+                not ((not_onednn or big_training) and fusable):
             return "native"
         if fusable:
             return "fused"  # also ahead of scan: 1.05-2.3x faster on CPU at every bench shape
@@ -108,9 +121,12 @@ def run(
     :func:`gyre.engine.reference.run_layer`). ``residual`` adds a layer's input to its output
     from the second layer on.
     """
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for layer in params for d in layer for t in d.values())
     chosen = select_backend(cell, backend, residual=residual, drop=drop, zone=zone,
                             return_states=return_states, varlen=lengths is not None,
-                            device=x.device.type)
+                            device=x.device.type, size=(x.shape[1], hx[0].shape[-1]),
+                            grad=grad)
     if chosen == "native":
         out, state = native.run(cell, params, x, hx, lengths=lengths, bidirectional=bidirectional,
                                 dropout=dropout, training=training)
