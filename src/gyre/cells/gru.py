@@ -56,7 +56,7 @@ class GRU(LayerNormProducts):
 
     def pointwise(self, xp, hp, state, p):
         (h,) = state
-        xr, xz, xn = xp.chunk(3, dim=-1)
+        xr, xz, xn = self.input_norm(xp, p).chunk(3, dim=-1)
         hr, hz, hn = hp.chunk(3, dim=-1)
         r = torch.sigmoid(xr + hr)
         z = torch.sigmoid(xz + hz)

@@ -20,15 +20,26 @@ def _ln(v: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 class LayerNormProducts(Cell):
     """Mixin for cells with a ``layer_norm`` field: when set, the input and the recurrent matrix
     products are each normalised over their whole gate vector and scaled by ``ln_ih_weight`` /
-    ``ln_hh_weight`` before ``bias_ih`` / ``bias_hh`` are added (Ba et al. 2016)."""
+    ``ln_hh_weight`` before ``bias_ih`` / ``bias_hh`` are added (Ba et al. 2016). With layer
+    norm, :meth:`input_preact` is the bare product ``W_ih x`` and a subclass's ``pointwise``
+    starts from :meth:`input_norm` of it."""
 
     layer_norm: bool
 
     def input_preact(self, x, p):
         if not self.layer_norm:
             return super().input_preact(x, p)
-        # the bias as layer norm's shift: one pass (and one op in backward) instead of two
-        return _ln(F.linear(x, p["weight_ih"]), p["ln_ih_weight"], p.get("bias_ih"))
+        # the product only: its layer norm and bias come per step in pointwise (input_norm),
+        # where the fused backend compiles them into its loop (a pass over all steps' products
+        # in torch ops cost more than the rest of the input side together)
+        return F.linear(x, p["weight_ih"])
+
+    def input_norm(self, xp, p):
+        """``A(W_ih x) + b_ih`` from :meth:`input_preact`'s ``W_ih x`` with ``layer_norm``
+        (the bias as layer norm's shift); ``xp`` itself otherwise. Called by ``pointwise``."""
+        if not self.layer_norm:
+            return xp
+        return _ln(xp, p["ln_ih_weight"], p.get("bias_ih"))
 
     def recurrent(self, h, p):
         if not self.layer_norm:
@@ -105,7 +116,7 @@ class LSTM(LayerNormProducts):
 
     def pointwise(self, xp, hp, state, p):
         _, c = state
-        ai, af, ag, ao = (xp + hp).chunk(4, dim=-1)
+        ai, af, ag, ao = (self.input_norm(xp, p) + hp).chunk(4, dim=-1)
         if self.peephole:
             ai = ai + p["weight_ci"] * c
             af = af + p["weight_cf"] * c

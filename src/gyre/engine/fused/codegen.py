@@ -596,6 +596,7 @@ class _Gen:
                 key = (a.stage, a.fam)
                 self.cross[i] = self.ncross[key]
                 self.ncross[key] += 1
+        self.bin_alias = self._bin_aliases()
         # buffer slots
         self.slots: dict[tuple, int] = {}
         for name in (("xp",), ("drop",)):
@@ -623,6 +624,57 @@ class _Gen:
         for key in sorted(self.ncross):
             self.slot(("dcross", *key))
 
+    def _bin_aliases(self) -> dict[int, tuple]:
+        """Layer norms that read their input where it already is: every block, in order, of the
+        input pre-activations (``("xp",)``) or of an earlier boundary's output (``("bout", bj)``),
+        those atoms used nowhere else. No kernel copies them into the boundary's input buffer,
+        nothing extra is saved, and the layer norm's backward writes their gradient itself."""
+        p = self.p
+        uses: dict[int, int] = defaultdict(int)
+        for a in p.atoms:
+            if a.op not in ("xp", "state", "drop", "vec", "bout", "const"):
+                for x in a.args:
+                    uses[x] += 1
+        for b in p.boundaries:
+            for x in b.inputs:
+                uses[x] += 1
+        for comp in p.outputs:
+            for x in comp:
+                uses[x] += 1
+        out = {}
+        for bi, b in enumerate(p.boundaries):
+            if b.kind != "ln" or any(uses[x] != 1 for x in b.inputs):
+                continue
+            srcs = {(p.atoms[x].op, p.atoms[x].args[0] if p.atoms[x].op == "bout" else None)
+                    for x in b.inputs}
+            if len(srcs) != 1:
+                continue
+            op, bj = srcs.pop()
+            if op == "xp":
+                key, fam, blocks = ("xp",), p.xp[0], p.xp[1]
+            elif op == "bout":
+                src = p.boundaries[bj]
+                key, fam, blocks = ("bout", bj), src.out_fam, src.out_blocks
+            else:
+                continue
+            if (fam, blocks) == (b.in_fam, len(b.inputs)) and \
+                    [p.atoms[x].args[1] for x in b.inputs] == list(range(blocks)):
+                out[bi] = key
+        return out
+
+    def _alias_ptrs(self, grad: bool) -> list[str]:
+        """Point aliased boundary inputs (and, with ``grad``, their gradients) at their source."""
+        L = []
+        for bi, key in self.bin_alias.items():
+            src = self.slots[key]
+            L.append(f"    P[{self.slots[('bin', bi)]}] = P[{src}]; "
+                     f"LD[{self.slots[('bin', bi)]}] = LD[{src}];")
+            if grad:
+                dsrc = self.slots[("dxp",) if key == ("xp",) else ("dbout", key[1])]
+                L.append(f"    P[{self.slots[('dbin', bi)]}] = P[{dsrc}]; "
+                         f"LD[{self.slots[('dbin', bi)]}] = LD[{dsrc}];")
+        return L
+
     def slot(self, key) -> int:
         if key not in self.slots:
             self.slots[key] = len(self.slots)
@@ -641,7 +693,7 @@ class _Gen:
                 if p.atoms[a].stage == s and p.atoms[a].fam == f:
                     out.append((a, "new", k, blk))
         for bi, b in enumerate(p.boundaries):
-            if b.stage - 1 == s and b.in_fam == f:
+            if b.stage - 1 == s and b.in_fam == f and bi not in self.bin_alias:
                 for pos, a in enumerate(b.inputs):
                     out.append((a, "bin", bi, pos))
         for a, slot in self.cross.items():
@@ -858,6 +910,9 @@ class _Gen:
                     break
 
     def _needs_zero(self, key, blocks: int) -> bool:
+        for src in self.bin_alias.values():  # written whole by that layer norm's backward
+            if key == (("dxp",) if src == ("xp",) else ("dbout", src[1])):
+                return False
         return any(self.writers[(key, pos)] == 0 for pos in range(blocks))
 
     def source(self) -> str:
@@ -941,8 +996,9 @@ class _Gen:
         for bi in range(len(p.boundaries)):
             L.append(f"    P[{sl[('bout', bi)]}] = bout{bi}_p + ({saved_t} * B + R0) * WO{bi}; "
                      f"LD[{sl[('bout', bi)]}] = WO{bi};")
-            L.append(f"    P[{sl[('bin', bi)]}] = bin{bi}_p + ({saved_t} * B + R0) * WI{bi}; "
-                     f"LD[{sl[('bin', bi)]}] = WI{bi};")
+            if bi not in self.bin_alias:
+                L.append(f"    P[{sl[('bin', bi)]}] = bin{bi}_p + ({saved_t} * B + R0) * WI{bi}; "
+                         f"LD[{sl[('bin', bi)]}] = WI{bi};")
         for (s, f) in sorted(self.ncross):
             i = sl[("cross", s, f)]
             L.append(f"    P[{i}] = cross{s}_{f}_p + ({saved_t} * B + R0) * WC{s}_{f}; "
@@ -968,6 +1024,10 @@ class _Gen:
         saved = []
         for bi in range(len(p.boundaries)):
             for nm, w in (("bin", "WI"), ("bout", "WO")):
+                key = self.bin_alias.get(bi) if nm == "bin" else None
+                if key is not None:  # saved as its source (the backward reads it there)
+                    saved.append("xp" if key == ("xp",) else f"bout{key[1]}")
+                    continue
                 L.append(f"  at::Tensor {nm}{bi} = pooled({{TS, B, {w}{bi}}}, opts, false); "
                          f"T* {nm}{bi}_p = {nm}{bi}.data_ptr<T>();")
                 saved.append(f"{nm}{bi}")
@@ -979,6 +1039,7 @@ class _Gen:
         L.append("  for (int64_t t = 0; t < T_; ++t) {")
         L.append("    const int64_t ts = save ? t : 0;")
         L += self._step_ptrs("ts")
+        L += self._alias_ptrs(False)
         for s in range(self.S):
             if s > 0:
                 L += self._boundaries_fwd(s)
@@ -1080,8 +1141,11 @@ class _Gen:
                 f"  P[{sl[('new', k)]}] = sout[{k}]; LD[{sl[('new', k)]}] = S{k};",
             ]
         for bi in range(nb):
-            L += [f"  P[{sl[('bin', bi)]}] = carve(cur, B * WI{bi}); LD[{sl[('bin', bi)]}] = WI{bi};",
-                  f"  P[{sl[('bout', bi)]}] = carve(cur, B * WO{bi}); LD[{sl[('bout', bi)]}] = WO{bi};"]
+            if bi not in self.bin_alias:
+                L.append(f"  P[{sl[('bin', bi)]}] = carve(cur, B * WI{bi}); "
+                         f"LD[{sl[('bin', bi)]}] = WI{bi};")
+            L.append(f"  P[{sl[('bout', bi)]}] = carve(cur, B * WO{bi}); LD[{sl[('bout', bi)]}] = WO{bi};")
+        L += self._alias_ptrs(False)
         for (s, f) in sorted(self.ncross):
             i = sl[("cross", s, f)]
             L.append(f"  P[{i}] = carve(cur, B * WC{s}_{f}); LD[{i}] = WC{s}_{f};")
@@ -1171,6 +1235,7 @@ class _Gen:
         for bi in range(nb):
             L.append(f"    P[{sl[('dbout', bi)]}] = dbout{bi}_p + (t * B + R0) * WO{bi}; "
                      f"LD[{sl[('dbout', bi)]}] = WO{bi};")
+        L += self._alias_ptrs(True)
         for k in range(len(p.states)):
             L.append(f"    post_bwd<T>(gseq{k}_p + (t * B + R0) * S{k}, P[{sl[('dstate', k)]}], "
                      f"P[{sl[('gn', k)]}], zmode[{k}] ? zone[{k}].data_ptr<T>() + "
