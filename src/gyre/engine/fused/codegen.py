@@ -149,14 +149,17 @@ inline void row_stats(const T* __restrict__ xr, int64_t W, double eps, T& mean, 
   rstd = T(1) / std::sqrt(v / T(W) + T(eps));
 }
 
-// y = (x - mean) / sqrt(var + eps) * w + c over each row of width W
+// y = (x - mean) / sqrt(var + eps) * w + c over each row of width W; each row's mean and rstd
+// to stats (2 per row) unless null
 template <typename T>
-void ln_fwd(const T* x, T* y, const T* w, const T* c, int64_t B, int64_t W, double eps) {
+void ln_fwd(const T* x, T* y, const T* w, const T* c, int64_t B, int64_t W, double eps,
+            T* stats) {
   for (int64_t b = 0; b < B; ++b) {
     const T* __restrict__ xr = x + b * W;
     T* __restrict__ yr = y + b * W;
     T mean, rstd;
     row_stats(xr, W, eps, mean, rstd);
+    if (stats) { stats[2 * b] = mean; stats[2 * b + 1] = rstd; }
 #pragma omp simd
     for (int64_t j = 0; j < W; ++j) {
       T h = (xr[j] - mean) * rstd;
@@ -167,15 +170,17 @@ void ln_fwd(const T* x, T* y, const T* w, const T* c, int64_t B, int64_t W, doub
   }
 }
 
+// the forward's row statistics from stats (as ln_fwd saved them), recomputed when null
 template <typename T>
 void ln_bwd(const T* x, const T* dy, const T* w, T* dx, T* dw, T* dc, int64_t B, int64_t W,
-            double eps) {
+            double eps, const T* stats) {
   for (int64_t b = 0; b < B; ++b) {
     const T* __restrict__ xr = x + b * W;
     const T* __restrict__ gr = dy + b * W;
     T* __restrict__ dr = dx + b * W;
     T mean, rstd;
-    row_stats(xr, W, eps, mean, rstd);
+    if (stats) { mean = stats[2 * b]; rstd = stats[2 * b + 1]; }
+    else row_stats(xr, W, eps, mean, rstd);
     T s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
     for (int64_t j = 0; j < W; ++j) {
@@ -848,6 +853,9 @@ class _Gen:
                     self.writers[tgt] += 1
                     self.first_writer.setdefault(tgt, (s, f))
 
+    def _lns(self) -> list[int]:
+        return [bi for bi, b in enumerate(self.p.boundaries) if b.kind == "ln"]
+
     def _canonical(self, s: int, f: int) -> dict[int, int]:
         """For kernel (s, f)'s terminals: the atom whose adjoint equals theirs. An atom whose one
         use is as a term of a sum passes its adjoint on unchanged (``g_a = g_c``), so e.g. the
@@ -908,6 +916,16 @@ class _Gen:
                 if (bf, bb) == (fam, blocks) and same(("dvec", v), key, blocks):
                     self.vec_alias[v] = key
                     break
+        # a layer norm's shift used nowhere else: its gradient is the column sum of the
+        # gradient of the layer norm's output
+        for bi, b in enumerate(p.boundaries):
+            v = b.bias
+            if b.kind != "ln" or v < 0 or v in self.vec_alias:
+                continue
+            if any(a.op == "vec" and a.args[0] == v for a in p.atoms) or \
+                    sum((c.weight == v) + (c.bias == v) for c in p.boundaries) != 1:
+                continue
+            self.vec_alias[v] = ("dbout", bi)
 
     def _needs_zero(self, key, blocks: int) -> bool:
         for src in self.bin_alias.values():  # written whole by that layer norm's backward
@@ -1035,6 +1053,10 @@ class _Gen:
             L.append(f"  at::Tensor cross{s}_{f} = pooled({{TS, B, WC{s}_{f}}}, opts, false); "
                      f"T* cross{s}_{f}_p = cross{s}_{f}.data_ptr<T>();")
             saved.append(f"cross{s}_{f}")
+        for bi in self._lns():  # each row's mean and rstd, for the backward
+            L.append(f"  at::Tensor st{bi} = pooled({{TS, B, 2}}, opts, false); "
+                     f"T* st{bi}_p = st{bi}.data_ptr<T>();")
+            saved.append(f"st{bi}")
         L += self._chunk_open("mats")
         L.append("  for (int64_t t = 0; t < T_; ++t) {")
         L.append("    const int64_t ts = save ? t : 0;")
@@ -1080,8 +1102,9 @@ class _Gen:
             else:
                 w = f"P[{sl[('vec', b.weight)]}]" if b.weight >= 0 else "nullptr"
                 c = f"P[{sl[('vec', b.bias)]}]" if b.bias >= 0 else "nullptr"
+                st = "nullptr" if step else f"st{bi}_p + (ts * B + R0) * 2"
                 L.append(f"    ln_fwd<T>(P[{sl[('bin', bi)]}], P[{sl[('bout', bi)]}], {w}, {c}, "
-                         f"NB, WI{bi}, {b.eps!r});")
+                         f"NB, WI{bi}, {b.eps!r}, {st});")
         return L
 
     def step_driver(self, kernels) -> str:
@@ -1221,6 +1244,9 @@ class _Gen:
                      f"P0[{sl[('dcross', s, f)]}] = dcross{s}_{f}.data_ptr<T>(); "
                      f"LD0[{sl[('dcross', s, f)]}] = WC{s}_{f};")
             i += 1
+        for bi in self._lns():
+            L.append(f"  T* st{bi}_p = saved[{i}].data_ptr<T>();")
+            i += 1
         L.append("  std::vector<at::Tensor> matsT;")
         L.append("  for (const auto& m : mats) matsT.push_back(m.t());")
         for v in range(len(p.vecs)):
@@ -1259,10 +1285,11 @@ class _Gen:
                     else:
                         w = f"P[{sl[('vec', b.weight)]}]" if b.weight >= 0 else "nullptr"
                         dw = f"P[{sl[('dvec', b.weight)]}]" if b.weight >= 0 else "nullptr"
-                        dc = f"P[{sl[('dvec', b.bias)]}]" if b.bias >= 0 else "nullptr"
+                        dc = f"P[{sl[('dvec', b.bias)]}]" if b.bias >= 0 and \
+                            b.bias not in self.vec_alias else "nullptr"
                         L.append(f"    ln_bwd<T>(P[{sl[('bin', bi)]}], P[{sl[('dbout', bi)]}], "
                                  f"{w}, P[{sl[('dbin', bi)]}], {dw}, {dc}, NB, WI{bi}, "
-                                 f"{b.eps!r});")
+                                 f"{b.eps!r}, st{bi}_p + (t * B + R0) * 2);")
         L.append("  }")
         L.append("  };")
         L.append(f"  batch_split(B, T_ * {self._row_cost()}, chunk);")
