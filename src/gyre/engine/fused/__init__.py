@@ -1,12 +1,13 @@
 """The ``fused`` backend: the time loop and its backward in generated, compiled C++.
 
 A cell's :meth:`~gyre.cells.Cell.step` is traced into per-unit scalar operations
-(:mod:`.ir`), from which :mod:`.codegen` writes the forward loop (recurrent GEMMs with
-``at::cpu::mm_out`` into preallocated buffers, pointwise work in vectorized loops) and the
-backward through time (the reverse-mode derivative of every pointwise op, one GEMM per step per
-matrix product for the state gradient, the weight gradients as single GEMMs over all ``T*B``
-rows). The input pre-activations and anything computed from parameters alone run in Python
-under autograd, so ``dW_ih`` comes from autograd through ``cell.input_preact``.
+(:mod:`.ir`), from which :mod:`.codegen` writes the forward loop (recurrent GEMMs on packed
+weights into preallocated buffers, pointwise work in vectorized loops, one range of batch rows
+per thread) and the backward through time (the reverse-mode derivative of every pointwise op,
+one GEMM per step per matrix product for the state gradient, the weight gradients as single
+GEMMs over all ``T*B`` rows). The input pre-activations and anything computed from parameters
+alone run in Python under autograd, so ``dW_ih`` comes from autograd through
+``cell.input_preact``.
 
 For streaming, every program also has a one-step entry that ``Recurrent.step`` calls through
 :mod:`.stream` (a cached plan per module, the whole stack in one call, no autograd).

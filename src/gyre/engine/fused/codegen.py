@@ -1,9 +1,12 @@
 """C++ for a traced :class:`~gyre.engine.fused.ir.Program`: the time loop forward, and the
 backward through time with the reverse-mode derivative of every atom written out.
 
-Per step, forward: kernel 0, the boundaries of stage 1 (``at::cpu::mm_out`` into preallocated
+Per step, forward: kernel 0, the boundaries of stage 1 (a matrix product into preallocated
 buffers, or a row-wise layer norm), kernel 1, ..., then zoneout and the valid mask. Each kernel
-is one loop over rows ``b`` and a vectorizable (``omp simd``) loop over units ``j``.
+is one loop over rows ``b`` and a vectorizable (``omp simd``) loop over units ``j``. With several
+threads the batch is cut into one row range per thread, each running the whole time loop
+(``batch_split``); its products use a weight packed once per call (MKL's packed GEMM, or
+oneDNN's prepacked weight for big products).
 
 Backward, per step from the last: the zoneout/valid backward gives the gradient of the cell's
 new state; then kernels and boundaries in reverse, each kernel recomputing its forward atoms
@@ -394,10 +397,14 @@ void batch_split(int64_t B, int64_t cost_per_row, const F& chunk) {
   using local_fn = int (*)(int);
   static const auto set_local =
       reinterpret_cast<local_fn>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  struct SerialMkl {  // MKL serial on this thread while it runs a chunk (restored on throw too)
+    int before;
+    SerialMkl() : before(set_local ? set_local(1) : 0) {}
+    ~SerialMkl() { if (set_local) set_local(before); }
+  };
   at::parallel_for(0, n, 1, [&](int64_t c0, int64_t c1) {
-    const int before = set_local ? set_local(1) : 0;  // MKL serial on this thread
+    SerialMkl serial;
     for (int64_t c = c0; c < c1; ++c) chunk(B * c / n, B * (c + 1) / n);
-    if (set_local) set_local(before);
   });
 }
 
