@@ -124,12 +124,13 @@ def test_stream_without_biases(name):
 
 
 def test_plain_cells_run_whole_stack_in_one_call():
-    """Plain linear input projections and identity read-outs: the whole stack in C++ (layer-norm
-    cells too: their input layer norm is part of the step); a read-out product: layer by
-    layer."""
+    """Plain linear input projections and identity or plain linear read-outs: the whole stack
+    in C++ (layer-norm cells too: their input layer norm is part of the step); a read-out with
+    a softmax: layer by layer."""
     x = torch.randn(2, I)
     for name, whole in (("lstm", True), ("gru", True), ("rnn", True), ("ln_lstm", True),
-                        ("ln_gru", True), ("rnn_output", False)):
+                        ("ln_gru", True), ("rnn_output", True),
+                        (cells.OutputRNN(output_activation="softmax"), False)):
         m = _layer(name, torch.float32, num_layers=2)
         with torch.no_grad():
             m.step(x)

@@ -281,13 +281,24 @@ _linear_cache: dict = {}
 def _plain_linear(cell: Cell, p: Params) -> tuple[str, str | None] | None:
     """(weight, bias) parameter names when ``cell.input_preact`` is exactly
     ``linear(x, p[weight], p[bias])`` (checked by recording it once), else None."""
-    key = (_key(cell), tuple(p))
+    width = next((v.shape[-1] for v in p.values() if v.dim() == 2), None)
+    return _recorded_linear(("input", _key(cell), tuple(p)), cell.input_preact, p, width)
+
+
+def _plain_readout(cell: Cell, p: Params, hidden: int) -> tuple[str, str | None] | None:
+    """The same for ``cell.readout`` of a ``hidden``-wide state (None also for the identity)."""
+    return _recorded_linear(("readout", _key(cell), tuple(p), hidden), cell.readout, p, hidden)
+
+
+def _recorded_linear(key, fn, p: Params, width: int | None) -> tuple[str, str | None] | None:
+    """(weight, bias) names when ``fn(x, p)`` on a ``width``-wide ``x`` records exactly as
+    ``linear(x, p[weight], p[bias])`` (cached under ``key``), else None."""
     if key not in _linear_cache:
         found = None
         try:
             ex = {k: torch.rand(v.shape) for k, v in p.items()}
-            x = torch.rand(2, next(v.shape[-1] for k, v in p.items() if v.dim() == 2))
-            ops, _ = ir.record_fn(lambda: cell.input_preact(x, ex))
+            x = torch.rand(2, width)
+            ops, _ = ir.record_fn(lambda: fn(x, ex))
             names = {id(v): k for k, v in ex.items()}
             funcs = [op[0] for op in ops]
             aten = torch.ops.aten
@@ -297,9 +308,7 @@ def _plain_linear(cell: Cell, p: Params) -> tuple[str, str | None] | None:
             elif funcs == [aten.t.default, aten.mm.default] and ops[1][1][0] is x and \
                     ops[1][1][1] is ops[0][3]:
                 found = (names[id(ops[0][1][0])], None)
-            if found is not None and id(ops[0][1][0]) not in names:
-                found = None
-        except Exception:  # anything unexpected: the cell's own code runs
+        except Exception:  # anything unexpected (a weight not among p too): the cell's own code
             found = None
         _linear_cache[key] = found
     return _linear_cache[key]

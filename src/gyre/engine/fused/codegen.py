@@ -452,6 +452,9 @@ struct Layer {
   const void* bih = nullptr;
   int64_t in_size = 0;
   std::vector<double> zone;  // per state component: eval zoneout rate, < 0 for none
+  const void* rout = nullptr;  // folded read-out h @ rout^T + rbias, else the output is h
+  int64_t rout_ld = 0;
+  const void* rbias = nullptr;
 };
 
 }  // namespace gyre_stream
@@ -1387,7 +1390,7 @@ struct StreamPlan {
   std::vector<int64_t> sizes;  // state sizes S_k
   int64_t out_size = 0, in_size = 0;
   gyre_stream::Work work;
-  std::vector<double> ybuf[2];
+  std::vector<double> ybuf[2], rbuf[2];
   // for step(): the module's parameters as registered, their storage and versions at make()
   bool objects = false, versions = false;
   std::vector<PyObject*> param_objs;  // strong references
@@ -1435,7 +1438,8 @@ void plan_free(PyObject* cap) {
 }
 
 // make(dbl, residual, sizes, out_size, layers, params, param_ptrs, versions, param_impls):
-// layers a sequence of (tag, units, vecs, mats, mat_ld, wih, wih_ld, bih, in_size, zone) with
+// layers a sequence of (tag, units, vecs, mats, mat_ld, wih, wih_ld, bih, in_size, zone, rout,
+// rout_ld, rbias) with
 // pointers as ints; params the module's parameters in registration order, param_ptrs their
 // data_ptr()s, param_impls their ._cdata (TensorImpl addresses)
 PyObject* stream_make(PyObject*, PyObject* const* a, Py_ssize_t n) {
@@ -1455,9 +1459,9 @@ PyObject* stream_make(PyObject*, PyObject* const* a, Py_ssize_t n) {
   if (!seq) return nullptr;
   for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
     PyObject* t = PySequence_Fast_GET_ITEM(seq, i);
-    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 10) {
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 13) {
       Py_DECREF(seq);
-      PyErr_SetString(PyExc_TypeError, "make: a layer is a tuple of 10");
+      PyErr_SetString(PyExc_TypeError, "make: a layer is a tuple of 13");
       return nullptr;
     }
     gyre_stream::Layer ly;
@@ -1469,10 +1473,13 @@ PyObject* stream_make(PyObject*, PyObject* const* a, Py_ssize_t n) {
               i64_tuple(PyTuple_GET_ITEM(t, 2), &vecs) && i64_tuple(PyTuple_GET_ITEM(t, 3), &mats) &&
               i64_tuple(PyTuple_GET_ITEM(t, 4), &ld) && mats.size() == ld.size() &&
               as_i64(PyTuple_GET_ITEM(t, 6), &ly.wih_ld) &&
-              as_i64(PyTuple_GET_ITEM(t, 8), &ly.in_size);
+              as_i64(PyTuple_GET_ITEM(t, 8), &ly.in_size) &&
+              as_i64(PyTuple_GET_ITEM(t, 11), &ly.rout_ld);
     if (ok) {
       ly.wih = as_ptr(PyTuple_GET_ITEM(t, 5));
       ly.bih = as_ptr(PyTuple_GET_ITEM(t, 7));
+      ly.rout = as_ptr(PyTuple_GET_ITEM(t, 10));
+      ly.rbias = as_ptr(PyTuple_GET_ITEM(t, 12));
       PyObject* z = PySequence_Fast(PyTuple_GET_ITEM(t, 9), "zone rates");
       ok = z != nullptr && !PyErr_Occurred();
       for (Py_ssize_t k = 0; ok && k < PySequence_Fast_GET_SIZE(z); ++k) {
@@ -1526,8 +1533,8 @@ PyObject* stream_make(PyObject*, PyObject* const* a, Py_ssize_t n) {
   return PyCapsule_New(pl.release(), kCapsule, plan_free);
 }
 
-// the whole stack, each layer's output its state component 0 (identity read-out), every input
-// projection folded: outputs (y, state_0, ..., state_{K-1}), new tensors
+// the whole stack, each layer's output its state component 0 or its folded read-out product,
+// every input projection folded: outputs (y, state_0, ..., state_{K-1}), new tensors
 template <typename T>
 void run_stack(StreamPlan& pl, int64_t B, const T* x, T* const* in, T* const* out, T* y) {
   const int64_t L = pl.layers.size(), K = pl.sizes.size(), O = pl.out_size;
@@ -1542,6 +1549,14 @@ void run_stack(StreamPlan& pl, int64_t B, const T* x, T* const* in, T* const* ou
     const auto& ly = pl.layers[l];
     ly.fn(pl.dbl, ly, B, xin, sin, sout, pl.work);
     const T* h = static_cast<const T*>(sout[0]);
+    if (ly.rout) {  // the read-out product (two buffers: the previous one may be xin)
+      auto& v = pl.rbuf[l % 2];
+      if (v.size() < size_t(B * O)) v.resize(B * O);
+      T* r = reinterpret_cast<T*>(v.data());
+      linear<T>(r, O, h, pl.sizes[0], B, static_cast<const T*>(ly.rout), ly.rout_ld, pl.sizes[0],
+                O, static_cast<const T*>(ly.rbias));
+      h = r;
+    }
     const bool last = l == L - 1;
     if (pl.residual && l > 0) {
       T* dst = y;

@@ -62,11 +62,12 @@ def _none():
 
 
 class _LayerPlan:
-    __slots__ = ("fold", "p")
+    __slots__ = ("fold", "p", "fold_readout")
 
-    def __init__(self, fold, p):
+    def __init__(self, fold, p, fold_readout=False):
         self.fold = fold
         self.p = p
+        self.fold_readout = fold_readout
 
 
 def _dot_layout(m: Tensor, keep: list) -> tuple[int, int]:
@@ -80,7 +81,7 @@ def _dot_layout(m: Tensor, keep: list) -> tuple[int, int]:
 
 
 def _build(m) -> _Plan:
-    from . import _kernel, _plain_linear, available, unsupported_reason
+    from . import _kernel, _plain_linear, _plain_readout, available, unsupported_reason
 
     params = tuple(m._parameters.values())
     plan = _Plan(tuple(map(_ptr, params)), m.backend)
@@ -121,10 +122,19 @@ def _build(m) -> _Plan:
                         b = p[lin[1]].contiguous()
                         keep.append(b)
                         bih = b.data_ptr()
+                rout, rout_ld, rbias = 0, 0, 0
+                rlin = _plain_readout(cell, p, m.hidden_size)
+                if rlin is not None:
+                    rout, rout_ld = _dot_layout(p[rlin[0]].t(), keep)
+                    if rlin[1] is not None:
+                        b = p[rlin[1]].contiguous()
+                        keep.append(b)
+                        rbias = b.data_ptr()
                 zone = tuple(r if r > 0 else -1.0 for r in m.zoneout)
                 specs.append((kernel.tag, tuple(kernel.units), tuple(v.data_ptr() for v in vecs),
-                              tuple(mat_ptrs), tuple(mat_ld), wih, wih_ld, bih, layer_in, zone))
-                layers.append(_LayerPlan(lin is not None, p))
+                              tuple(mat_ptrs), tuple(mat_ld), wih, wih_ld, bih, layer_in, zone,
+                              rout, rout_ld, rbias))
+                layers.append(_LayerPlan(lin is not None, p, rlin is not None))
             if any(t.dtype != dtype for t in keep):
                 return plan
             # a hoisted tensor computed from parameters (not a view of one), or copied into the
@@ -148,7 +158,7 @@ def _build(m) -> _Plan:
     plan.sizes = tuple(m.state_sizes)
     plan.shapes1 = tuple((plan.L, s) for s in plan.sizes)
     plan.readout = type(cell).readout is not Cell.readout
-    plan.run_all = not plan.readout and all(lp.fold for lp in layers)
+    plan.run_all = all(lp.fold and (lp.fold_readout or not plan.readout) for lp in layers)
     plan.layers, plan.cell, plan.residual = layers, cell, m.residual
     plan.keep = keep
     return plan
