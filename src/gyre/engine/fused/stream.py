@@ -80,6 +80,20 @@ def _dot_layout(m: Tensor, keep: list) -> tuple[int, int]:
     return m.data_ptr(), max(m.stride(1), K)
 
 
+def _linear_ptrs(names, p, keep: list) -> tuple[int, int, int]:
+    """(weight pointer, its row stride, bias pointer or 0) of a folded ``linear(x, W, b)`` whose
+    parameter names are ``names`` (None: not folded, all 0)."""
+    if names is None:
+        return 0, 0, 0
+    w, ld = _dot_layout(p[names[0]].t(), keep)
+    bias = 0
+    if names[1] is not None:
+        b = p[names[1]].contiguous()
+        keep.append(b)
+        bias = b.data_ptr()
+    return w, ld, bias
+
+
 def _build(m) -> _Plan:
     from . import _kernel, _plain_linear, _plain_readout, available, unsupported_reason
 
@@ -115,21 +129,9 @@ def _build(m) -> _Plan:
                     mat_ptrs.append(ptr)
                     mat_ld.append(ld)
                 lin = _plain_linear(cell, p)
-                wih, wih_ld, bih = 0, 0, 0
-                if lin is not None:
-                    wih, wih_ld = _dot_layout(p[lin[0]].t(), keep)
-                    if lin[1] is not None:
-                        b = p[lin[1]].contiguous()
-                        keep.append(b)
-                        bih = b.data_ptr()
-                rout, rout_ld, rbias = 0, 0, 0
+                wih, wih_ld, bih = _linear_ptrs(lin, p, keep)
                 rlin = _plain_readout(cell, p, m.hidden_size)
-                if rlin is not None:
-                    rout, rout_ld = _dot_layout(p[rlin[0]].t(), keep)
-                    if rlin[1] is not None:
-                        b = p[rlin[1]].contiguous()
-                        keep.append(b)
-                        rbias = b.data_ptr()
+                rout, rout_ld, rbias = _linear_ptrs(rlin, p, keep)
                 zone = tuple(r if r > 0 else -1.0 for r in m.zoneout)
                 specs.append((kernel.tag, tuple(kernel.units), tuple(v.data_ptr() for v in vecs),
                               tuple(mat_ptrs), tuple(mat_ld), wih, wih_ld, bih, layer_in, zone,
