@@ -234,9 +234,17 @@ def test_auto_picks_fused_where_torch_has_no_fused_kernel():
 
 def test_auto_lstm_training_at_a_large_size_runs_fused():
     m = Recurrent("lstm", 8, 256)
+    ref = torch.nn.LSTM(8, 256)
+    ref.load_state_dict(m.state_dict())
     x = torch.randn(3, 64, 8)
     out, _ = m(x)
     assert "Fused" in _graph_names(out)
+    out_ref, _ = ref(x)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=0)
+    (g,) = torch.autograd.grad(out.sum(), m.weight_hh_l0)
+    (g_ref,) = torch.autograd.grad(out_ref.sum(), ref.weight_hh_l0)
+    torch.testing.assert_close(g, g_ref, atol=1e-5 * max(1.0, g_ref.abs().max().item()),
+                               rtol=1e-5)
     m.requires_grad_(False)  # frozen parameters (only the input's gradient): torch's kernel
     out, _ = m(x.requires_grad_())
     assert "Fused" not in _graph_names(out) and out.grad_fn is not None

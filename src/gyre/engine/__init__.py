@@ -44,10 +44,10 @@ class Result:
 
 
 #: LSTM training (forward+backward) takes ``fused`` over oneDNN's LSTM on the CPU from this many
-#: multiply-adds per recurrent step (batch * 4H * H): measured 0.76x torch's time at
-#: (T,B,I,H) = (100,64,256,256) and 0.84x at (50,128,512,512) with 2 threads, 0.84x single-
-#: threaded at the first; 1.1-1.2x at (100,32,64,128) and (200,16,32,64). Inference stays on
-#: oneDNN at every size.
+#: multiply-adds per recurrent step (batch * 4H * H): in ``gyre bench`` (BENCHMARKS.md, 2 threads)
+#: 0.84x torch's time at (T,B,I,H) = (100,64,256,256) and 0.78-0.83x at (50,128,512,512), 0.84x
+#: single-threaded at the first; 1.1-1.2x at (100,32,64,128) and (200,16,32,64). Inference
+#: stays on oneDNN at every size.
 LSTM_FUSED_TRAIN_MIN_MACS = 1 << 24
 
 

@@ -677,6 +677,11 @@ class _Gen:
                 out[bi] = key
         return out
 
+    @staticmethod
+    def _grad_key(src: tuple) -> tuple:
+        """The gradient buffer of an alias source (``("xp",)`` or ``("bout", bj)``)."""
+        return ("dxp",) if src == ("xp",) else ("dbout", src[1])
+
     def _alias_ptrs(self, grad: bool) -> list[str]:
         """Point aliased boundary inputs (and, with ``grad``, their gradients) at their source."""
         L = []
@@ -685,7 +690,7 @@ class _Gen:
             L.append(f"    P[{self.slots[('bin', bi)]}] = P[{src}]; "
                      f"LD[{self.slots[('bin', bi)]}] = LD[{src}];")
             if grad:
-                dsrc = self.slots[("dxp",) if key == ("xp",) else ("dbout", key[1])]
+                dsrc = self.slots[self._grad_key(key)]
                 L.append(f"    P[{self.slots[('dbin', bi)]}] = P[{dsrc}]; "
                          f"LD[{self.slots[('dbin', bi)]}] = LD[{dsrc}];")
         return L
@@ -938,9 +943,8 @@ class _Gen:
             self.vec_alias[v] = ("dbout", bi)
 
     def _needs_zero(self, key, blocks: int) -> bool:
-        for src in self.bin_alias.values():  # written whole by that layer norm's backward
-            if key == (("dxp",) if src == ("xp",) else ("dbout", src[1])):
-                return False
+        if any(key == self._grad_key(src) for src in self.bin_alias.values()):
+            return False  # written whole by that layer norm's backward
         return any(self.writers[(key, pos)] == 0 for pos in range(blocks))
 
     def source(self) -> str:
@@ -1243,9 +1247,10 @@ class _Gen:
                      f"T* dbout{bi}_p = dbout{bi}.data_ptr<T>();")
             if self.dxp_alias == bi:
                 L.append(f"  dxp = dbout{bi}; dxp_p = dbout{bi}_p;")
-            L.append(f"  at::Tensor dbin{bi} = at::empty({{B, WI{bi}}}, opts); "
-                     f"P0[{sl[('dbin', bi)]}] = dbin{bi}.data_ptr<T>(); "
-                     f"LD0[{sl[('dbin', bi)]}] = WI{bi};")
+            if bi not in self.bin_alias:  # else its source's gradient, set every step
+                L.append(f"  at::Tensor dbin{bi} = at::empty({{B, WI{bi}}}, opts); "
+                         f"P0[{sl[('dbin', bi)]}] = dbin{bi}.data_ptr<T>(); "
+                         f"LD0[{sl[('dbin', bi)]}] = WI{bi};")
             i += 2
         for (s, f) in sorted(self.ncross):
             L.append(f"  const at::Tensor& cross{s}_{f} = saved[{i}]; "
