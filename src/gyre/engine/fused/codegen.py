@@ -314,53 +314,123 @@ bool blas_gemm(T* out, int64_t ldc, const T* l, int64_t ldl, const at::Tensor& m
   return true;
 }
 
-// MKL's packed-operand product (cblas_sgemm_pack/compute, exported by torch's MKL): a weight
-// packed once per call for a fixed number of rows, so that no step's product repacks it
-using pack_size_fn = size_t (*)(int, int, int, int);
-using pack_fn = void (*)(int, int, int, int, int, int, float, const float*, int, float*);
-using compute_fn = void (*)(int, int, int, int, int, int, const float*, int, const float*, int,
-                            float, float*, int);
-struct MklPack {
+// The per-step products of a chunk's rows (a few to a few dozen rows times the weight): a
+// register-tiled kernel on a weight packed once per call. Vector extensions of the native width
+// (GCC lowers them to AVX-512, AVX2 or SSE); each tile holds kMR rows x 2 vectors of columns in
+// registers over the whole K loop, reads the rows in place (one broadcast per element) and
+// writes the tile once. Measured against MKL's packed sgemm (cblas_sgemm_compute) for the
+// recurrent shapes of a 2-thread chunk, one thread: 0.60-0.80x its time (8 x 64 @ 64 x 256:
+// 2.5 us vs 3.9; 16 x 512 @ 512 x 128: 18 us vs 25), as MKL packs the rows and scales the
+// output on every call.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64, kMR = 8;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32, kMR = 6;
+#else
+constexpr int kVecBytes = 16, kMR = 4;
+#endif
+
+template <typename T>
+struct Tile {
+  static constexpr int L = kVecBytes / sizeof(T);  // lanes per vector
+  static constexpr int NR = 2 * L;                 // columns per panel
+  typedef T v __attribute__((vector_size(kVecBytes)));
+  typedef T vu __attribute__((vector_size(kVecBytes), aligned(sizeof(T))));
+};
+
+// a matrix (K x N) by panels of NR columns, each panel K rows of NR (zero past N)
+struct Packed {
   at::Tensor buf;  // undefined: not packed
-  int64_t rows = 0;
+  int64_t K = 0, N = 0;
 };
 
 template <typename T>
-MklPack mkl_pack(const at::Tensor& mat, int64_t rows) {
-  MklPack pk;
-  if constexpr (std::is_same<T, float>::value) {
-    static const auto size = reinterpret_cast<pack_size_fn>(
-        dlsym(RTLD_DEFAULT, "cblas_sgemm_pack_get_size"));
-    static const auto pack = reinterpret_cast<pack_fn>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack"));
-    static const auto compute = dlsym(RTLD_DEFAULT, "cblas_sgemm_compute");
-    const int64_t K = mat.size(0), N = mat.size(1), s0 = mat.stride(0), s1 = mat.stride(1);
-    if (!size || !pack || !compute || rows <= 0 || K <= 0 || N <= 0) return pk;
-    int trans, ld;  // CBLAS row-major (101), B matrix (162), NoTrans (111) / Trans (112)
-    if (s1 == 1 && s0 >= N) { trans = 111; ld = s0; }
-    else if (s0 == 1 && s1 >= K) { trans = 112; ld = s1; }
-    else return pk;
-    const size_t bytes = size(162, rows, N, K);
-    pk.buf = at::empty({int64_t(bytes / sizeof(float)) + 16}, mat.options());
-    pack(101, 162, trans, rows, N, K, 1.0f, mat.data_ptr<float>(), ld, pk.buf.data_ptr<float>());
-    pk.rows = rows;
+Packed pack(const at::Tensor& mat) {
+  constexpr int NR = Tile<T>::NR;
+  Packed pk;
+  pk.K = mat.size(0);
+  pk.N = mat.size(1);
+  const int64_t np = (pk.N + NR - 1) / NR, s0 = mat.stride(0), s1 = mat.stride(1);
+  pk.buf = at::zeros({np * pk.K * NR}, mat.options());
+  T* out = pk.buf.data_ptr<T>();
+  const T* in = mat.data_ptr<T>();
+  for (int64_t j = 0; j < np; ++j) {
+    const int64_t nc = std::min<int64_t>(NR, pk.N - j * NR);
+    for (int64_t k = 0; k < pk.K; ++k) {
+      T* o = out + (j * pk.K + k) * NR;
+      const T* i = in + k * s0 + j * NR * s1;
+      for (int64_t c = 0; c < nc; ++c) o[c] = i[c * s1];
+    }
   }
   return pk;
 }
 
+// C (MR rows of up to NR columns: nc) = A (MR rows of K) @ one packed panel
+template <typename T, int MR>
+inline void tile(T* __restrict__ C, int64_t ldc, const T* __restrict__ A, int64_t lda,
+                 const T* __restrict__ Bp, int64_t K, int64_t nc) {
+  using V = typename Tile<T>::v;
+  using VU = typename Tile<T>::vu;
+  constexpr int L = Tile<T>::L;
+  V acc[MR][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) { acc[r][0] = V{}; acc[r][1] = V{}; }
+  for (int64_t k = 0; k < K; ++k) {
+    const V b0 = *reinterpret_cast<const V*>(Bp + k * 2 * L);
+    const V b1 = *reinterpret_cast<const V*>(Bp + k * 2 * L + L);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const T a = A[r * lda + k];
+      acc[r][0] += a * b0;
+      acc[r][1] += a * b1;
+    }
+  }
+  if (nc == 2 * L) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      *reinterpret_cast<VU*>(C + r * ldc) = acc[r][0];
+      *reinterpret_cast<VU*>(C + r * ldc + L) = acc[r][1];
+    }
+  } else {
+    for (int r = 0; r < MR; ++r)
+      for (int64_t c = 0; c < nc; ++c) C[r * ldc + c] = acc[r][c / L][c % L];
+  }
+}
+
+// the last m < kMR rows
+template <typename T, int MR>
+inline void tile_rows(int64_t m, T* C, int64_t ldc, const T* A, int64_t lda, const T* Bp,
+                      int64_t K, int64_t nc) {
+  if constexpr (MR > 1) {
+    if (m < MR) return tile_rows<T, MR - 1>(m, C, ldc, A, lda, Bp, K, nc);
+  }
+  tile<T, MR>(C, ldc, A, lda, Bp, K, nc);
+}
+
+// C (M x N, row stride ldc) = A (M x K, row stride lda) @ the packed matrix; panel by panel,
+// so that a panel stays in L1 across the row tiles
+template <typename T>
+void packed_gemm(T* C, int64_t ldc, const T* A, int64_t lda, int64_t M, const Packed& pk) {
+  constexpr int NR = Tile<T>::NR;
+  const int64_t K = pk.K, np = (pk.N + NR - 1) / NR;
+  const T* bp = pk.buf.data_ptr<T>();
+  for (int64_t j = 0; j < np; ++j) {
+    const int64_t nc = std::min<int64_t>(NR, pk.N - j * NR);
+    const T* panel = bp + j * K * NR;
+    int64_t i = 0;
+    for (; i + kMR <= M; i += kMR) tile<T, kMR>(C + i * ldc + j * NR, ldc, A + i * lda, lda, panel, K, nc);
+    if (i < M) tile_rows<T, kMR - 1>(M - i, C + i * ldc + j * NR, ldc, A + i * lda, lda, panel, K, nc);
+  }
+}
+
 // out (B x N, row stride ldc) = l (B x K, row stride ldl) @ mat (K x N); through oneDNN's
-// prepacked weight when given, else MKL's packed one when it was packed for these B rows
+// prepacked weight when given, else the tiled kernel when mat was packed for it
 template <typename T>
 void gemm(T* out, int64_t ldc, T* l, int64_t ldl, int64_t B, const at::Tensor& mat,
-          const at::Tensor* packed, const MklPack* mk = nullptr) {
-  if constexpr (std::is_same<T, float>::value) {
-    if (mk != nullptr && mk->buf.defined() && mk->rows == B) {
-      static const auto compute = reinterpret_cast<compute_fn>(
-          dlsym(RTLD_DEFAULT, "cblas_sgemm_compute"));
-      // row-major, A as is (111), B packed (151)
-      compute(101, 111, 151, B, mat.size(1), mat.size(0), l, ldl, mk->buf.data_ptr<float>(),
-              mat.size(1), 0.0f, out, ldc);
-      return;
-    }
+          const at::Tensor* packed, const Packed* mk = nullptr) {
+  if (mk != nullptr && mk->buf.defined()) {
+    packed_gemm<T>(out, ldc, l, ldl, B, *mk);
+    return;
   }
   if (packed != nullptr && packed->defined() && packed->numel()) {
     at::Tensor x = at::from_blob(l, {B, mat.size(0)}, {ldl, 1}, mat.options()), w = *packed;
@@ -1006,15 +1076,15 @@ class _Gen:
         see ``batch_split``) with its own pointer arrays, the shared ones moved to row R0."""
         n = len(self.slots)
         return [
+            "  std::vector<Packed> mk;  // the tiled kernel's weights, shared by the chunks",
+            f"  if (packed.empty()) for (const auto& m : {mats}) mk.push_back(pack<T>(m));",
+            f"  else mk.resize({mats}.size());",
             "  auto chunk = [&](int64_t R0, int64_t R1) {",
             "  const int64_t NB = R1 - R0;",
             f"  T* P[{n}];",
             f"  int64_t LD[{n}];",
             f"  for (int i = 0; i < {n}; ++i) {{ LD[i] = LD0[i]; P[i] = P0[i] ? P0[i] + R0 * LD0[i] "
             ": nullptr; }",
-            "  std::vector<MklPack> mk;",
-            f"  if (packed.empty()) for (const auto& m : {mats}) mk.push_back(mkl_pack<T>(m, NB));",
-            f"  else mk.resize({mats}.size());",
         ]
 
     def _step_ptrs(self, saved_t: str) -> list[str]:
