@@ -1001,16 +1001,13 @@ class _Gen:
                 if (bf, bb) == (fam, blocks) and same(("dvec", v), key, blocks):
                     self.vec_alias[v] = key
                     break
-        # a layer norm's shift used nowhere else: its gradient is the column sum of the
-        # gradient of the layer norm's output
-        for bi, b in enumerate(p.boundaries):
-            v = b.bias
-            if b.kind != "ln" or v < 0 or v in self.vec_alias:
-                continue
-            if any(a.op == "vec" and a.args[0] == v for a in p.atoms) or \
-                    sum((c.weight == v) + (c.bias == v) for c in p.boundaries) != 1:
-                continue
-            self.vec_alias[v] = ("dbout", bi)
+
+    def _step_dbouts(self) -> set[int]:
+        """Layer norms whose output gradient nothing reads after its own step (no column sum):
+        one block of rows reused every step instead of a buffer over all steps."""
+        summed = set(self.vec_alias.values())
+        return {bi for bi, b in enumerate(self.p.boundaries)
+                if b.kind == "ln" and ("dbout", bi) not in summed}
 
     def _needs_zero(self, key, blocks: int) -> bool:
         if any(key == self._grad_key(src) for src in self.bin_alias.values()):
@@ -1313,7 +1310,8 @@ class _Gen:
             L.append(f"  T* bin{bi}_p = bin{bi}.data_ptr<T>(); T* bout{bi}_p = bout{bi}.data_ptr<T>();")
             init = "true" if self._needs_zero(("dbout", bi), p.boundaries[bi].out_blocks) \
                 else "false"
-            L.append(f"  at::Tensor dbout{bi} = pooled({{T_, B, WO{bi}}}, opts, {init}); "
+            rows = "B" if bi in self._step_dbouts() else "T_, B"
+            L.append(f"  at::Tensor dbout{bi} = pooled({{{rows}, WO{bi}}}, opts, {init}); "
                      f"T* dbout{bi}_p = dbout{bi}.data_ptr<T>();")
             if self.dxp_alias == bi:
                 L.append(f"  dxp = dbout{bi}; dxp_p = dbout{bi}_p;")
@@ -1344,8 +1342,14 @@ class _Gen:
         L += self._step_ptrs("t")
         L.append(f"    P[{sl[('dxp',)]}] = dxp_p + (t * B + R0) * W_xp; LD[{sl[('dxp',)]}] = W_xp;")
         for bi in range(nb):
-            L.append(f"    P[{sl[('dbout', bi)]}] = dbout{bi}_p + (t * B + R0) * WO{bi}; "
-                     f"LD[{sl[('dbout', bi)]}] = WO{bi};")
+            if bi in self._step_dbouts():
+                L.append(f"    P[{sl[('dbout', bi)]}] = dbout{bi}_p + R0 * WO{bi}; "
+                         f"LD[{sl[('dbout', bi)]}] = WO{bi};")
+                if self._needs_zero(("dbout", bi), p.boundaries[bi].out_blocks):
+                    L.append(f"    std::memset(P[{sl[('dbout', bi)]}], 0, sizeof(T) * NB * WO{bi});")
+            else:
+                L.append(f"    P[{sl[('dbout', bi)]}] = dbout{bi}_p + (t * B + R0) * WO{bi}; "
+                         f"LD[{sl[('dbout', bi)]}] = WO{bi};")
         L += self._alias_ptrs(True)
         for k in range(len(p.states)):
             L.append(f"    post_bwd<T>(gseq{k}_p + (t * B + R0) * S{k}, P[{sl[('dstate', k)]}], "
