@@ -244,8 +244,9 @@ def run_layer(
 
 
 #: from this many multiply-adds per step a recurrent product runs on oneDNN's prepacked weight;
-#: below, on MKL's packed one (measured, 2 threads each on half the batch: MKL's faster at
-#: (32,128)@(128,512), oneDNN's at (64,256)@(256,1024) and up)
+#: below, on the generated code's tiled kernel (measured, 2 threads each on half the batch: the
+#: tiled kernel 0.60-0.80x MKL's packed sgemm at (8..32, 64..1024) rows x weight; LSTM training
+#: at (100,64,256,256) and (50,128,512,512) within 1% of oneDNN's either way)
 PACK_MIN_MACS = 1 << 23
 #: from this many multiply-adds the input projection runs on oneDNN's prepacked weight (measured
 #: in LSTM training, 2 threads: 3-10% faster at (100*64,256)@(256,1024) and up; at
@@ -333,7 +334,7 @@ class _PackedLinear(torch.autograd.Function):
 
 def _packed(mats: list[Tensor], batch: int, xp: Tensor) -> list[Tensor]:
     """oneDNN-prepacked weights for each matrix product, forward and backward (float32 on CPU
-    with oneDNN and big enough products), else empty: the kernels then use MKL's sgemm."""
+    with oneDNN and big enough products), else empty: the kernels then use their tiled one."""
     if xp.dtype != torch.float32 or not mats or not torch.backends.mkldnn.is_available():
         return []
     if any(batch * m.shape[0] * m.shape[1] < PACK_MIN_MACS for m in mats):

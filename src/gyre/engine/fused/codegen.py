@@ -5,8 +5,9 @@ Per step, forward: kernel 0, the boundaries of stage 1 (a matrix product into pr
 buffers, or a row-wise layer norm), kernel 1, ..., then zoneout and the valid mask. Each kernel
 is one loop over rows ``b`` and a vectorizable (``omp simd``) loop over units ``j``. With several
 threads the batch is cut into one row range per thread, each running the whole time loop
-(``batch_split``); its products use a weight packed once per call (MKL's packed GEMM, or
-oneDNN's prepacked weight for big products).
+(``batch_split``); its products use a weight packed once per call (a register-tiled kernel,
+``packed_gemm``, or oneDNN's prepacked weight for big products). The weight gradients after the
+loop are single products over all ``T*B`` rows (``matmul_tn``).
 
 Backward, per step from the last: the zoneout/valid backward gives the gradient of the cell's
 new state; then kernels and boundaries in reverse, each kernel recomputing its forward atoms
@@ -78,6 +79,7 @@ PRELUDE = r"""
 #include <torch/library.h>
 #include <ATen/ops/from_blob.h>
 #include <dlfcn.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -421,6 +423,89 @@ void packed_gemm(T* C, int64_t ldc, const T* A, int64_t lda, int64_t M, const Pa
     for (; i + kMR <= M; i += kMR) tile<T, kMR>(C + i * ldc + j * NR, ldc, A + i * lda, lda, panel, K, nc);
     if (i < M) tile_rows<T, kMR - 1>(M - i, C + i * ldc + j * NR, ldc, A + i * lda, lda, panel, K, nc);
   }
+}
+
+// one MR x NR tile of c (row stride ldc) (+)= a^T @ b over K rows: a (K x MR at row stride lda),
+// b (K x NR at row stride ldb); nc < NR: only the first nc columns are c's (b is padded there)
+template <typename T, int MR>
+inline void tile_tn(T* __restrict__ C, int64_t ldc, const T* __restrict__ A, int64_t lda,
+                    const T* __restrict__ Bm, int64_t ldb, int64_t K, int64_t nc, bool add) {
+  using V = typename Tile<T>::v;
+  using VU = typename Tile<T>::vu;
+  constexpr int L = Tile<T>::L;
+  V acc[MR][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) { acc[r][0] = V{}; acc[r][1] = V{}; }
+  for (int64_t k = 0; k < K; ++k) {
+    const V b0 = *reinterpret_cast<const VU*>(Bm + k * ldb);
+    const V b1 = *reinterpret_cast<const VU*>(Bm + k * ldb + L);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const T a = A[k * lda + r];
+      acc[r][0] += a * b0;
+      acc[r][1] += a * b1;
+    }
+  }
+  if (nc == 2 * L) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      VU* c0 = reinterpret_cast<VU*>(C + r * ldc);
+      VU* c1 = reinterpret_cast<VU*>(C + r * ldc + L);
+      if (add) { *c0 += acc[r][0]; *c1 += acc[r][1]; }
+      else { *c0 = acc[r][0]; *c1 = acc[r][1]; }
+    }
+  } else {
+    for (int r = 0; r < MR; ++r)
+      for (int64_t c = 0; c < nc; ++c) {
+        const T v = acc[r][c / L][c % L];
+        C[r * ldc + c] = add ? C[r * ldc + c] + v : v;
+      }
+  }
+}
+
+template <typename T, int MR>
+inline void tile_tn_rows(int64_t m, T* C, int64_t ldc, const T* A, int64_t lda, const T* Bm,
+                         int64_t ldb, int64_t K, int64_t nc, bool add) {
+  if constexpr (MR > 1) {
+    if (m < MR) return tile_tn_rows<T, MR - 1>(m, C, ldc, A, lda, Bm, ldb, K, nc, add);
+  }
+  tile_tn<T, MR>(C, ldc, A, lda, Bm, ldb, K, nc, add);
+}
+
+// c (M x N, contiguous) (+= with add) a^T @ b, a (K x M) and b (K x N) contiguous: a weight's
+// gradient over all T*B rows. The (panel, row tile) pairs are split across threads (each tile
+// summed by one thread over all K: reproducible), K in blocks that keep a and b in L2; b's last
+// columns short of a panel are copied to a zero-padded panel first. Measured against MKL's
+// sgemm (at::mm) at K = 3200, 2 threads: 0.70-0.82x its time.
+template <typename T>
+void matmul_tn(const T* a, const T* b, T* c, int64_t K, int64_t M, int64_t N, bool add) {
+  constexpr int NR = Tile<T>::NR;
+  constexpr int64_t Kc = 256;
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!add) std::fill(c, c + M * N, T(0));
+    return;
+  }
+  const int64_t np = (N + NR - 1) / NR, full = N / NR, mt = (M + kMR - 1) / kMR;
+  std::vector<T> tail;
+  if (full < np) {  // the last columns, padded to a panel
+    const int64_t nc = N - full * NR;
+    tail.assign(K * NR, T(0));
+    for (int64_t k = 0; k < K; ++k) std::memcpy(&tail[k * NR], b + k * N + full * NR, sizeof(T) * nc);
+  }
+  at::parallel_for(0, np * mt, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t k0 = 0; k0 < K; k0 += Kc) {
+      const int64_t kc = std::min(Kc, K - k0);
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t j = w / mt, i = (w % mt) * kMR;
+        const bool pad = j == full;
+        const T* bp = pad ? tail.data() + k0 * NR : b + k0 * N + j * NR;
+        const int64_t ldb = pad ? NR : N, nc = std::min<int64_t>(NR, N - j * NR);
+        tile_tn_rows<T, kMR>(std::min<int64_t>(kMR, M - i), c + i * N + j * NR, N, a + k0 * M + i, M,
+                             bp, ldb, kc, nc, add || k0 > 0);
+      }
+    }
+  });
 }
 
 // out (B x N, row stride ldc) = l (B x K, row stride ldl) @ mat (K x N); through oneDNN's
@@ -1395,11 +1480,11 @@ class _Gen:
                 L.append(f"  res.push_back(dbout{key[1]}.view({{T_ * B, WO{key[1]}}}).sum(0));")
         for m in range(len(p.mats)):
             terms = [bi for bi, b in enumerate(p.boundaries) if b.kind == "mm" and b.mat == m]
-            prods = [f"at::mm(bin{bi}.view({{T_ * B, WI{bi}}}).t(), "
-                     f"dbout{bi}.view({{T_ * B, WO{bi}}}))" for bi in terms]
-            if not prods:
-                prods = [f"at::zeros_like(mats[{m}])"]
-            L.append(f"  at::Tensor dmat{m} = {' + '.join(prods)};")
+            fill = "zeros" if not terms else "empty"
+            L.append(f"  at::Tensor dmat{m} = at::{fill}(mats[{m}].sizes(), opts);")
+            for n, bi in enumerate(terms):
+                L.append(f"  matmul_tn<T>(bin{bi}_p, dbout{bi}_p, dmat{m}.data_ptr<T>(), T_ * B, "
+                         f"WI{bi}, WO{bi}, {'true' if n else 'false'});")
             L.append(f"  res.push_back(dmat{m});")
         L.append("  return res;")
         L.append("}")
