@@ -318,8 +318,8 @@ def test_buffers_reused_across_calls_never_overwrite_what_a_caller_still_holds()
                                         ("gru", torch.float32), ("gated_004", torch.float64)])
 def test_batch_split_across_threads_equals_reference(name, dtype):
     """With two threads, the kernels run the batch as two row ranges, each its own time loop
-    (``batch_split``: 11 rows -> 5 + 6, well above its work threshold at this size), with MKL's
-    packed weights in float32; variable lengths, zoneout and recurrent dropout per row."""
+    (``batch_split``: 11 rows -> 5 + 6, well above its work threshold at this size), with the
+    tiled kernel's packed weights; variable lengths, zoneout and recurrent dropout per row."""
     steps, batch, inputs, hidden = 30, 11, 16, 64
     atol = 1e-5 if dtype == torch.float32 else 1e-10
     kw = dict(dtype=dtype, recurrent_dropout=0.3, zoneout=0.2, bidirectional=True)
@@ -348,3 +348,35 @@ def test_batch_split_across_threads_equals_reference(name, dtype):
     for a, b, c in zip(g_ref, g_two, g_one, strict=True):
         torch.testing.assert_close(b, a, atol=atol, rtol=atol)
         torch.testing.assert_close(b, c, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiled_products_with_partial_tiles_equal_torch_lstm(dtype):
+    """The tiled kernels at sizes that leave partial tiles everywhere: 4H = 80 columns (two
+    panels and a padded third), H = 20 weight rows and 9 / 4 + 5 batch rows (short row tiles),
+    and 100 * 9 = 900 rows in the weight gradient (blocks of K); outputs and every
+    gradient against torch.nn.LSTM with the same weights, on one thread and on two."""
+    steps, batch, inputs, hidden = 100, 9, 7, 20
+    atol = 1e-5 if dtype == torch.float32 else 1e-10
+    ref = torch.nn.LSTM(inputs, hidden, dtype=dtype)
+    m = Recurrent("lstm", inputs, hidden, backend="fused", dtype=dtype)
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(steps, batch, inputs, dtype=dtype)
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(steps, batch, hidden, generator=gen, dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            grads = []
+            for mod in (ref, m):
+                xi = x.clone().requires_grad_()
+                out, _ = mod(xi)
+                grads.append((out, torch.autograd.grad((out * w).sum(), [xi, *mod.parameters()])))
+            (o_ref, g_ref), (o, g) = grads
+            torch.testing.assert_close(o, o_ref, atol=atol, rtol=0)
+            for a, b in zip(g_ref, g, strict=True):
+                torch.testing.assert_close(b, a, atol=atol * max(1.0, a.abs().max().item()),
+                                           rtol=atol)
+    finally:
+        torch.set_num_threads(threads)
