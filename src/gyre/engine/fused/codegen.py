@@ -367,69 +367,13 @@ Packed pack(const at::Tensor& mat) {
   return pk;
 }
 
-// C (MR rows of up to NR columns: nc) = A (MR rows of K) @ one packed panel
-template <typename T, int MR>
+// C (MR rows of up to NR columns: nc) = (or += with add) A @ B over K: A's element (r, k) at
+// r * lda + k (a row-major block), or with AT at k * lda + r (a transposed one, for a^T b); B's
+// row k of NR columns
+// at k * ldb (a packed panel: ldb = NR, or a row-major matrix, padded past nc)
+template <typename T, int MR, bool AT>
 inline void tile(T* __restrict__ C, int64_t ldc, const T* __restrict__ A, int64_t lda,
-                 const T* __restrict__ Bp, int64_t K, int64_t nc) {
-  using V = typename Tile<T>::v;
-  using VU = typename Tile<T>::vu;
-  constexpr int L = Tile<T>::L;
-  V acc[MR][2];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) { acc[r][0] = V{}; acc[r][1] = V{}; }
-  for (int64_t k = 0; k < K; ++k) {
-    const V b0 = *reinterpret_cast<const V*>(Bp + k * 2 * L);
-    const V b1 = *reinterpret_cast<const V*>(Bp + k * 2 * L + L);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const T a = A[r * lda + k];
-      acc[r][0] += a * b0;
-      acc[r][1] += a * b1;
-    }
-  }
-  if (nc == 2 * L) {
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      *reinterpret_cast<VU*>(C + r * ldc) = acc[r][0];
-      *reinterpret_cast<VU*>(C + r * ldc + L) = acc[r][1];
-    }
-  } else {
-    for (int r = 0; r < MR; ++r)
-      for (int64_t c = 0; c < nc; ++c) C[r * ldc + c] = acc[r][c / L][c % L];
-  }
-}
-
-// the last m < kMR rows
-template <typename T, int MR>
-inline void tile_rows(int64_t m, T* C, int64_t ldc, const T* A, int64_t lda, const T* Bp,
-                      int64_t K, int64_t nc) {
-  if constexpr (MR > 1) {
-    if (m < MR) return tile_rows<T, MR - 1>(m, C, ldc, A, lda, Bp, K, nc);
-  }
-  tile<T, MR>(C, ldc, A, lda, Bp, K, nc);
-}
-
-// C (M x N, row stride ldc) = A (M x K, row stride lda) @ the packed matrix; panel by panel,
-// so that a panel stays in L1 across the row tiles
-template <typename T>
-void packed_gemm(T* C, int64_t ldc, const T* A, int64_t lda, int64_t M, const Packed& pk) {
-  constexpr int NR = Tile<T>::NR;
-  const int64_t K = pk.K, np = (pk.N + NR - 1) / NR;
-  const T* bp = pk.buf.data_ptr<T>();
-  for (int64_t j = 0; j < np; ++j) {
-    const int64_t nc = std::min<int64_t>(NR, pk.N - j * NR);
-    const T* panel = bp + j * K * NR;
-    int64_t i = 0;
-    for (; i + kMR <= M; i += kMR) tile<T, kMR>(C + i * ldc + j * NR, ldc, A + i * lda, lda, panel, K, nc);
-    if (i < M) tile_rows<T, kMR - 1>(M - i, C + i * ldc + j * NR, ldc, A + i * lda, lda, panel, K, nc);
-  }
-}
-
-// one MR x NR tile of c (row stride ldc) (+)= a^T @ b over K rows: a (K x MR at row stride lda),
-// b (K x NR at row stride ldb); nc < NR: only the first nc columns are c's (b is padded there)
-template <typename T, int MR>
-inline void tile_tn(T* __restrict__ C, int64_t ldc, const T* __restrict__ A, int64_t lda,
-                    const T* __restrict__ Bm, int64_t ldb, int64_t K, int64_t nc, bool add) {
+                 const T* __restrict__ Bm, int64_t ldb, int64_t K, int64_t nc, bool add) {
   using V = typename Tile<T>::v;
   using VU = typename Tile<T>::vu;
   constexpr int L = Tile<T>::L;
@@ -441,7 +385,7 @@ inline void tile_tn(T* __restrict__ C, int64_t ldc, const T* __restrict__ A, int
     const V b1 = *reinterpret_cast<const VU*>(Bm + k * ldb + L);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const T a = A[k * lda + r];
+      const T a = AT ? A[k * lda + r] : A[r * lda + k];
       acc[r][0] += a * b0;
       acc[r][1] += a * b1;
     }
@@ -463,13 +407,33 @@ inline void tile_tn(T* __restrict__ C, int64_t ldc, const T* __restrict__ A, int
   }
 }
 
-template <typename T, int MR>
-inline void tile_tn_rows(int64_t m, T* C, int64_t ldc, const T* A, int64_t lda, const T* Bm,
-                         int64_t ldb, int64_t K, int64_t nc, bool add) {
+// the last m < kMR rows
+template <typename T, int MR, bool AT>
+inline void tile_rows(int64_t m, T* C, int64_t ldc, const T* A, int64_t lda, const T* Bm,
+                      int64_t ldb, int64_t K, int64_t nc, bool add) {
   if constexpr (MR > 1) {
-    if (m < MR) return tile_tn_rows<T, MR - 1>(m, C, ldc, A, lda, Bm, ldb, K, nc, add);
+    if (m < MR) return tile_rows<T, MR - 1, AT>(m, C, ldc, A, lda, Bm, ldb, K, nc, add);
   }
-  tile_tn<T, MR>(C, ldc, A, lda, Bm, ldb, K, nc, add);
+  tile<T, MR, AT>(C, ldc, A, lda, Bm, ldb, K, nc, add);
+}
+
+// C (M x N, row stride ldc) = A (M x K, row stride lda) @ the packed matrix; panel by panel,
+// so that a panel stays in L1 across the row tiles
+template <typename T>
+void packed_gemm(T* C, int64_t ldc, const T* A, int64_t lda, int64_t M, const Packed& pk) {
+  constexpr int NR = Tile<T>::NR;
+  const int64_t K = pk.K, np = (pk.N + NR - 1) / NR;
+  const T* bp = pk.buf.data_ptr<T>();
+  for (int64_t j = 0; j < np; ++j) {
+    const int64_t nc = std::min<int64_t>(NR, pk.N - j * NR);
+    const T* panel = bp + j * K * NR;
+    int64_t i = 0;
+    for (; i + kMR <= M; i += kMR)
+      tile<T, kMR, false>(C + i * ldc + j * NR, ldc, A + i * lda, lda, panel, NR, K, nc, false);
+    if (i < M)
+      tile_rows<T, kMR - 1, false>(M - i, C + i * ldc + j * NR, ldc, A + i * lda, lda, panel, NR,
+                                   K, nc, false);
+  }
 }
 
 // c (M x N, contiguous) (+= with add) a^T @ b, a (K x M) and b (K x N) contiguous: a weight's
@@ -501,8 +465,8 @@ void matmul_tn(const T* a, const T* b, T* c, int64_t K, int64_t M, int64_t N, bo
         const bool pad = j == full;
         const T* bp = pad ? tail.data() + k0 * NR : b + k0 * N + j * NR;
         const int64_t ldb = pad ? NR : N, nc = std::min<int64_t>(NR, N - j * NR);
-        tile_tn_rows<T, kMR>(std::min<int64_t>(kMR, M - i), c + i * N + j * NR, N, a + k0 * M + i, M,
-                             bp, ldb, kc, nc, add || k0 > 0);
+        tile_rows<T, kMR, true>(std::min<int64_t>(kMR, M - i), c + i * N + j * NR, N,
+                                a + k0 * M + i, M, bp, ldb, kc, nc, add || k0 > 0);
       }
     }
   });
