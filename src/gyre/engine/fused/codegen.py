@@ -369,8 +369,7 @@ Packed pack(const at::Tensor& mat) {
 
 // C (MR rows of up to NR columns: nc) = (or += with add) A @ B over K: A's element (r, k) at
 // r * lda + k (a row-major block), or with AT at k * lda + r (a transposed one, for a^T b); B's
-// row k of NR columns
-// at k * ldb (a packed panel: ldb = NR, or a row-major matrix, padded past nc)
+// row k of NR columns at k * ldb (a packed panel: ldb = NR, or a row-major matrix, padded past nc)
 template <typename T, int MR, bool AT>
 inline void tile(T* __restrict__ C, int64_t ldc, const T* __restrict__ A, int64_t lda,
                  const T* __restrict__ Bm, int64_t ldb, int64_t K, int64_t nc, bool add) {
@@ -476,9 +475,9 @@ void matmul_tn(const T* a, const T* b, T* c, int64_t K, int64_t M, int64_t N, bo
 // prepacked weight when given, else the tiled kernel when mat was packed for it
 template <typename T>
 void gemm(T* out, int64_t ldc, T* l, int64_t ldl, int64_t B, const at::Tensor& mat,
-          const at::Tensor* packed, const Packed* mk = nullptr) {
-  if (mk != nullptr && mk->buf.defined()) {
-    packed_gemm<T>(out, ldc, l, ldl, B, *mk);
+          const at::Tensor* packed, const Packed* tiled = nullptr) {
+  if (tiled != nullptr && tiled->buf.defined()) {
+    packed_gemm<T>(out, ldc, l, ldl, B, *tiled);
     return;
   }
   if (packed != nullptr && packed->defined() && packed->numel()) {
@@ -1122,9 +1121,9 @@ class _Gen:
         see ``batch_split``) with its own pointer arrays, the shared ones moved to row R0."""
         n = len(self.slots)
         return [
-            "  std::vector<Packed> mk;  // the tiled kernel's weights, shared by the chunks",
-            f"  if (packed.empty()) for (const auto& m : {mats}) mk.push_back(pack<T>(m));",
-            f"  else mk.resize({mats}.size());",
+            "  std::vector<Packed> tiled;  // the tiled kernel's weights, shared by the chunks",
+            f"  if (packed.empty()) for (const auto& m : {mats}) tiled.push_back(pack<T>(m));",
+            f"  else tiled.resize({mats}.size());",
             "  auto chunk = [&](int64_t R0, int64_t R1) {",
             "  const int64_t NB = R1 - R0;",
             f"  T* P[{n}];",
@@ -1228,7 +1227,7 @@ class _Gen:
                          f"Ly.mat_ld[{b.mat}], WI{bi}, WO{bi}, nullptr);")
             elif b.kind == "mm":
                 L.append(f"    gemm<T>({out}, {inp}, NB, mats[{b.mat}], "
-                         f"packed.empty() ? nullptr : &packed[{2 * b.mat}], &mk[{b.mat}]);")
+                         f"packed.empty() ? nullptr : &packed[{2 * b.mat}], &tiled[{b.mat}]);")
             else:
                 w = f"P[{sl[('vec', b.weight)]}]" if b.weight >= 0 else "nullptr"
                 c = f"P[{sl[('vec', b.bias)]}]" if b.bias >= 0 else "nullptr"
@@ -1419,7 +1418,7 @@ class _Gen:
                         L.append(f"    gemm<T>(P[{sl[('dbin', bi)]}], WI{bi}, "
                                  f"P[{sl[('dbout', bi)]}], WO{bi}, NB, matsT[{b.mat}], "
                                  f"packed.empty() ? nullptr : &packed[{2 * b.mat + 1}], "
-                                 f"&mk[{b.mat}]);")
+                                 f"&tiled[{b.mat}]);")
                     else:
                         w = f"P[{sl[('vec', b.weight)]}]" if b.weight >= 0 else "nullptr"
                         dw = f"P[{sl[('dvec', b.weight)]}]" if b.weight >= 0 else "nullptr"
