@@ -297,8 +297,9 @@ def _recorded_linear(key, fn, p: Params, width: int | None) -> tuple[str, str | 
     if key not in _linear_cache:
         found = None
         try:
-            ex = {k: torch.rand(v.shape) for k, v in p.items()}
-            x = torch.rand(2, width)
+            gen = torch.Generator().manual_seed(0)  # not the global one: masks drawn later
+            ex = {k: torch.rand(v.shape, generator=gen) for k, v in p.items()}
+            x = torch.rand(2, width, generator=gen)
             ops, _ = ir.record_fn(lambda: fn(x, ex))
             names = {id(v): k for k, v in ex.items()}
             funcs = [op[0] for op in ops]
