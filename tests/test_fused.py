@@ -380,3 +380,47 @@ def test_tiled_products_with_partial_tiles_equal_torch_lstm(dtype):
                                            rtol=atol)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_products_over_all_rows_equal_torch(dtype):
+    """``mm_rows`` (the input projection and its input gradient) and ``mm_tn`` (its weight
+    gradient) against torch's matmul, at sizes that leave partial tiles, blocks of rows and of K
+    everywhere (K = 300 > the 256 block), with and without bias, a strided ``a``, and K = 0;
+    one thread and two."""
+    Recurrent("lstm", 2, 3, backend="fused", dtype=dtype)(torch.randn(2, 1, 2, dtype=dtype))
+    ops = getattr(torch.ops, next(iter(fused._compiled.values())).module)
+    atol = 1e-4 if dtype == torch.float32 else 1e-10
+    gen = torch.Generator().manual_seed(3)
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            for m, k, n in [(37, 300, 45), (70, 7, 1), (1, 33, 64), (9, 0, 5), (0, 4, 3)]:
+                a = torch.randn(m, 2 * k + 1, generator=gen, dtype=dtype)[:, 1::2]  # strided
+                mat = torch.randn(n, k, generator=gen, dtype=dtype).t()  # transposed, as a weight
+                bias = torch.randn(n, generator=gen, dtype=dtype)
+                torch.testing.assert_close(ops.mm_rows(a, mat, None), a @ mat, atol=atol, rtol=0)
+                torch.testing.assert_close(ops.mm_rows(a, mat, bias), a @ mat + bias,
+                                           atol=atol, rtol=0)
+                b = torch.randn(m, n, generator=gen, dtype=dtype)
+                torch.testing.assert_close(ops.mm_tn(a, b), a.t() @ b, atol=atol, rtol=0)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="mm_rows: a \\(M x K\\) and mat \\(K x N\\)"):
+        ops.mm_rows(torch.randn(3, 4, dtype=dtype), torch.randn(5, 2, dtype=dtype), None)
+
+
+def test_first_call_leaves_the_global_generator_alone(monkeypatch):
+    """Finding out whether a cell's input projection is a plain linear (on its first fused call)
+    draws no numbers from torch's global generator: seeded dropout and zoneout masks stay the
+    same whether or not the check has run in the process."""
+    monkeypatch.setattr(fused, "_linear_cache", {})
+    m = Recurrent("gated_004", I, H, backend="fused")
+    x = torch.randn(T, B, I)
+    torch.manual_seed(11)
+    m(x)
+    after = torch.rand(3)
+    torch.manual_seed(11)
+    torch.testing.assert_close(after, torch.rand(3), atol=0, rtol=0)
+    assert fused._linear_cache  # the check did run

@@ -6,8 +6,10 @@ weights into preallocated buffers, pointwise work in vectorized loops, one range
 per thread) and the backward through time (the reverse-mode derivative of every pointwise op,
 one GEMM per step per matrix product for the state gradient, the weight gradients as single
 GEMMs over all ``T*B`` rows). The input pre-activations and anything computed from parameters
-alone run in Python under autograd, so ``dW_ih`` comes from autograd through
-``cell.input_preact``.
+alone run in Python under autograd (``dW_ih`` comes from autograd through
+``cell.input_preact``); where that is a plain ``linear(x, W, b)``, the product over all
+``T*B`` rows and its two gradients run on the same tiled kernel as the loop's products
+(:class:`_TiledLinear`), or on oneDNN for big float32 ones.
 
 For streaming, every program also has a one-step entry that ``Recurrent.step`` calls through
 :mod:`.stream` (a cached plan per module, the whole stack in one call, no autograd).
@@ -211,7 +213,7 @@ def run_layer(
         return reference.run_layer(cell, p, x, state, valid=valid, drop=drop, zone=zone,
                                    return_states=return_states)
     T, B = x.shape[:2]
-    xp = _input_preact(cell, p, x).contiguous()
+    xp = _input_preact(kernel, cell, p, x).contiguous()
     vecs, mats = kernel.prog.hoist(p)
     K = len(state)
     drop_t = xp.new_ones(B, state[0].shape[-1]) if drop is None else \
@@ -248,31 +250,35 @@ def run_layer(
 #: tiled kernel 0.60-0.80x MKL's packed sgemm at (8..32, 64..1024) rows x weight; LSTM training
 #: at (100,64,256,256) and (50,128,512,512) within 1% of oneDNN's either way)
 PACK_MIN_MACS = 1 << 23
-#: from this many multiply-adds the input projection runs on oneDNN's prepacked weight (measured
-#: in LSTM training, 2 threads: 3-10% faster at (100*64,256)@(256,1024) and up; at
-#: (100*32,64)@(64,512) the weight's reorder every call costs more than it saves)
+#: from this many multiply-adds the input projection runs on oneDNN's prepacked weight, below on
+#: the tiled kernel (measured in LSTM training and inference, 2 threads, in-process A/B: oneDNN
+#: 1-4% faster at (100*64,256)@(256,1024) and (50*128,512)@(512,2048); the tiled kernel 0-4%
+#: faster than MKL's sgemm (the autograd linear) at (100*32,64)@(64,512) and (200*16,32)@(32,256),
+#: with the input gradient 0.8-0.85x MKL's time)
 INPUT_PACK_MIN_MACS = 1 << 28
 
 
-def _input_preact(cell: Cell, p: Params, x: Tensor) -> Tensor:
-    """``cell.input_preact``; for the base class's ``linear(x, weight_ih, bias_ih)`` on big
-    float32 inputs, the same product through oneDNN with a prepacked weight (its backward
-    is the usual two matrix products)."""
-    if (x.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
-            or x.dim() != 3):
+def _input_preact(kernel: _Kernel, cell: Cell, p: Params, x: Tensor) -> Tensor:
+    """``cell.input_preact``; for the base class's ``linear(x, weight_ih, bias_ih)``, the same
+    product over all ``T*B`` rows on the kernel module's tiled products (:class:`_TiledLinear`),
+    or for big float32 inputs through oneDNN with a prepacked weight (:class:`_PackedLinear`)."""
+    names = _plain_linear(cell, p) if x.dim() == 3 else None
+    if names is None:
         return cell.input_preact(x, p)
-    names = _plain_linear(cell, p)
-    w = None if names is None else p[names[0]]
-    if w is None or x.shape[0] * x.shape[1] * w.shape[0] * w.shape[1] < INPUT_PACK_MIN_MACS:
-        return cell.input_preact(x, p)
-    try:
-        with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(),
-                                                            x.shape[0] * x.shape[1])
-    except (RuntimeError, AttributeError):
-        return cell.input_preact(x, p)
+    w, b = p[names[0]], None if names[1] is None else p[names[1]]
     x2 = x.reshape(-1, x.shape[-1])
-    out = _PackedLinear.apply(x2, w, None if names[1] is None else p[names[1]], packed)
+    out = None
+    if (x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and x2.shape[0] * w.shape[0] * w.shape[1] >= INPUT_PACK_MIN_MACS):
+        try:
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(),
+                                                                x2.shape[0])
+            out = _PackedLinear.apply(x2, w, b, packed)
+        except (RuntimeError, AttributeError):
+            out = None
+    if out is None:
+        out = _TiledLinear.apply(x2, w, b, getattr(torch.ops, kernel.module))
     return out.view(*x.shape[:-1], w.shape[0])
 
 
@@ -329,6 +335,27 @@ class _PackedLinear(torch.autograd.Function):
         x2, w = ctx.saved_tensors
         dx = g @ w if ctx.needs_input_grad[0] else None
         dw = g.t() @ x2 if ctx.needs_input_grad[1] else None
+        db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+
+class _TiledLinear(torch.autograd.Function):
+    """``x2 @ w.T + b`` and its backward (``g @ w``, ``g.T @ x2``, ``g.sum(0)``) on the tiled
+    kernel of a fused module (``ops``: its ``torch.ops`` namespace)."""
+
+    @staticmethod
+    def forward(ctx, x2, w, b, ops):
+        ctx.save_for_backward(x2, w)
+        ctx.has_bias, ctx.ops = b is not None, ops
+        return ops.mm_rows(x2, w.t(), b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x2, w = ctx.saved_tensors
+        g = g.contiguous()
+        dx = ctx.ops.mm_rows(g, w, None) if ctx.needs_input_grad[0] else None
+        dw = ctx.ops.mm_tn(x2, g).t().contiguous() if ctx.needs_input_grad[1] else None
         db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
 
