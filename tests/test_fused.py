@@ -385,9 +385,9 @@ def test_tiled_products_with_partial_tiles_equal_torch_lstm(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_products_over_all_rows_equal_torch(dtype):
     """``mm_rows`` (the input projection and its input gradient) and ``mm_tn`` (its weight
-    gradient) against torch's matmul, at sizes that leave partial tiles, blocks of rows and of K
-    everywhere (K = 300 > the 256 block), with and without bias, a strided ``a``, and K = 0;
-    one thread and two."""
+    gradient, and the bias's as a column sum) against torch's matmul and sum, at sizes that leave
+    partial tiles, blocks of rows and of K everywhere (K = 300 and 600 rows > the 256 block),
+    with and without bias, a strided ``a``, and K = 0; one thread and two."""
     Recurrent("lstm", 2, 3, backend="fused", dtype=dtype)(torch.randn(2, 1, 2, dtype=dtype))
     ops = getattr(torch.ops, next(iter(fused._compiled.values())).module)
     atol = 1e-4 if dtype == torch.float32 else 1e-10
@@ -396,7 +396,7 @@ def test_products_over_all_rows_equal_torch(dtype):
     try:
         for nt in (1, 2):
             torch.set_num_threads(nt)
-            for m, k, n in [(37, 300, 45), (70, 7, 1), (1, 33, 64), (9, 0, 5), (0, 4, 3)]:
+            for m, k, n in [(37, 300, 45), (600, 40, 70), (70, 7, 1), (1, 33, 64), (9, 0, 5), (0, 4, 3)]:
                 a = torch.randn(m, 2 * k + 1, generator=gen, dtype=dtype)[:, 1::2]  # strided
                 mat = torch.randn(n, k, generator=gen, dtype=dtype).t()  # transposed, as a weight
                 bias = torch.randn(n, generator=gen, dtype=dtype)
@@ -404,7 +404,11 @@ def test_products_over_all_rows_equal_torch(dtype):
                 torch.testing.assert_close(ops.mm_rows(a, mat, bias), a @ mat + bias,
                                            atol=atol, rtol=0)
                 b = torch.randn(m, n, generator=gen, dtype=dtype)
-                torch.testing.assert_close(ops.mm_tn(a, b), a.t() @ b, atol=atol, rtol=0)
+                (ab,) = ops.mm_tn(a, b, False)
+                torch.testing.assert_close(ab, a.t() @ b, atol=atol, rtol=0)
+                ab, bsum = ops.mm_tn(a, b, True)
+                torch.testing.assert_close(ab, a.t() @ b, atol=atol, rtol=0)
+                torch.testing.assert_close(bsum, b.sum(0), atol=atol, rtol=0)
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(RuntimeError, match="mm_rows: a \\(M x K\\) and mat \\(K x N\\)"):

@@ -340,8 +340,8 @@ class _PackedLinear(torch.autograd.Function):
 
 
 class _TiledLinear(torch.autograd.Function):
-    """``x2 @ w.T + b`` and its backward (``g @ w``, ``g.T @ x2``, ``g.sum(0)``) on the tiled
-    kernel of a fused module (``ops``: its ``torch.ops`` namespace)."""
+    """``x2 @ w.T + b`` and its backward (``g @ w``; ``g.T @ x2`` and ``g.sum(0)`` in one pass) on
+    the tiled kernel of a fused module (``ops``: its ``torch.ops`` namespace)."""
 
     @staticmethod
     def forward(ctx, x2, w, b, ops):
@@ -355,8 +355,13 @@ class _TiledLinear(torch.autograd.Function):
         x2, w = ctx.saved_tensors
         g = g.contiguous()
         dx = ctx.ops.mm_rows(g, w, None) if ctx.needs_input_grad[0] else None
-        dw = ctx.ops.mm_tn(x2, g).t().contiguous() if ctx.needs_input_grad[1] else None
-        db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dw = db = None
+        need_db = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1]:  # the bias's gradient from the same pass over g
+            res = ctx.ops.mm_tn(x2, g, need_db)
+            dw, db = res[0].t().contiguous(), (res[1] if need_db else None)
+        elif need_db:
+            db = g.sum(0)
         return dx, dw, db, None
 
 

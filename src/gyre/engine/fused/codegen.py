@@ -448,14 +448,20 @@ void packed_gemm(T* C, int64_t ldc, const T* A, int64_t lda, int64_t M, const Pa
 // last panel: those columns are computed, never written). a is read in place, 8 values of each
 // of its rows per tile, so a should be the narrower operand: with a 512 wide (2 KiB rows) on
 // freshly written memory this ran 2x slower than with it 64 wide. Measured against MKL's sgemm
-// (at::mm) at K = 3200, 2 threads, a 32-128 wide: 0.8-0.94x its time.
+// (at::mm) at K = 3200, 2 threads, a 32-128 wide: 0.8-0.94x its time. With bsum, b's column sums
+// are added to it too (a bias's gradient), from the copied blocks (by the thread with each
+// panel's first row tile; summed per block of K, then across blocks).
 template <typename T>
-void matmul_tn(const T* a, const T* b, T* c, int64_t K, int64_t M, int64_t N, bool add) {
+void matmul_tn(const T* a, const T* b, T* c, int64_t K, int64_t M, int64_t N, bool add,
+               T* bsum = nullptr) {
   constexpr int NR = Tile<T>::NR;
   constexpr int64_t Kc = 256;
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    if (!add) std::fill(c, c + M * N, T(0));
+  if (N <= 0) return;
+  if (M <= 0 || K <= 0) {
+    if (bsum != nullptr)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t n = 0; n < N; ++n) bsum[n] += b[k * N + n];
+    if (K <= 0 && !add) std::fill(c, c + M * N, T(0));
     return;
   }
   const int64_t np = (N + NR - 1) / NR, mt = (M + kMR - 1) / kMR;
@@ -470,6 +476,13 @@ void matmul_tn(const T* a, const T* b, T* c, int64_t K, int64_t M, int64_t N, bo
           for (int64_t k = 0; k < kc; ++k)
             std::memcpy(&panel[k * NR], b + (k0 + k) * N + j * NR, sizeof(T) * nc);
           packed = j;
+        }
+        if (bsum != nullptr && i == 0) {
+          T blk[NR] = {};
+          for (int64_t k = 0; k < kc; ++k)
+#pragma omp simd
+            for (int c = 0; c < NR; ++c) blk[c] += panel[k * NR + c];
+          for (int64_t c = 0; c < nc; ++c) bsum[j * NR + c] += blk[c];
         }
         tile_rows<T, kMR, true>(std::min<int64_t>(kMR, M - i), c + i * N + j * NR, N,
                                 a + k0 * M + i, M, panel.data(), NR, kc, nc, add || k0 > 0);
@@ -1480,24 +1493,39 @@ class _Gen:
         L.append("  }")
         L.append("  };")
         L.append(f"  batch_split(B, T_ * {self._row_cost()}, chunk);")
+        # a bias gradient that sums the right operand of a weight gradient's product comes out of
+        # that product (its copied blocks) instead of another pass over all T*B rows
+        folded: dict[int, int] = {}  # mm boundary -> the vec whose gradient it sums
+        for v, key in self.vec_alias.items():
+            for bi, b in enumerate(p.boundaries):
+                if b.kind == "mm" and bi not in folded and (
+                        key == ("dbout", bi) or (key == ("dxp",) and self.dxp_alias == bi)):
+                    folded[bi] = v
+                    L.append(f"  at::Tensor dsum{v} = at::zeros({{WO{bi}}}, opts);")
+                    break
+        for m in range(len(p.mats)):
+            terms = [bi for bi, b in enumerate(p.boundaries) if b.kind == "mm" and b.mat == m]
+            fill = "zeros" if not terms else "empty"
+            L.append(f"  at::Tensor dmat{m} = at::{fill}(mats[{m}].sizes(), opts);")
+            for n, bi in enumerate(terms):
+                bsum = f"dsum{folded[bi]}.data_ptr<T>()" if bi in folded else "nullptr"
+                L.append(f"  matmul_tn<T>(bin{bi}_p, dbout{bi}_p, dmat{m}.data_ptr<T>(), T_ * B, "
+                         f"WI{bi}, WO{bi}, {'true' if n else 'false'}, {bsum});")
+        sums = set(folded.values())
         L.append("  std::vector<at::Tensor> res{dxp};")
         for k in range(len(p.states)):
             L.append(f"  res.push_back(dstate{k});")
         for v in range(len(p.vecs)):
             key = self.vec_alias.get(v)
-            if key is None:
+            if v in sums:
+                L.append(f"  res.push_back(dsum{v});")
+            elif key is None:
                 L.append(f"  res.push_back(dvec{v}.sum(0));")
             elif key == ("dxp",):
                 L.append("  res.push_back(dxp.view({T_ * B, W_xp}).sum(0));")
             else:
                 L.append(f"  res.push_back(dbout{key[1]}.view({{T_ * B, WO{key[1]}}}).sum(0));")
         for m in range(len(p.mats)):
-            terms = [bi for bi, b in enumerate(p.boundaries) if b.kind == "mm" and b.mat == m]
-            fill = "zeros" if not terms else "empty"
-            L.append(f"  at::Tensor dmat{m} = at::{fill}(mats[{m}].sizes(), opts);")
-            for n, bi in enumerate(terms):
-                L.append(f"  matmul_tn<T>(bin{bi}_p, dbout{bi}_p, dmat{m}.data_ptr<T>(), T_ * B, "
-                         f"WI{bi}, WO{bi}, {'true' if n else 'false'});")
             L.append(f"  res.push_back(dmat{m});")
         L.append("  return res;")
         L.append("}")
@@ -1942,8 +1970,8 @@ PyMODINIT_FUNC PyInit_@@NS@@(void) { return PyModule_Create(&kStreamModule); }
 
 #: Products over all ``T*B`` rows on the tiled kernel, one pair per module (its first translation
 #: unit): ``mm_rows(a, mat, bias)`` = ``a @ mat (+ bias)`` (the input projection with ``mat`` the
-#: transposed weight, and its input gradient) and ``mm_tn(a, b)`` = ``a^T @ b`` (its weight
-#: gradient); float32 and float64 on CPU.
+#: transposed weight, and its input gradient) and ``mm_tn(a, b, sum_b)`` = ``[a^T @ b]`` (its weight
+#: gradient), with ``b.sum(0)`` after it when ``sum_b`` (the bias's); float32 and float64 on CPU.
 PRODUCTS = r"""
 namespace {
 template <typename T>
@@ -1975,7 +2003,7 @@ at::Tensor mm_rows_op(const at::Tensor& a_, const at::Tensor& mat,
   return out;
 }
 
-at::Tensor mm_tn_op(const at::Tensor& a_, const at::Tensor& b_) {
+std::vector<at::Tensor> mm_tn_op(const at::Tensor& a_, const at::Tensor& b_, bool sum_b) {
   TORCH_CHECK(a_.dim() == 2 && b_.dim() == 2 && a_.size(0) == b_.size(0),
               "gyre mm_tn: a (K x M) and b (K x N) expected");
   TORCH_CHECK(a_.scalar_type() == b_.scalar_type() && a_.device().is_cpu() && b_.device().is_cpu()
@@ -1984,18 +2012,20 @@ at::Tensor mm_tn_op(const at::Tensor& a_, const at::Tensor& b_) {
   const at::Tensor a = a_.contiguous(), b = b_.contiguous();
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
   at::Tensor out = at::empty({M, N}, a.options());
+  std::vector<at::Tensor> res{out};
+  if (sum_b) res.push_back(at::zeros({N}, a.options()));
   if (a.scalar_type() == at::kDouble)
     matmul_tn<double>(a.data_ptr<double>(), b.data_ptr<double>(), out.data_ptr<double>(), K, M, N,
-                      false);
+                      false, sum_b ? res[1].data_ptr<double>() : nullptr);
   else
     matmul_tn<float>(a.data_ptr<float>(), b.data_ptr<float>(), out.data_ptr<float>(), K, M, N,
-                     false);
-  return out;
+                     false, sum_b ? res[1].data_ptr<float>() : nullptr);
+  return res;
 }
 }  // namespace
 """
 PRODUCTS_DEFS = """  m.def("mm_rows(Tensor a, Tensor mat, Tensor? bias) -> Tensor", &mm_rows_op);
-  m.def("mm_tn(Tensor a, Tensor b) -> Tensor", &mm_tn_op);"""
+  m.def("mm_tn(Tensor a, Tensor b, bool sum_b) -> Tensor[]", &mm_tn_op);"""
 
 
 def stream_source(namespace: str, tags: list[str]) -> str:
