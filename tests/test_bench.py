@@ -105,6 +105,12 @@ def test_markdown_from_json(quick_run, tmp_path):
     assert "## sgemm ceiling" in text and "## Targets" in text and "## Numerics" in text
     for cell in ("rnn", "lstm", "gru", "peephole", "mingru"):
         assert f"| {cell} | train | 5,2,3,4 |" in text
+    # a target row whose auto ran torch's own kernel says so
+    for r in rec["results"]:
+        if r["impl"] == "auto" and r["cell"] in ("rnn", "lstm", "gru") and r["mode"] != "stream":
+            row = next(line for line in text.splitlines()
+                       if line.startswith(f"| <= 1.0x torch.nn | {r['cell']} {r['mode']} 5,2,3,4 |"))
+            assert ("torch's own kernel" in row) == (r["backend"] == "native"), row
     assert (d / "RUN.md").read_text().startswith("# gyre benchmarks")
     # latest() picks the newest run by its recorded date
     older = dict(rec, meta=dict(rec["meta"], date="2000-01-01T00:00:00+00:00"))
