@@ -428,3 +428,22 @@ def test_first_call_leaves_the_global_generator_alone(monkeypatch):
     torch.manual_seed(11)
     torch.testing.assert_close(after, torch.rand(3), atol=0, rtol=0)
     assert fused._linear_cache  # the check did run
+
+
+@pytest.mark.parametrize("frozen", ["weight_ih_l0", "bias_ih_l0"])
+def test_frozen_input_weight_or_bias(frozen):
+    """A frozen input weight (or bias) gets no gradient and the rest equal ``reference``'s: the
+    input projection's backward computes only what is asked for."""
+    ref, fast = _pair("lstm", torch.float64)
+    for m in (ref, fast):
+        getattr(m, frozen).requires_grad_(False)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    grads = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_()
+        out, _ = m(xi)
+        params = [p for p in m.parameters() if p.requires_grad]
+        grads.append(torch.autograd.grad(out.square().sum(), [xi, *params]))
+        assert getattr(m, frozen).grad is None
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=0)
