@@ -447,3 +447,32 @@ def test_frozen_input_weight_or_bias(frozen):
         assert getattr(m, frozen).grad is None
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_saturated_gates_stay_finite_float32(name):
+    """Pre-activations far outside float32 exp's range (inputs of +-1000 on weights of +-40:
+    sigmoid(-x) needs exp(x) = inf) give the reference's outputs and gradients, not NaN (the
+    compiled code divides by a reciprocal estimate, which turned 1 / inf into NaN). 64 units:
+    the vectorized loops."""
+    ref = Recurrent(name, I, 64, backend="reference")
+    with torch.no_grad():
+        for n, prm in ref.named_parameters():
+            prm.uniform_(-0.8, 0.8)
+            if n.startswith("weight_ih"):
+                prm.mul_(50)
+    fast = Recurrent(name, I, 64, backend="fused")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.tensor([-1000.0, -200.0, -90.0, 90.0, 200.0, 1000.0]).repeat_interleave(
+        B * I * T // 6 + 1)[:T * B * I].reshape(T, B, I)
+    results = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_()
+        out, _ = m(xi)
+        results.append((out, torch.autograd.grad(out.sum(), [xi, *m.parameters()])))
+    (o1, g1), (o2, g2) = results
+    assert torch.isfinite(o2).all() and all(torch.isfinite(g).all() for g in g2)
+    scale = max(1.0, o1.abs().max().item())
+    torch.testing.assert_close(o2, o1, atol=1e-5 * scale, rtol=0)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-3 * max(1.0, a.abs().max().item()), rtol=0)

@@ -35,12 +35,12 @@ from .ir import Atom, Program, Unsupported
 _FWD = {
     "add": "{0} + {1}", "sub": "{0} - {1}", "rsub": "{1} - {0}", "mul": "{0} * {1}",
     "div": "{0} / {1}", "neg": "-{0}",
-    "sigmoid": "T(1) / (T(1) + std::exp(-{0}))",
+    "sigmoid": "T(1) / (T(1) + exp_fin(-{0}))",
     "tanh": "std::tanh({0})",
     "relu": "({0} > T(0) ? {0} : T(0))",
-    "exp": "std::exp({0})", "log": "std::log({0})", "sqrt": "std::sqrt({0})",
+    "exp": "exp_fin({0})", "log": "std::log({0})", "sqrt": "std::sqrt({0})",
     "rsqrt": "T(1) / std::sqrt({0})", "reciprocal": "T(1) / {0}",
-    "silu": "{0} / (T(1) + std::exp(-{0}))",
+    "silu": "{0} / (T(1) + exp_fin(-{0}))",
     "abs": "std::abs({0})",
     "maximum": "({0} > {1} ? {0} : {1})", "minimum": "({0} < {1} ? {0} : {1})",
     "pow": "std::pow({0}, T({e}))",
@@ -55,8 +55,8 @@ _BWD = {
     "relu": ["({0} > T(0) ? {g} : T(0))"],
     "exp": ["{g} * {z}"], "log": ["{g} / {0}"], "sqrt": ["{g} * T(0.5) / {z}"],
     "rsqrt": ["T(-0.5) * {g} * {z} * {z} * {z}"], "reciprocal": ["-{g} * {z} * {z}"],
-    "silu": ["{g} * (T(1) / (T(1) + std::exp(-{0}))) * (T(1) + {0} * (T(1) - T(1) / "
-             "(T(1) + std::exp(-{0}))))"],
+    "silu": ["{g} * (T(1) / (T(1) + exp_fin(-{0}))) * (T(1) + {0} * (T(1) - T(1) / "
+             "(T(1) + exp_fin(-{0}))))"],
     "abs": ["({0} > T(0) ? {g} : ({0} < T(0) ? -{g} : T(0)))"],
     "maximum": ["({0} > {1} ? {g} : ({0} == {1} ? T(0.5) * {g} : T(0)))",
                 "({1} > {0} ? {g} : ({0} == {1} ? T(0.5) * {g} : T(0)))"],
@@ -89,6 +89,15 @@ PRELUDE = r"""
 #include <vector>
 
 namespace {
+
+// exp with its argument clamped to where the result is finite (float: ln(FLT_MAX) = 88.7228):
+// under -ffast-math a division is a reciprocal estimate refined by a Newton step, which turns
+// 1 / inf into NaN, so sigmoid(x) for x < -88 came out NaN in float32 instead of 0
+template <typename T>
+inline T exp_fin(T x) {
+  constexpr T hi = std::is_same<T, float>::value ? T(88.72) : T(709.78);
+  return std::exp(x < hi ? x : hi);
+}
 
 // zoneout (new = m * old + (1 - m) * new) then the valid mask (invalid rows keep the old state)
 template <typename T>
