@@ -59,6 +59,8 @@ def test_quick_run_json_structure(quick_run):
             assert r["layer"] == f"torch.nn.{want}"
         else:
             assert r["backend"] in ("reference", "native", "scan", "fused")
+            # timed in alternation with the case's torch layer: its time from the same window
+            assert r["torch_paired_min_s"] > 0
     auto = {r["cell"]: r["backend"] for r in rec["results"] if r["impl"] == "auto"}
     assert auto["mingru"] in ("scan", "fused")
     assert auto["lstm"] != "reference"
@@ -117,6 +119,16 @@ def test_markdown_from_json(quick_run, tmp_path):
     bench.save(older, tmp_path / "res" / "zzz-old.json")
     bench.save(rec, tmp_path / "res" / "aaa-new.json")
     assert bench.latest(tmp_path / "res").name == "aaa-new.json"
+
+
+def test_time_pair_alternates_and_keeps_both_minima():
+    from gyre.bench import harness
+
+    calls = []
+    timing = harness.Timing(warmup=1, reps=4, min_window_s=0.0, max_case_s=1.0, min_reps=1)
+    r = harness.time_pair(lambda: calls.append("a"), lambda: calls.append("b"), timing)
+    assert r["n"] == 4 and r["min_s"] > 0 and r["base_min_s"] > 0
+    assert calls == ["a", "b"] + ["a", "b", "b", "a"] * 2  # warm-up, then order swapped each round
 
 
 def test_flops_formulas():

@@ -8,7 +8,9 @@ through ``layer.step``), for
 * ``eager``: an eager torch loop of the cell (gyre's ``reference`` backend),
 * ``auto``: gyre's default backend, and optionally each backend (``backends=``),
 
-with min-of-N timings after warm-up (:mod:`gyre.bench.harness`), GFLOP/s against the sgemm
+with min-of-N timings after warm-up (:mod:`gyre.bench.harness`; each gyre layer timed in
+alternation with the torch layer it is compared with, so a ratio never spans a change in the
+machine's speed), GFLOP/s against the sgemm
 ceiling measured in the same run, and a numerics check of every timed gyre layer against torch
 with the same weights (:func:`gyre.bench.cases.check`). Results go to JSON under
 ``benchmarks/results/``; :func:`write_markdown` renders ``BENCHMARKS.md`` from the latest.
@@ -120,6 +122,7 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
     base = {"cell": cell, "mode": mode, "T": T, "B": B, "I": I, "H": H}
     if mode == "stream":
         base["steps"] = steps
+    base_fn = None  # the torch layer of the case, timed in alternation with each gyre layer
     for impl in impls:
         rec = {**base, "impl": impl}
         try:
@@ -131,8 +134,10 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
                     m = cases.build(cell, "torch", I, H)
                     fl = cases.flops_fwd(cls.__name__.lower(), T, B, I, H)
                     fl *= 3.0 if mode == "train" else 1.0
-                    torch_cache[key] = _time(m, mode, x, timing, fl, steps)
-                rec.update(torch_cache[key])
+                    torch_cache[key] = (_time(m, mode, x, timing, fl, steps),
+                                        cases.make_fn(m, mode, x))
+                rec.update(torch_cache[key][0])
+                base_fn = torch_cache[key][1]
             else:
                 backend = cases.gyre_backend(cell, impl, mode, B, H)
                 if backend is None:
@@ -143,7 +148,7 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
                     same = timed_backend[backend]
                     rec.update({k: same[k] for k in ("min_s", "median_s", "n", "first_call_s",
                                                      "per_step_s", "gflops_per_s", "check",
-                                                     "foreign_cpu_frac")
+                                                     "foreign_cpu_frac", "torch_paired_min_s")
                                 if k in same})
                     rec["same_as"] = same["impl"]
                 else:
@@ -152,7 +157,7 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
                         rec["check"] = cases.check(cell, m, mode, x)
                     elif check:  # the eager loop of a cell torch lacks is itself the reference
                         rec["check"] = {"against": "none: this is the reference"}
-                    rec.update(_time(m, mode, x, timing, flops, steps))
+                    rec.update(_time(m, mode, x, timing, flops, steps, base_fn))
                     timed_backend[backend] = rec
                     if mode == "stream" and fused_stream.compiled(m):
                         rec["backend"] = "fused"  # layer.step's compiled step, whatever forward runs
@@ -164,9 +169,17 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
         log(_line(rec))
 
 
-def _time(m, mode, x, timing, flops, steps) -> dict:
+def _time(m, mode, x, timing, flops, steps, base_fn=None) -> dict:
+    """Time ``m``; with ``base_fn`` (the torch layer of the case) in alternation with it, its
+    minimum from the same window kept as ``torch_paired_min_s`` (per step when streaming)."""
     noise = harness.CpuNoise()
-    r = harness.time_fn(cases.make_fn(m, mode, x), timing)
+    fn = cases.make_fn(m, mode, x)
+    if base_fn is None:
+        r = harness.time_fn(fn, timing)
+    else:
+        r = harness.time_pair(fn, base_fn, timing)
+        r["torch_paired_min_s"] = r.pop("base_min_s") / (steps or 1)
+        r.pop("base_median_s")
     busy = noise.result()
     r["foreign_cpu_frac"] = None if busy is None else busy["foreign_cpu_frac"]
     per = r["min_s"] / steps if steps else r["min_s"]

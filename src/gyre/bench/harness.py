@@ -4,7 +4,9 @@ machine description and a measure of how busy the rest of the machine was.
 The protocol follows ``../shared/tools/peer_bench`` so its numbers and gyre's compare: a few
 untimed warm-up calls, then at least ``reps`` timed calls and at least ``min_window_s`` seconds
 of them (samples spread over time, so one burst of host noise cannot spoil all of them), stopping
-after ``max_case_s`` once three samples exist. The minimum is the estimate.
+after ``max_case_s`` once three samples exist. The minimum is the estimate. Gyre's layers are
+timed in alternation with the torch layer they are compared with (:func:`time_pair`), and their
+ratio is the ratio of the two minima from the same window.
 """
 
 from __future__ import annotations
@@ -60,6 +62,38 @@ def time_fn(fn: Callable[[], object], timing: Timing) -> dict:
             break
     return {"min_s": min(times), "median_s": statistics.median(times), "n": len(times),
             "first_call_s": first}
+
+
+def time_pair(fn: Callable[[], object], base: Callable[[], object], timing: Timing) -> dict:
+    """:func:`time_fn` of ``fn`` with every timed call alternating with a call of ``base`` (the
+    order swapped each round), so both see the same state of the machine: ``fn``'s ``min_s``,
+    ``median_s``, ``n``, ``first_call_s`` and ``base``'s ``base_min_s`` / ``base_median_s``.
+    On a VM whose speed drifts by tens of percent over minutes, the ratio of the two minima holds
+    where the ratio to a time taken earlier does not."""
+    first = None
+    for i in range(max(1, timing.warmup)):
+        t0 = perf_counter()
+        fn()
+        if i == 0:
+            first = perf_counter() - t0
+        base()
+    times: list[float] = []
+    base_times: list[float] = []
+    start = perf_counter()
+    while True:
+        for which in ((fn, base) if len(times) % 2 == 0 else (base, fn)):
+            t0 = perf_counter()
+            which()
+            (times if which is fn else base_times).append(perf_counter() - t0)
+        elapsed = perf_counter() - start
+        if len(times) >= timing.min_reps and elapsed > timing.max_case_s:
+            break
+        if len(times) >= timing.reps and (elapsed >= timing.min_window_s
+                                          or len(times) >= timing.max_reps):
+            break
+    return {"min_s": min(times), "median_s": statistics.median(times), "n": len(times),
+            "first_call_s": first, "base_min_s": min(base_times),
+            "base_median_s": statistics.median(base_times)}
 
 
 def gemm_ceiling(shapes: list[tuple[int, int, int, int]], timing: Timing,
