@@ -34,6 +34,7 @@ def test_quick_run_json_structure(quick_run):
     for key in ("cpu", "logical_cores", "threads", "torch", "date", "python", "spec"):
         assert meta[key] not in (None, ""), key
     assert meta["torch"] == torch.__version__ and meta["threads"] == 1
+    assert "gyre_commit" in meta  # the checkout's commit, None outside git
     assert rec["gemm"][0]["gemm"] == "square" and rec["gemm"][0]["M"] == 2048
     assert all(g["gflops_per_s"] > 0 for g in rec["gemm"])
     assert {(g["M"], g["K"], g["N"]) for g in rec["gemm"][1:]} == {(2, 4, 16), (1, 128, 512)}

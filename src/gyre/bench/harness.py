@@ -166,11 +166,29 @@ def machine_info(threads: int) -> dict:
         "torch": torch.__version__,
         "torch_mkldnn": torch.backends.mkldnn.is_available(),
         "gyre": getattr(gyre, "__version__", None) or _dist_version("gyre"),
+        "gyre_commit": _git_commit(os.path.dirname(gyre.__file__)),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "loadavg_start": None if load is None else [round(v, 2) for v in load],
     }
+
+
+def _git_commit(path: str) -> str | None:
+    """The commit of the checkout gyre runs from (with ``+dirty`` when files differ from it),
+    or None outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path, text=True,
+                              capture_output=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=path, text=True, capture_output=True, timeout=5)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _dist_version(name: str) -> str | None:

@@ -40,7 +40,9 @@ def _machine(record) -> str:
              "| | |", "|---|---|",
              f"| CPU | {m.get('cpu')} ({', '.join(m.get('cpu_flags', [])) or 'flags unknown'}) |",
              f"| logical cores / threads used | {m.get('logical_cores')} / {m.get('threads')} |",
-             f"| torch / gyre / python | {m.get('torch')} / {m.get('gyre')} / {m.get('python')} |",
+             f"| torch / gyre / python | {m.get('torch')} / {m.get('gyre')}"
+             + (f" (commit {m['gyre_commit']})" if m.get("gyre_commit") else "")
+             + f" / {m.get('python')} |",
              f"| platform | {m.get('platform')} |",
              f"| date (UTC) | {m.get('date')} |",
              f"| load average start / end | {m.get('loadavg_start')} / {m.get('loadavg_end')} |",
