@@ -452,14 +452,14 @@ void packed_gemm(T* C, int64_t ldc, const T* A, int64_t lda, int64_t M, const Pa
 
 // c (M x N, contiguous) (+= with add) a^T @ b, a (K x M) and b (K x N) contiguous: a weight's
 // gradient over all T*B rows. The (panel, row tile) pairs are split across threads (each tile
-// summed by one thread over all K: reproducible), K in blocks that keep a in L2; each thread
-// copies the block of b's panel it works on to a contiguous buffer first (padded past N for the
-// last panel: those columns are computed, never written). a is read in place, 8 values of each
-// of its rows per tile, so a should be the narrower operand: with a 512 wide (2 KiB rows) on
-// freshly written memory this ran 2x slower than with it 64 wide. Measured against MKL's sgemm
-// (at::mm) at K = 3200, 2 threads, a 32-128 wide: 0.8-0.94x its time. With bsum, b's column sums
-// are added to it too (a bias's gradient), from the copied blocks (by the thread with each
-// panel's first row tile; summed per block of K, then across blocks).
+// summed by one thread over all K: reproducible), K in blocks that keep a in L2. a and b are read
+// in place (measured: copying b's panel blocks first cost 7-13% at 192-512 columns), but for the
+// last panel when it is short of NR columns, which is copied to a zero-padded block. Each tile
+// reads 8 values of every row of a, so a should be the narrower operand: with a 512 wide (2 KiB
+// rows) on freshly written memory this ran 2x slower than with it 64 wide. Measured against
+// MKL's sgemm (at::mm) at K = 3200, 2 threads, a 32-128 wide: 0.7-0.8x its time. With bsum, b's
+// column sums are added to it too (a bias's gradient), by the thread with each panel's first row
+// tile, summed per block of K, then across blocks.
 template <typename T>
 void matmul_tn(const T* a, const T* b, T* c, int64_t K, int64_t M, int64_t N, bool add,
                T* bsum = nullptr) {
@@ -475,26 +475,33 @@ void matmul_tn(const T* a, const T* b, T* c, int64_t K, int64_t M, int64_t N, bo
   }
   const int64_t np = (N + NR - 1) / NR, mt = (M + kMR - 1) / kMR;
   at::parallel_for(0, np * mt, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<T> panel(Kc * NR, T(0));
+    std::vector<T> panel;  // the last panel's block when it is short of NR columns
     for (int64_t k0 = 0; k0 < K; k0 += Kc) {
       const int64_t kc = std::min(Kc, K - k0);
-      int64_t packed = -1;
+      bool packed = false;
       for (int64_t w = w0; w < w1; ++w) {
         const int64_t j = w / mt, i = (w % mt) * kMR, nc = std::min<int64_t>(NR, N - j * NR);
-        if (j != packed) {
-          for (int64_t k = 0; k < kc; ++k)
-            std::memcpy(&panel[k * NR], b + (k0 + k) * N + j * NR, sizeof(T) * nc);
-          packed = j;
+        const T* bp = b + k0 * N + j * NR;
+        int64_t ldb = N;
+        if (nc < NR) {
+          if (!packed) {
+            panel.assign(kc * NR, T(0));
+            for (int64_t k = 0; k < kc; ++k)
+              std::memcpy(&panel[k * NR], bp + k * N, sizeof(T) * nc);
+            packed = true;
+          }
+          bp = panel.data();
+          ldb = NR;
         }
         if (bsum != nullptr && i == 0) {
           T blk[NR] = {};
           for (int64_t k = 0; k < kc; ++k)
 #pragma omp simd
-            for (int c = 0; c < NR; ++c) blk[c] += panel[k * NR + c];
+            for (int c = 0; c < NR; ++c) blk[c] += bp[k * ldb + c];
           for (int64_t c = 0; c < nc; ++c) bsum[j * NR + c] += blk[c];
         }
         tile_rows<T, kMR, true>(std::min<int64_t>(kMR, M - i), c + i * N + j * NR, N,
-                                a + k0 * M + i, M, panel.data(), NR, kc, nc, add || k0 > 0);
+                                a + k0 * M + i, M, bp, ldb, kc, nc, add || k0 > 0);
       }
     }
   });
