@@ -42,26 +42,7 @@ class Timing:
 def time_fn(fn: Callable[[], object], timing: Timing) -> dict:
     """``min_s``, ``median_s``, ``n`` (timed calls) and ``first_call_s`` (includes any
     compilation or kernel build on first use) of ``fn()``."""
-    first = None
-    for i in range(max(1, timing.warmup)):
-        t0 = perf_counter()
-        fn()
-        if i == 0:
-            first = perf_counter() - t0
-    times: list[float] = []
-    start = perf_counter()
-    while True:
-        t0 = perf_counter()
-        fn()
-        times.append(perf_counter() - t0)
-        elapsed = perf_counter() - start
-        if len(times) >= timing.min_reps and elapsed > timing.max_case_s:
-            break
-        if len(times) >= timing.reps and (elapsed >= timing.min_window_s
-                                          or len(times) >= timing.max_reps):
-            break
-    return {"min_s": min(times), "median_s": statistics.median(times), "n": len(times),
-            "first_call_s": first}
+    return _timed(fn, None, timing)
 
 
 def time_pair(fn: Callable[[], object], base: Callable[[], object], timing: Timing) -> dict:
@@ -70,18 +51,24 @@ def time_pair(fn: Callable[[], object], base: Callable[[], object], timing: Timi
     ``median_s``, ``n``, ``first_call_s`` and ``base``'s ``base_min_s`` / ``base_median_s``.
     On a VM whose speed drifts by tens of percent over minutes, the ratio of the two minima holds
     where the ratio to a time taken earlier does not."""
+    return _timed(fn, base, timing)
+
+
+def _timed(fn: Callable[[], object], base: Callable[[], object] | None, timing: Timing) -> dict:
     first = None
     for i in range(max(1, timing.warmup)):
         t0 = perf_counter()
         fn()
         if i == 0:
             first = perf_counter() - t0
-        base()
+        if base is not None:
+            base()
     times: list[float] = []
     base_times: list[float] = []
     start = perf_counter()
     while True:
-        for which in ((fn, base) if len(times) % 2 == 0 else (base, fn)):
+        order = (fn,) if base is None else (fn, base) if len(times) % 2 == 0 else (base, fn)
+        for which in order:
             t0 = perf_counter()
             which()
             (times if which is fn else base_times).append(perf_counter() - t0)
@@ -91,9 +78,11 @@ def time_pair(fn: Callable[[], object], base: Callable[[], object], timing: Timi
         if len(times) >= timing.reps and (elapsed >= timing.min_window_s
                                           or len(times) >= timing.max_reps):
             break
-    return {"min_s": min(times), "median_s": statistics.median(times), "n": len(times),
-            "first_call_s": first, "base_min_s": min(base_times),
-            "base_median_s": statistics.median(base_times)}
+    out = {"min_s": min(times), "median_s": statistics.median(times), "n": len(times),
+           "first_call_s": first}
+    if base is not None:
+        out.update(base_min_s=min(base_times), base_median_s=statistics.median(base_times))
+    return out
 
 
 def gemm_ceiling(shapes: list[tuple[int, int, int, int]], timing: Timing,
