@@ -1510,7 +1510,7 @@ class _Gen:
         L.append("  };")
         L.append(f"  batch_split(B, T_ * {self._row_cost()}, chunk);")
         # a bias gradient that sums the right operand of a weight gradient's product comes out of
-        # that product (its copied blocks) instead of another pass over all T*B rows
+        # that product (summed while its blocks are in cache) instead of another pass over all T*B rows
         folded: dict[int, int] = {}  # mm boundary -> the vec whose gradient it sums
         for v, key in self.vec_alias.items():
             for bi, b in enumerate(p.boundaries):
