@@ -59,6 +59,13 @@ def test_train_resume_eval_predict_on_a_user_csv(tmp_path, italy_csv, capsys):
     assert np.isclose(float(rows[0]["prob_1"]) + float(rows[0]["prob_2"]), 1, atol=1e-4)
 
 
+def test_bad_data_leaves_no_run_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "classify", "--data", "missing.csv"]) == 2
+    assert "data: file 'missing.csv'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_data_list(capsys):
     assert main(["data", "list"]) == 0
     text = capsys.readouterr().out

@@ -319,11 +319,12 @@ def train(config: Config, *, resume: bool = False) -> dict:
     plots into ``config.out``; returns the metrics (see :mod:`gyre.tasks`)."""
     if not isinstance(config, Config):
         raise TypeError(f"config: got {type(config).__name__}, expected gyre.tasks.classify.Config")
+    # the data first: a bad --data must not leave a run directory behind
+    data = cdata.load(config.data, seed=config.seed)
     out = base.resolve_out(config, TASK)
     if resume and not (out / CHECKPOINT).is_file():
         raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} to resume from")
     base.write_config(config, out / "config.toml")
-    data = cdata.load(config.data, seed=config.seed)
     train_ds, val_ds, test_ds, scaler = _prepare(config, data)
     seed_everything(config.seed)
     k = auto_frame(data.X_train) if config.frame == 0 else config.frame
