@@ -108,6 +108,12 @@ def test_markdown_from_json(quick_run, tmp_path):
     assert "## sgemm ceiling" in text and "## Targets" in text and "## Numerics" in text
     for cell in ("rnn", "lstm", "gru", "peephole", "mingru"):
         assert f"| {cell} | train | 5,2,3,4 |" in text
+    # a gyre layer's ratio is to the torch time from its own window, not the torch row's
+    for r in rec["results"]:
+        if r["impl"] == "auto" and r["mode"] == "train" and r["cell"] == "lstm":
+            row = next(line for line in text.splitlines() if line.startswith("| lstm | train |"))
+            want = f"[{r['min_s'] / r['torch_paired_min_s']:.2f}x]"
+            assert want in row.split("|")[7], (want, row)  # the auto column
     # a target row whose auto ran torch's own kernel says so
     for r in rec["results"]:
         if r["impl"] == "auto" and r["cell"] in ("rnn", "lstm", "gru") and r["mode"] != "stream":

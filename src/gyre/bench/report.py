@@ -104,16 +104,16 @@ def _t(rec) -> float:
     return rec.get("per_step_s", rec["min_s"])
 
 
-def _ratio(rec, base) -> float:
-    """``rec``'s time over torch's: the torch time from the same window when it was timed in
-    alternation with it (``torch_paired_min_s``), else the torch row's."""
-    return _t(rec) / rec.get("torch_paired_min_s", _t(base))
-
-
 def _paired(rec, base):
-    """The torch row with its time from ``rec``'s window, when it has one."""
+    """The torch row with its time from ``rec``'s window (``torch_paired_min_s``: torch timed in
+    alternation with it), when it has one."""
     paired = rec.get("torch_paired_min_s")
     return base if paired is None else dict(base, min_s=paired, per_step_s=paired)
+
+
+def _ratio(rec, base) -> float:
+    """``rec``'s time over torch's, from the same window when there is one."""
+    return _t(rec) / _t(_paired(rec, base))
 
 
 def _fmt_time(rec, mode) -> str:
@@ -198,10 +198,11 @@ def _targets(record) -> str:
     """Issue 3's targets against gyre's default backend (``auto``) in this run."""
     by_row, keys = _index(record)
     square, _ = _ceilings(record)
-    lines = ["## Targets (issue 3) for gyre's default backend in this run", "",
-             "`torch`: the torch layer's time from the window in which it ran in alternation with "
-             "`auto` (see the protocol).", "",
-             "| target | case | auto | torch | ratio | met |", "|---|---|---|---|---|---|"]
+    lines = ["## Targets (issue 3) for gyre's default backend in this run", ""]
+    if _any_paired(record):
+        lines += ["`torch`: the torch layer's time from the window in which it ran in alternation "
+                  "with `auto` (see the protocol).", ""]
+    lines += ["| target | case | auto | torch | ratio | met |", "|---|---|---|---|---|---|"]
     n = 0
     for key in keys:
         mode, shape, cell = key

@@ -379,9 +379,9 @@ Packed pack(const at::Tensor& mat) {
 }
 
 // C (MR rows of up to NR columns: nc) = (or += with add) A @ B (+ init, NR values added to every
-// row) over K: A's element (r, k) at
-// r * lda + k (a row-major block), or with AT at k * lda + r (a transposed one, for a^T b); B's
-// row k of NR columns at k * ldb (a packed panel: ldb = NR, or a row-major matrix, padded past nc)
+// row) over K: A's element (r, k) at r * lda + k (a row-major block), or with AT at k * lda + r (a
+// transposed one, for a^T b); B's row k of NR columns at k * ldb (a packed panel: ldb = NR, or a
+// row-major matrix, padded past nc)
 template <typename T, int MR, bool AT>
 inline void tile(T* __restrict__ C, int64_t ldc, const T* __restrict__ A, int64_t lda,
                  const T* __restrict__ Bm, int64_t ldb, int64_t K, int64_t nc, bool add,
@@ -431,6 +431,16 @@ inline void tile_rows(int64_t m, T* C, int64_t ldc, const T* A, int64_t lda, con
   tile<T, MR, AT>(C, ldc, A, lda, Bm, ldb, K, nc, add, init);
 }
 
+// rows [r0, r1) of C (its columns of one panel) = (or += with add) those rows of A (row-major)
+// @ the panel's K rows of NR, tile by tile of kMR rows
+template <typename T>
+inline void panel_rows(T* C, int64_t ldc, const T* A, int64_t lda, int64_t r0, int64_t r1,
+                       const T* panel, int64_t K, int64_t nc, bool add, const T* init = nullptr) {
+  for (int64_t i = r0; i < r1; i += kMR)
+    tile_rows<T, kMR, false>(std::min<int64_t>(kMR, r1 - i), C + i * ldc, ldc, A + i * lda, lda,
+                             panel, Tile<T>::NR, K, nc, add, init);
+}
+
 // C (M x N, row stride ldc) = A (M x K, row stride lda) @ the packed matrix; panel by panel,
 // so that a panel stays in L1 across the row tiles
 template <typename T>
@@ -438,16 +448,9 @@ void packed_gemm(T* C, int64_t ldc, const T* A, int64_t lda, int64_t M, const Pa
   constexpr int NR = Tile<T>::NR;
   const int64_t K = pk.K, np = (pk.N + NR - 1) / NR;
   const T* bp = pk.buf.data_ptr<T>();
-  for (int64_t j = 0; j < np; ++j) {
-    const int64_t nc = std::min<int64_t>(NR, pk.N - j * NR);
-    const T* panel = bp + j * K * NR;
-    int64_t i = 0;
-    for (; i + kMR <= M; i += kMR)
-      tile<T, kMR, false>(C + i * ldc + j * NR, ldc, A + i * lda, lda, panel, NR, K, nc, false);
-    if (i < M)
-      tile_rows<T, kMR - 1, false>(M - i, C + i * ldc + j * NR, ldc, A + i * lda, lda, panel, NR,
-                                   K, nc, false);
-  }
+  for (int64_t j = 0; j < np; ++j)
+    panel_rows<T>(C + j * NR, ldc, A, lda, 0, M, bp + j * K * NR, K,
+                  std::min<int64_t>(NR, pk.N - j * NR), false);
 }
 
 // c (M x N, contiguous) (+= with add) a^T @ b, a (K x M) and b (K x N) contiguous: a weight's
@@ -536,14 +539,7 @@ void mm_rows(const T* A, int64_t lda, int64_t M, const Packed& pk, T* C, int64_t
           const int64_t nc = std::min<int64_t>(NR, N - j * NR);
           const T* panel = bp + (j * K + k0) * NR;
           const T* init = add || bias == nullptr ? nullptr : biasp.data() + j * NR;
-          T* c = C + j * NR;
-          int64_t i = r0;
-          for (; i + kMR <= r1; i += kMR)
-            tile<T, kMR, false>(c + i * ldc, ldc, A + i * lda + k0, lda, panel, NR, kc, nc, add,
-                                init);
-          if (i < r1)
-            tile_rows<T, kMR - 1, false>(r1 - i, c + i * ldc, ldc, A + i * lda + k0, lda, panel,
-                                         NR, kc, nc, add, init);
+          panel_rows<T>(C + j * NR, ldc, A + k0, lda, r0, r1, panel, kc, nc, add, init);
         }
       }
     }
