@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch first, pinned: the CPU wheel on disk; a later resolver never upgrades it.
 TORCH := torch==2.13.0
+# every optional extra the suite exercises
+TEST_EXTRAS := test,tasks,text,deploy,explain,keras,forecast
 
 .PHONY: run test lint bench clean
 
@@ -12,11 +14,11 @@ $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e '.[tasks]'
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[$(TEST_EXTRAS)]'
 	touch $@
 
 run: $(VENV)/.base

@@ -18,11 +18,13 @@ from torch import Tensor, nn
 from .. import cells
 from ..data import classification as cdata
 from ..nn import Recurrent
+from ..nn.heads import HEADS, SequencePool, head_parts, pool, valid_mask
 from ..train import CHECKPOINT, Trainer, load_checkpoint, seed_everything
 from . import base
 
 TASK = "classify"
-HEADS = ("mean", "last", "max")
+__all__ = ["HEADS", "Config", "RecurrentClassifier", "build_model", "train", "evaluate", "predict",
+           "load_run"]
 
 #: published test accuracy (../shared/DATA.md): FCN / ResNet, Fawaz et al. 2019 (mean of 10
 #: runs); 1-NN DTW = 1 - error from the UCR 2018 summary (full window)
@@ -101,44 +103,6 @@ class Config(base.TaskConfig):
 
 
 # -- models -------------------------------------------------------------------------------------
-def _mask(x: Tensor, lengths: Tensor | None) -> Tensor | None:
-    """``(B, T, 1)`` True at valid steps, or None when every step is valid."""
-    if lengths is None:
-        return None
-    steps = torch.arange(x.shape[1], device=x.device)
-    return (steps[None, :] < lengths.to(x.device)[:, None]).unsqueeze(-1)
-
-
-def _pool(out: Tensor, lengths: Tensor | None, how: str) -> Tensor:
-    mask = _mask(out, lengths)
-    if how == "mean":
-        if mask is None:
-            return out.mean(1)
-        return (out * mask).sum(1) / mask.sum(1).clamp_min(1)
-    if how == "max":
-        return (out if mask is None else out.masked_fill(~mask, -torch.inf)).amax(1)
-    raise ValueError(f"head: got {how!r}, expected one of {', '.join(HEADS)}")
-
-
-def _last(out: Tensor, lengths: Tensor | None, dirs: int) -> Tensor:
-    """The forward direction's output at the last valid step, the reverse direction's at the
-    first (which has read the whole sequence)."""
-    B, T = out.shape[:2]
-    O = out.shape[2] // dirs
-    last = (torch.full((B,), T, dtype=torch.int64) if lengths is None else lengths).to(out.device) - 1
-    feats = out[torch.arange(B, device=out.device), last, :O]
-    return feats if dirs == 1 else torch.cat([feats, out[:, 0, O:]], dim=1)
-
-
-def head_parts(head: str) -> list[str]:
-    """``"last+mean"`` -> ``["last", "mean"]``, checked against :data:`HEADS`."""
-    parts = head.split("+") if isinstance(head, str) else []
-    if not parts or any(p not in HEADS for p in parts) or len(set(parts)) != len(parts):
-        raise ValueError(f"head: got {head!r}, expected one of {', '.join(HEADS)} or several "
-                         "joined by '+' (e.g. 'last+mean'), each at most once")
-    return parts
-
-
 def to_frames(x: Tensor, lengths: Tensor | None, k: int) -> tuple[Tensor, Tensor | None]:
     """``(B, T, C)`` -> ``(B, ceil(T/k), k*C)``: each step of the result holds ``k`` consecutive
     steps (zero-padded at the end), and ``lengths`` become ``ceil(lengths / k)``."""
@@ -188,7 +152,8 @@ class RecurrentClassifier(nn.Module):
         super().__init__()
         if isinstance(frame, bool) or not isinstance(frame, int) or frame < 1:
             raise ValueError(f"frame: got {frame!r}, expected an int >= 1")
-        self.parts = head_parts(head)
+        self.pool = SequencePool(head, 2 if bidirectional else 1)
+        self.parts = self.pool.parts
         self.frame = frame
         self.rnn = Recurrent(cell, n_channels * frame, hidden, layers, batch_first=True,
                              dropout=dropout, bidirectional=bidirectional)
@@ -202,10 +167,7 @@ class RecurrentClassifier(nn.Module):
     def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
         x, lengths = to_frames(x, lengths, self.frame)
         out, h_n = self.rnn(x, state, lengths=lengths)  # (B, T, D*O)
-        feats = [_last(out, lengths, self.dirs) if p == "last" else _pool(out, lengths, p)
-                 for p in self.parts]
-        feats = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
-        return self.fc(self.drop(feats)), h_n
+        return self.fc(self.drop(self.pool(out, lengths))), h_n
 
 
 class FCN(nn.Module):
@@ -222,7 +184,7 @@ class FCN(nn.Module):
 
     def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
         h = self.body(x.transpose(1, 2)).transpose(1, 2)  # (B, T, 128)
-        return self.fc(_pool(h, lengths, "mean")), None
+        return self.fc(pool(h, lengths, "mean")), None
 
 
 class TransformerClassifier(nn.Module):
@@ -248,10 +210,10 @@ class TransformerClassifier(nn.Module):
             raise ValueError(f"x: {x.shape[1]} steps, the transformer baseline takes at most "
                              f"{self.pe.shape[0]}")
         h = self.embed(x) + self.pe[: x.shape[1]]
-        mask = _mask(x, lengths)
+        mask = valid_mask(x, lengths)
         pad = None if mask is None else ~mask.squeeze(-1)
         h = self.encoder(h, src_key_padding_mask=pad)
-        return self.fc(_pool(h, lengths, "mean")), None
+        return self.fc(pool(h, lengths, "mean")), None
 
 
 def build_model(config: Config, n_channels: int, n_classes: int, frame: int | None = None
