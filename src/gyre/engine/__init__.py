@@ -123,10 +123,15 @@ def run(
     """
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for layer in params for d in layer for t in d.values())
-    chosen = select_backend(cell, backend, residual=residual, drop=drop, zone=zone,
-                            return_states=return_states, varlen=lengths is not None,
-                            device=x.device.type, size=(x.shape[1], hx[0].shape[-1]),
-                            grad=grad)
+    if torch._C._functorch.maybe_current_level() is not None:
+        # under torch.func (vmap, grad, jacrev, ...) every backend runs the reference loop: its
+        # torch ops have batching rules, the compiled kernels and the scan's solver have none
+        chosen = "reference"
+    else:
+        chosen = select_backend(cell, backend, residual=residual, drop=drop, zone=zone,
+                                return_states=return_states, varlen=lengths is not None,
+                                device=x.device.type, size=(x.shape[1], hx[0].shape[-1]),
+                                grad=grad)
     if chosen == "native":
         out, state = native.run(cell, params, x, hx, lengths=lengths, bidirectional=bidirectional,
                                 dropout=dropout, training=training)
@@ -147,6 +152,9 @@ def _run_stack(layer_fn, cell, params, x, hx, *, lengths, dropout, training, res
         steps = torch.arange(T, device=x.device)
         lens = lengths.to(x.device)
         valid = steps[:, None] < lens[None, :]  # (T, B)
+        # padding is inert: whatever its values (NaN, inf), the steps past a sequence's end see
+        # zeros, so nothing non-finite reaches an output, a state or (as 0 * NaN) a gradient
+        x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
         if num_dirs == 2:
             # reverse each sequence within its own length; padding stays in place
             rev_index = torch.where(valid, lens[None, :] - 1 - steps[:, None], steps[:, None])

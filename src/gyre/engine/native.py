@@ -64,7 +64,7 @@ def run(
     has_bias = "bias_ih" in params[0][0]
     fn = getattr(torch._VF, kind)
     num_layers = len(params)
-    if lengths is None:
+    if lengths is None or x.shape[1] == 0:  # no sequences: nothing to pack (torch refuses)
         args = (weights, has_bias, num_layers, dropout, training, bidirectional, False)
         if kind == "lstm":
             out, h, c = fn(x, hx, *args)

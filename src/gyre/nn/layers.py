@@ -18,7 +18,12 @@ class RNN(Recurrent):
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
                  residual: bool = False, recurrent_dropout: float = 0.0,
-                 zoneout: float | Sequence[float] = 0.0, backend: str = "auto") -> None:
+                 zoneout: float | Sequence[float] = 0.0, backend: str = "auto",
+                 proj_size: int | None = None) -> None:
+        _no_projection(proj_size)
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity: Unknown nonlinearity {nonlinearity!r}. Select from "
+                             "'tanh' or 'relu'.")
         super().__init__(RNNCell(nonlinearity=nonlinearity), input_size, hidden_size, num_layers,
                          bias, batch_first, dropout, bidirectional, residual=residual,
                          recurrent_dropout=recurrent_dropout, zoneout=zoneout, backend=backend,
@@ -35,6 +40,9 @@ class LSTM(Recurrent):
                  proj_size: int = 0, device=None, dtype=None, *, peephole: bool = False,
                  layer_norm: bool = False, residual: bool = False, recurrent_dropout: float = 0.0,
                  zoneout: float | Sequence[float] = 0.0, backend: str = "auto") -> None:
+        if isinstance(proj_size, int) and not isinstance(proj_size, bool) and proj_size < 0:
+            raise ValueError(f"proj_size should be a positive integer or zero to disable "
+                             f"projections, got {proj_size}")
         super().__init__(LSTMCell(peephole=peephole, proj_size=proj_size, layer_norm=layer_norm),
                          input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, residual=residual, recurrent_dropout=recurrent_dropout,
@@ -50,8 +58,18 @@ class GRU(Recurrent):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  device=None, dtype=None, *, reset_after: bool = True, layer_norm: bool = False,
                  residual: bool = False, recurrent_dropout: float = 0.0,
-                 zoneout: float | Sequence[float] = 0.0, backend: str = "auto") -> None:
+                 zoneout: float | Sequence[float] = 0.0, backend: str = "auto",
+                 proj_size: int | None = None) -> None:
+        _no_projection(proj_size)
         super().__init__(GRUCell(reset_after=reset_after, layer_norm=layer_norm), input_size,
                          hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          residual=residual, recurrent_dropout=recurrent_dropout, zoneout=zoneout,
                          backend=backend, device=device, dtype=dtype)
+
+
+def _no_projection(proj_size) -> None:
+    """``proj_size`` is accepted by name, as torch's ``RNN`` and ``GRU`` accept it, to refuse it
+    with torch's ``ValueError``."""
+    if proj_size is not None:
+        raise ValueError(f"proj_size: got {proj_size!r}; proj_size argument is only supported for "
+                         "LSTM, not RNN or GRU")

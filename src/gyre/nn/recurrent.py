@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +16,17 @@ from ..cells import Cell, init_parameter
 from ..engine.fused import stream as _stream
 
 HiddenState = Tensor | tuple[Tensor, ...]
+
+
+class RNNInputError(ValueError, RuntimeError):
+    """An input, state or length of the wrong size or device: a ``ValueError`` by gyre's rule
+    for bad input, and the ``RuntimeError`` that ``torch.nn``'s recurrent layers raise for the
+    same mistake (so code written against either catches it)."""
+
+
+class RNNDTypeError(TypeError, ValueError):
+    """An input or state of the wrong dtype: a ``TypeError`` by gyre's rule, and the
+    ``ValueError`` that ``torch.nn``'s recurrent layers raise."""
 
 
 class Recurrent(nn.Module):
@@ -60,10 +72,12 @@ class Recurrent(nn.Module):
     ) -> None:
         super().__init__()
         self.cell = _cells.get(cell)
-        _check_int("input_size", input_size, 1)
-        _check_int("hidden_size", hidden_size, 1)
-        _check_int("num_layers", num_layers, 1)
-        _check_rate("dropout", dropout)
+        _check_bool("bias", bias)
+        _check_bool("batch_first", batch_first)
+        _check_size("input_size", input_size)
+        _check_size("hidden_size", hidden_size)
+        _check_size("num_layers", num_layers)
+        _check_dropout(dropout, num_layers)
         _check_rate("recurrent_dropout", recurrent_dropout)
         if backend not in engine.BACKENDS:
             raise ValueError(f"backend: got {backend!r}, expected one of {', '.join(engine.BACKENDS)}")
@@ -218,13 +232,17 @@ class Recurrent(nn.Module):
         if input.dim() not in (2, 3):
             layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
             raise ValueError(f"input: got a tensor of rank {input.dim()} with shape "
-                             f"{tuple(input.shape)}, expected {layout} or (T, I) unbatched")
+                             f"{tuple(input.shape)}, expected {layout} or (T, I) unbatched "
+                             f"(Expected input to be 2D or 3D, got {input.dim()}D)")
         if input.shape[-1] != self.input_size:
-            raise ValueError(f"input: got feature size {input.shape[-1]} (shape "
-                             f"{tuple(input.shape)}), expected input_size={self.input_size}")
+            raise RNNInputError(
+                f"input: got feature size {input.shape[-1]} (shape {tuple(input.shape)}), "
+                f"expected input_size={self.input_size} (input.size(-1) must be equal to "
+                f"input_size. Expected {self.input_size}, got {input.shape[-1]})")
         if input.shape[1 if (input.dim() == 3 and self.batch_first) else 0] == 0:
-            raise ValueError(f"input: got a sequence of length 0 (shape {tuple(input.shape)}), "
-                             "expected at least one step")
+            raise RNNInputError(f"input: got a sequence of length 0 (shape {tuple(input.shape)}), "
+                                "expected at least one step (Expected sequence length to be "
+                                "larger than 0 in RNN)")
         return input
 
     def _check_tensor_match(self, arg: str, t: Tensor) -> None:
@@ -232,11 +250,14 @@ class Recurrent(nn.Module):
         if not t.is_floating_point():
             raise TypeError(f"{arg}: got dtype {t.dtype}, expected a floating dtype ({w.dtype})")
         if t.dtype != w.dtype:
-            raise TypeError(f"{arg}: got dtype {t.dtype}, expected the layer's dtype {w.dtype} "
-                            f"(convert the input, or the layer with .to({t.dtype}))")
+            raise RNNDTypeError(
+                f"{arg}: got dtype {t.dtype}, expected the layer's dtype {w.dtype} (RNN input "
+                f"dtype ({t.dtype}) does not match weight dtype ({w.dtype}). Convert input: "
+                f"input.to({w.dtype}), or convert model: model.to({t.dtype}))")
         if t.device != w.device:
-            raise ValueError(f"{arg}: got a tensor on {t.device}, expected the layer's device "
-                             f"{w.device} (move one with .to())")
+            raise RNNInputError(f"{arg}: got a tensor on {t.device}, expected the layer's device "
+                                f"{w.device} (move one with .to(); Input and parameter tensors "
+                                "are not at the same device)")
 
     def _check_hx(self, hx, B: int, unbatched: bool, x: Tensor) -> tuple[Tensor, ...]:
         k = self.num_layers * (2 if self.bidirectional else 1)
@@ -246,14 +267,15 @@ class Recurrent(nn.Module):
         n = len(self.state_sizes)
         if len(parts) != n or not all(isinstance(p, Tensor) for p in parts):
             want = "a Tensor" if n == 1 else f"a tuple of {n} Tensors {self.cell.state_names}"
-            raise ValueError(f"hx: got {_describe(hx)}, expected {want}")
+            raise RNNInputError(f"hx: got {_describe(hx)}, expected {want}")
         out = []
         for name, part, size in zip(self.cell.state_names, parts, self.state_sizes, strict=True):
             want = (k, size) if unbatched else (k, B, size)
             if tuple(part.shape) != want:
-                raise ValueError(f"hx: state '{name}' has shape {tuple(part.shape)}, expected "
-                                 f"{want} (num_layers*num_directions, {'' if unbatched else 'batch, '}"
-                                 f"{name}_size)")
+                raise RNNInputError(
+                    f"hx: state '{name}' has shape {tuple(part.shape)}, expected {want} "
+                    f"(num_layers*num_directions, {'' if unbatched else 'batch, '}{name}_size; "
+                    f"Expected hidden size {want}, got {list(part.shape)})")
             self._check_tensor_match(f"hx ('{name}')", part)
             out.append(part.unsqueeze(1) if unbatched else part)
         return tuple(out)
@@ -318,9 +340,28 @@ def _check_lengths(lengths, T: int, B: int, enforce_sorted: bool) -> Tensor:
     return lens
 
 
-def _check_int(name: str, v, low: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-        raise ValueError(f"{name}: got {v!r}, expected an int >= {low}")
+def _check_bool(name: str, v) -> None:
+    if not isinstance(v, bool):  # as torch: bias=0 or batch_first="False" is a mistake
+        raise TypeError(f"{name} should be of type bool, got: {type(v).__name__} ({v!r})")
+
+
+def _check_size(name: str, v) -> None:
+    """A size, with torch's exception types: ``TypeError`` for a non-int (``3.0`` too),
+    ``ValueError`` for one below 1."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} should be of type int, got: {type(v).__name__} ({v!r})")
+    if v < 1:
+        raise ValueError(f"{name} must be greater than zero, got {v}")
+
+
+def _check_dropout(v, num_layers: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1:
+        raise ValueError(f"dropout should be a number in range [0, 1] representing the "
+                         f"probability of an element being zeroed, got {v!r}")
+    if v > 0 and num_layers == 1:
+        warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                      "non-zero dropout expects num_layers greater than 1, but got "
+                      f"dropout={v} and num_layers={num_layers}", UserWarning, stacklevel=4)
 
 
 def _check_rate(name: str, v) -> None:
