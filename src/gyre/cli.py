@@ -32,17 +32,13 @@ from pathlib import Path
 from . import tasks as _tasks
 
 
-class _Parser(argparse.ArgumentParser):
-    pass
-
-
 def _list_of_str(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def _task_parser(task: str, module) -> argparse.ArgumentParser:
     cls = module.Config
-    p = _Parser(prog=f"gyre train {task}", description=(cls.__doc__ or "").split("\n")[0],
+    p = argparse.ArgumentParser(prog=f"gyre train {task}", description=(cls.__doc__ or "").split("\n")[0],
                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", metavar="FILE.toml", help="read fields from a TOML file")
     _add_threads(p)
@@ -188,16 +184,13 @@ def _cmd_bench(argv: list[str]) -> int:
         raise ValueError("bench: gyre.bench is not part of this install") from None
     entry = getattr(bench, "main", None)
     if entry is None:
-        try:
-            entry = importlib.import_module("gyre.bench.cli").main
-        except ModuleNotFoundError:
-            raise ValueError("bench: gyre.bench has no main(argv) entry point") from None
+        raise ValueError("bench: gyre.bench has no main(argv) entry point")
     rc = entry(argv)
     return int(rc or 0)
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gyre", description="Recurrent networks on PyTorch: train, evaluate, "
+    p = argparse.ArgumentParser(prog="gyre", description="Recurrent networks on PyTorch: train, evaluate, "
                 "predict, benchmark.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train a task (gyre train TASK --help for its flags)",

@@ -400,12 +400,3 @@ def collate(items: list) -> dict[str, Tensor]:
     if (lens != lens[0]).any():
         batch["lengths"] = lens
     return batch
-
-
-def pad(X: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """``(n, T_max, C)`` zero-padded and the lengths."""
-    lens = np.array([len(x) for x in X])
-    out = np.zeros((len(X), lens.max(), X[0].shape[1]), np.float32)
-    for i, x in enumerate(X):
-        out[i, :len(x)] = x
-    return out, lens

@@ -99,7 +99,7 @@ class Recurrent(nn.Module):
         self._names: list[list[dict[str, str]]] = []
         for layer in range(num_layers):
             layer_in = input_size if layer == 0 else num_dirs * self.output_size
-            specs = self.cell.param_specs(layer_in, hidden_size, self.bias)
+            specs = _cells.layer_specs(self.cell, layer_in, hidden_size, self.bias)
             dirs = []
             for d in range(num_dirs):
                 names = {}

@@ -174,10 +174,6 @@ def write_json(obj, path: str | os.PathLike) -> None:
     _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    return json.loads(Path(path).read_text())
-
-
 def pyplot():
     """matplotlib's pyplot on the non-interactive Agg backend."""
     import matplotlib

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...cells import Cell, Params, State
+from ...cells import Cell, Params, State, layer_specs
 from .. import reference
 from . import build, ir
 from .codegen import program_source
@@ -160,7 +160,7 @@ def _find_sizes(cell: Cell, p: Params, x: Tensor, state: State):
     for h in _hidden_candidates(cell, state):
         for bias in (True, False):
             try:
-                specs = cell.param_specs(input_size, h, bias)
+                specs = layer_specs(cell, input_size, h, bias)
             except ValueError:
                 continue
             if set(specs) == set(p) and all(tuple(p[n].shape) == s.shape

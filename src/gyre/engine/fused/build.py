@@ -46,6 +46,11 @@ def _cpu_id() -> str:
     return platform.machine() + flags
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def module_name(programs: dict[str, str]) -> str:
     h = hashlib.sha256()
     for part in (torch.__version__, " ".join(FLAGS), _cpu_id(),
@@ -74,7 +79,7 @@ def load(programs: dict[str, str], what: str) -> str:
             for part in range(parts):
                 path = os.path.join(build_dir, f"{name}_{part}.cpp")
                 src = module_source(name, programs, part, parts)
-                if not os.path.exists(path) or open(path).read() != src:
+                if not os.path.exists(path) or _read(path) != src:
                     with open(path + ".tmp", "w") as f:
                         f.write(src)
                     os.replace(path + ".tmp", path)
