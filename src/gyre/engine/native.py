@@ -40,6 +40,14 @@ def unsupported_reason(cell: Cell, *, residual: bool, drop, zone, return_states:
     return None
 
 
+def unsupported(cell: Cell, options, device: str) -> str | None:
+    """The backend contract (:mod:`gyre.engine.contract`): why ``native`` cannot run ``cell``
+    with ``options`` on ``device``, or None."""
+    return unsupported_reason(cell, residual=options.residual, drop=True if options.drop else None,
+                              zone=True if options.zone else None,
+                              return_states=options.return_states)
+
+
 def _flat_weights(cell: Cell, params: list[list[Params]]) -> list[Tensor]:
     names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
     if isinstance(cell, LSTM) and cell.proj_size:

@@ -86,3 +86,9 @@ def _per_step(zone, steps):
     if zone is None or all(m is None for m in zone):
         return None
     return tuple(None if m is None else (m if m.dim() == 3 else [m] * steps) for m in zone)
+
+
+def unsupported(cell: Cell, options, device: str) -> str | None:
+    """The backend contract (:mod:`gyre.engine.contract`): the reference loop runs every cell
+    with every option on every device."""
+    return None

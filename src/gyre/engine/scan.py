@@ -64,6 +64,12 @@ def unsupported_reason(cell: Cell) -> str | None:
     return None
 
 
+def unsupported(cell: Cell, options, device: str) -> str | None:
+    """The backend contract (:mod:`gyre.engine.contract`): every option and device is supported;
+    only the cell decides."""
+    return unsupported_reason(cell)
+
+
 def run_layer(
     cell: Cell,
     p: Params,
@@ -180,4 +186,4 @@ def _odd_even_scan(a: Tensor, b: Tensor) -> Tensor:
     return torch.stack([even, odd], dim=1).reshape(b.shape)[:T]
 
 
-__all__ = ["SOLVERS", "linear_recurrence", "run_layer", "unsupported_reason"]
+__all__ = ["SOLVERS", "linear_recurrence", "run_layer", "unsupported", "unsupported_reason"]

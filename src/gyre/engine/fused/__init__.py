@@ -34,7 +34,7 @@ from .. import reference
 from . import build, ir
 from .codegen import program_source
 
-__all__ = ["run_layer", "unsupported_reason", "available", "Unsupported"]
+__all__ = ["run_layer", "unsupported", "unsupported_reason", "available", "Unsupported"]
 
 Unsupported = ir.Unsupported
 
@@ -115,6 +115,14 @@ def unsupported_reason(cell: Cell) -> str | None:
                     break
         _reasons[k] = reason
     return _reasons[k]
+
+
+def unsupported(cell: Cell, options, device: str) -> str | None:
+    """The backend contract (:mod:`gyre.engine.contract`): why ``fused`` cannot run ``cell``
+    on ``device`` (every layer option is supported), or None."""
+    if device != "cpu":
+        return "fused kernels are CPU code"
+    return available() or unsupported_reason(cell)
 
 
 def _kernel(cell: Cell, input_size: int, hidden: int, bias: bool) -> _Kernel:
