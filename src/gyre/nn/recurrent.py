@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import warnings
 from collections.abc import Sequence
@@ -43,6 +44,10 @@ class Recurrent(nn.Module):
             per step; in evaluation the expectation ``rate * old + (1 - rate) * new``.
         backend: ``"auto"`` (fastest correct) or one of ``gyre.engine.BACKENDS``
             (``"reference"``, ``"native"``, ``"fused"``, ``"scan"``).
+        activation, recurrent_activation: names from :data:`gyre.cells.activations.ACTIVATIONS`
+            replacing the cell's own (``None``: keep them): for LSTM/GRU the cell and the gate
+            activations, for RNN its nonlinearity (``activation`` only); any cell with fields of
+            these names takes them.
 
     ``forward(input, hx=None, *, lengths=None, enforce_sorted=False)`` returns
     ``(output, h_n)``, where ``h_n`` is a tensor for one-component states and a tuple otherwise
@@ -69,9 +74,11 @@ class Recurrent(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        activation: str | None = None,
+        recurrent_activation: str | None = None,
     ) -> None:
         super().__init__()
-        self.cell = _cells.get(cell)
+        self.cell = _with_activations(_cells.get(cell), activation, recurrent_activation)
         _check_bool("bias", bias)
         _check_bool("batch_first", batch_first)
         _check_size("input_size", input_size)
@@ -295,6 +302,22 @@ class Recurrent(nn.Module):
                 return tuple(None if r == 0 else x.new_tensor(r) for r in self.zoneout)
             zone = [[masks() for _ in range(num_dirs)] for _ in range(self.num_layers)]
         return drop, zone
+
+
+def _with_activations(cell: Cell, activation: str | None, recurrent_activation: str | None) -> Cell:
+    """``cell`` with its activation fields replaced by those given (RNN's is ``nonlinearity``)."""
+    changes = {}
+    for arg, value in (("activation", activation), ("recurrent_activation", recurrent_activation)):
+        if value is None:
+            continue
+        field = arg
+        if arg == "activation" and isinstance(cell, _cells.RNN):
+            field = "nonlinearity"
+        if field not in {f.name for f in dataclasses.fields(cell)}:
+            raise ValueError(f"{arg}: got {value!r} for the cell {cell.describe()}, which has no "
+                             f"{arg} (expected None)")
+        changes[field] = value
+    return dataclasses.replace(cell, **changes) if changes else cell
 
 
 def _repack(out: Tensor, like: PackedSequence) -> PackedSequence:
