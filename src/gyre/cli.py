@@ -149,6 +149,13 @@ def _cmd_eval(args) -> int:
 def _cmd_predict(args) -> int:
     _set_threads(args.threads)
     task = _task_of(args.dir)
+    if args.output:
+        parent = Path(args.output).resolve().parent
+        if not parent.is_dir():
+            raise FileNotFoundError(f"--output: the directory {str(parent)!r} of "
+                                    f"{args.output!r} does not exist; create it first")
+        if Path(args.output).is_dir():
+            raise ValueError(f"--output: {args.output!r} is a directory, expected a CSV file path")
     rows = _tasks.get(task).predict(args.dir, args.data_path)
     out = open(args.output, "w", newline="") if args.output else sys.stdout
     try:

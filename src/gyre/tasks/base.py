@@ -159,6 +159,49 @@ def task_of_run(out_dir: str | os.PathLike) -> str | None:
     return m.group(1) if m else None
 
 
+#: the fields a resumed run may change (they take effect from the resumed step on); every other
+#: field describes the model, its optimizer or its data, which the checkpoint fixes
+RESUMABLE = ("out", "epochs", "lr", "patience", "progress", "tensorboard", "device")
+
+
+def check_resume(config, out: str | os.PathLike) -> None:
+    """Refuse, before anything is written, a resumed ``config`` that changes a field outside
+    :data:`RESUMABLE` from the run's own ``out/config.toml``: one error naming the flags."""
+    if not str(out) or not config.out:
+        raise ValueError("resume: needs out, the run directory to continue")
+    out = Path(out)
+    if not (out / "checkpoint").is_file():
+        raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} to resume from")
+    saved = load_config(type(config), out / "config.toml")
+    changed = [f.name for f in dataclasses.fields(config) if f.name not in RESUMABLE
+               and getattr(config, f.name) != getattr(saved, f.name)]
+    if changed:
+        what = ", ".join(f"--{n.replace('_', '-')} {getattr(saved, n)!r} -> "
+                         f"{getattr(config, n)!r}" for n in changed)
+        raise ValueError(f"resume: {what}: a resumed run cannot change its architecture, "
+                         "optimizer or data (its checkpoint holds them); it can change only "
+                         f"{', '.join('--' + n for n in RESUMABLE if n != 'out')}. Start a new "
+                         "run with another --out instead")
+
+
+def config_writer(config, out: str | os.PathLike):
+    """A Trainer callback that writes ``out/config.toml`` when the run starts (a resumed run:
+    once its checkpoint was loaded and checked), so a refused resume leaves the run as it was."""
+    path = Path(out) / "config.toml"
+
+    def write(trainer, event, info):
+        if event == "start" and is_main_process():
+            write_config(config, path)
+
+    return write
+
+
+def is_main_process() -> bool:
+    """False on every process but rank 0 of a distributed run (only rank 0 writes files)."""
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def resolve_out(config, task: str) -> Path:
     """``config.out``, or ``runs/<task>-<data name>-<timestamp>`` (set on the config too)."""
     if not config.out:
@@ -166,6 +209,8 @@ def resolve_out(config, task: str) -> Path:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         config.out = str(Path("runs") / f"{task}-{stem}-{stamp}")
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {str(out)!r} is a file, expected a run directory (or a new path)")
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -265,13 +265,13 @@ def _prepare(config: Config, data: cdata.ClassificationData):
 
 
 def _fit(model: nn.Module, config: Config, out: Path, train, val, extra, resume: bool,
-         progress: bool | None = None) -> tuple[Trainer, dict]:
+         progress: bool | None = None, callback=None) -> tuple[Trainer, dict]:
     over = {"progress": config.progress if progress is None else progress}
     if config.scheduler.lower() in ("onecycle", "onecyclelr"):
         over["scheduler_interval"] = "step"  # OneCycleLR changes the rate every step
     tc = config.train_config(**over)
     trainer = Trainer(model, nn.functional.cross_entropy, tc, collate=cdata.collate,
-                      metrics=accuracy, out_dir=out, extra=extra)
+                      metrics=accuracy, out_dir=out, extra=extra, callback=callback)
     result = trainer.fit(train, val if len(val) else None, resume=resume)
     return trainer, result
 
@@ -283,10 +283,9 @@ def train(config: Config, *, resume: bool = False) -> dict:
         raise TypeError(f"config: got {type(config).__name__}, expected gyre.tasks.classify.Config")
     # the data first: a bad --data must not leave a run directory behind
     data = cdata.load(config.data, seed=config.seed)
+    if resume:
+        base.check_resume(config, config.out)
     out = base.resolve_out(config, TASK)
-    if resume and not (out / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} to resume from")
-    base.write_config(config, out / "config.toml")
     train_ds, val_ds, test_ds, scaler = _prepare(config, data)
     seed_everything(config.seed)
     k = auto_frame(data.X_train) if config.frame == 0 else config.frame
@@ -294,7 +293,8 @@ def train(config: Config, *, resume: bool = False) -> dict:
     extra = {"classes": list(data.classes), "n_channels": data.n_channels,
              "scaler": scaler.state(), "frame": k}
     start = time.perf_counter()
-    trainer, result = _fit(model, config, out, train_ds, val_ds, extra, resume)
+    trainer, result = _fit(model, config, out, train_ds, val_ds, extra, resume,
+                           callback=base.config_writer(config, out))
     seconds = time.perf_counter() - start
     if result["interrupted"]:
         return {"interrupted": True, "out": str(out)}

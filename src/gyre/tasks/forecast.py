@@ -565,8 +565,9 @@ def train(config: Config, *, resume: bool = False) -> dict:
         raise TypeError(f"config: got {type(config).__name__}, expected forecast.Config")
     ss = _load(config)
     setup = _Setup(config, ss)
+    if resume:
+        base.check_resume(config, config.out)
     out = base.resolve_out(config, "forecast")
-    base.write_config(config, out / "config.toml")
 
     scaler = Scaler(config.scaler, config.log)
     scaled, train_w, val_w, test_w, val_start, test_start = prepare(
@@ -584,7 +585,7 @@ def train(config: Config, *, resume: bool = False) -> dict:
     extra = {"scaler": scaler.state(), "data": ss.name, "horizon": setup.horizon,
              "season": setup.season, "lookback": setup.lookback}
     trainer = Trainer(model, masked_loss(config.loss), tconf, collate=collate, out_dir=out,
-                      extra=extra)
+                      extra=extra, callback=base.config_writer(config, out))
     t0 = time.perf_counter()
     train_data = WindowData(train_w, config.strategy, teacher=True)
     val_data = (WindowData(val_w, config.strategy, teacher=False)

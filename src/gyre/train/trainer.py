@@ -7,7 +7,9 @@ import dataclasses
 import io
 import math
 import os
+import pickle
 import random
+import re
 import signal
 import sys
 import threading
@@ -23,6 +25,10 @@ from torch import Tensor, nn
 #: file name of the checkpoint inside a run directory
 CHECKPOINT = "checkpoint"
 _FORMAT = "gyre-checkpoint-1"
+#: the keys every checkpoint the Trainer writes holds
+CHECKPOINT_KEYS = ("format", "model", "optimizer", "scheduler", "rng", "loader_rng", "epoch",
+                   "batch", "perm", "running", "micro", "global_step", "history", "best",
+                   "bad_epochs", "stopped_early", "config", "extra")
 
 Batch = dict[str, Tensor]
 
@@ -221,6 +227,9 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+_TMP = re.compile(r"\.(.+)\.tmp-(\d+)")
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -228,6 +237,34 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove the ``.NAME.tmp-PID`` files that an atomic write killed half-way left in
+    ``directory`` (a kill -9 during a checkpoint write), where process PID no longer runs.
+    Returns the paths removed."""
+    d = Path(directory)
+    removed = []
+    if not d.is_dir():
+        return removed
+    for f in d.iterdir():
+        m = _TMP.fullmatch(f.name)
+        if m and f.is_file() and not _alive(int(m.group(2))):
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
@@ -247,14 +284,30 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
                                 "directory holding 'checkpoint', or the file itself)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated or foreign file
+    except Exception as e:  # a truncated or foreign file, or one that carries code
         raise ValueError(f"checkpoint: {str(path)!r} could not be read as a gyre checkpoint "
-                         f"({type(e).__name__}: {e})") from e
+                         f"({_load_failure(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
         raise ValueError(f"checkpoint: {str(path)!r} is not a gyre checkpoint (format "
                          f"{ckpt.get('format') if isinstance(ckpt, dict) else None!r}, "
                          f"expected {_FORMAT!r})")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint: {str(path)!r} has the gyre format tag but lacks "
+                         f"{', '.join(missing)}; it was not written by gyre's Trainer (or was "
+                         "edited), so it cannot be loaded or resumed")
     return ckpt
+
+
+def _load_failure(e: Exception) -> str:
+    """torch.load's error, reduced to what applies: its advice to retry with
+    ``weights_only=False`` would run any code the file carries, so it is never repeated."""
+    text = str(e)
+    if "weights_only" in text or isinstance(e, pickle.UnpicklingError):
+        return ("it holds Python objects other than tensors and plain data; gyre loads "
+                "checkpoints with weights_only=True and never runs code from one")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _clone_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -274,8 +327,10 @@ class Trainer:
         metrics: ``metrics(outputs, targets) -> dict[str, float]`` on a whole split.
         out_dir: where ``checkpoint``, ``log.csv`` and ``tensorboard/`` go (None: no files).
         extra: task state stored in the checkpoint (tensors, numbers, strings, lists, dicts).
-        callback: ``callback(trainer, event, info)`` called after every optimizer step
-            (``event="step"``) and epoch (``"epoch"``); it may call :meth:`request_stop`.
+        callback: ``callback(trainer, event, info)`` called once when training starts, after
+            a resumed run's checkpoint was loaded and checked and before anything is written
+            (``event="start"``, ``info={"resumed", "epoch"}``), after every optimizer step
+            (``"step"``) and epoch (``"epoch"``); it may call :meth:`request_stop`.
     """
 
     def __init__(
@@ -333,10 +388,15 @@ class Trainer:
 
         A checkpoint is written atomically after every epoch. ``resume=True`` loads
         ``out_dir/checkpoint`` and continues exactly (same batches, RNG draws and optimizer
-        state), also from the middle of an epoch. Ctrl-C (SIGINT, when fit runs in the main
-        thread) or :meth:`request_stop` saves a checkpoint at the next optimizer-step boundary
-        and returns with ``interrupted=True``; a second Ctrl-C raises ``KeyboardInterrupt``.
-        A NaN/inf loss raises :class:`NonFiniteLossError` without touching the checkpoint.
+        state), also from the middle of an epoch. What the config may change on resume takes
+        effect: ``epochs`` (a schedule derived from it is re-planned), ``lr`` (every rate of
+        the optimizer and schedule scaled by new/old), ``patience``, logging and progress; a
+        different optimizer type, scheduler or model is refused with a ``ValueError`` before
+        anything is written. Stale temporary files of a killed write are removed. Ctrl-C
+        (SIGINT, when fit runs in the main thread) or :meth:`request_stop` saves a checkpoint
+        at the next optimizer-step boundary and returns with ``interrupted=True``; a second
+        Ctrl-C raises ``KeyboardInterrupt``. A NaN/inf loss raises :class:`NonFiniteLossError`
+        without touching the checkpoint.
         """
         cfg = self.config
         n = len(train)
@@ -347,7 +407,10 @@ class Trainer:
         if cfg.patience and val is None:
             raise ValueError("patience: early stopping needs a validation split, got none")
         if self.out_dir is not None:
+            if self.out_dir.exists() and not self.out_dir.is_dir():
+                raise ValueError(f"out_dir: {str(self.out_dir)!r} is a file, expected a directory")
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out_dir)
         n_batches = math.ceil(n / cfg.batch_size)
         self.scheduler = self._make_scheduler(n_batches)
 
@@ -358,12 +421,15 @@ class Trainer:
             ckpt = self._load_for_resume()
             pos = {k: ckpt[k] for k in ("epoch", "batch", "perm", "running", "micro")}
             best, bad_epochs = ckpt["best"], ckpt["bad_epochs"]
-            stopped_early = ckpt["stopped_early"]
+            # the patience now in force decides (a longer one continues a run that stopped)
+            stopped_early = bool(cfg.patience) and bad_epochs >= cfg.patience
         else:
             seed_everything(cfg.seed)
             self._loader_gen.manual_seed(cfg.seed)
             self.history, self.global_step = [], 0
 
+        if self.callback is not None:
+            self.callback(self, "start", {"resumed": resume, "epoch": pos["epoch"]})
         writer = self._tensorboard(purge_step=pos["epoch"] + 1 if resume else None)
         bar = None
         if cfg.progress:
@@ -624,20 +690,59 @@ class Trainer:
     def _load_for_resume(self) -> dict:
         if self.out_dir is None:
             raise ValueError("resume: needs out_dir, the run directory holding 'checkpoint'")
-        ckpt = load_checkpoint(self.out_dir / CHECKPOINT, map_location=self.device)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if (ckpt["scheduler"] is None) != (self.scheduler is None):
-            raise ValueError(f"resume: the checkpoint was written with scheduler "
-                             f"{ckpt['config'].get('scheduler')!r}, the config now says "
-                             f"{self.config.scheduler!r}")
+        path = self.out_dir / CHECKPOINT
+        ckpt = load_checkpoint(path, map_location=self.device)
+        old = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
+        fixed = "a resumed run continues the checkpoint's model and optimizer state"
+        if _optimizer_class(str(old.get("optimizer", self.config.optimizer))) is not \
+                _optimizer_class(self.config.optimizer):
+            raise ValueError(f"resume: optimizer {self.config.optimizer!r} differs from the "
+                             f"checkpoint's {old.get('optimizer')!r} in {str(path)!r}; {fixed}, "
+                             "so the optimizer type cannot change (start a new run instead)")
+        if (ckpt["scheduler"] is None) != (self.scheduler is None) or (
+                self.scheduler is not None and _scheduler_spec(str(old.get("scheduler", "none")))
+                is not type(self.scheduler)):
+            raise ValueError(f"resume: scheduler {self.config.scheduler!r} differs from the "
+                             f"checkpoint's {old.get('scheduler')!r} in {str(path)!r}; {fixed}, "
+                             "so the scheduler cannot change (start a new run instead)")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            detail = " ".join(str(e).split())
+            raise ValueError(f"resume: the model does not match the checkpoint in {str(path)!r} "
+                             f"(the architecture cannot change on resume): {detail[:300]}") from None
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ValueError(f"resume: the optimizer state in {str(path)!r} does not fit this "
+                             f"model's parameters ({type(e).__name__}: {e})") from None
         if self.scheduler is not None:
             self._load_scheduler(ckpt["scheduler"])
+        old_lr = old.get("lr")
+        if isinstance(old_lr, int | float) and old_lr > 0 and old_lr != self.config.lr:
+            self._rescale_lr(self.config.lr / old_lr)
         _set_rng_state(ckpt["rng"])
         self._loader_gen.set_state(ckpt["loader_rng"])
         self.history = list(ckpt["history"])
         self.global_step = ckpt["global_step"]
         return ckpt
+
+    def _rescale_lr(self, factor: float) -> None:
+        """A new ``lr`` on resume: every rate the optimizer and scheduler hold (the current
+        one, a schedule's base, peak and floor) is multiplied by new/old, so the schedule keeps
+        its shape and position at the new scale."""
+        for group in self.optimizer.param_groups:
+            for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                if isinstance(group.get(key), int | float | Tensor):
+                    group[key] = group[key] * factor
+        sched = self.scheduler
+        if sched is None:
+            return
+        for attr in ("base_lrs", "_last_lr", "min_lrs"):
+            if isinstance(getattr(sched, attr, None), list):
+                setattr(sched, attr, [v * factor for v in getattr(sched, attr)])
+        if isinstance(getattr(sched, "eta_min", None), int | float):
+            sched.eta_min = sched.eta_min * factor
 
     def _result(self, best, stopped_early, interrupted) -> dict:
         return {"history": list(self.history), "best_epoch": best["epoch"],
