@@ -46,6 +46,10 @@ def _task_parser(task: str, module) -> argparse.ArgumentParser:
                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", metavar="FILE.toml", help="read fields from a TOML file")
     _add_threads(p)
+    p.add_argument("--nproc", type=_threads, metavar="N", default=None,
+                   help="train data parallel in N processes on this machine (starts torchrun's "
+                        "launcher; each process gets --threads, default cores/N threads); for "
+                        "several machines run torchrun yourself (README)")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue the run in --out from its checkpoint (its config.toml is the "
                         "base; flags given here override it; a new --epochs extends or shortens "
@@ -90,11 +94,14 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _build_config(task: str, module, argv: list[str]):
+def _build_config(task: str, module, argv: list[str], launch: dict | None = None):
     from .tasks import base
     parser = _task_parser(task, module)
     ns = vars(parser.parse_args(argv))
-    _set_threads(ns.pop("threads", None))
+    threads, nproc = ns.pop("threads", None), ns.pop("nproc", None)
+    if launch is not None:
+        launch.update(threads=threads, nproc=nproc)
+    _set_threads(threads)
     config_file = ns.pop("config", None)
     resume = ns.pop("resume", False)
     if resume:
@@ -110,11 +117,61 @@ def _build_config(task: str, module, argv: list[str]):
     return base.config_from_dict(module.Config, ns, source="flags"), resume
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = i + 1 < len(argv)
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _launch(task: str, argv: list[str], nproc: int, threads: int | None) -> int:
+    """``gyre train TASK --nproc N``: torchrun's launcher starts N processes of
+    ``python -m gyre train TASK ...`` on this machine (``--standalone``: a local rendezvous on a
+    free port), each with ``threads`` intra-op threads (default: the cores divided by N)."""
+    import os
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+    per = threads or max(1, (os.cpu_count() or 1) // nproc)
+    os.environ["OMP_NUM_THREADS"] = str(per)
+    print(f"gyre: data parallel, {nproc} processes on this machine, {per} thread(s) each",
+          file=sys.stderr)
+    rest = _without_nproc(argv)
+    if threads is None:
+        rest += ["--threads", str(per)]
+    try:
+        run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "gyre",
+                        "train", task, *rest]))
+    except ChildFailedError as e:
+        failures = ", ".join(f"rank {r}: exit {f.exitcode}" for r, f in sorted(e.failures.items()))
+        print(f"gyre: error: the distributed run failed ({failures}); see the processes' "
+              "messages above", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_train(task: str, argv: list[str]) -> int:
     from .tasks import base
+    from .train import distributed
     module = _tasks.get(task)
-    config, resume = _build_config(task, module, argv)
-    metrics = module.train(config, resume=resume)
+    launch: dict = {}
+    config, resume = _build_config(task, module, argv, launch)
+    if launch["nproc"] and launch["nproc"] > 1 and distributed.env_world_size() <= 1:
+        return _launch(task, argv, launch["nproc"], launch["threads"])
+    if distributed.init_from_env(config.device):
+        try:
+            metrics = module.train(config, resume=resume)
+        finally:
+            distributed.shutdown()
+    else:
+        metrics = module.train(config, resume=resume)
+    if metrics.get("rank", 0):
+        return 0
     if metrics.get("interrupted"):
         print(f"gyre: interrupted; checkpoint saved in {metrics['out']}. Continue with: "
               f"gyre train {task} --out {metrics['out']} --resume", file=sys.stderr)

@@ -198,8 +198,16 @@ def config_writer(config, out: str | os.PathLike):
 
 def is_main_process() -> bool:
     """False on every process but rank 0 of a distributed run (only rank 0 writes files)."""
-    import torch.distributed as dist
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    from ..train import distributed
+    return distributed.is_main()
+
+
+def other_rank(out: Path) -> dict | None:
+    """On a process other than rank 0 of a distributed run, after training: the result such a
+    process returns (rank 0 alone evaluates, writes metrics and plots); None on rank 0."""
+    from ..train import distributed
+    ctx = distributed.context()
+    return None if ctx.main else {"out": str(out), "rank": ctx.rank}
 
 
 def resolve_out(config, task: str) -> Path:
@@ -208,6 +216,8 @@ def resolve_out(config, task: str) -> Path:
         stem = re.sub(r"[^A-Za-z0-9_]+", "_", Path(config.data).stem or "data").strip("_")
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         config.out = str(Path("runs") / f"{task}-{stem}-{stamp}")
+    from ..train import distributed
+    config.out = distributed.broadcast(config.out)  # every process: rank 0's time stamp
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {str(out)!r} is a file, expected a run directory (or a new path)")

@@ -265,13 +265,15 @@ def _prepare(config: Config, data: cdata.ClassificationData):
 
 
 def _fit(model: nn.Module, config: Config, out: Path, train, val, extra, resume: bool,
-         progress: bool | None = None, callback=None) -> tuple[Trainer, dict]:
+         progress: bool | None = None, callback=None, distributed: bool | None = None
+         ) -> tuple[Trainer, dict]:
     over = {"progress": config.progress if progress is None else progress}
     if config.scheduler.lower() in ("onecycle", "onecyclelr"):
         over["scheduler_interval"] = "step"  # OneCycleLR changes the rate every step
     tc = config.train_config(**over)
     trainer = Trainer(model, nn.functional.cross_entropy, tc, collate=cdata.collate,
-                      metrics=accuracy, out_dir=out, extra=extra, callback=callback)
+                      metrics=accuracy, out_dir=out, extra=extra, callback=callback,
+                      distributed=distributed)
     result = trainer.fit(train, val if len(val) else None, resume=resume)
     return trainer, result
 
@@ -296,6 +298,8 @@ def train(config: Config, *, resume: bool = False) -> dict:
     trainer, result = _fit(model, config, out, train_ds, val_ds, extra, resume,
                            callback=base.config_writer(config, out))
     seconds = time.perf_counter() - start
+    if base.other_rank(out) is not None:
+        return base.other_rank(out)
     if result["interrupted"]:
         return {"interrupted": True, "out": str(out)}
     logits, y = trainer.predict(test_ds)
@@ -314,7 +318,8 @@ def train(config: Config, *, resume: bool = False) -> dict:
         net = (FCN(data.n_channels, len(data.classes)) if name == "cnn"
                else TransformerClassifier(data.n_channels, len(data.classes)))
         bt, bres = _fit(net, config, out / "baselines" / name, train_ds, val_ds, extra,
-                        resume=resume and (out / "baselines" / name / CHECKPOINT).is_file())
+                        resume=resume and (out / "baselines" / name / CHECKPOINT).is_file(),
+                        distributed=False)  # on rank 0 alone: the other ranks are done
         if bres["interrupted"]:
             return {"interrupted": True, "out": str(out)}
         blog, by = bt.predict(test_ds)

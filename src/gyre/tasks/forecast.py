@@ -592,6 +592,8 @@ def train(config: Config, *, resume: bool = False) -> dict:
                 if val_w is not None and len(val_w) else None)
     fit = trainer.fit(train_data, val_data, resume=resume)
     seconds = time.perf_counter() - t0
+    if base.other_rank(out) is not None:
+        return base.other_rank(out)
     if fit["interrupted"]:
         return {"interrupted": True, "out": str(out)}
 
