@@ -5,6 +5,7 @@
                                  [--config FILE.toml] [--resume] [--device auto|cpu|cuda] ...
     gyre eval DIR [--data NAME|PATH] [--threads N]
     gyre predict DIR DATA_PATH [--output FILE.csv] [--threads N]
+    gyre explain DIR [--method ig|shap|lime|occlusion] [--samples N] [--data NAME|PATH]
     gyre data list
     gyre bench ...
 
@@ -228,6 +229,22 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_explain(args) -> int:
+    from .explain import explain_run
+    _set_threads(args.threads)
+    summary = explain_run(args.dir, method=args.method, samples=args.samples, data=args.data)
+    share = ", ".join(f"{c} {v:.2f}" for c, v in list(summary["channel_share"].items())[:8])
+    print(f"{summary['method']} attributions of {summary['sequences']} sequences "
+          f"({summary.get('explained', '')}); share per channel: {share}")
+    if "deletion" in summary:
+        d = summary["deletion"]
+        print("deletion curve (accuracy): " + "; ".join(
+            f"{f:.0%} steps: top {t:.3f} random {r:.3f}"
+            for f, t, r in zip(d["fractions"], d["top"], d["random"], strict=True)))
+    print(f"wrote {Path(args.dir) / 'explain'}: {', '.join(summary['files'])}")
+    return 0
+
+
 def _cmd_data_list() -> int:
     from .data import catalog
     items = catalog()
@@ -277,6 +294,15 @@ def _top_parser() -> argparse.ArgumentParser:
     pr.add_argument("data_path", help="CSV or NPZ file")
     pr.add_argument("--output", "-o", default=None, help="CSV file to write (default: stdout)")
     _add_threads(pr)
+    x = sub.add_parser("explain", help="attributions, state and gate maps of a trained run "
+                       "(needs gyre[explain])")
+    x.add_argument("dir", help="run directory written by gyre train (classify or forecast)")
+    x.add_argument("--method", default="ig", help="ig (Integrated Gradients), shap (Kernel "
+                   "SHAP), lime or occlusion (default: ig)")
+    x.add_argument("--samples", type=_threads, default=8, metavar="N",
+                   help="explain the first N test sequences (default: 8)")
+    x.add_argument("--data", default=None, help="dataset name or file (default: the run's)")
+    _add_threads(x)
     d = sub.add_parser("data", help="datasets")
     d.add_argument("action", choices=["list"], help="list: what is available offline")
     b = sub.add_parser("bench", help="benchmark layers against torch.nn (gyre.bench)",
@@ -304,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(parser, lambda: _cmd_eval(args))
     if args.command == "predict":
         return _run(parser, lambda: _cmd_predict(args))
+    if args.command == "explain":
+        return _run(parser, lambda: _cmd_explain(args))
     if args.command == "data":
         return _run(parser, _cmd_data_list)
     parser.error(f"unknown command {args.command!r}")

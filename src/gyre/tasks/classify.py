@@ -427,5 +427,33 @@ def predict(out_dir, data_path: str) -> list[dict]:
     return rows
 
 
+def explain_inputs(out_dir, data: str | None = None, samples: int = 8):
+    """The explain seam (:mod:`gyre.explain`): the first ``samples`` test sequences of the run's
+    data (or ``data``'s), scaled as in training, and the predicted class's logit to explain."""
+    from ..explain import Inputs
+    config, model, extra = load_run(out_dir)
+    ds = cdata.load(data or config.data, seed=config.seed)
+    scaler = cdata.Standardizer.from_state(extra["scaler"])
+    X = scaler(ds.X_test[:samples])
+    seqs = cdata.SequenceDataset(X, np.zeros(len(X), np.int64))
+    batch = cdata.collate([seqs[i] for i in range(len(seqs))])
+    x, lengths = batch["x"], batch.get("lengths")
+    same = list(ds.classes) == list(extra["classes"])
+    labels = torch.as_tensor(ds.y_test[:samples]) if same else None
+
+    def forward(x, lengths):
+        return model(x, lengths=lengths)[0]
+
+    def predict(x, lengths):
+        with torch.no_grad():
+            return forward(x, lengths).argmax(-1)
+
+    target = predict(x, lengths)
+    channels = [f"channel {c}" for c in range(x.shape[2])]
+    title = f"classify {ds.name}: {describe(config, extra.get('frame'))}"
+    return Inputs(model, forward, x, lengths, title, channels, target=target, labels=labels, predict=predict,
+                  meta={"explained": "logit of the predicted class", "data": ds.name})
+
+
 __all__ = ["Config", "TASK", "train", "evaluate", "predict", "RecurrentClassifier", "FCN",
-           "TransformerClassifier", "build_model", "load_run", "dtw_baseline"]
+           "TransformerClassifier", "build_model", "load_run", "dtw_baseline", "explain_inputs"]

@@ -707,6 +707,38 @@ def predict(out_dir, data_path: str | None = None) -> list[dict]:
     return rows
 
 
+def explain_inputs(out_dir, data: str | None = None, samples: int = 8):
+    """The explain seam (:mod:`gyre.explain`): the input windows of the first ``samples`` test
+    forecasts (scaled as in training), and the mean scaled forecast of the first target column
+    over the horizon to explain."""
+    from ..explain import Inputs
+    config, ckpt = _rebuild(out_dir)
+    ss = _load(config, data)
+    setup = _Setup(config, ss)
+    setup.horizon, setup.season = ckpt["extra"]["horizon"], ckpt["extra"]["season"]
+    model = _restored_model(config, setup, ckpt)
+    if config.strategy != "direct":
+        raise ValueError("explain: forecast runs with strategy='direct' are supported (a "
+                         "recursive forecast feeds its own outputs back, which attributions "
+                         "over the inputs do not cover)")
+    scaler = Scaler(config.scaler, config.log)
+    *_, test_w, _, _ = prepare(ss, setup.horizon, setup.lookback, setup.min_lookback, scaler,
+                               config.val_fraction)
+    wd = WindowData(test_w, "direct", teacher=False)
+    n = min(samples, len(wd))
+    batch = collate([wd[i] for i in range(n)])
+    col = model.target.index(ss.target[0])
+
+    def forward(x, lengths):
+        return model(x, lengths=lengths)[0][:, :, col].mean(1)
+
+    title = f"forecast {ss.name}: {setup.describe(config)}"
+    return Inputs(model, forward, batch["x"], batch["lengths"], title,
+                  [ss.columns[c] for c in range(ss.num_columns)],
+                  meta={"explained": f"mean scaled forecast of {ss.columns[ss.target[0]]!r} "
+                        f"over {setup.horizon} steps", "data": ss.name})
+
+
 def plot_forecasts(ss: SeriesSet, forecasts, baselines: dict, test_start, path, title: str,
                    max_series: int = 6) -> None:
     """Forecast against actuals: the history before the test part, the actual test part, the
