@@ -42,9 +42,12 @@ def _list_of_str(text: str) -> list[str]:
 
 
 def _task_parser(task: str, module) -> argparse.ArgumentParser:
+    from .tasks import base
     cls = module.Config
-    p = _Parser(prog=f"gyre train {task}", description=(cls.__doc__ or "").split("\n")[0],
+    p = _Parser(prog=f"gyre train {task}",
+                description=base.plain((cls.__doc__ or "").strip().split("\n\n")[0]),
                 argument_default=argparse.SUPPRESS)
+    docs = base.field_help(cls)
     p.add_argument("--config", metavar="FILE.toml", help="read fields from a TOML file")
     _add_threads(p)
     p.add_argument("--nproc", type=_threads, metavar="N", default=None,
@@ -61,15 +64,16 @@ def _task_parser(task: str, module) -> argparse.ArgumentParser:
         t = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = docs.get(f.name, "")
         if t is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           help=f"(default: {str(default).lower()})")
+                           help=f"{text} (default: {str(default).lower()})")
         elif t == list[str]:
             p.add_argument(flag, dest=f.name, type=_list_of_str, metavar="A,B",
-                           help=f"comma separated (default: {','.join(default) or 'none'})")
+                           help=f"{text}; comma separated (default: {','.join(default) or 'none'})")
         else:
             p.add_argument(flag, dest=f.name, type=t, metavar=t.__name__.upper(),
-                           help=f"(default: {default!r})")
+                           help=f"{text} (default: {default!r})".replace("%", "%%"))
     return p
 
 

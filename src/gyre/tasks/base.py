@@ -28,8 +28,11 @@ class TaskConfig:
     Attributes:
         data: a dataset name (``gyre data list``) or a file path in the task's format.
         out: the run directory.
-        cell: any ``gyre.cells.names()`` entry.
-        hidden, layers, bidirectional, dropout: the recurrent stack (dropout between layers).
+        cell: the recurrent cell, any ``gyre.cells.names()`` entry.
+        hidden: units per recurrent layer.
+        layers: stacked recurrent layers.
+        bidirectional: run every layer in both directions.
+        dropout: dropout between stacked layers.
         epochs, batch_size, lr, weight_decay, optimizer, scheduler, clip_norm, clip_value,
         accumulate, tbptt, patience, device, bf16, seed, progress, tensorboard: as
         :class:`gyre.train.TrainConfig`.
@@ -82,6 +85,79 @@ class TaskConfig:
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
         kw.update(overrides)
         return TrainConfig(**kw)
+
+
+_MARKUP = [(re.compile(r":(?:class|meth|func|data|mod|attr):`~?([^`]+)`"), r"\1"),
+           (re.compile(r"``([^`]*)``"), r"\1"), (re.compile(r"\*\*([^*]+)\*\*"), r"\1")]
+
+
+def plain(text: str) -> str:
+    """``text`` without reStructuredText markup (roles, literals, bold), on one line."""
+    for pat, rep in _MARKUP:
+        text = pat.sub(rep, text)
+    return " ".join(text.split())
+
+
+def _attribute_docs(cls) -> dict[str, str]:
+    """The entries of the ``Attributes:`` section of ``cls``'s own docstring, by field name
+    (an entry ``a, b: text`` documents both; with as many ``;``-separated parts as names, each
+    name gets its part)."""
+    doc = cls.__dict__.get("__doc__") or ""
+    lines = doc.expandtabs().split("\n")
+    try:
+        start = next(i for i, ln in enumerate(lines) if ln.strip() == "Attributes:")
+    except StopIteration:
+        return {}
+    entries: list[list] = []
+    indent = None
+    carry = ""  # a list of names continued on the next line
+    for ln in lines[start + 1:]:
+        if carry:
+            ln, carry = carry + " " + ln.strip(), ""
+        elif re.fullmatch(r"\s*[a-z_][a-z0-9_]*(,\s*[a-z_][a-z0-9_]*)*,\s*", ln):
+            carry = ln.rstrip()
+            continue
+        if not ln.strip():
+            if entries:
+                break
+            continue
+        ind = len(ln) - len(ln.lstrip())
+        if indent is None:
+            indent = ind
+        if ind < indent:
+            break
+        m = re.match(r"([a-z_][a-z0-9_]*(?:,\s*[a-z_][a-z0-9_]*)*,?)\s*:\s+(.*)", ln.strip())
+        if ind == indent and m:
+            entries.append([[n.strip() for n in m.group(1).split(",") if n.strip()], m.group(2)])
+        elif entries:
+            entries[-1][1] += " " + ln.strip()
+    out = {}
+    for names, text in entries:
+        parts = [t.strip() for t in text.rstrip(".").split(";")]
+        for k, n in enumerate(names):
+            out[n] = parts[k] if len(parts) == len(names) > 1 else text
+    return out
+
+
+def field_help(cls) -> dict[str, str]:
+    """One line of help per field of the config class ``cls``, from the ``Attributes:``
+    sections of its docstring and its bases' (the nearest wins; an entry that says "as
+    TrainConfig" is taken from :class:`gyre.train.TrainConfig`'s): the documentation is the one
+    source of both the API reference and ``gyre train TASK --help``. Markup removed, the first
+    sentence kept."""
+    train = _attribute_docs(TrainConfig)
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        docs.update(_attribute_docs(klass))
+    out = {}
+    for f in dataclasses.fields(cls):
+        text = docs.get(f.name) or train.get(f.name, "")
+        if re.match(r"as\s+:class:`[^`]*TrainConfig`", text.strip()) and f.name in train:
+            text = train[f.name]
+        text = plain(text)
+        m = re.match(r"(.+?\.)(\s+[A-Z]|$)", text)  # the first sentence
+        out[f.name] = (m.group(1) if m else text).rstrip(".")
+    return out
 
 
 def _field_type(cls, f: dataclasses.Field):

@@ -439,6 +439,7 @@ class Config(TaskConfig):
         scaler: ``standard``, ``minmax``, ``mean``, ``diff`` (mean absolute one-step change) or
             ``none``, per series and column, fitted on the training part only; ``log``: take
             logs first (positive data only).
+        log: take logs of the data before scaling (positive data only).
         loss: ``mse``, ``mae`` or ``huber`` on the scaled values.
         baselines: which of naive, seasonal_naive, holt_winters, arima to fit ("none": none).
         val_fraction: > 0 holds out, before the test part, the last

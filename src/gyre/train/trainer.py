@@ -56,7 +56,7 @@ class TrainConfig:
     Attributes:
         epochs: passes over the training data.
         batch_size: sequences per micro-batch (``eval_batch_size``: for evaluation, 0 = same).
-        lr, weight_decay: learning rate and weight decay given to the optimizer.
+        lr, weight_decay: the optimizer's learning rate; its weight decay.
         optimizer: a ``torch.optim`` class name, any case (``adam``, ``adamw``, ``sgd``,
             ``rmsprop``...); ``optimizer_options`` go to its constructor.
         scheduler: ``none``, a ``torch.optim.lr_scheduler`` class name (any case, options in
@@ -70,8 +70,8 @@ class TrainConfig:
             optimizer step; each micro-loss is divided by ``accumulate``.
         tbptt: truncated BPTT chunk length in steps (0 = full BPTT).
         patience: stop after this many epochs without improvement of ``monitor`` (0 = never).
-        monitor, mode: the history key that defines "best" (``val_loss``, ``val_accuracy``...)
-            and whether lower (``min``) or higher (``max``) is better.
+        monitor, mode: the history key that defines "best" (``val_loss``,
+            ``val_accuracy``...); whether lower (``min``) or higher (``max``) is better.
         restore_best: load the best epoch's weights at the end (needs a validation split).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         bf16: bfloat16 autocast for forward passes (CPU or CUDA).
@@ -81,7 +81,8 @@ class TrainConfig:
             its share of every global batch of ``batch_size``) or ``contiguous`` (each a
             contiguous block, for state carried between batches); see
             :func:`gyre.train.distributed.shard`.
-        progress, tensorboard, csv: a tqdm bar; ``DIR/tensorboard`` events; ``DIR/log.csv``.
+        progress, tensorboard, csv: show a tqdm progress bar; write ``DIR/tensorboard``
+            events; write ``DIR/log.csv``.
     """
 
     epochs: int = 10
