@@ -5,6 +5,7 @@
                                  [--config FILE.toml] [--resume] [--device auto|cpu|cuda] ...
     gyre eval DIR [--data NAME|PATH] [--threads N]
     gyre predict DIR DATA_PATH [--output FILE.csv] [--threads N]
+    gyre explain DIR [--method ig|shap|lime|occlusion] [--samples N] [--data NAME|PATH]
     gyre data list
     gyre bench ...
 
@@ -37,11 +38,18 @@ def _list_of_str(text: str) -> list[str]:
 
 
 def _task_parser(task: str, module) -> argparse.ArgumentParser:
+    from .tasks import base
     cls = module.Config
-    p = argparse.ArgumentParser(prog=f"gyre train {task}", description=(cls.__doc__ or "").split("\n")[0],
-                argument_default=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(prog=f"gyre train {task}",
+                                description=base.plain((cls.__doc__ or "").strip().split("\n\n")[0]),
+                                argument_default=argparse.SUPPRESS)
+    docs = base.field_help(cls)
     p.add_argument("--config", metavar="FILE.toml", help="read fields from a TOML file")
     _add_threads(p)
+    p.add_argument("--nproc", type=_threads, metavar="N", default=None,
+                   help="train data parallel in N processes on this machine (starts torchrun's "
+                        "launcher; each process gets --threads, default cores/N threads); for "
+                        "several machines run torchrun yourself (README)")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue the run in --out from its checkpoint (its config.toml is the "
                         "base; flags given here override it; a new --epochs extends or shortens "
@@ -52,15 +60,16 @@ def _task_parser(task: str, module) -> argparse.ArgumentParser:
         t = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = docs.get(f.name, "")
         if t is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           help=f"(default: {str(default).lower()})")
+                           help=f"{text} (default: {str(default).lower()})")
         elif t == list[str]:
             p.add_argument(flag, dest=f.name, type=_list_of_str, metavar="A,B",
-                           help=f"comma separated (default: {','.join(default) or 'none'})")
+                           help=f"{text}; comma separated (default: {','.join(default) or 'none'})")
         else:
             p.add_argument(flag, dest=f.name, type=t, metavar=t.__name__.upper(),
-                           help=f"(default: {default!r})")
+                           help=f"{text} (default: {default!r})".replace("%", "%%"))
     return p
 
 
@@ -86,11 +95,14 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _build_config(task: str, module, argv: list[str]):
+def _build_config(task: str, module, argv: list[str], launch: dict | None = None):
     from .tasks import base
     parser = _task_parser(task, module)
     ns = vars(parser.parse_args(argv))
-    _set_threads(ns.pop("threads", None))
+    threads, nproc = ns.pop("threads", None), ns.pop("nproc", None)
+    if launch is not None:
+        launch.update(threads=threads, nproc=nproc)
+    _set_threads(threads)
     config_file = ns.pop("config", None)
     resume = ns.pop("resume", False)
     if resume:
@@ -106,11 +118,61 @@ def _build_config(task: str, module, argv: list[str]):
     return base.config_from_dict(module.Config, ns, source="flags"), resume
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = i + 1 < len(argv)
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _launch(task: str, argv: list[str], nproc: int, threads: int | None) -> int:
+    """``gyre train TASK --nproc N``: torchrun's launcher starts N processes of
+    ``python -m gyre train TASK ...`` on this machine (``--standalone``: a local rendezvous on a
+    free port), each with ``threads`` intra-op threads (default: the cores divided by N)."""
+    import os
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+    per = threads or max(1, (os.cpu_count() or 1) // nproc)
+    os.environ["OMP_NUM_THREADS"] = str(per)
+    print(f"gyre: data parallel, {nproc} processes on this machine, {per} thread(s) each",
+          file=sys.stderr)
+    rest = _without_nproc(argv)
+    if threads is None:
+        rest += ["--threads", str(per)]
+    try:
+        run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "gyre",
+                        "train", task, *rest]))
+    except ChildFailedError as e:
+        failures = ", ".join(f"rank {r}: exit {f.exitcode}" for r, f in sorted(e.failures.items()))
+        print(f"gyre: error: the distributed run failed ({failures}); see the processes' "
+              "messages above", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_train(task: str, argv: list[str]) -> int:
     from .tasks import base
+    from .train import distributed
     module = _tasks.get(task)
-    config, resume = _build_config(task, module, argv)
-    metrics = module.train(config, resume=resume)
+    launch: dict = {}
+    config, resume = _build_config(task, module, argv, launch)
+    if launch["nproc"] and launch["nproc"] > 1 and distributed.env_world_size() <= 1:
+        return _launch(task, argv, launch["nproc"], launch["threads"])
+    if distributed.init_from_env(config.device):
+        try:
+            metrics = module.train(config, resume=resume)
+        finally:
+            distributed.shutdown()
+    else:
+        metrics = module.train(config, resume=resume)
+    if metrics.get("rank", 0):
+        return 0
     if metrics.get("interrupted"):
         print(f"gyre: interrupted; checkpoint saved in {metrics['out']}. Continue with: "
               f"gyre train {task} --out {metrics['out']} --resume", file=sys.stderr)
@@ -145,6 +207,13 @@ def _cmd_eval(args) -> int:
 def _cmd_predict(args) -> int:
     _set_threads(args.threads)
     task = _task_of(args.dir)
+    if args.output:
+        parent = Path(args.output).resolve().parent
+        if not parent.is_dir():
+            raise FileNotFoundError(f"--output: the directory {str(parent)!r} of "
+                                    f"{args.output!r} does not exist; create it first")
+        if Path(args.output).is_dir():
+            raise ValueError(f"--output: {args.output!r} is a directory, expected a CSV file path")
     rows = _tasks.get(task).predict(args.dir, args.data_path)
     out = open(args.output, "w", newline="") if args.output else sys.stdout
     try:
@@ -157,6 +226,22 @@ def _cmd_predict(args) -> int:
             out.close()
     if args.output:
         print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _cmd_explain(args) -> int:
+    from .explain import explain_run
+    _set_threads(args.threads)
+    summary = explain_run(args.dir, method=args.method, samples=args.samples, data=args.data)
+    share = ", ".join(f"{c} {v:.2f}" for c, v in list(summary["channel_share"].items())[:8])
+    print(f"{summary['method']} attributions of {summary['sequences']} sequences "
+          f"({summary.get('explained', '')}); share per channel: {share}")
+    if "deletion" in summary:
+        d = summary["deletion"]
+        print("deletion curve (accuracy): " + "; ".join(
+            f"{f:.0%} steps: top {t:.3f} random {r:.3f}"
+            for f, t, r in zip(d["fractions"], d["top"], d["random"], strict=True)))
+    print(f"wrote {Path(args.dir) / 'explain'}: {', '.join(summary['files'])}")
     return 0
 
 
@@ -206,6 +291,15 @@ def _top_parser() -> argparse.ArgumentParser:
     pr.add_argument("data_path", help="CSV or NPZ file")
     pr.add_argument("--output", "-o", default=None, help="CSV file to write (default: stdout)")
     _add_threads(pr)
+    x = sub.add_parser("explain", help="attributions, state and gate maps of a trained run "
+                       "(needs gyre[explain])")
+    x.add_argument("dir", help="run directory written by gyre train (classify or forecast)")
+    x.add_argument("--method", default="ig", help="ig (Integrated Gradients), shap (Kernel "
+                   "SHAP), lime or occlusion (default: ig)")
+    x.add_argument("--samples", type=_threads, default=8, metavar="N",
+                   help="explain the first N test sequences (default: 8)")
+    x.add_argument("--data", default=None, help="dataset name or file (default: the run's)")
+    _add_threads(x)
     d = sub.add_parser("data", help="datasets")
     d.add_argument("action", choices=["list"], help="list: what is available offline")
     b = sub.add_parser("bench", help="benchmark layers against torch.nn (gyre.bench)",
@@ -233,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(parser, lambda: _cmd_eval(args))
     if args.command == "predict":
         return _run(parser, lambda: _cmd_predict(args))
+    if args.command == "explain":
+        return _run(parser, lambda: _cmd_explain(args))
     if args.command == "data":
         return _run(parser, _cmd_data_list)
     parser.error(f"unknown command {args.command!r}")

@@ -135,7 +135,8 @@ class LSTM(LayerNormProducts):
         if self.peephole:
             ao = ao + p["weight_co"] * c_new
         c_out = _ln(c_new, p["ln_c_weight"], p["ln_c_bias"]) if self.layer_norm else c_new
-        h_new = gate(ao) * act(c_out)
+        o = gate(ao)
+        h_new = o * act(c_out)
         if self.proj_size:
             h_new = F.linear(h_new, p["weight_hr"])
         return (h_new, c_new)

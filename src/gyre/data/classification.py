@@ -272,12 +272,32 @@ def _numeric(frame, path: Path) -> np.ndarray:
     return v
 
 
+class _NpzArrays:
+    """An open .npz whose arrays, read one at a time, refuse object (pickled) arrays with an
+    error naming the file and the array."""
+
+    def __init__(self, z, path: Path) -> None:
+        self.z, self.path, self.files = z, path, z.files
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            return self.z[key]
+        except ValueError as e:
+            if "allow_pickle" not in str(e):
+                raise
+            raise ValueError(f"data: {str(self.path)!r} (--data) array {key!r} holds Python "
+                             "objects (dtype object), which gyre does not load (it may carry "
+                             "code); save numbers as a numeric array and labels as a fixed-width "
+                             "string array (np.asarray(labels, dtype=str))") from None
+
+
 def _read_npz(path: Path, labels: bool):
     try:
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise ValueError(f"data: {str(path)!r} is not a readable .npz without pickled objects "
                          f"({e})") from None
+    z = _NpzArrays(z, path)
     keys = set(z.files)
     if {"X_train", "X_test"} <= keys:
         parts = [("train", "X_train", "y_train", "lengths_train"),

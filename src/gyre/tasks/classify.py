@@ -265,13 +265,15 @@ def _prepare(config: Config, data: cdata.ClassificationData):
 
 
 def _fit(model: nn.Module, config: Config, out: Path, train, val, extra, resume: bool,
-         progress: bool | None = None) -> tuple[Trainer, dict]:
+         progress: bool | None = None, callback=None, distributed: bool | None = None
+         ) -> tuple[Trainer, dict]:
     over = {"progress": config.progress if progress is None else progress}
     if config.scheduler.lower() in ("onecycle", "onecyclelr"):
         over["scheduler_interval"] = "step"  # OneCycleLR changes the rate every step
     tc = config.train_config(**over)
     trainer = Trainer(model, nn.functional.cross_entropy, tc, collate=cdata.collate,
-                      metrics=accuracy, out_dir=out, extra=extra)
+                      metrics=accuracy, out_dir=out, extra=extra, callback=callback,
+                      distributed=distributed)
     result = trainer.fit(train, val if len(val) else None, resume=resume)
     return trainer, result
 
@@ -283,10 +285,9 @@ def train(config: Config, *, resume: bool = False) -> dict:
         raise TypeError(f"config: got {type(config).__name__}, expected gyre.tasks.classify.Config")
     # the data first: a bad --data must not leave a run directory behind
     data = cdata.load(config.data, seed=config.seed)
+    if resume:
+        base.check_resume(config, config.out)
     out = base.resolve_out(config, TASK)
-    if resume and not (out / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} to resume from")
-    base.write_config(config, out / "config.toml")
     train_ds, val_ds, test_ds, scaler = _prepare(config, data)
     seed_everything(config.seed)
     k = auto_frame(data.X_train) if config.frame == 0 else config.frame
@@ -294,8 +295,11 @@ def train(config: Config, *, resume: bool = False) -> dict:
     extra = {"classes": list(data.classes), "n_channels": data.n_channels,
              "scaler": scaler.state(), "frame": k}
     start = time.perf_counter()
-    trainer, result = _fit(model, config, out, train_ds, val_ds, extra, resume)
+    trainer, result = _fit(model, config, out, train_ds, val_ds, extra, resume,
+                           callback=base.config_writer(config, out))
     seconds = time.perf_counter() - start
+    if base.other_rank(out) is not None:
+        return base.other_rank(out)
     if result["interrupted"]:
         return {"interrupted": True, "out": str(out)}
     logits, y = trainer.predict(test_ds)
@@ -314,7 +318,8 @@ def train(config: Config, *, resume: bool = False) -> dict:
         net = (FCN(data.n_channels, len(data.classes)) if name == "cnn"
                else TransformerClassifier(data.n_channels, len(data.classes)))
         bt, bres = _fit(net, config, out / "baselines" / name, train_ds, val_ds, extra,
-                        resume=resume and (out / "baselines" / name / CHECKPOINT).is_file())
+                        resume=resume and (out / "baselines" / name / CHECKPOINT).is_file(),
+                        distributed=False)  # on rank 0 alone: the other ranks are done
         if bres["interrupted"]:
             return {"interrupted": True, "out": str(out)}
         blog, by = bt.predict(test_ds)
@@ -422,5 +427,33 @@ def predict(out_dir, data_path: str) -> list[dict]:
     return rows
 
 
+def explain_inputs(out_dir, data: str | None = None, samples: int = 8):
+    """The explain seam (:mod:`gyre.explain`): the first ``samples`` test sequences of the run's
+    data (or ``data``'s), scaled as in training, and the predicted class's logit to explain."""
+    from ..explain import Inputs
+    config, model, extra = load_run(out_dir)
+    ds = cdata.load(data or config.data, seed=config.seed)
+    scaler = cdata.Standardizer.from_state(extra["scaler"])
+    X = scaler(ds.X_test[:samples])
+    seqs = cdata.SequenceDataset(X, np.zeros(len(X), np.int64))
+    batch = cdata.collate([seqs[i] for i in range(len(seqs))])
+    x, lengths = batch["x"], batch.get("lengths")
+    same = list(ds.classes) == list(extra["classes"])
+    labels = torch.as_tensor(ds.y_test[:samples]) if same else None
+
+    def forward(x, lengths):
+        return model(x, lengths=lengths)[0]
+
+    def predict(x, lengths):
+        with torch.no_grad():
+            return forward(x, lengths).argmax(-1)
+
+    target = predict(x, lengths)
+    channels = [f"channel {c}" for c in range(x.shape[2])]
+    title = f"classify {ds.name}: {describe(config, extra.get('frame'))}"
+    return Inputs(model, forward, x, lengths, title, channels, target=target, labels=labels, predict=predict,
+                  meta={"explained": "logit of the predicted class", "data": ds.name})
+
+
 __all__ = ["Config", "TASK", "train", "evaluate", "predict", "RecurrentClassifier", "FCN",
-           "TransformerClassifier", "build_model", "load_run", "dtw_baseline"]
+           "TransformerClassifier", "build_model", "load_run", "dtw_baseline", "explain_inputs"]

@@ -439,6 +439,7 @@ class Config(TaskConfig):
         scaler: ``standard``, ``minmax``, ``mean``, ``diff`` (mean absolute one-step change) or
             ``none``, per series and column, fitted on the training part only; ``log``: take
             logs first (positive data only).
+        log: take logs of the data before scaling (positive data only).
         loss: ``mse``, ``mae`` or ``huber`` on the scaled values.
         baselines: which of naive, seasonal_naive, holt_winters, arima to fit ("none": none).
         val_fraction: > 0 holds out, before the test part, the last
@@ -565,8 +566,9 @@ def train(config: Config, *, resume: bool = False) -> dict:
         raise TypeError(f"config: got {type(config).__name__}, expected forecast.Config")
     ss = _load(config)
     setup = _Setup(config, ss)
+    if resume:
+        base.check_resume(config, config.out)
     out = base.resolve_out(config, "forecast")
-    base.write_config(config, out / "config.toml")
 
     scaler = Scaler(config.scaler, config.log)
     scaled, train_w, val_w, test_w, val_start, test_start = prepare(
@@ -584,13 +586,15 @@ def train(config: Config, *, resume: bool = False) -> dict:
     extra = {"scaler": scaler.state(), "data": ss.name, "horizon": setup.horizon,
              "season": setup.season, "lookback": setup.lookback}
     trainer = Trainer(model, masked_loss(config.loss), tconf, collate=collate, out_dir=out,
-                      extra=extra)
+                      extra=extra, callback=base.config_writer(config, out))
     t0 = time.perf_counter()
     train_data = WindowData(train_w, config.strategy, teacher=True)
     val_data = (WindowData(val_w, config.strategy, teacher=False)
                 if val_w is not None and len(val_w) else None)
     fit = trainer.fit(train_data, val_data, resume=resume)
     seconds = time.perf_counter() - t0
+    if base.other_rank(out) is not None:
+        return base.other_rank(out)
     if fit["interrupted"]:
         return {"interrupted": True, "out": str(out)}
 
@@ -702,6 +706,38 @@ def predict(out_dir, data_path: str | None = None) -> list[dict]:
                 rows.append({"series": ss.ids[i], "step": step + 1, "column": ss.columns[c],
                              "forecast": float(f[step, j])})
     return rows
+
+
+def explain_inputs(out_dir, data: str | None = None, samples: int = 8):
+    """The explain seam (:mod:`gyre.explain`): the input windows of the first ``samples`` test
+    forecasts (scaled as in training), and the mean scaled forecast of the first target column
+    over the horizon to explain."""
+    from ..explain import Inputs
+    config, ckpt = _rebuild(out_dir)
+    ss = _load(config, data)
+    setup = _Setup(config, ss)
+    setup.horizon, setup.season = ckpt["extra"]["horizon"], ckpt["extra"]["season"]
+    model = _restored_model(config, setup, ckpt)
+    if config.strategy != "direct":
+        raise ValueError("explain: forecast runs with strategy='direct' are supported (a "
+                         "recursive forecast feeds its own outputs back, which attributions "
+                         "over the inputs do not cover)")
+    scaler = Scaler(config.scaler, config.log)
+    *_, test_w, _, _ = prepare(ss, setup.horizon, setup.lookback, setup.min_lookback, scaler,
+                               config.val_fraction)
+    wd = WindowData(test_w, "direct", teacher=False)
+    n = min(samples, len(wd))
+    batch = collate([wd[i] for i in range(n)])
+    col = model.target.index(ss.target[0])
+
+    def forward(x, lengths):
+        return model(x, lengths=lengths)[0][:, :, col].mean(1)
+
+    title = f"forecast {ss.name}: {setup.describe(config)}"
+    return Inputs(model, forward, batch["x"], batch["lengths"], title,
+                  [ss.columns[c] for c in range(ss.num_columns)],
+                  meta={"explained": f"mean scaled forecast of {ss.columns[ss.target[0]]!r} "
+                        f"over {setup.horizon} steps", "data": ss.name})
 
 
 def plot_forecasts(ss: SeriesSet, forecasts, baselines: dict, test_start, path, title: str,
