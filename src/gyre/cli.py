@@ -5,6 +5,8 @@
                                  [--config FILE.toml] [--resume] [--device auto|cpu|cuda] ...
     gyre eval DIR [--data NAME|PATH] [--threads N]
     gyre predict DIR DATA_PATH [--output FILE.csv] [--threads N]
+    gyre export DIR [--format onnx] [--output FILE.onnx] [--opset N]
+    gyre predict DIR DATA_PATH --runtime onnxruntime
     gyre data list
     gyre bench ...
 
@@ -149,7 +151,15 @@ def _cmd_eval(args) -> int:
 def _cmd_predict(args) -> int:
     _set_threads(args.threads)
     task = _task_of(args.dir)
-    rows = _tasks.get(task).predict(args.dir, args.data_path)
+    predict = _tasks.get(task).predict
+    if args.runtime == "torch":
+        rows = predict(args.dir, args.data_path)
+    else:
+        import inspect
+        if "runtime" not in inspect.signature(predict).parameters:
+            raise ValueError(f"runtime: task {task!r} predicts with torch only; got "
+                             f"{args.runtime!r}")
+        rows = predict(args.dir, args.data_path, runtime=args.runtime)
     out = open(args.output, "w", newline="") if args.output else sys.stdout
     try:
         if rows:
@@ -161,6 +171,26 @@ def _cmd_predict(args) -> int:
             out.close()
     if args.output:
         print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _load_run(out_dir: str):
+    """``(task name, config, model, extra)`` of a run directory, through its task's load_run."""
+    task = _task_of(out_dir)
+    module = _tasks.get(task)
+    if not hasattr(module, "load_run"):
+        raise ValueError(f"task {task!r} has no load_run(out_dir); its runs cannot be exported")
+    config, model, extra = module.load_run(out_dir)
+    return task, config, model, extra
+
+
+def _cmd_export(args) -> int:
+    from . import export
+    _set_threads(args.threads)
+    _, _, model, _ = _load_run(args.dir)
+    out = Path(args.output) if args.output else Path(args.dir) / "model.onnx"
+    export.onnx(model, out, lengths=True, opset=args.opset)
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
@@ -212,7 +242,16 @@ def _top_parser() -> argparse.ArgumentParser:
     pr.add_argument("dir", help="run directory written by gyre train")
     pr.add_argument("data_path", help="CSV or NPZ file")
     pr.add_argument("--output", "-o", default=None, help="CSV file to write (default: stdout)")
+    pr.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                    help="run the model in torch (default) or its exported model.onnx in "
+                         "onnxruntime (write it with gyre export)")
     _add_threads(pr)
+    ex = sub.add_parser("export", help="export a trained run (model and head) to ONNX")
+    ex.add_argument("dir", help="run directory written by gyre train")
+    ex.add_argument("--format", choices=["onnx"], default="onnx", help="(default: onnx)")
+    ex.add_argument("--output", "-o", default=None, help="file to write (default: DIR/model.onnx)")
+    ex.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 to 20 (default: 17)")
+    _add_threads(ex)
     d = sub.add_parser("data", help="datasets")
     d.add_argument("action", choices=["list"], help="list: what is available offline")
     b = sub.add_parser("bench", help="benchmark layers against torch.nn (gyre.bench)",
@@ -240,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(parser, lambda: _cmd_eval(args))
     if args.command == "predict":
         return _run(parser, lambda: _cmd_predict(args))
+    if args.command == "export":
+        return _run(parser, lambda: _cmd_export(args))
     if args.command == "data":
         return _run(parser, _cmd_data_list)
     parser.error(f"unknown command {args.command!r}")
@@ -249,13 +290,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(parser: argparse.ArgumentParser, fn) -> int:
     import os
 
+    from .extras import MissingExtraError
     from .train import NonFiniteLossError
     try:
         return fn()
     except NonFiniteLossError as e:
         print(f"gyre: training stopped: {e}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, MissingExtraError) as e:
         if os.environ.get("GYRE_DEBUG"):
             raise
         print(f"gyre: error: {e}", file=sys.stderr)
