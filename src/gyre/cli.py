@@ -7,6 +7,7 @@
     gyre predict DIR DATA_PATH [--output FILE.csv] [--threads N]
     gyre export DIR [--format onnx] [--output FILE.onnx] [--opset N]
     gyre predict DIR DATA_PATH --runtime onnxruntime
+    gyre serve DIR [--host 127.0.0.1] [--port N] [--max-batch N] [--max-wait-ms MS] ...
     gyre data list
     gyre bench ...
 
@@ -194,6 +195,21 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .serve import Streamer, StreamServer, serve
+    _set_threads(args.threads)
+    task, _, model, extra = _load_run(args.dir)
+    io = getattr(_tasks.get(task), "stream_io", None)
+    transform_in, transform_out = io(model, extra) if io else (None, None)
+    streamer = Streamer(model, max_streams=args.max_streams, max_batch=args.max_batch,
+                        idle_timeout=args.idle_timeout, input=transform_in, output=transform_out)
+    server = StreamServer(streamer, max_wait=args.max_wait_ms / 1000, max_queue=args.max_queue)
+    print(f"gyre serve: {args.dir} on http://{args.host}:{args.port} ({task}, "
+          f"{streamer.input_size} features per step)", file=sys.stderr)
+    serve(server, args.host, args.port)
+    return 0
+
+
 def _cmd_data_list() -> int:
     from .data import catalog
     items = catalog()
@@ -252,6 +268,20 @@ def _top_parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", "-o", default=None, help="file to write (default: DIR/model.onnx)")
     ex.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 to 20 (default: 17)")
     _add_threads(ex)
+    sv = sub.add_parser("serve", help="serve a trained run to many concurrent streams (HTTP)")
+    sv.add_argument("dir", help="run directory written by gyre train")
+    sv.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8080, help="(default: 8080)")
+    sv.add_argument("--max-batch", type=int, default=1024,
+                    help="most streams stepped in one batched call (default: 1024)")
+    sv.add_argument("--max-wait-ms", type=float, default=2.0,
+                    help="how long a batch waits for more streams' steps (default: 2 ms)")
+    sv.add_argument("--max-streams", type=int, default=4096, help="open streams at most")
+    sv.add_argument("--max-queue", type=int, default=65536,
+                    help="steps queued at most; a request beyond gets 503 (default: 65536)")
+    sv.add_argument("--idle-timeout", type=float, default=300.0,
+                    help="seconds without a step before a stream is evicted (default: 300)")
+    _add_threads(sv)
     d = sub.add_parser("data", help="datasets")
     d.add_argument("action", choices=["list"], help="list: what is available offline")
     b = sub.add_parser("bench", help="benchmark layers against torch.nn (gyre.bench)",
@@ -279,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(parser, lambda: _cmd_eval(args))
     if args.command == "predict":
         return _run(parser, lambda: _cmd_predict(args))
+    if args.command == "serve":
+        return _run(parser, lambda: _cmd_serve(args))
     if args.command == "export":
         return _run(parser, lambda: _cmd_export(args))
     if args.command == "data":

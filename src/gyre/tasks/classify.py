@@ -401,6 +401,14 @@ def load_run(out_dir) -> tuple[Config, nn.Module, dict]:
     return config, model, extra
 
 
+def stream_io(model: RecurrentClassifier, extra: dict):
+    """``(input, output)`` transforms for serving a run step by step: the run's standardizer
+    on each step's raw features, softmax of the logits (class probabilities, in the order of
+    ``extra["classes"]``)."""
+    mean, std = extra["scaler"]["mean"].float(), extra["scaler"]["std"].float()
+    return (lambda x: (x - mean) / std), (lambda logits: torch.softmax(logits, -1))
+
+
 @torch.no_grad()
 def _logits(model: nn.Module, X: list[np.ndarray], batch_size: int = 128) -> Tensor:
     ds = cdata.SequenceDataset(X, np.zeros(len(X), np.int64))

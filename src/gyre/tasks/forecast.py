@@ -725,6 +725,28 @@ def load_run(out_dir) -> tuple[Config, Forecaster, dict]:
     return config, _restored_model(config, setup, ckpt), extra
 
 
+def stream_io(model: Forecaster, extra: dict):
+    """``(input, output)`` transforms for serving a run step by step. A run on one series
+    takes and gives values in that series' units (its fitted scaler both ways); a run on many
+    series, each with its own scale, takes and gives the model's scaled units (None, None)."""
+    scaler = Scaler.from_state(extra["scaler"])
+    if len(scaler.loc) != 1:
+        return None, None
+    loc = torch.as_tensor(scaler.loc[0], dtype=torch.float64)
+    scale = torch.as_tensor(scaler.scale[0], dtype=torch.float64)
+    cols = list(model.target)
+
+    def inp(x):  # (B, C) raw -> scaled
+        v = x.double()
+        return (((v.log() if scaler.log else v) - loc) / scale).float()
+
+    def out(z):  # (B, horizon, C_t) scaled -> raw
+        v = z.double() * scale[cols] + loc[cols]
+        return (v.exp() if scaler.log else v).float()
+
+    return inp, out
+
+
 def predict(out_dir, data_path: str | None = None, *, runtime: str = "torch") -> list[dict]:
     """Forecasts of the next ``horizon`` steps after the end of every series in ``data_path``
     (default: the run's data): ``{"series", "step", "column", "forecast"}`` rows.
