@@ -8,6 +8,7 @@
     gyre export DIR [--format onnx] [--output FILE.onnx] [--opset N]
     gyre predict DIR DATA_PATH --runtime onnxruntime
     gyre serve DIR [--host 127.0.0.1] [--port N] [--max-batch N] [--max-wait-ms MS] ...
+    gyre prune DIR [--sparsity 0,0.25,0.5,0.75,0.9] [--structured] [--epochs N]
     gyre data list
     gyre bench ...
 
@@ -210,6 +211,35 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_prune(args) -> int:
+    from . import prune
+    _set_threads(args.threads)
+    task = _task_of(args.dir)
+    rows = prune.prune_run(_tasks.get(task), args.dir, args.sparsity,
+                           structured_units=args.structured, epochs=args.epochs, dest=args.out)
+    skip = ("kind", "run")
+    cols = [c for c in rows[0] if c not in skip]
+    print("  ".join(c.rjust(15) for c in cols))
+    for r in rows:
+        print("  ".join((f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c])).rjust(15)
+                        for c in cols))
+    kind = rows[0]["kind"]
+    print(f"table, plot and pruned runs in {args.out or Path(args.dir) / 'prune'} "
+          f"(prune-{kind}.md, prune-{kind}.png)", file=sys.stderr)
+    return 0
+
+
+def _sparsities(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected numbers in [0, 1), comma "
+                                         "separated") from None
+    if not vals or any(not 0 <= v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected numbers in [0, 1)")
+    return vals
+
+
 def _cmd_data_list() -> int:
     from .data import catalog
     items = catalog()
@@ -282,6 +312,15 @@ def _top_parser() -> argparse.ArgumentParser:
     sv.add_argument("--idle-timeout", type=float, default=300.0,
                     help="seconds without a step before a stream is evicted (default: 300)")
     _add_threads(sv)
+    pn = sub.add_parser("prune", help="magnitude-prune a trained run, fine-tune, and tabulate")
+    pn.add_argument("dir", help="run directory written by gyre train (classify)")
+    pn.add_argument("--sparsity", type=_sparsities, default=[0.0, 0.25, 0.5, 0.75, 0.9],
+                    help="one or more, comma separated (default: 0,0.25,0.5,0.75,0.9)")
+    pn.add_argument("--structured", action="store_true",
+                    help="remove whole hidden units (a smaller hidden size) instead of weights")
+    pn.add_argument("--epochs", type=int, default=3, help="fine-tune epochs (default: 3)")
+    pn.add_argument("--out", default=None, help="where the pruned runs go (default: DIR/prune)")
+    _add_threads(pn)
     d = sub.add_parser("data", help="datasets")
     d.add_argument("action", choices=["list"], help="list: what is available offline")
     b = sub.add_parser("bench", help="benchmark layers against torch.nn (gyre.bench)",
@@ -309,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(parser, lambda: _cmd_eval(args))
     if args.command == "predict":
         return _run(parser, lambda: _cmd_predict(args))
+    if args.command == "prune":
+        return _run(parser, lambda: _cmd_prune(args))
     if args.command == "serve":
         return _run(parser, lambda: _cmd_serve(args))
     if args.command == "export":

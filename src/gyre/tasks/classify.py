@@ -401,6 +401,32 @@ def load_run(out_dir) -> tuple[Config, nn.Module, dict]:
     return config, model, extra
 
 
+def finetune(model: nn.Module, config: Config, extra: dict) -> None:
+    """Train ``model`` (e.g. a pruned one) for ``config.epochs`` on the run's training split
+    into the new run directory ``config.out`` (config.toml and checkpoint, as gyre train
+    writes them), keeping ``extra`` (scaler, classes, frame)."""
+    data = cdata.load(config.data, seed=config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base.write_config(config, out / "config.toml")
+    train_ds, val_ds, _, _ = _prepare(config, data)
+    seed_everything(config.seed)
+    _, result = _fit(model, config, out, train_ds, val_ds, extra, resume=False, progress=False)
+    if result["interrupted"]:
+        raise KeyboardInterrupt
+
+
+def score_test(out_dir) -> tuple[dict, float]:
+    """``(test scores, seconds of the model's forward over the test split)`` of a run."""
+    config, model, extra = load_run(out_dir)
+    ds = cdata.load(config.data, seed=config.seed)
+    X = cdata.Standardizer.from_state(extra["scaler"])(ds.X_test)
+    _logits(model, X)  # warm-up (a compiled kernel's first call)
+    start = time.perf_counter()
+    pred = _logits(model, X).argmax(-1).numpy()
+    return _scores(pred, ds.y_test), time.perf_counter() - start
+
+
 def stream_io(model: RecurrentClassifier, extra: dict):
     """``(input, output)`` transforms for serving a run step by step: the run's standardizer
     on each step's raw features, softmax of the logits (class probabilities, in the order of
