@@ -9,6 +9,7 @@
     gyre predict DIR DATA_PATH --runtime onnxruntime
     gyre serve DIR [--host 127.0.0.1] [--port N] [--max-batch N] [--max-wait-ms MS] ...
     gyre prune DIR [--sparsity 0,0.25,0.5,0.75,0.9] [--structured] [--epochs N]
+    gyre quantize DIR [--threads N]
     gyre data list
     gyre bench ...
 
@@ -229,6 +230,21 @@ def _cmd_prune(args) -> int:
     return 0
 
 
+def _cmd_quantize(args) -> int:
+    from . import quantize
+    _set_threads(args.threads)
+    task = _task_of(args.dir)
+    res = quantize.quantize_run(_tasks.get(task), args.dir, threads=args.threads)
+    cols = list(next(iter(res["rows"].values())))
+    print("".ljust(20) + "".join(c.rjust(14) for c in cols))
+    for name, r in res["rows"].items():
+        print(name.ljust(20) + "".join(f"{r[c]:.4f}".rjust(14) for c in cols))
+    print(f"int8 vs fp32 in onnxruntime: {res['speedup_int8_vs_onnx_fp32']}x faster; files "
+          f"{res['fp32_file_bytes']} -> {res['int8_file_bytes']} bytes; written to "
+          f"{Path(args.dir) / 'quantize.json'}, model.int8.onnx")
+    return 0
+
+
 def _sparsities(text: str) -> list[float]:
     try:
         vals = [float(v) for v in text.split(",") if v.strip()]
@@ -321,6 +337,10 @@ def _top_parser() -> argparse.ArgumentParser:
     pn.add_argument("--epochs", type=int, default=3, help="fine-tune epochs (default: 3)")
     pn.add_argument("--out", default=None, help="where the pruned runs go (default: DIR/prune)")
     _add_threads(pn)
+    qz = sub.add_parser("quantize", help="int8 (dynamic, per channel) of a run's ONNX export; "
+                        "metric and speed before and after")
+    qz.add_argument("dir", help="run directory written by gyre train (classify)")
+    _add_threads(qz)
     d = sub.add_parser("data", help="datasets")
     d.add_argument("action", choices=["list"], help="list: what is available offline")
     b = sub.add_parser("bench", help="benchmark layers against torch.nn (gyre.bench)",
@@ -348,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(parser, lambda: _cmd_eval(args))
     if args.command == "predict":
         return _run(parser, lambda: _cmd_predict(args))
+    if args.command == "quantize":
+        return _run(parser, lambda: _cmd_quantize(args))
     if args.command == "prune":
         return _run(parser, lambda: _cmd_prune(args))
     if args.command == "serve":

@@ -416,9 +416,11 @@ def finetune(model: nn.Module, config: Config, extra: dict) -> None:
         raise KeyboardInterrupt
 
 
-def score_test(out_dir) -> tuple[dict, float]:
-    """``(test scores, seconds of the model's forward over the test split)`` of a run."""
+def score_test(out_dir, run=None) -> tuple[dict, float]:
+    """``(test scores, seconds of the model's forward over the test split)`` of a run; ``run``:
+    what computes the forward instead of the run's model (e.g. an ``OnnxModel``)."""
     config, model, extra = load_run(out_dir)
+    model = run or model
     ds = cdata.load(config.data, seed=config.seed)
     X = cdata.Standardizer.from_state(extra["scaler"])(ds.X_test)
     _logits(model, X)  # warm-up (a compiled kernel's first call)
