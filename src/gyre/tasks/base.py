@@ -347,3 +347,22 @@ def format_metrics(metrics: dict) -> str:
                          .rjust(12))
         lines.append(str(name).ljust(width) + "".join(cells))
     return "\n".join(lines)
+
+
+#: what ``predict(..., runtime=)`` can run a trained run's model on
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def runtime_model(out_dir: str | os.PathLike, runtime: str):
+    """The run's model under ``runtime``: None for ``"torch"`` (the task's own model), or the
+    run's exported ``model.onnx`` (``gyre export``) as a :class:`gyre.export.OnnxModel`."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime: got {runtime!r}, expected one of {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        return None
+    from ..export import OnnxModel
+    path = Path(out_dir) / "model.onnx"
+    if not path.is_file():
+        raise FileNotFoundError(f"runtime: {str(path)!r} does not exist; write it first with "
+                                f"gyre export {out_dir} --format onnx")
+    return OnnxModel(path)

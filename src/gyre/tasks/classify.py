@@ -109,11 +109,12 @@ def to_frames(x: Tensor, lengths: Tensor | None, k: int) -> tuple[Tensor, Tensor
     if k == 1:
         return x, lengths
     B, T, C = x.shape
-    n = -(-T // k)
-    if n * k != T:
-        x = torch.nn.functional.pad(x, (0, 0, 0, n * k - T))
+    # ceilings as (v + k - 1) // k: ONNX's integer Div truncates, so -(-v // k) would not trace;
+    # padded even by 0 steps: no branch on the length, so an ONNX trace keeps T dynamic
+    n = (T + k - 1) // k
+    x = torch.nn.functional.pad(x, (0, 0, 0, n * k - T))
     x = x.reshape(B, n, k * C)
-    return x, None if lengths is None else -(-lengths // k)
+    return x, None if lengths is None else (lengths + k - 1) // k
 
 
 def set_forget_bias(rnn: Recurrent, value: float) -> bool:
@@ -165,9 +166,32 @@ class RecurrentClassifier(nn.Module):
         self.fc = nn.Linear(len(self.parts) * self.dirs * self.rnn.output_size, n_classes)
 
     def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
-        x, lengths = to_frames(x, lengths, self.frame)
-        out, h_n = self.rnn(x, state, lengths=lengths)  # (B, T, D*O)
-        return self.fc(self.drop(self.pool(out, lengths))), h_n
+        xr, n = self.export_pre(x, lengths)
+        out, h_n = self.rnn(xr, state, lengths=n)  # (B, T', D*O)
+        return self.export_head(out, x, lengths), h_n
+
+    # the export hook (gyre.export.onnx): forward is export_head(rnn(export_pre(...)))
+    def export_pre(self, x: Tensor, lengths: Tensor | None):
+        """The recurrence's input: ``(frames (B, ceil(T/k), k*C), their lengths)``."""
+        return to_frames(x, lengths, self.frame)
+
+    def export_head(self, out: Tensor, x: Tensor, lengths: Tensor | None) -> Tensor:
+        """Class logits ``(B, K)`` from the recurrence's output ``(B, T', D*O)``."""
+        n = None if lengths is None else (lengths + self.frame - 1) // self.frame
+        return self.fc(self.drop(self.pool(out, n)))
+
+    @property
+    def stream_window(self) -> int | None:
+        """Steps of recurrent output the head reads for its output at the latest step (the
+        last step only for the ``last`` head, every step so far for mean/max pooling)."""
+        return 1 if self.parts == ["last"] else None
+
+    def stream_unsupported(self) -> str | None:
+        """Why this model cannot be served step by step (None: it can)."""
+        if self.frame > 1:
+            return (f"frame={self.frame}: the recurrence reads {self.frame} steps at a time; "
+                    "serving steps one by one needs a run trained with frame=1")
+        return None
 
 
 class FCN(nn.Module):
@@ -382,6 +406,42 @@ def load_run(out_dir) -> tuple[Config, nn.Module, dict]:
     return config, model, extra
 
 
+def finetune(model: nn.Module, config: Config, extra: dict) -> None:
+    """Train ``model`` (e.g. a pruned one) for ``config.epochs`` on the run's training split
+    into the new run directory ``config.out`` (config.toml and checkpoint, as gyre train
+    writes them), keeping ``extra`` (scaler, classes, frame)."""
+    data = cdata.load(config.data, seed=config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base.write_config(config, out / "config.toml")
+    train_ds, val_ds, _, _ = _prepare(config, data)
+    seed_everything(config.seed)
+    _, result = _fit(model, config, out, train_ds, val_ds, extra, resume=False, progress=False)
+    if result["interrupted"]:
+        raise KeyboardInterrupt
+
+
+def score_test(out_dir, run=None) -> tuple[dict, float]:
+    """``(test scores, seconds of the model's forward over the test split)`` of a run; ``run``:
+    what computes the forward instead of the run's model (e.g. an ``OnnxModel``)."""
+    config, model, extra = load_run(out_dir)
+    model = run or model
+    ds = cdata.load(config.data, seed=config.seed)
+    X = cdata.Standardizer.from_state(extra["scaler"])(ds.X_test)
+    _logits(model, X)  # warm-up (a compiled kernel's first call)
+    start = time.perf_counter()
+    pred = _logits(model, X).argmax(-1).numpy()
+    return _scores(pred, ds.y_test), time.perf_counter() - start
+
+
+def stream_io(model: RecurrentClassifier, extra: dict):
+    """``(input, output)`` transforms for serving a run step by step: the run's standardizer
+    on each step's raw features, softmax of the logits (class probabilities, in the order of
+    ``extra["classes"]``)."""
+    mean, std = extra["scaler"]["mean"].float(), extra["scaler"]["std"].float()
+    return (lambda x: (x - mean) / std), (lambda logits: torch.softmax(logits, -1))
+
+
 @torch.no_grad()
 def _logits(model: nn.Module, X: list[np.ndarray], batch_size: int = 128) -> Tensor:
     ds = cdata.SequenceDataset(X, np.zeros(len(X), np.int64))
@@ -411,10 +471,13 @@ def evaluate(out_dir, data: str | None = None) -> dict:
     return {"test": _scores(pred, y), "data": ds.name, "n_test": len(y)}
 
 
-def predict(out_dir, data_path: str) -> list[dict]:
+def predict(out_dir, data_path: str, *, runtime: str = "torch") -> list[dict]:
     """Class and class probabilities for every sequence in ``data_path`` (CSV/NPZ as for
-    training; labels and splits, when present, are ignored: every sequence is predicted)."""
+    training; labels and splits, when present, are ignored: every sequence is predicted).
+    ``runtime="onnxruntime"`` runs the run's exported ``model.onnx`` (``gyre export``)."""
     _, model, extra = load_run(out_dir)
+    if runtime != "torch":
+        model = base.runtime_model(out_dir, runtime)
     X = cdata.read_sequences(data_path)
     scaler = cdata.Standardizer.from_state(extra["scaler"])
     probs = torch.softmax(_logits(model, scaler(X)), -1).numpy()

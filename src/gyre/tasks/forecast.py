@@ -254,6 +254,50 @@ class Forecaster(nn.Module):
         src = torch.where(n[:, None] >= m, src, n[:, None] - 1)  # too short: the last value
         return x[rows, src]
 
+    # the export hook (gyre.export.onnx), direct strategy: forward is
+    # export_head(rnn(export_pre(x, lengths)), x, lengths); lengths (B,) int64, always given
+    def export_pre(self, x: Tensor, lengths: Tensor):
+        """The recurrence's input: ``x``, relative to its last observed value with ``center``."""
+        if not self.center:
+            return x, lengths
+        rows = torch.arange(x.shape[0])
+        return x - x[rows, lengths - 1][:, None], lengths
+
+    def export_head(self, out: Tensor, x: Tensor, lengths: Tensor) -> Tensor:
+        """The direct forecast ``(B, horizon, C_t)`` from the recurrence's output."""
+        B = x.shape[0]
+        rows = torch.arange(B)
+        O = self.rnn.output_size
+        feat = out[rows, lengths - 1]
+        if self.rnn.bidirectional:
+            feat = torch.cat([feat[:, :O], out[:, 0, O:]], dim=1)
+        pred = self.head(feat).view(B, self.horizon, len(self.target))
+        if self.residual != "none":
+            pred = pred + self._base(x, lengths, self.horizon)[:, :, self.target]
+        return pred
+
+    def export_unsupported(self) -> str | None:
+        """Why the model does not export with its head (None: it does)."""
+        if self.strategy != "direct":
+            return ("strategy='recursive' feeds its own forecasts back one step at a time; "
+                    "only strategy='direct' runs export with its head")
+        return None
+
+    @property
+    def stream_window(self) -> int | None:
+        """Steps of input the head reads for the forecast from the latest step: one season
+        for the seasonal residual, else the latest step."""
+        return self.season if self.residual == "seasonal" else 1
+
+    def stream_unsupported(self) -> str | None:
+        """Why this model cannot be served step by step (None: it can)."""
+        if self.strategy != "direct":
+            return "strategy='recursive' is not served; train with strategy='direct'"
+        if self.center:
+            return ("center=True reads every step relative to the last one, so each new step "
+                    "changes all earlier inputs; serve a run trained with center=False")
+        return None
+
     def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
         B, T, _ = x.shape
         if lengths is None:
@@ -264,17 +308,11 @@ class Forecaster(nn.Module):
         if (n_last < 0).any():
             raise ValueError(f"lengths: a recursive forecast of horizon {self.horizon} needs "
                              f"lengths >= {self.horizon}, got {int(lengths.min())}")
-        ref = x[rows, n_last][:, None] if self.center else 0.0  # (B, 1, C)
         if self.strategy == "direct":
-            out, state = self.rnn(x - ref, state, lengths=lengths)
-            O = self.rnn.output_size
-            feat = out[rows, lengths - 1]
-            if self.rnn.bidirectional:
-                feat = torch.cat([feat[:, :O], out[:, 0, O:]], dim=1)
-            pred = self.head(feat).view(B, self.horizon, len(self.target))
-            if self.residual != "none":
-                pred = pred + self._base(x, lengths, self.horizon)[:, :, self.target]
-            return pred, state
+            xr, _ = self.export_pre(x, lengths)
+            out, state = self.rnn(xr, state, lengths=lengths)
+            return self.export_head(out, x, lengths), state
+        ref = x[rows, n_last][:, None] if self.center else 0.0  # (B, 1, C)
         if self.training:
             out, state = self.rnn(x - ref, state, lengths=lengths)
             pred = self.head(out)
@@ -364,8 +402,10 @@ def collate(items) -> dict[str, Tensor]:
     return {"x": torch.stack(xs), "y": torch.stack(ys), "lengths": torch.stack(ls)}
 
 
-def forecast_windows(model: Forecaster, w: Windows, batch_size: int = 512) -> np.ndarray:
-    """Scaled forecasts ``(N, horizon, C_t)`` for the windows' inputs (their targets unused)."""
+def forecast_windows(model: Forecaster, w: Windows, batch_size: int = 512, run=None) -> np.ndarray:
+    """Scaled forecasts ``(N, horizon, C_t)`` for the windows' inputs (their targets unused).
+    ``run``: what computes ``model``'s forward (default ``model`` itself; e.g. an
+    :class:`gyre.export.OnnxModel` of its exported file)."""
     data = WindowData(w, model.strategy, teacher=False)
     model.eval()
     device = next(model.parameters()).device
@@ -379,7 +419,7 @@ def forecast_windows(model: Forecaster, w: Windows, batch_size: int = 512) -> np
                 steps = torch.arange(x.shape[1])
                 future = steps[None] >= (lengths - model.horizon + 1)[:, None]
                 x = x.masked_fill(future[..., None].to(device), 0.0)
-            out, _ = model(x, lengths=lengths)
+            out, _ = (run or model)(x, lengths=lengths)
             out = out.float().cpu()
             if model.strategy == "recursive":
                 n_in = lengths - (model.horizon - 1)
@@ -675,9 +715,47 @@ def evaluate(out_dir, data: str | None = None) -> dict:
     return {"test": _jsonable(test)}
 
 
-def predict(out_dir, data_path: str | None = None) -> list[dict]:
+def load_run(out_dir) -> tuple[Config, Forecaster, dict]:
+    """``(config, model with the restored weights, checkpoint extra)`` from a run directory."""
+    out = Path(out_dir)
+    if not (out / "config.toml").is_file():
+        raise FileNotFoundError(f"out_dir: {str(out)!r} has no config.toml; expected a directory "
+                                "written by gyre train forecast")
+    config, ckpt = _rebuild(out_dir)
+    extra = ckpt["extra"]
+    ss = _load(config)
+    setup = _Setup(config, ss)
+    setup.horizon, setup.season = extra["horizon"], extra["season"]
+    return config, _restored_model(config, setup, ckpt), extra
+
+
+def stream_io(model: Forecaster, extra: dict):
+    """``(input, output)`` transforms for serving a run step by step. A run on one series
+    takes and gives values in that series' units (its fitted scaler both ways); a run on many
+    series, each with its own scale, takes and gives the model's scaled units (None, None)."""
+    scaler = Scaler.from_state(extra["scaler"])
+    if len(scaler.loc) != 1:
+        return None, None
+    loc = torch.as_tensor(scaler.loc[0], dtype=torch.float64)
+    scale = torch.as_tensor(scaler.scale[0], dtype=torch.float64)
+    cols = list(model.target)
+
+    def inp(x):  # (B, C) raw -> scaled
+        v = x.double()
+        return (((v.log() if scaler.log else v) - loc) / scale).float()
+
+    def out(z):  # (B, horizon, C_t) scaled -> raw
+        v = z.double() * scale[cols] + loc[cols]
+        return (v.exp() if scaler.log else v).float()
+
+    return inp, out
+
+
+def predict(out_dir, data_path: str | None = None, *, runtime: str = "torch") -> list[dict]:
     """Forecasts of the next ``horizon`` steps after the end of every series in ``data_path``
-    (default: the run's data): ``{"series", "step", "column", "forecast"}`` rows."""
+    (default: the run's data): ``{"series", "step", "column", "forecast"}`` rows.
+    ``runtime="onnxruntime"`` runs the run's exported ``model.onnx`` (``gyre export``)."""
+    run = base.runtime_model(out_dir, runtime)
     config, ckpt = _rebuild(out_dir)
     ss = _load(config, data_path)
     setup = _Setup(config, ss)
@@ -696,7 +774,7 @@ def predict(out_dir, data_path: str | None = None) -> list[dict]:
               for i, s in enumerate(ss.series)]
     w = make_windows(padded, setup.lookback, h, [(len(s), len(s) + h) for s in ss.series],
                      target=model.target, min_lookback=1)
-    z = forecast_windows(model, w)
+    z = forecast_windows(model, w, run=run)
     rows = []
     for k, i in enumerate(w.series):
         pos = [model.target.index(c) for c in ss.target]
