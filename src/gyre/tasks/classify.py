@@ -44,53 +44,51 @@ MODELS = ("rnn", "conv-rnn")
 
 
 @dataclass
-class Config(base.TaskConfig):
-    """Classification run. Beyond :class:`gyre.tasks.base.TaskConfig`:
+class SequenceModelConfig(base.TaskConfig):
+    """The model and training recipe every sequence-to-one task (classify, regress) shares.
+    Beyond :class:`gyre.tasks.base.TaskConfig`:
 
     The defaults are one recipe for every dataset, chosen on held-out parts of the training
-    splits of five aeon datasets, never on a test split (RESULTS.md, "Sequence
-    classification", says how): a bidirectional LSTM over frames of about 1/16 of the median
-    sequence, last-state and mean-pooled features, forget-gate bias 1, Adam with a one-cycle
-    learning rate (warm-up to ``lr``, then cosine decay) for 100 epochs on the whole training
-    split (``val_fraction=0``), keeping the final weights. With ``val_fraction > 0`` that share
-    is held out and the epoch with the lowest validation loss is restored.
+    splits, never on a test split (RESULTS.md, "Sequence classification", says how): a
+    bidirectional LSTM over frames of about 1/16 of the median sequence, last-state and
+    mean-pooled features, forget-gate bias 1, Adam with a one-cycle learning rate (warm-up to
+    ``lr``, then cosine decay) for 100 epochs on the whole training split
+    (``val_fraction=0``), keeping the final weights. With ``val_fraction > 0`` that share is
+    held out and the epoch with the lowest validation loss is restored.
 
     Attributes:
-        head: how the sequence becomes one vector: ``mean`` (masked mean of every step's
-            output), ``last`` (the forward direction's output at the last valid step, the
-            reverse direction's at the first), ``max`` (masked max), or several joined by
-            ``+`` (their features concatenated; default ``last+mean``).
-        head_dropout: dropout before the linear classifier.
-        frame: feed the recurrence ``frame`` consecutive steps at a time: a ``(T, C)``
-            sequence becomes ``ceil(T / frame)`` steps of ``frame * C`` values (the last frame
-            zero-padded). ``1`` = every step on its own; ``0`` (default) = automatic,
-            ``ceil(median training length / 16)``, so the recurrence runs about 16 steps
-            (1 for sequences of at most 16 steps). The frame used is stored with the run.
-        forget_bias: initial forget-gate bias of LSTM-family cells (``lstm``, ``peephole``,
-            ``ln_lstm``, ``minlstm``; Gers et al. 2000, Jozefowicz et al. 2015); other cells
-            keep their own initialisation.
-        baselines: extra trained baselines, any of ``cnn`` (FCN, Wang et al. 2017) and
-            ``transformer`` (``torch.nn.TransformerEncoder``); majority class always runs.
-        dtw: also run 1-NN DTW (aeon); quadratic in length, slow on long series.
-        minirocket: also run aeon's MiniRocket (``MiniRocketClassifier``, multivariate
-            form for several channels; series zero-padded to the longest).
         model: ``rnn`` (the recurrent stack over frames of the raw series) or ``conv-rnn``
             (convolutional front-end, ``conv_channels`` wide, three blocks of kernels 8, 5,
             3, whose feature maps, averaged over windows of ``frame`` steps, feed the
             recurrent stack; LSTM-FCN style).
+        head: how the sequence becomes one vector: ``mean`` (masked mean of every step's
+            output), ``last`` (the forward direction's output at the last valid step, the
+            reverse direction's at the first), ``max`` (masked max), or several joined by
+            ``+`` (their features concatenated; default ``last+mean``).
+        head_dropout: dropout before the linear output layer.
+        frame: feed the recurrence ``frame`` consecutive steps at a time (``rnn``: a ``(T, C)``
+            sequence becomes ``ceil(T / frame)`` steps of ``frame * C`` values, the last frame
+            zero-padded; ``conv-rnn``: the mean of ``frame`` consecutive front-end steps).
+            ``1`` = every step on its own; ``0`` (default) = automatic, ``ceil(median
+            training length / steps)`` (after the front-end's stride), so the recurrence runs
+            about ``steps`` steps. The frame used is stored with the run.
         steps: the recurrence's target number of steps when ``frame`` is automatic.
+        forget_bias: initial forget-gate bias of LSTM-family cells (``lstm``, ``peephole``,
+            ``ln_lstm``, ``minlstm``; Gers et al. 2000, Jozefowicz et al. 2015); other cells
+            keep their own initialisation.
         conv_channels: width of each front-end block (``conv-rnn``).
         conv_stride: stride of the first front-end block (``conv-rnn``); 0 = automatic,
             ``ceil(median training length / 512)``, so the convolutions run on at most about
             512 steps.
         fuse: (``conv-rnn``) the masked mean of the front-end's feature maps joins the pooled
             recurrent features before the linear layer.
+        minirocket: also run aeon's MiniRocket as a baseline (multivariate form for several
+            channels; series zero-padded to the longest).
 
     ``scheduler="onecycle"`` steps the rate every optimizer step (``OneCycleLR``, peak ``lr``);
     the other schedulers step once per epoch.
     """
 
-    data: str = "japanese_vowels"
     cell: str = "lstm"
     hidden: int = 64
     bidirectional: bool = True
@@ -99,18 +97,16 @@ class Config(base.TaskConfig):
     lr: float = 1e-2
     scheduler: str = "onecycle"
     val_fraction: float = 0.0
+    model: str = "rnn"
     head: str = "last+mean"
     head_dropout: float = 0.2
     frame: int = 0
-    forget_bias: float = 1.0
-    baselines: list[str] = field(default_factory=list)
-    dtw: bool = True
-    minirocket: bool = True
-    model: str = "rnn"
     steps: int = 16
+    forget_bias: float = 1.0
     conv_channels: int = 64
     conv_stride: int = 0
     fuse: bool = True
+    minirocket: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,6 +123,24 @@ class Config(base.TaskConfig):
             raise ValueError(f"frame: got {self.frame}, expected an int >= 1, or 0 for automatic")
         if not 0 <= self.head_dropout < 1:
             raise ValueError(f"head_dropout: got {self.head_dropout}, expected a number in [0, 1)")
+
+
+@dataclass
+class Config(SequenceModelConfig):
+    """Classification run: the fields of :class:`SequenceModelConfig`, and
+
+    Attributes:
+        baselines: extra trained baselines, any of ``cnn`` (FCN, Wang et al. 2017) and
+            ``transformer`` (``torch.nn.TransformerEncoder``); majority class always runs.
+        dtw: also run 1-NN DTW (aeon); quadratic in length, slow on long series.
+    """
+
+    data: str = "japanese_vowels"
+    baselines: list[str] = field(default_factory=list)
+    dtw: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         bad = [b for b in self.baselines if b not in EXTRA_BASELINES]
         if bad:
             raise ValueError(f"baselines: got {bad}, expected any of {', '.join(EXTRA_BASELINES)} "
@@ -288,7 +302,7 @@ class TransformerClassifier(nn.Module):
         return self.fc(pool(h, lengths, "mean")), None
 
 
-def build_model(config: Config, n_channels: int, n_classes: int, frame: int | None = None,
+def build_model(config: SequenceModelConfig, n_channels: int, n_classes: int, frame: int | None = None,
                 stride: int | None = None) -> nn.Module:
     """The model ``config.model`` describes with ``n_classes`` outputs (``frame``, ``stride``:
     the resolved values when ``config.frame`` / ``config.conv_stride`` are 0, automatic)."""
@@ -319,7 +333,7 @@ def auto_frame(X: list[np.ndarray], steps: int = FRAME_STEPS, stride: int = 1) -
     return max(1, math.ceil(n / steps))
 
 
-def resolve_shape(config: Config, X: list[np.ndarray]) -> tuple[int, int]:
+def resolve_shape(config: SequenceModelConfig, X: list[np.ndarray]) -> tuple[int, int]:
     """``(frame, stride)`` for training on ``X``: the configured values, or the automatic ones
     (``stride`` is 1 for ``model="rnn"``)."""
     stride = 1
@@ -330,7 +344,7 @@ def resolve_shape(config: Config, X: list[np.ndarray]) -> tuple[int, int]:
     return frame, stride
 
 
-def describe(config: Config, frame: int | None = None, stride: int | None = None) -> str:
+def describe(config: SequenceModelConfig, frame: int | None = None, stride: int | None = None) -> str:
     k = frame or config.frame
     rec = (f"{'bi' if config.bidirectional else ''}{config.cell} {config.layers}x{config.hidden} "
            f"({config.head} head{f', frame {k}' if k and k > 1 else ''}")
@@ -363,14 +377,15 @@ def _prepare(config: Config, data: cdata.ClassificationData):
     return train, val, test, scaler
 
 
-def _fit(model: nn.Module, config: Config, out: Path, train, val, extra, resume: bool,
-         progress: bool | None = None) -> tuple[Trainer, dict]:
+def _fit(model: nn.Module, config: SequenceModelConfig, out: Path, train, val, extra,
+         resume: bool, progress: bool | None = None, loss=nn.functional.cross_entropy,
+         metrics=accuracy) -> tuple[Trainer, dict]:
     over = {"progress": config.progress if progress is None else progress}
     if config.scheduler.lower() in ("onecycle", "onecyclelr"):
         over["scheduler_interval"] = "step"  # OneCycleLR changes the rate every step
     tc = config.train_config(**over)
-    trainer = Trainer(model, nn.functional.cross_entropy, tc, collate=cdata.collate,
-                      metrics=accuracy, out_dir=out, extra=extra)
+    trainer = Trainer(model, loss, tc, collate=cdata.collate, metrics=metrics, out_dir=out,
+                      extra=extra)
     result = trainer.fit(train, val if len(val) else None, resume=resume)
     return trainer, result
 
@@ -549,6 +564,6 @@ def predict(out_dir, data_path: str) -> list[dict]:
     return rows
 
 
-__all__ = ["Config", "TASK", "MODELS", "train", "evaluate", "predict", "RecurrentClassifier",
-           "ConvRecurrentClassifier", "FCN", "TransformerClassifier", "build_model", "load_run",
-           "dtw_baseline", "minirocket_baseline"]
+__all__ = ["Config", "SequenceModelConfig", "TASK", "MODELS", "train", "evaluate", "predict",
+           "RecurrentClassifier", "ConvRecurrentClassifier", "FCN", "TransformerClassifier",
+           "build_model", "load_run", "dtw_baseline", "minirocket_baseline"]
