@@ -20,7 +20,7 @@ from .heads import valid_mask
 
 def conv_lengths(lengths: Tensor | None, stride: int) -> Tensor | None:
     """Valid output steps of a stride-``stride`` front-end layer: ``ceil(lengths / stride)``."""
-    return None if lengths is None or stride == 1 else -(-lengths // stride)
+    return lengths if lengths is None or stride == 1 else -(-lengths // stride)
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
