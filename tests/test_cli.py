@@ -25,7 +25,8 @@ def italy_csv(tmp_path_factory):
     return path
 
 
-FAST = ["--hidden", "8", "--no-dtw", "--no-minirocket", "--no-progress", "--no-tensorboard", "--device", "cpu"]
+FAST = ["--hidden", "8", "--no-dtw", "--no-minirocket", "--no-progress", "--no-tensorboard",
+        "--device", "cpu"]
 
 
 def test_train_resume_eval_predict_on_a_user_csv(tmp_path, italy_csv, capsys):

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from gyre import cells
 from gyre.data import classification as cd
 from gyre.nn.conv import ConvFrontEnd, MaskedBatchNorm1d, conv_lengths, pool_frames
 from gyre.tasks import classify
@@ -20,8 +19,8 @@ def _quick(tmp_path, **kw):
     return classify.Config(**opts)
 
 
-@pytest.mark.parametrize("kernels", [(8, 5, 3), (3, 1, 4), (1, 2, 7)])
-@pytest.mark.parametrize("stride", [1, 2, 3, 5])
+@pytest.mark.parametrize("kernels, stride", [((8, 5, 3), 1), ((8, 5, 3), 3), ((3, 1, 4), 2),
+                                             ((1, 2, 7), 5), ((2, 4, 6), 4)])
 @pytest.mark.parametrize("lens", [(9, 9, 9), (1, 6, 13), (12, 2, 7, 5), (4, 3)])
 def test_front_end_lengths_and_values_ignore_padding(kernels, stride, lens):
     """Every sequence of a padded batch (lengths shorter than, equal to and longer than the
@@ -89,8 +88,8 @@ def test_pool_frames_is_the_mean_of_each_window_s_valid_steps():
     assert same is x and none is None
 
 
-@pytest.mark.parametrize("cell", cells.names())
-def test_conv_rnn_takes_every_cell_and_ignores_padding(cell):
+@pytest.mark.parametrize("cell", ["lstm", "gru", "mingru"])
+def test_conv_rnn_takes_cells_and_ignores_padding(cell):
     torch.manual_seed(0)
     model = classify.ConvRecurrentClassifier(cell, 2, 3, hidden=4, channels=5, stride=2,
                                              frame=2)
