@@ -1,6 +1,6 @@
 """The ``gyre`` command line.
 
-    gyre train classify|forecast [--data NAME|PATH] [--cell NAME] [--hidden N] [--layers N]
+    gyre train classify|forecast|regress [--data NAME|PATH] [--cell NAME] [--hidden N] [--layers N]
                                  [--bidirectional] [--epochs N] [--seed N] [--out DIR]
                                  [--config FILE.toml] [--resume] [--device auto|cpu|cuda] ...
     gyre eval DIR [--data NAME|PATH] [--threads N]

@@ -395,13 +395,14 @@ def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 
 
 class SequenceDataset(torch.utils.data.Dataset):
-    """``(x (T_i, C) tensor, label)`` pairs for :func:`collate`."""
+    """``(x (T_i, C) tensor, target)`` pairs for :func:`collate`; targets are int64 class
+    indices, or ``dtype`` (float32 for regression)."""
 
-    def __init__(self, X: list[np.ndarray], y: np.ndarray) -> None:
+    def __init__(self, X: list[np.ndarray], y: np.ndarray, dtype=np.int64) -> None:
         if len(X) != len(y):
             raise ValueError(f"y: got {len(y)} labels for {len(X)} sequences")
         self.X = [torch.from_numpy(np.ascontiguousarray(x, np.float32)) for x in X]
-        self.y = torch.as_tensor(np.asarray(y, np.int64))
+        self.y = torch.as_tensor(np.asarray(y, dtype))
 
     def __len__(self) -> int:
         return len(self.X)

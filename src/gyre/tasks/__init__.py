@@ -58,6 +58,7 @@ from types import ModuleType
 TASKS: dict[str, str] = {
     "classify": "gyre.tasks.classify",
     "forecast": "gyre.tasks.forecast",
+    "regress": "gyre.tasks.regress",
 }
 
 
