@@ -107,8 +107,9 @@ def test_conv_rnn_takes_cells_and_ignores_padding(cell):
 
 @pytest.mark.parametrize("model", classify.MODELS)
 def test_each_model_reaches_high_accuracy_on_gunpoint(tmp_path, model):
-    m = classify.train(_quick(tmp_path, data="gunpoint", model=model, epochs=40, hidden=32,
-                              conv_channels=32))
+    # rnn: the default recipe (RESULTS.md: 96.0% for seed 0); conv-rnn fits in 40 epochs
+    size = dict(epochs=100, hidden=64) if model == "rnn" else dict(epochs=40, hidden=32)
+    m = classify.train(_quick(tmp_path, data="gunpoint", model=model, conv_channels=32, **size))
     assert m["test"]["accuracy"] >= 0.9, m["test"]
     again = classify.evaluate(tmp_path / "run")  # frame and stride come back with the run
     assert again["test"] == pytest.approx(m["test"], abs=1e-9)
