@@ -118,13 +118,10 @@ def test_rnn_formula(act):
     torch.testing.assert_close(h[0], ref_h, atol=1e-12, rtol=0)
 
 
-FUSED_CELLS = [cells.LSTM(activation=a, recurrent_activation=g) for a, g in LSTM_CASES] + [
-    cells.LSTM(peephole=True, layer_norm=True, activation="relu"),
-    cells.GRU(activation="relu"),
+FUSED_CELLS = [  # few: each is one compiled module on a fresh machine (~30 s on 2 cores)
+    cells.LSTM(activation="relu"),
     cells.GRU(reset_after=False, activation="softsign", recurrent_activation="hard_sigmoid"),
-    cells.GRU(layer_norm=True, recurrent_activation="hard_sigmoid"),
     cells.RNN(nonlinearity="linear"),
-    cells.RNN(nonlinearity="softsign"),
 ]
 
 

@@ -23,7 +23,7 @@ if "keras" not in sys.modules and "KERAS_BACKEND" not in os.environ:
 try:
     import keras as _keras
 except ImportError as e:
-    raise ImportError(f"{_NEED}: Keras is not installed ({e}); pip install 'gyre[keras]'") from None
+    raise ImportError(f"{_NEED}: importing Keras failed ({e}); pip install 'gyre[keras]'") from None
 if not hasattr(_keras, "backend") or not _keras.__version__.startswith("3."):
     raise ImportError(f"{_NEED}: found Keras {getattr(_keras, '__version__', '?')}; "
                       "pip install 'gyre[keras]'")
