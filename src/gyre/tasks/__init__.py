@@ -57,6 +57,9 @@ from types import ModuleType
 TASKS: dict[str, str] = {
     "classify": "gyre.tasks.classify",
     "forecast": "gyre.tasks.forecast",
+    "sentiment": "gyre.tasks.sentiment",
+    "lm": "gyre.tasks.lm",
+    "translate": "gyre.tasks.translate",
 }
 
 
