@@ -140,3 +140,11 @@ def test_ngram_probabilities_sum_to_one_and_kn_beats_unigram(play_file):
     assert kn.nats(held) < 0.7 * uni.nats(held)
     kn1 = KneserNey(ids, tok.vocab_size, 1)
     assert kn1.nats(held) == pytest.approx(-sum(math.log(kn1.prob(w, [])) for w in held))
+
+
+def test_data_list_shows_the_text_datasets_with_availability(capsys):
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fine_food", "shakespeare", "gettext_fr"):
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(name))
+        assert "offline" in line
