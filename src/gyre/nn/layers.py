@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from ..cells import GRU as GRUCell
 from ..cells import LSTM as LSTMCell
 from ..cells import RNN as RNNCell
+from ..cells.activations import ACTIVATIONS
 from .recurrent import Recurrent
 
 
@@ -22,9 +23,11 @@ class RNN(Recurrent):
                  zoneout: float | Sequence[float] = 0.0, backend: str = "auto",
                  proj_size: int | None = None) -> None:
         _no_projection(proj_size)
-        if nonlinearity not in ("tanh", "relu"):
+        if not isinstance(nonlinearity, str) or nonlinearity not in ACTIVATIONS:
+            # torch's message (its tests match it), with the names gyre adds
+            more = ", ".join(sorted(set(ACTIVATIONS) - {"tanh", "relu"}))
             raise ValueError(f"nonlinearity: Unknown nonlinearity {nonlinearity!r}. Select from "
-                             "'tanh' or 'relu'.")
+                             f"'tanh' or 'relu' (or {more}).")
         super().__init__(RNNCell(nonlinearity=nonlinearity), input_size, hidden_size, num_layers,
                          bias, batch_first, dropout, bidirectional, residual=residual,
                          recurrent_dropout=recurrent_dropout, zoneout=zoneout, backend=backend,
