@@ -26,7 +26,8 @@ LAYOUTS = ("auto", "long", "wide")
 
 __all__ = [
     "BUILTIN", "FREQUENCIES", "LAYOUTS", "frequency_of", "SeriesSet", "Scaler", "Windows",
-    "catalog", "load_series", "make_windows",
+    "catalog", "load_series", "make_windows", "calendar_features",
+    "calendar_width", "future_index",
     "split_points", "SCALERS", "TRANSFORMS",
 ]
 
@@ -425,6 +426,56 @@ def load_series(data: str, *, target=None, date_column: str | None = None,
         raise FileNotFoundError(f"data: {data!r} is neither a built-in forecasting data set "
                          f"({', '.join(BUILTIN)}) nor an existing CSV file")
     return _read_csv(data, target, date_column, id_column, layout)
+
+
+# -- calendar features (known in advance) --------------------------------------------------------
+
+def _cycles(d: pd.DatetimeIndex, freq: str):
+    """``(position, period)`` pairs of the calendar cycles a frequency has."""
+    if freq == "monthly":
+        return [(d.month - 1, 12)]
+    if freq == "quarterly":
+        return [(d.quarter - 1, 4)]
+    if freq == "weekly":
+        return [(d.isocalendar().week.to_numpy() - 1, 52)]
+    if freq in ("daily", "business daily"):
+        return [(d.dayofweek, 7), (d.dayofyear - 1, 365.25)]
+    if freq == "hourly":
+        return [(d.hour, 24), (d.dayofweek, 7)]
+    if freq.endswith("-hourly") or freq.endswith("-minute") or freq.endswith("-second"):
+        return [(d.hour * 60 + d.minute, 1440), (d.dayofweek, 7)]
+    return []  # yearly or unknown: no calendar cycle
+
+
+def calendar_width(freq: str) -> int:
+    """How many calendar feature columns :func:`calendar_features` gives for ``freq``."""
+    return 2 * len(_cycles(pd.DatetimeIndex([pd.Timestamp("2000-01-01")]), freq))
+
+
+def calendar_features(dates, freq: str) -> np.ndarray:
+    """``(T, F)``: ``sin`` and ``cos`` of each calendar cycle's phase (month of year for monthly
+    data; quarter; week of year; day of week and of year for daily; hour or minute of day and
+    day of week below daily), known for future steps from their dates alone. Yearly data: none."""
+    d = pd.DatetimeIndex(dates)
+    cols = []
+    for pos, period in _cycles(d, freq):
+        a = 2 * np.pi * np.asarray(pos, dtype=np.float64) / period
+        cols += [np.sin(a), np.cos(a)]
+    return np.stack(cols, axis=1) if cols else np.zeros((len(d), 0))
+
+
+def future_index(dates, freq: str, steps: int) -> np.ndarray:
+    """The ``steps`` time stamps after ``dates`` at the series' frequency (calendar months,
+    quarters and years; a fixed step otherwise)."""
+    d = pd.DatetimeIndex(dates)
+    last = d[-1]
+    months = {"monthly": 1, "quarterly": 3, "yearly": 12}.get(freq)
+    if months is not None:
+        return np.array([(last + pd.DateOffset(months=months * k)).to_datetime64()
+                         for k in range(1, steps + 1)])
+    step = np.median(np.diff(d.asi8)) if len(d) > 1 else 86400 * 10**9
+    return (d.asi8[-1] + step * np.arange(1, steps + 1)).astype(d.asi8.dtype).view(
+        d.to_numpy().dtype)
 
 
 # -- splits in time ------------------------------------------------------------------------------

@@ -116,9 +116,64 @@ def score(actuals, forecasts, insamples, season: int) -> dict[str, float]:
     return out
 
 
-# -- statsmodels baselines ----------------------------------------------------------------------
+def interval_pairs(levels) -> list[tuple[int, int, int]]:
+    """``(lower index, upper index, coverage %)`` for each central interval in ``levels``
+    (a level ``q < 0.5`` and ``1 - q`` both present: the ``100 (1 - 2q)`` % interval)."""
+    lv = [float(q) for q in levels]
+    pairs = []
+    for i, q in enumerate(lv):
+        if q < 0.5:
+            j = next((j for j, r in enumerate(lv) if abs(r - (1 - q)) < 1e-9), None)
+            if j is not None:
+                pairs.append((i, j, int(round(100 * (1 - 2 * q)))))
+    return pairs
 
-BASELINES = ("naive", "seasonal_naive", "holt_winters", "arima")
+
+def prob_score(actuals, quantiles, insamples, season: int, levels) -> dict[str, float]:
+    """Probabilistic metrics per series and column (``quantiles`` ``(h, C, Q)`` at ``levels``),
+    then the mean over series and columns, scaled like MASE by the in-sample seasonal-naive MAE:
+
+    * ``coverage_L``: the share of actuals inside the central ``L`` % interval;
+    * ``msis_L``: the mean scaled interval score (M4): ``(U - L) + (2/a)(L - y)[y < L] +
+      (2/a)(y - U)[y > U]`` with ``a = 1 - L/100``, averaged over steps, over the MASE scale;
+    * ``scaled_crps``: CRPS approximated on the quantile grid, ``2 mean_q pinball_q``, averaged
+      over steps, over the MASE scale (the ``sQL`` of the Monash/M5 reports).
+    """
+    lv = np.asarray([float(q) for q in levels])
+    pairs = interval_pairs(levels)
+    per: dict[str, list] = {"scaled_crps": []}
+    for _, _, L in pairs:
+        per[f"coverage_{L}"], per[f"msis_{L}"] = [], []
+    for y, q, x in zip(actuals, quantiles, insamples, strict=True):
+        y, q, x = (np.asarray(a, np.float64) for a in (y, q, x))
+        if y.ndim == 1:
+            y, q, x = y[:, None], q[:, None], x[:, None]
+        for c in range(y.shape[1]):
+            m = season if len(x) > season else 1
+            scale = np.mean(np.abs(x[m:, c] - x[:-m, c])) if len(x) > 1 else math.nan
+            ok = np.isfinite(scale) and scale > 0
+            d = y[:, c, None] - q[:, c]
+            ql = 2 * np.mean(np.maximum(lv * d, (lv - 1) * d))
+            per["scaled_crps"].append(ql / scale if ok else math.nan)
+            for i, j, L in pairs:
+                lo, hi, yy = q[:, c, i], q[:, c, j], y[:, c]
+                a_ = 1 - L / 100
+                per[f"coverage_{L}"].append(float(np.mean((yy >= lo) & (yy <= hi))))
+                iscore = (hi - lo) + 2 / a_ * (lo - yy) * (yy < lo) + 2 / a_ * (yy - hi) * (yy > hi)
+                per[f"msis_{L}"].append(float(np.mean(iscore)) / scale if ok else math.nan)
+    out = {}
+    for k, v in per.items():
+        v = np.asarray(v, np.float64)
+        out[k] = float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+    return out
+
+
+# -- baselines (statsmodels, statsforecast) ----------------------------------------------------------------------
+
+BASELINES = ("naive", "seasonal_naive", "holt_winters", "arima", "auto_ets", "auto_arima",
+             "auto_theta")
+#: statsforecast's automatic model selection (the ``forecast`` extra)
+AUTO_BASELINES = ("auto_ets", "auto_arima", "auto_theta")
 
 
 def _naive(x, h, m):
@@ -162,39 +217,108 @@ def _arima(x, h, m):
     return fit.forecast(h)
 
 
+def _statsforecast_models():
+    try:
+        from statsforecast.models import AutoARIMA, AutoETS, AutoTheta
+    except ImportError as e:
+        raise ImportError(f"baselines: auto_ets, auto_arima and auto_theta need statsforecast "
+                          f"({e}); pip install 'gyre[forecast]' and then pip install --no-deps "
+                          "statsforecast coreforecast utilsforecast fugue triad adagio (see the "
+                          "Makefile's FORECAST_NODEPS), or leave them out with --baselines") from e
+    return {"auto_ets": AutoETS, "auto_arima": AutoARIMA, "auto_theta": AutoTheta}
+
+
+def _pct(q: float):
+    """The central interval (in %) whose bound is quantile ``q``, as statsforecast names it."""
+    p = round(100 * abs(1 - 2 * float(q)), 6)
+    return int(p) if p == int(p) else p
+
+
+def _auto(name):
+    def fit(x, h, m, levels=()):
+        """statsforecast's automatic model (season ``m``, or 1 where it cannot fit one):
+        ``(mean (h,), quantiles (h, Q) at levels)``."""
+        cls = _statsforecast_models()[name]
+        pct = sorted({_pct(q) for q in levels if abs(q - 0.5) > 1e-9})
+        last = None
+        for season in dict.fromkeys((m, 1)):
+            try:
+                r = cls(season_length=season).forecast(y=np.asarray(x, np.float64), h=h,
+                                                       level=pct or None)
+                break
+            except Exception as e:  # noqa: BLE001 - too short for the season: retried with 1
+                last = e
+        else:
+            raise last
+        mean = np.asarray(r["mean"], np.float64)
+        qs = []
+        for q in levels:
+            if abs(q - 0.5) < 1e-9:
+                qs.append(mean)
+            else:
+                key = f"{'lo' if q < 0.5 else 'hi'}-{_pct(q)}"
+                qs.append(np.asarray(r[key], np.float64))
+        return mean, (np.stack(qs, axis=1) if qs else None)
+    return fit
+
+
 _BASELINE_FNS = {"naive": _naive, "seasonal_naive": _seasonal_naive,
-                 "holt_winters": _holt_winters, "arima": _arima}
+                 "holt_winters": _holt_winters, "arima": _arima,
+                 **{n: _auto(n) for n in AUTO_BASELINES}}
 
 
-def baseline_forecasts(insamples, horizon: int, season: int, names=BASELINES):
+def baseline_forecasts(insamples, horizon: int, season: int, names=BASELINES, levels=None):
     """``{name: (forecasts, failures)}``: each baseline fitted on each in-sample column
     (``(n, C)`` arrays) separately; a fit that raises or gives non-finite values falls back to
-    the last-value forecast and is counted in ``failures``."""
+    the last-value forecast and is counted in ``failures``. With ``levels`` (quantile levels),
+    ``{name: (forecasts, failures, quantiles)}``: ``quantiles`` ``(h, C, Q)`` per series from the
+    models that give intervals (statsforecast's), None for the others."""
+    if any(n in AUTO_BASELINES for n in names):
+        _statsforecast_models()
     result = {}
     for name in names:
         fn = _BASELINE_FNS[name]
-        fcs, failures = [], 0
+        auto = name in AUTO_BASELINES
+        fcs, qfcs, failures = [], [], 0
         for x in insamples:
             x = np.asarray(x, np.float64)
             x2 = x[:, None] if x.ndim == 1 else x
-            cols = []
+            cols, qcols = [], []
             for c in range(x2.shape[1]):
+                q = None
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        f = np.asarray(fn(x2[:, c], horizon, season), np.float64)
+                        if auto:
+                            f, q = fn(x2[:, c], horizon, season, tuple(levels or ()))
+                        else:
+                            f = fn(x2[:, c], horizon, season)
+                        f = np.asarray(f, np.float64)
                     if f.shape != (horizon,) or not np.isfinite(f).all():
                         raise FloatingPointError("non-finite forecast")
+                    if q is not None and not np.isfinite(q).all():
+                        raise FloatingPointError("non-finite interval")
                 except Exception:  # noqa: BLE001 - a baseline that fails must not stop the run
                     failures += 1
                     f = _naive(x2[:, c], horizon, season)
+                    q = (np.repeat(f[:, None], len(levels), axis=1)
+                         if auto and levels else None)
                 cols.append(f)
+                qcols.append(q)
             fcs.append(np.stack(cols, axis=1))
-        result[name] = (fcs, failures)
+            qfcs.append(np.stack(qcols, axis=1) if auto and levels else None)
+        if levels is None:
+            result[name] = (fcs, failures)
+        else:
+            result[name] = (fcs, failures, qfcs if auto and levels else None)
     return result
 
 
 # -- the model ----------------------------------------------------------------------------------
+
+DISTRIBUTIONS = ("none", "normal", "studentt")
+_DIST_PARAMS = {"normal": 2, "studentt": 3}
+
 
 class Forecaster(nn.Module):
     """A :class:`gyre.nn.Recurrent` stack and a linear head.
@@ -217,20 +341,45 @@ class Forecaster(nn.Module):
     With ``center`` the recurrent stack reads each window relative to its last observed value
     (``x - x[n_in - 1]``), which makes a global model over series of different levels
     level-free (with logs: it reads log-ratios).
+
+    Direct only, the extras (the CLI's covariates and probabilistic forecasts):
+
+    * ``future``: indices of input columns known in advance (calendar features, user columns).
+      ``x`` then holds ``lookback + horizon`` steps: the inputs up to ``lengths`` and after them
+      the ``horizon`` future steps, of which only the ``future`` columns are read (by the head,
+      beside the last state). They are not centered.
+    * ``n_ids`` > 0: ``x``'s last column is the series number (``0 .. n_ids - 1``; ``-1`` unknown,
+      which gets the mean embedding), embedded in ``id_dim`` numbers for the head (static
+      covariate); it is not an input of the recurrent stack.
+    * ``quantiles``: the head gives one forecast per level, ``output`` ``(B, horizon, C_t, Q)``,
+      increasing in the level by construction (the level nearest 0.5 plus or minus cumulative
+      softplus steps), each with the residual base added.
+    * ``distribution`` ``normal`` or ``studentt``: ``output`` ``(B, horizon, C_t, P)`` the
+      location (residual base added), the scale (softplus, > 0) and for ``studentt`` the degrees
+      of freedom (``2 + softplus``, so the variance is finite).
     """
 
     def __init__(self, cell, n_inputs: int, target: list[int], horizon: int, hidden: int = 64,
                  layers: int = 1, dropout: float = 0.0, bidirectional: bool = False,
                  strategy: str = "direct", residual: str = "last", season: int = 1,
-                 center: bool = False) -> None:
+                 center: bool = False, *, future=(), n_ids: int = 0, id_dim: int = 0,
+                 quantiles=(), distribution: str = "none") -> None:
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy: got {strategy!r}, expected one of {', '.join(STRATEGIES)}")
         if residual not in RESIDUALS:
             raise ValueError(f"residual: got {residual!r}, expected one of {', '.join(RESIDUALS)}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution: got {distribution!r}, expected one of "
+                             f"{', '.join(DISTRIBUTIONS)}")
         if strategy == "recursive" and bidirectional:
             raise ValueError("bidirectional: a recursive forecaster feeds back one step at a time, "
                              "which a reverse direction cannot do; use strategy='direct'")
+        if quantiles and distribution != "none":
+            raise ValueError("quantiles: give quantiles or a distribution, not both")
+        if strategy == "recursive" and (future or n_ids or quantiles or distribution != "none"):
+            raise ValueError("strategy: covariates known in advance, series ids, quantiles and "
+                             "distributions need strategy='direct'")
         self.strategy = strategy
         self.horizon = int(horizon)
         self.n_inputs = int(n_inputs)
@@ -238,11 +387,29 @@ class Forecaster(nn.Module):
         self.residual = residual
         self.season = max(1, int(season)) if residual == "seasonal" else 1
         self.center = bool(center)
+        self.future = [int(c) for c in future]
+        self.n_ids = int(n_ids)
+        self.quantiles = [float(q) for q in quantiles]
+        self.distribution = distribution
         self.rnn = Recurrent(cell, n_inputs, hidden, layers, batch_first=True, dropout=dropout,
                              bidirectional=bidirectional)
         width = self.rnn.output_size * (2 if bidirectional else 1)
-        n_out = horizon * len(self.target) if strategy == "direct" else n_inputs
+        width += self.horizon * len(self.future)
+        self.ids = None
+        if self.n_ids:
+            self.ids = nn.Embedding(self.n_ids, max(1, int(id_dim)))
+            width += self.ids.embedding_dim
+        self.n_params = (len(self.quantiles) or _DIST_PARAMS.get(distribution, 1))
+        n_out = (horizon * len(self.target) * self.n_params if strategy == "direct"
+                 else n_inputs)
         self.head = nn.Linear(width, n_out)
+        mask = torch.ones(n_inputs)
+        mask[self.future] = 0.0  # known-in-advance columns are read as they are
+        self.register_buffer("center_mask", mask, persistent=False)
+
+    @property
+    def probabilistic(self) -> bool:
+        return bool(self.quantiles) or self.distribution != "none"
 
     def _base(self, x: Tensor, n: Tensor, steps: int) -> Tensor:
         """``(B, steps, C)``: the naive forecast of steps ``n, n+1, ...`` from ``x[:, :n]``."""
@@ -254,27 +421,68 @@ class Forecaster(nn.Module):
         src = torch.where(n[:, None] >= m, src, n[:, None] - 1)  # too short: the last value
         return x[rows, src]
 
+    def _direct(self, x: Tensor, state, lengths: Tensor, ref):
+        B = x.shape[0]
+        rows = torch.arange(B)
+        n_in = self.n_inputs
+        xin = x[:, :, :n_in]
+        steps = xin.shape[1] if not self.future else int(lengths.max())
+        out, state = self.rnn((xin - ref)[:, :steps], state, lengths=lengths)
+        O = self.rnn.output_size
+        feat = out[rows, lengths - 1]
+        if self.rnn.bidirectional:
+            feat = torch.cat([feat[:, :O], out[:, 0, O:]], dim=1)
+        parts = [feat]
+        if self.future:
+            idx = (lengths[:, None] + torch.arange(self.horizon)[None]).to(x.device)
+            fut = x[rows[:, None], idx][:, :, self.future]  # (B, horizon, F)
+            parts.append(fut.reshape(B, -1))
+        if self.ids is not None:
+            sid = x[:, 0, -1].round().long()
+            known = (sid >= 0) & (sid < self.n_ids)
+            emb = self.ids(sid.clamp(0, self.n_ids - 1))
+            mean = self.ids.weight.mean(0, keepdim=True).expand_as(emb)
+            parts.append(torch.where(known[:, None], emb, mean))
+        h = self.head(torch.cat(parts, dim=1) if len(parts) > 1 else feat)
+        C_t = len(self.target)
+        base = (self._base(xin, lengths, self.horizon)[:, :, self.target]
+                if self.residual != "none" else None)
+        if not self.probabilistic:
+            pred = h.view(B, self.horizon, C_t)
+            return (pred + base if base is not None else pred), state
+        raw = h.view(B, self.horizon, C_t, self.n_params)
+        if self.quantiles:
+            mid = min(range(len(self.quantiles)), key=lambda j: abs(self.quantiles[j] - 0.5))
+            center = raw[..., mid:mid + 1]
+            up = center + torch.cumsum(nn.functional.softplus(raw[..., mid + 1:]), dim=-1)
+            down = center - torch.cumsum(nn.functional.softplus(raw[..., :mid]).flip(-1),
+                                         dim=-1).flip(-1)
+            q = torch.cat([down, center, up], dim=-1)
+            return (q + base[..., None] if base is not None else q), state
+        loc = raw[..., 0] + (base if base is not None else 0.0)
+        scale = nn.functional.softplus(raw[..., 1]) + 1e-4
+        params = [loc, scale]
+        if self.distribution == "studentt":
+            params.append(2.0 + nn.functional.softplus(raw[..., 2]))
+        return torch.stack(params, dim=-1), state
+
     def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
         B, T, _ = x.shape
         if lengths is None:
-            lengths = torch.full((B,), T, dtype=torch.int64)
+            lengths = torch.full((B,), T - (self.horizon if self.future else 0),
+                                 dtype=torch.int64)
         lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
         rows = torch.arange(B)
         n_last = lengths - 1 if self.strategy == "direct" else lengths - self.horizon
         if (n_last < 0).any():
             raise ValueError(f"lengths: a recursive forecast of horizon {self.horizon} needs "
                              f"lengths >= {self.horizon}, got {int(lengths.min())}")
-        ref = x[rows, n_last][:, None] if self.center else 0.0  # (B, 1, C)
+        if self.center:
+            ref = x[rows, n_last][:, None, :self.n_inputs] * self.center_mask  # (B, 1, C)
+        else:
+            ref = 0.0
         if self.strategy == "direct":
-            out, state = self.rnn(x - ref, state, lengths=lengths)
-            O = self.rnn.output_size
-            feat = out[rows, lengths - 1]
-            if self.rnn.bidirectional:
-                feat = torch.cat([feat[:, :O], out[:, 0, O:]], dim=1)
-            pred = self.head(feat).view(B, self.horizon, len(self.target))
-            if self.residual != "none":
-                pred = pred + self._base(x, lengths, self.horizon)[:, :, self.target]
-            return pred, state
+            return self._direct(x, state, lengths, ref)
         if self.training:
             out, state = self.rnn(x - ref, state, lengths=lengths)
             pred = self.head(out)
@@ -301,6 +509,58 @@ class Forecaster(nn.Module):
                 p = p + self._base(seq, n_in + k, 1)[:, 0]
             pred[rows, n_in - 1 + k] = p
         return pred, state
+
+
+def pinball_loss(quantiles):
+    """``loss(output (B, h, C, Q), y (B, h, C))``: the mean pinball (quantile) loss
+    ``max(q (y - f), (q - 1)(y - f))`` over levels and the entries where ``y`` is finite."""
+    qs = torch.tensor([float(q) for q in quantiles])
+
+    def loss(output: Tensor, y: Tensor) -> Tensor:
+        mask = torch.isfinite(y)
+        d = y[mask][:, None] - output[mask]  # (n, Q)
+        q = qs.to(output.device, output.dtype)
+        return torch.maximum(q * d, (q - 1) * d).mean()
+
+    return loss
+
+
+def nll_loss(distribution: str):
+    """``loss(output (B, h, C, P), y)``: the mean negative log-likelihood of the finite targets
+    under the predicted normal or Student-t distributions."""
+    def loss(output: Tensor, y: Tensor) -> Tensor:
+        mask = torch.isfinite(y)
+        p = output[mask]
+        if distribution == "normal":
+            d = torch.distributions.Normal(p[:, 0], p[:, 1])
+        else:
+            d = torch.distributions.StudentT(p[:, 2], p[:, 0], p[:, 1])
+        return -d.log_prob(y[mask]).mean()
+
+    return loss
+
+
+def output_quantiles(model: Forecaster, out: np.ndarray, levels) -> np.ndarray:
+    """``(N, h, C, Q)`` quantiles at ``levels`` from a probabilistic model's scaled output."""
+    from scipy import stats
+
+    if model.quantiles:
+        want = [model.quantiles.index(q) for q in levels]
+        return out[..., want]
+    lv = np.asarray(levels, np.float64)
+    if model.distribution == "normal":
+        return out[..., :1] + out[..., 1:2] * stats.norm.ppf(lv)
+    return out[..., :1] + out[..., 1:2] * stats.t.ppf(lv, out[..., 2:3])
+
+
+def point_of(model: Forecaster, out: np.ndarray) -> np.ndarray:
+    """``(N, h, C)`` the point forecast: the median (the level nearest 0.5, or the location)."""
+    if not model.probabilistic:
+        return out
+    if model.quantiles:
+        mid = min(range(len(model.quantiles)), key=lambda j: abs(model.quantiles[j] - 0.5))
+        return out[..., mid]
+    return out[..., 0]
 
 
 def masked_loss(kind: str):
