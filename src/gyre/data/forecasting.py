@@ -40,7 +40,9 @@ class SeriesSet:
     its time stamps (``T_i`` values, for plots), ``target`` the column indices to forecast,
     ``season`` the seasonal period ``m`` (12 monthly, 4 quarterly, 1 yearly), ``horizon`` the
     default number of steps to forecast, ``note`` anything done to the raw data (interpolation),
-    ``freq`` the sampling frequency's name (``monthly``, ``half-hourly``...; "" unknown).
+    ``freq`` the sampling frequency's name (``monthly``, ``half-hourly``...; "" unknown);
+    ``future[i]`` / ``future_index[i]``: rows after the observed part (``future_rows`` of
+    :func:`load_series`: the known future values of covariates, targets NaN), else empty.
     """
 
     name: str
@@ -53,6 +55,8 @@ class SeriesSet:
     ids: tuple[str, ...]
     note: str = ""
     freq: str = ""
+    future: tuple[np.ndarray, ...] = ()
+    future_index: tuple[np.ndarray, ...] = ()
 
     @property
     def num_columns(self) -> int:
@@ -261,7 +265,7 @@ def _numeric(df: pd.DataFrame, path: str) -> dict:
 
 
 def _read_csv(path: str, target, date_column: str | None, id_column: str | None = None,
-              layout: str = "auto") -> SeriesSet:
+              layout: str = "auto", future_rows: int = 0) -> SeriesSet:
     if not os.path.exists(path):
         raise FileNotFoundError(f"data: file {path!r} does not exist; expected a built-in name "
                          f"({', '.join(BUILTIN)}) or a path to a CSV file")
@@ -343,8 +347,18 @@ def _read_csv(path: str, target, date_column: str | None, id_column: str | None 
         columns, target_names = ["y"], ["y"]
     else:
         pieces = [(os.path.splitext(os.path.basename(path))[0], frame, dates)]
-    series, index, names, n_missing = [], [], [], 0
+    series, index, names, n_missing, future, future_idx = [], [], [], 0, [], []
     for key, part, d in pieces:
+        if future_rows:
+            if len(part) <= future_rows:
+                raise ValueError(f"data: series {key!r} of {path!r} has {len(part)} rows; "
+                                 f"expected its observed rows and then {future_rows} future rows")
+            fut = part.iloc[len(part) - future_rows:]
+            future.append(fut.to_numpy(np.float64))
+            future_idx.append(d.iloc[len(part) - future_rows:].to_numpy() if d is not None
+                              else np.arange(len(part) - future_rows, len(part)))
+            part = part.iloc[:len(part) - future_rows]
+            d = None if d is None else d.iloc[:len(d) - future_rows]
         if d is not None:
             if ids is not None and not d.is_monotonic_increasing:  # a panel may come unsorted
                 o = np.argsort(d.to_numpy(), kind="stable")
@@ -381,11 +395,12 @@ def _read_csv(path: str, target, date_column: str | None, id_column: str | None 
     name = os.path.splitext(os.path.basename(path))[0]
     return SeriesSet(name, tuple(series), tuple(index), tuple(columns),
                      tuple(columns.index(t) for t in target_names), season, horizon, tuple(names),
-                     "; ".join(notes), freq)
+                     "; ".join(notes), freq, tuple(future), tuple(future_idx))
 
 
 def load_series(data: str, *, target=None, date_column: str | None = None,
-                id_column: str | None = None, layout: str = "auto") -> SeriesSet:
+                id_column: str | None = None, layout: str = "auto",
+                future_rows: int = 0) -> SeriesSet:
     """Load a built-in data set by name (:data:`BUILTIN`) or a CSV file by path.
 
     A CSV has a header row and one or more numeric columns. Its time stamps come from
@@ -400,7 +415,9 @@ def load_series(data: str, *, target=None, date_column: str | None = None,
     **wide** (``layout="wide"``): each numeric column is a series of its own (leading and trailing
     blanks are not observed). Otherwise (``auto`` without an id column) the numeric columns are one
     multivariate series, ``target`` (default: all) forecast, the others inputs. Interior gaps are
-    linearly interpolated (and said so in ``note``).
+    linearly interpolated (and said so in ``note``). ``future_rows=k``: the last ``k`` rows of
+    each series are the future (known covariate values, blank targets), kept apart in
+    ``future`` and not interpolated.
     """
     if not isinstance(data, str | os.PathLike):
         raise TypeError(f"data: expected a data set name or a CSV path, got {type(data).__name__}")
@@ -418,14 +435,14 @@ def load_series(data: str, *, target=None, date_column: str | None = None,
                 raise ValueError(f"target: {missing[0]!r} is not a column of {key}; "
                                  f"columns are {list(ss.columns)}")
             ss = dataclasses.replace(ss, target=tuple(ss.columns.index(t) for t in names))
-        if id_column is not None or layout != "auto":
-            raise ValueError(f"id_column/layout: only for CSV files; {data!r} is a built-in "
-                             "data set")
+        if id_column is not None or layout != "auto" or future_rows:
+            raise ValueError(f"id_column/layout/future rows: only for CSV files; {data!r} is a "
+                             "built-in data set")
         return ss
     if not data.lower().endswith(".csv") and not os.path.exists(data):
         raise FileNotFoundError(f"data: {data!r} is neither a built-in forecasting data set "
                          f"({', '.join(BUILTIN)}) nor an existing CSV file")
-    return _read_csv(data, target, date_column, id_column, layout)
+    return _read_csv(data, target, date_column, id_column, layout, future_rows)
 
 
 # -- calendar features (known in advance) --------------------------------------------------------
@@ -480,14 +497,15 @@ def future_index(dates, freq: str, steps: int) -> np.ndarray:
 
 # -- splits in time ------------------------------------------------------------------------------
 
-def split_points(lengths, horizon: int, val_fraction: float = 0.0):
-    """Per series ``(val_start, test_start)`` arrays: the test part is the last ``horizon``
-    points; with ``val_fraction > 0`` the validation part is the
+def split_points(lengths, horizon: int, val_fraction: float = 0.0, backtest: int = 1):
+    """Per series ``(val_start, test_start)`` arrays: the test part is the last
+    ``backtest * horizon`` points (``backtest`` origins ``horizon`` apart); with
+    ``val_fraction > 0`` the validation part is the
     ``max(horizon, round(val_fraction * test_start))`` points before it (whole horizons, in
     time; shortened so that at least 2 training points remain), else empty
     (``val_start == test_start``); the training part is everything before."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    test_start = lengths - int(horizon)
+    test_start = lengths - int(horizon) * int(backtest)
     if val_fraction > 0:
         val_len = np.maximum(int(horizon), np.round(val_fraction * test_start).astype(np.int64))
         val_start = np.maximum(test_start - val_len, np.minimum(2, test_start))

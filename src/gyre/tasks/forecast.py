@@ -31,10 +31,15 @@ import torch
 from torch import Tensor, nn
 
 from ..data.forecasting import (
+    LAYOUTS,
     SCALERS,
+    TRANSFORMS,
     Scaler,
     SeriesSet,
     Windows,
+    calendar_features,
+    calendar_width,
+    future_index,
     load_series,
     make_windows,
     split_points,
@@ -168,7 +173,7 @@ def prob_score(actuals, quantiles, insamples, season: int, levels) -> dict[str, 
     return out
 
 
-# -- baselines (statsmodels, statsforecast) ----------------------------------------------------------------------
+# -- baselines (statsmodels, statsforecast) -------------------------------------------------------
 
 BASELINES = ("naive", "seasonal_naive", "holt_winters", "arima", "auto_ets", "auto_arima",
              "auto_theta")
@@ -586,16 +591,28 @@ def masked_loss(kind: str):
 class WindowData(torch.utils.data.Dataset):
     """Trainer items from :class:`Windows`: ``(x, y, length)`` float32 tensors.
 
-    ``direct``: ``x`` the input steps ``(lookback, C)``, ``y`` ``(horizon, C_t)``.
+    ``direct``: ``x`` the input steps ``(lookback, C)``, ``y`` ``(horizon, C_t)``; with
+    ``future`` columns (known in advance) ``x`` is ``(lookback + horizon, C)``: after the inputs
+    the ``horizon`` future steps, every other column zeroed there, so no target enters ``x``.
     ``recursive``: ``x`` the inputs then the targets but the last, ``(lookback + horizon - 1, C)``,
     and ``y`` the next step of every column, NaN where no target (padding; with ``teacher=False``
     everything but the ``horizon`` forecast steps, which is how validation and test score it).
     """
 
-    def __init__(self, w: Windows, strategy: str, teacher: bool = True) -> None:
+    def __init__(self, w: Windows, strategy: str, teacher: bool = True, future=()) -> None:
         h = w.y.shape[1]
         if strategy == "direct":
-            self.x = torch.as_tensor(w.inputs(), dtype=torch.float32)
+            if future:
+                seq = w.seq.copy()
+                steps = np.arange(seq.shape[1])
+                after = steps[None] >= w.n_in[:, None]
+                keep = np.zeros(seq.shape[2], bool)
+                keep[list(future)] = True
+                keep[-1] = True  # the series number (constant) when there is one
+                seq[after[..., None] & ~keep[None, None]] = 0.0
+                self.x = torch.as_tensor(seq, dtype=torch.float32)
+            else:
+                self.x = torch.as_tensor(w.inputs(), dtype=torch.float32)
             self.y = torch.as_tensor(w.y, dtype=torch.float32)
             self.lengths = torch.as_tensor(w.n_in, dtype=torch.int64)
         else:
@@ -625,8 +642,9 @@ def collate(items) -> dict[str, Tensor]:
 
 
 def forecast_windows(model: Forecaster, w: Windows, batch_size: int = 512) -> np.ndarray:
-    """Scaled forecasts ``(N, horizon, C_t)`` for the windows' inputs (their targets unused)."""
-    data = WindowData(w, model.strategy, teacher=False)
+    """Scaled outputs for the windows' inputs (their targets unused): ``(N, horizon, C_t)``
+    forecasts, or a probabilistic model's ``(N, horizon, C_t, Q or P)``."""
+    data = WindowData(w, model.strategy, teacher=False, future=model.future)
     model.eval()
     device = next(model.parameters()).device
     outs = []
@@ -650,16 +668,35 @@ def forecast_windows(model: Forecaster, w: Windows, batch_size: int = 512) -> np
     return torch.cat(outs).numpy().astype(np.float64)
 
 
+def ensemble_forecast(models, w: Windows, levels):
+    """``(point (N, h, C_t), quantiles (N, h, C_t, Q) or None)`` in the scaled space: each
+    model's median (or point) forecast and quantiles at ``levels``, averaged over the models
+    (quantile averaging; the members share one scaler)."""
+    points, qs = [], []
+    for model in models:
+        out = forecast_windows(model, w)
+        points.append(point_of(model, out))
+        if model.probabilistic:
+            qs.append(output_quantiles(model, out, levels))
+    q = np.mean(qs, axis=0) if qs else None
+    return np.mean(points, axis=0), q
+
+
 def prepare(ss: SeriesSet, horizon: int, lookback: int, min_lookback: int, scaler: Scaler,
-            val_fraction: float):
+            val_fraction: float, backtest: int = 1, extra=None):
     """Split, fit the scaler on each series' training part, and cut the windows.
 
-    Returns ``(scaled_series, train_windows, val_windows | None, test_windows, val_start,
-    test_start)``.
+    The test part is the last ``backtest * horizon`` points; its windows are the ``backtest``
+    origins ``horizon`` apart (each reading only the points before it). ``extra``: per series
+    ``(T_i, E)`` columns appended unscaled after the scaled ones (calendar features, series
+    number). Returns ``(scaled_series, train_windows, val_windows | None, test_windows,
+    val_start, test_start)``.
     """
-    val_start, test_start = split_points(ss.lengths, horizon, val_fraction)
+    val_start, test_start = split_points(ss.lengths, horizon, val_fraction, backtest)
     scaler.fit(ss.series, val_start)
     scaled = [scaler.transform(s, i) for i, s in enumerate(ss.series)]
+    if extra is not None:
+        scaled = [np.concatenate([z, e], axis=1) for z, e in zip(scaled, extra, strict=True)]
     train_w = make_windows(scaled, lookback, horizon, [(0, v) for v in val_start],
                            target=ss.target, min_lookback=min_lookback)
     val_w = None
@@ -667,8 +704,9 @@ def prepare(ss: SeriesSet, horizon: int, lookback: int, min_lookback: int, scale
         val_w = make_windows(scaled, lookback, horizon, list(zip(val_start, test_start,
                                                                  strict=True)),
                              target=ss.target, min_lookback=1)
-    test_w = make_windows(scaled, lookback, horizon, [(t, t + horizon) for t in test_start],
-                          target=ss.target, min_lookback=1)
+    test_w = make_windows(scaled, lookback, horizon, [(t, t + backtest * horizon)
+                                                      for t in test_start],
+                          target=ss.target, min_lookback=1, stride=horizon)
     return scaled, train_w, val_w, test_w, val_start, test_start
 
 
@@ -680,14 +718,21 @@ class Config(TaskConfig):
 
     Attributes:
         data: a built-in data set (``airline``, ``m1_yearly``, ``co2``, ``sunspots``,
-            ``uschange``) or a CSV path (numeric columns, an optional date column).
-        target: the column(s) to forecast (empty: the data set's, all columns for a CSV);
-            the other columns are inputs only.
-        date_column: the CSV column holding time stamps ("" = a first column made of dates).
-        horizon: steps to forecast (0 = the data set's: airline 12, M1 yearly 6...).
+            ``uschange``) or a CSV path (see :func:`gyre.data.forecasting.load_series`: a date
+            column found by content, long panels ``unique_id, ds, y, ...``, wide tables).
+        target: the column(s) to forecast (empty: ``y`` for a panel, else the data set's, all
+            columns for a CSV); the other columns are inputs only (past covariates).
+        date_column: the CSV column holding time stamps ("" = found by content).
+        id_column: the series id column of a long panel ("" = ``unique_id`` and the like).
+        layout: ``auto``, ``long`` (a panel with an id column) or ``wide`` (a series per column).
+        horizon: steps to forecast (0 = the data set's or the frequency's: yearly 6, quarterly
+            8, monthly 12, weekly 13, daily 14, hourly 48, finer: one day).
         season: the seasonal period ``m`` for seasonal naive, Holt-Winters, SARIMA and MASE
-            (0 = the data set's: 12 monthly, 4 quarterly, 1 yearly; from the dates for a CSV).
-        lookback: input steps per window (0 = ``2 * max(horizon, season)``).
+            (0 = the data set's: 12 monthly, 4 quarterly, 52 weekly, 7 daily, 24 hourly, 48
+            half-hourly, 1 yearly; from the dates for a CSV).
+        lookback: input steps per window (0 = ``2 * max(horizon, season)``, shortened to half
+            the room before the validation part when a single series is too short for 8
+            windows of it).
         min_lookback: the fewest input steps a training window may have when a series'
             history is shorter than ``lookback`` (0 = ``lookback`` for one series, ``horizon`` for
             many, so short series still give windows).
@@ -697,13 +742,34 @@ class Config(TaskConfig):
             ``seasonal`` (the value one season back, i.e. seasonal naive) or ``none``.
         center: the recurrent stack reads each window relative to its last observed value.
         scaler: ``standard``, ``minmax``, ``mean``, ``diff`` (mean absolute one-step change) or
-            ``none``, per series and column, fitted on the training part only; ``log``: take
-            logs first (positive data only).
-        loss: ``mse``, ``mae`` or ``huber`` on the scaled values.
-        baselines: which of naive, seasonal_naive, holt_winters, arima to fit ("none": none).
+            ``none``, per series and column, fitted on the training part only.
+        transform: ``none``, ``log`` (positive data) or ``log1p`` (zeros, counts) before
+            scaling; ``log``: the same as ``transform="log"``.
+        loss: ``mse``, ``mae`` or ``huber`` on the scaled values (point forecasts).
+        quantiles: levels to forecast, e.g. ``0.1,0.5,0.9`` (pinball loss, increasing by
+            construction; 0.5 is added when missing: it is the point forecast).
+        distribution: ``normal`` or ``studentt``: forecast a distribution (likelihood loss),
+            scored at ``quantiles`` (default 0.1, 0.5, 0.9).
+        backtest: test origins (rolling origin, expanding window, ``horizon`` apart): the test
+            part is the last ``backtest * horizon`` points; the model is trained once before
+            it (each origin forecasts from the actual points before it), every baseline is
+            refitted at every origin.
+        ensemble: train this many seeds (``seed``, ``seed + 1``, ...) and average their
+            forecasts and quantiles.
+        calendar: feed calendar features of the dates (month, quarter, week, day of week, hour:
+            sine and cosine), known for the forecast steps too (direct strategy).
+        future_covariates: input columns whose future values are known and read for the
+            forecast steps; ``gyre predict`` then needs the next ``horizon`` rows of the
+            series in its CSV, with those columns filled and the targets blank.
+        id_embedding: > 0 embeds each series' id in this many numbers (a static covariate of a
+            panel; 0 = off).
+        baselines: which of naive, seasonal_naive, holt_winters, arima, auto_ets, auto_arima,
+            auto_theta to fit ("none": none).
         val_fraction: > 0 holds out, before the test part, the last
             ``max(horizon, round(val_fraction * n))`` points of each series for validation
-            (early stopping, best epoch); 0 = none.
+            (early stopping, best epoch; ``validation`` in metrics.json scores the origins
+            ``horizon`` apart in it); 0 = none. Dropped (and said so) where it leaves no
+            training window.
     """
 
     data: str = "airline"
@@ -712,6 +778,8 @@ class Config(TaskConfig):
     lr: float = 3e-3
     target: list[str] = field(default_factory=list)
     date_column: str = ""
+    id_column: str = ""
+    layout: str = "auto"
     horizon: int = 0
     season: int = 0
     lookback: int = 0
@@ -721,7 +789,15 @@ class Config(TaskConfig):
     center: bool = True
     scaler: str = "standard"
     log: bool = False
+    transform: str = "none"
     loss: str = "mse"
+    quantiles: list[str] = field(default_factory=list)
+    distribution: str = "none"
+    backtest: int = 1
+    ensemble: int = 1
+    calendar: bool = True
+    future_covariates: list[str] = field(default_factory=list)
+    id_embedding: int = 0
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
 
     def __post_init__(self) -> None:
@@ -737,12 +813,34 @@ class Config(TaskConfig):
                              f"{', '.join(RESIDUALS)}")
         if self.scaler not in SCALERS:
             raise ValueError(f"scaler: got {self.scaler!r}, expected one of {', '.join(SCALERS)}")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform: got {self.transform!r}, expected one of "
+                             f"{', '.join(TRANSFORMS)}")
+        if self.log and self.transform not in ("none", "log"):
+            raise ValueError(f"log: --log means transform 'log'; got transform "
+                             f"{self.transform!r} too")
         if self.loss not in LOSSES:
             raise ValueError(f"loss: got {self.loss!r}, expected one of {', '.join(LOSSES)}")
-        for name in ("horizon", "season", "lookback", "min_lookback"):
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution: got {self.distribution!r}, expected one of "
+                             f"{', '.join(DISTRIBUTIONS)}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout: got {self.layout!r}, expected one of {', '.join(LAYOUTS)}")
+        self.levels()  # validates quantiles
+        if self.quantiles and self.distribution != "none":
+            raise ValueError("quantiles: give quantiles or a distribution, not both (a "
+                             "distribution is scored at quantiles 0.1, 0.5, 0.9)")
+        if (self.quantiles or self.distribution != "none" or self.future_covariates
+                or self.id_embedding) and self.strategy == "recursive":
+            raise ValueError("strategy: quantiles, distributions, future_covariates and "
+                             "id_embedding need strategy 'direct'")
+        for name in ("horizon", "season", "lookback", "min_lookback", "id_embedding"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= 0 "
                                  "(0 = the default)")
+        for name in ("backtest", "ensemble"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= 1")
         if self.lookback and self.min_lookback > self.lookback:
             raise ValueError(f"min_lookback: got {self.min_lookback}, expected at most "
                              f"lookback={self.lookback}")
@@ -754,56 +852,184 @@ class Config(TaskConfig):
         if not self.data:
             raise ValueError("data: empty; expected a data set name or a CSV path")
 
+    def value_transform(self) -> str:
+        return "log" if self.log else self.transform
+
+    def levels(self) -> list[float]:
+        """The quantile levels forecast (sorted, 0.5 included); the default 0.1, 0.5, 0.9 for a
+        distribution; empty for a point forecaster."""
+        if not self.quantiles:
+            return [0.1, 0.5, 0.9] if self.distribution != "none" else []
+        try:
+            lv = sorted({float(q) for q in self.quantiles} | {0.5})
+        except ValueError:
+            raise ValueError(f"quantiles: got {self.quantiles!r}, expected numbers in (0, 1), "
+                             "e.g. 0.1,0.5,0.9") from None
+        if not all(0 < q < 1 for q in lv):
+            raise ValueError(f"quantiles: got {self.quantiles!r}, expected numbers in (0, 1)")
+        return lv
+
+
+#: the quantile levels every run scores the baselines' intervals at when the model has none
+DEFAULT_LEVELS = [0.1, 0.5, 0.9]
+
 
 class _Setup:
     """Everything derived from a config and its data: the numbers a model is rebuilt from."""
 
-    def __init__(self, config: Config, ss: SeriesSet) -> None:
+    def __init__(self, config: Config, ss: SeriesSet, saved: dict | None = None) -> None:
         self.ss = ss
-        self.horizon = config.horizon or ss.horizon
-        self.season = config.season or ss.season
-        self.lookback = config.lookback or 2 * max(self.horizon, self.season)
+        self.notes: list[str] = []
+        self.horizon = int(saved["horizon"]) if saved else (config.horizon or ss.horizon)
+        self.season = int(saved["season"]) if saved else (config.season or ss.season)
+        self.backtest = config.backtest
+        self.val_fraction = float(saved.get("val_fraction", config.val_fraction)) if saved \
+            else config.val_fraction
+        h, K = self.horizon, self.backtest
         many = len(ss.series) > 1
-        self.min_lookback = config.min_lookback or (min(self.horizon, self.lookback) if many
-                                                    else self.lookback)
-        self.min_lookback = min(self.min_lookback, self.lookback)
+        short = int(ss.lengths.min())
+        if not saved:
+            need = K * h + 2 if many else (K + 1) * h + 1
+            if short < need:
+                what = "the shortest series" if many else "the series"
+                raise ValueError(
+                    f"horizon: {what} has {short} points; a horizon of {h} with {K} test "
+                    f"origin(s) needs at least {need} ({K} x {h} test points and "
+                    + ("2 before them" if many else f"one training window of 1 input and {h} "
+                       "targets before them") + "); use a smaller --horizon or --backtest")
+        default = 2 * max(h, self.season)
+        if saved:
+            self.lookback, self.min_lookback = int(saved["lookback"]), int(saved["min_lookback"])
+        else:
+            v, _ = split_points(ss.lengths, h, self.val_fraction, K)
+            room = int(v.max()) - h  # input steps the longest series has before its validation
+            if self.val_fraction > 0 and room < 1:
+                self.val_fraction = 0.0
+                v, _ = split_points(ss.lengths, h, 0.0, K)
+                room = int(v.max()) - h
+                self.notes.append(f"no validation part: {short} points leave no training window "
+                                  "before one (fixed epochs, last epoch kept)")
+            self.lookback = config.lookback or default
+            if not config.lookback and not many and room < default + 7:
+                self.lookback = max(1, min(default, room // 2))
+                self.notes.append(f"lookback {self.lookback}: the series is too short for 8 "
+                                  f"training windows of {default} inputs")
+            self.min_lookback = config.min_lookback or (min(h, self.lookback) if many
+                                                        else self.lookback)
+            self.min_lookback = min(self.min_lookback, self.lookback)
         # a recursive model forecasts every column, and is scored on the target ones
         self.model_target = (list(range(ss.num_columns)) if config.strategy == "recursive"
                              else list(ss.target))
-        short = int(ss.lengths.min())
-        if short < self.horizon + 2:
-            raise ValueError(f"horizon: {self.horizon} leaves the shortest series ({short} points) "
+        if short < h + 2:
+            raise ValueError(f"horizon: {h} leaves the shortest series ({short} points) "
                              f"fewer than 2 points before its test part; use a smaller horizon")
+        self.freq = saved.get("freq", ss.freq) if saved else ss.freq
+        self.n_calendar = (calendar_width(self.freq) if config.calendar and
+                           config.strategy == "direct" else 0)
+        missing = [c for c in config.future_covariates if c not in ss.columns]
+        if missing:
+            raise ValueError(f"future_covariates: {missing[0]!r} is not a column of "
+                             f"{ss.name}; columns are {list(ss.columns)}")
+        user_future = [ss.columns.index(c) for c in config.future_covariates]
+        clash = [ss.columns[c] for c in user_future if c in ss.target]
+        if clash:
+            raise ValueError(f"future_covariates: {clash[0]!r} is a target column; a column "
+                             "whose future is known is not forecast")
+        C = ss.num_columns
+        self.future = user_future + list(range(C, C + self.n_calendar))
+        self.n_inputs = C + self.n_calendar
+        self.train_ids = list(saved.get("ids", ss.ids)) if saved else list(ss.ids)
+        self.n_ids = (len(self.train_ids) if config.id_embedding and
+                      (len(self.train_ids) > 1) else 0)
+        self.levels = config.levels()
+
+    def extra(self, ss: SeriesSet, future_steps: int = 0):
+        """Per series the unscaled columns after the data's: calendar features of its dates
+        (and of ``future_steps`` dates after them) and its series number (-1: an id the model
+        was not trained on)."""
+        if not self.n_calendar and not self.n_ids:
+            return None
+        out = []
+        for i, idx in enumerate(ss.index):
+            cols = []
+            if self.n_calendar:
+                dates = idx
+                if future_steps:
+                    fut = (ss.future_index[i] if ss.future_index else
+                           future_index(idx, self.freq, future_steps))
+                    dates = np.concatenate([idx, fut])
+                cols.append(calendar_features(dates, self.freq))
+            if self.n_ids:
+                sid = self.train_ids.index(ss.ids[i]) if ss.ids[i] in self.train_ids else -1
+                cols.append(np.full((len(idx) + future_steps, 1), float(sid)))
+            out.append(np.concatenate(cols, axis=1))
+        return out
 
     def model(self, config: Config) -> Forecaster:
-        return Forecaster(config.cell, self.ss.num_columns, self.model_target, self.horizon,
+        return Forecaster(config.cell, self.n_inputs, self.model_target, self.horizon,
                           config.hidden, config.layers, config.dropout, config.bidirectional,
-                          config.strategy, config.residual, self.season, config.center)
+                          config.strategy, config.residual, self.season, config.center,
+                          future=self.future, n_ids=self.n_ids, id_dim=config.id_embedding,
+                          quantiles=self.levels if config.quantiles else (),
+                          distribution=config.distribution)
+
+    def loss(self, config: Config):
+        if config.quantiles:
+            return pinball_loss(self.levels)
+        if config.distribution != "none":
+            return nll_loss(config.distribution)
+        return masked_loss(config.loss)
+
+    def saved(self) -> dict:
+        return {"horizon": self.horizon, "season": self.season, "lookback": self.lookback,
+                "min_lookback": self.min_lookback, "val_fraction": self.val_fraction,
+                "freq": self.freq, "ids": self.train_ids}
 
     def describe(self, config: Config) -> str:
+        extras = []
+        if config.quantiles:
+            extras.append("quantiles " + ",".join(f"{q:g}" for q in self.levels))
+        elif config.distribution != "none":
+            extras.append(config.distribution)
+        if self.n_calendar:
+            extras.append("calendar")
+        if self.n_ids:
+            extras.append(f"id embedding {config.id_embedding}")
+        if config.ensemble > 1:
+            extras.append(f"ensemble of {config.ensemble}")
         return (f"{config.cell} x{config.layers} h{config.hidden} "
                 f"{'bi ' if config.bidirectional else ''}{config.strategy} lookback "
-                f"{self.lookback} horizon {self.horizon}")
+                f"{self.lookback} horizon {self.horizon}"
+                + ("".join(f", {e}" for e in extras)))
 
 
-def _load(config: Config, data: str | None = None) -> SeriesSet:
+def _load(config: Config, data: str | None = None, future_rows: int = 0) -> SeriesSet:
     return load_series(data or config.data, target=config.target or None,
-                       date_column=config.date_column or None)
+                       date_column=config.date_column or None,
+                       id_column=config.id_column or None, layout=config.layout,
+                       future_rows=future_rows)
 
 
-def _scored(setup: _Setup, model: Forecaster, scaler: Scaler, test_w: Windows, test_start):
-    """Test forecasts on the original scale per series, and the metrics."""
+def _scored(setup: _Setup, models, scaler: Scaler, w: Windows, levels=()):
+    """Forecasts of the windows on the original scale (one per series and origin ``w.start``),
+    their quantiles (or None), actuals, in-samples (everything before each origin) and the
+    metrics (plus the probabilistic ones for a probabilistic model)."""
     ss = setup.ss
-    z = forecast_windows(model, test_w)
-    cols = ss.target
-    pos = [model.target.index(c) for c in cols]
-    forecasts, actuals, insamples = [], [], []
-    for k, i in enumerate(test_w.series):
-        t = int(test_start[i])
+    z, zq = ensemble_forecast(models, w, levels)
+    cols = list(ss.target)
+    pos = [models[0].target.index(c) for c in cols]
+    forecasts, quantiles, actuals, insamples = [], [], [], []
+    for k, i in enumerate(w.series):
+        t = int(w.start[k])
         forecasts.append(scaler.inverse(z[k][:, pos], i, cols))
+        if zq is not None:
+            quantiles.append(scaler.inverse(zq[k][:, pos], i, cols))
         actuals.append(ss.series[i][t:t + setup.horizon][:, cols])
         insamples.append(ss.series[i][:t][:, cols])
-    return forecasts, actuals, insamples, score(actuals, forecasts, insamples, setup.season)
+    metrics = score(actuals, forecasts, insamples, setup.season)
+    if zq is not None:
+        metrics.update(prob_score(actuals, quantiles, insamples, setup.season, levels))
+    return forecasts, (quantiles if zq is not None else None), actuals, insamples, metrics
 
 
 def _jsonable(d):
@@ -814,9 +1040,14 @@ def _jsonable(d):
     return d
 
 
+def _member_dir(out: Path, k: int) -> Path:
+    return out if k == 0 else out / f"member-{k}"
+
+
 def train(config: Config, *, resume: bool = False) -> dict:
     """Train a forecaster on ``config.data`` and score it beside the baselines; see the
-    :mod:`gyre.tasks` contract for what lands in ``config.out``."""
+    :mod:`gyre.tasks` contract for what lands in ``config.out`` (an ensemble's further members
+    in ``member-1``, ``member-2``... below it)."""
     import time
 
     from ..train import Trainer, seed_everything
@@ -825,71 +1056,98 @@ def train(config: Config, *, resume: bool = False) -> dict:
         raise TypeError(f"config: got {type(config).__name__}, expected forecast.Config")
     ss = _load(config)
     setup = _Setup(config, ss)
-    out = base.resolve_out(config, "forecast")
-    base.write_config(config, out / "config.toml")
-
-    scaler = Scaler(config.scaler, config.log)
+    scaler = Scaler(config.scaler, value_transform=config.value_transform())
     scaled, train_w, val_w, test_w, val_start, test_start = prepare(
-        ss, setup.horizon, setup.lookback, setup.min_lookback, scaler, config.val_fraction)
+        ss, setup.horizon, setup.lookback, setup.min_lookback, scaler, setup.val_fraction,
+        setup.backtest, setup.extra(ss))
     if len(train_w) == 0:
         raise ValueError(f"lookback: no series is long enough for one training window of "
                          f"min_lookback={setup.min_lookback} inputs and horizon={setup.horizon} "
                          f"targets before its validation/test part; lower lookback, "
                          f"min_lookback, horizon or val_fraction")
-    seed_everything(config.seed)
-    model = setup.model(config)
-    tconf = config.train_config()
-    if val_w is None or len(val_w) == 0:
-        tconf = config.train_config(patience=0)
-    extra = {"scaler": scaler.state(), "data": ss.name, "horizon": setup.horizon,
-             "season": setup.season, "lookback": setup.lookback}
-    trainer = Trainer(model, masked_loss(config.loss), tconf, collate=collate, out_dir=out,
-                      extra=extra)
+    out = base.resolve_out(config, "forecast")
+    base.write_config(config, out / "config.toml")
+    has_val = val_w is not None and len(val_w) > 0
+    extra = {"scaler": scaler.state(), "data": ss.name, **setup.saved()}
+    train_data = WindowData(train_w, config.strategy, teacher=True, future=setup.future)
+    val_data = (WindowData(val_w, config.strategy, teacher=False, future=setup.future)
+                if has_val else None)
+    models, fits = [], []
     t0 = time.perf_counter()
-    train_data = WindowData(train_w, config.strategy, teacher=True)
-    val_data = (WindowData(val_w, config.strategy, teacher=False)
-                if val_w is not None and len(val_w) else None)
-    fit = trainer.fit(train_data, val_data, resume=resume)
+    for k in range(config.ensemble):
+        seed = config.seed + k
+        seed_everything(seed)
+        model = setup.model(config)
+        tconf = config.train_config(seed=seed, **({} if has_val else {"patience": 0}))
+        member = _member_dir(out, k)
+        member.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(model, setup.loss(config), tconf, collate=collate, out_dir=member,
+                          extra=extra)
+        again = resume and (k == 0 or trainer.checkpoint_path.is_file())
+        fit = trainer.fit(train_data, val_data, resume=again)
+        if fit["interrupted"]:
+            return {"interrupted": True, "out": str(out)}
+        models.append(trainer.model)
+        fits.append(fit)
     seconds = time.perf_counter() - t0
-    if fit["interrupted"]:
-        return {"interrupted": True, "out": str(out)}
-
-    forecasts, actuals, insamples, test = _scored(setup, trainer.model, scaler, test_w,
-                                                  test_start)
+    levels = setup.levels or DEFAULT_LEVELS
+    forecasts, quantiles, actuals, insamples, test = _scored(setup, models, scaler, test_w,
+                                                              setup.levels)
     validation = None
-    if val_w is not None and len(val_w):
-        # the same forecast from the validation part's first point: comparable across
-        # configurations (any scaler, loss or strategy), for choosing one without the test part
-        val_origin = make_windows(scaled, setup.lookback, setup.horizon,
-                                  [(v, v + setup.horizon) for v in val_start], target=ss.target,
-                                  min_lookback=1)
-        validation = _scored(setup, trainer.model, scaler, val_origin, val_start)[3]
+    if has_val:
+        # forecasts from the validation part's origins, horizon apart (counted back from its
+        # end): comparable across configurations, for choosing one without the test part
+        val_origins = make_windows(scaled, setup.lookback, setup.horizon,
+                                   list(zip(val_start, test_start, strict=True)),
+                                   target=ss.target, min_lookback=1, stride=setup.horizon)
+        validation = _scored(setup, models, scaler, val_origins, setup.levels)[4]
     names = [b for b in config.baselines if b != "none"]
-    bl = baseline_forecasts(insamples, setup.horizon, setup.season, names)
+    bl = baseline_forecasts(insamples, setup.horizon, setup.season, names, levels=levels)
     baselines = {}
-    for name, (fcs, failures) in bl.items():
+    for name, (fcs, failures, qfcs) in bl.items():
         baselines[name] = score(actuals, fcs, insamples, setup.season)
+        if qfcs is not None:
+            baselines[name].update(prob_score(actuals, qfcs, insamples, setup.season, levels))
         if failures:
             baselines[name]["fallbacks"] = failures
+    fit = fits[0]
     metrics = {
         "task": "forecast", "data": ss.name, "out": str(out), "model": setup.describe(config),
         "test": test, "validation": validation, "baselines": baselines,
         "train": {"epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"],
                   "stopped_early": fit["stopped_early"], "seconds": round(seconds, 2),
-                  "train_windows": len(train_w), "val_windows": 0 if val_w is None else len(val_w),
+                  "train_windows": len(train_w), "val_windows": len(val_w) if has_val else 0,
                   "series": len(ss.series), "horizon": setup.horizon, "season": setup.season,
-                  "lookback": setup.lookback, "parameters": sum(p.numel() for p in
-                                                                 trainer.model.parameters())},
-        "note": ss.note,
+                  "frequency": ss.freq or "unknown", "lookback": setup.lookback,
+                  "test_origins": setup.backtest, "test_forecasts": len(test_w),
+                  "val_origins": len(val_origins) if has_val else 0,
+                  "ensemble": config.ensemble,
+                  "best_epochs": [f["best_epoch"] for f in fits],
+                  "parameters": sum(p.numel() for p in models[0].parameters())},
+        "note": "; ".join([n for n in [ss.note, *setup.notes] if n]),
     }
     if ss.name in PUBLISHED and setup.horizon == ss.horizon:
         metrics["published"] = PUBLISHED[ss.name]
     metrics = _jsonable(metrics)
     base.write_json(metrics, out / "metrics.json")
     base.plot_history(fit["history"], out / "loss.png", f"forecast {ss.name}: loss")
-    plot_forecasts(ss, forecasts, {n: f for n, (f, _) in bl.items()}, test_start,
-                   out / "forecast.png", setup.describe(config))
+    last = _last_origin(test_w)
+    plot_forecasts(ss, [forecasts[k] for k in last],
+                   {n: [v[0][k] for k in last] for n, v in bl.items()},
+                   [int(test_w.start[k]) for k in last], out / "forecast.png",
+                   setup.describe(config),
+                   quantiles=None if quantiles is None else [quantiles[k] for k in last],
+                   levels=setup.levels, series=[int(test_w.series[k]) for k in last])
     return metrics
+
+
+def _last_origin(w: Windows) -> list[int]:
+    """Per series, the index of its latest window."""
+    last: dict[int, int] = {}
+    for k, i in enumerate(w.series):
+        if int(i) not in last or w.start[k] > w.start[last[int(i)]]:
+            last[int(i)] = k
+    return [last[i] for i in sorted(last)]
 
 
 def _rebuild(out_dir):
@@ -897,8 +1155,8 @@ def _rebuild(out_dir):
 
     out = Path(out_dir)
     config = base.load_config(Config, out / "config.toml")
-    ckpt = load_checkpoint(out / "checkpoint")
-    return config, ckpt
+    ckpts = [load_checkpoint(_member_dir(out, k) / "checkpoint") for k in range(config.ensemble)]
+    return config, ckpts
 
 
 def _restored_model(config: Config, setup: _Setup, ckpt: dict) -> Forecaster:
@@ -910,80 +1168,131 @@ def _restored_model(config: Config, setup: _Setup, ckpt: dict) -> Forecaster:
     return model
 
 
+def _saved(ckpt: dict) -> dict:
+    extra = dict(ckpt["extra"])
+    # runs written before these keys existed: what their _Setup derived
+    extra.setdefault("min_lookback", extra["lookback"])
+    return extra
+
+
+def _check_columns(setup: _Setup, ckpt: dict, data: str, name: str = "data") -> None:
+    trained = len(ckpt["extra"]["scaler"]["loc"][0])
+    if setup.ss.num_columns != trained:
+        raise ValueError(f"{name}: the model reads {trained} column(s), {data} has "
+                         f"{setup.ss.num_columns}")
+
+
 def evaluate(out_dir, data: str | None = None) -> dict:
     """The test metrics of the run in ``out_dir`` (its own data, or ``data``: the test part is
-    the last ``horizon`` points of each series there; the run's scaler is kept for its own data,
-    refitted on the new data's training part otherwise)."""
-    config, ckpt = _rebuild(out_dir)
+    the last ``backtest * horizon`` points of each series there; the run's scaler is kept for
+    its own data, refitted on the new data's training part otherwise)."""
+    config, ckpts = _rebuild(out_dir)
     ss = _load(config, data)
-    setup = _Setup(config, ss)
-    setup.horizon, setup.season = ckpt["extra"]["horizon"], ckpt["extra"]["season"]
-    model = _restored_model(config, setup, ckpt)
-    if model.n_inputs != ss.num_columns:
-        raise ValueError(f"data: the model reads {model.n_inputs} column(s), {data or config.data}"
-                         f" has {ss.num_columns}")
-    scaler = Scaler(config.scaler, config.log)
-    _, _, _, test_w, _, test_start = prepare(ss, setup.horizon, setup.lookback,
-                                             setup.min_lookback, scaler, config.val_fraction)
+    setup = _Setup(config, ss, saved=_saved(ckpts[0]))
+    _check_columns(setup, ckpts[0], data or config.data)
+    models = [_restored_model(config, setup, c) for c in ckpts]
+    scaler = Scaler(config.scaler, value_transform=config.value_transform())
+    _, _, _, test_w, _, _ = prepare(ss, setup.horizon, setup.lookback, setup.min_lookback,
+                                    scaler, setup.val_fraction, setup.backtest, setup.extra(ss))
     if data is None:
-        scaler = Scaler.from_state(ckpt["extra"]["scaler"])
-    *_, test = _scored(setup, model, scaler, test_w, test_start)
+        scaler = Scaler.from_state(ckpts[0]["extra"]["scaler"])
+    *_, test = _scored(setup, models, scaler, test_w, setup.levels)
     return {"test": _jsonable(test)}
 
 
 def predict(out_dir, data_path: str | None = None) -> list[dict]:
     """Forecasts of the next ``horizon`` steps after the end of every series in ``data_path``
-    (default: the run's data): ``{"series", "step", "column", "forecast"}`` rows."""
-    config, ckpt = _rebuild(out_dir)
-    ss = _load(config, data_path)
-    setup = _Setup(config, ss)
-    setup.horizon = ckpt["extra"]["horizon"]
-    model = _restored_model(config, setup, ckpt)
-    if model.n_inputs != ss.num_columns:
-        raise ValueError(f"data_path: the model reads {model.n_inputs} column(s), "
-                         f"{data_path or config.data} has {ss.num_columns}")
-    if data_path is None:
-        scaler = Scaler.from_state(ckpt["extra"]["scaler"])
+    (default: the run's data): ``{"series", "step", "column", "forecast"}`` rows, plus ``date``
+    when the series has dates and ``q<level>`` per quantile level of a probabilistic model.
+    A model with ``future_covariates`` reads their values from the last ``horizon`` rows of each
+    series in ``data_path`` (targets blank there)."""
+    config, ckpts = _rebuild(out_dir)
+    saved = _saved(ckpts[0])
+    h = int(saved["horizon"])
+    if config.future_covariates:
+        if data_path is None:
+            raise ValueError(f"data_path: this model reads future values of "
+                             f"{', '.join(config.future_covariates)}; give a CSV whose last {h} "
+                             "rows per series hold them (targets blank)")
+        ss = _load(config, data_path, future_rows=h)
     else:
-        scaler = Scaler(config.scaler, config.log).fit(ss.series, ss.lengths)
-    h = setup.horizon
-    # windows whose (unknown) targets are the h steps after each series' end
-    padded = [np.concatenate([scaler.transform(s, i), np.zeros((h, ss.num_columns))])
-              for i, s in enumerate(ss.series)]
+        ss = _load(config, data_path)
+    setup = _Setup(config, ss, saved=saved)
+    _check_columns(setup, ckpts[0], data_path or config.data, "data_path")
+    models = [_restored_model(config, setup, c) for c in ckpts]
+    if data_path is None:
+        scaler = Scaler.from_state(ckpts[0]["extra"]["scaler"])
+    else:
+        scaler = Scaler(config.scaler, value_transform=config.value_transform()).fit(
+            ss.series, ss.lengths)
+    padded = []
+    for i, s in enumerate(ss.series):
+        fut = np.zeros((h, ss.num_columns))
+        if ss.future:
+            fut = np.asarray(ss.future[i], np.float64).copy()
+            cols = [ss.columns.index(c) for c in config.future_covariates]
+            if not np.isfinite(fut[:, cols]).all():
+                raise ValueError(f"data_path: series {ss.ids[i]!r} leaves a future value of "
+                                 f"{', '.join(config.future_covariates)} blank in its last {h} "
+                                 "rows")
+            fut[~np.isfinite(fut)] = 1.0  # blank targets: never read (zeroed in the windows)
+            fut = scaler.transform(np.where(np.isfinite(fut), fut, 1.0), i)
+        padded.append(np.concatenate([scaler.transform(s, i), fut]))
+    extra = setup.extra(ss, future_steps=h)
+    if extra is not None:
+        padded = [np.concatenate([z, e], axis=1) for z, e in zip(padded, extra, strict=True)]
     w = make_windows(padded, setup.lookback, h, [(len(s), len(s) + h) for s in ss.series],
-                     target=model.target, min_lookback=1)
-    z = forecast_windows(model, w)
+                     target=models[0].target, min_lookback=1)
+    z, zq = ensemble_forecast(models, w, setup.levels)
     rows = []
     for k, i in enumerate(w.series):
-        pos = [model.target.index(c) for c in ss.target]
+        pos = [models[0].target.index(c) for c in ss.target]
         f = scaler.inverse(z[k][:, pos], i, ss.target)
+        q = None if zq is None else scaler.inverse(zq[k][:, pos], i, ss.target)
+        idx = ss.index[i]
+        dates = None
+        if np.issubdtype(np.asarray(idx).dtype, np.datetime64):
+            dates = (ss.future_index[i] if ss.future_index else
+                     future_index(idx, setup.freq, h))
         for step in range(h):
             for j, c in enumerate(ss.target):
-                rows.append({"series": ss.ids[i], "step": step + 1, "column": ss.columns[c],
-                             "forecast": float(f[step, j])})
+                row = {"series": ss.ids[i], "step": step + 1, "column": ss.columns[c]}
+                if dates is not None:
+                    row["date"] = str(np.datetime_as_string(np.asarray(dates)[step], unit="s"))
+                row["forecast"] = float(f[step, j])
+                if q is not None:
+                    for lv, v in zip(setup.levels, q[step, j], strict=True):
+                        row[f"q{lv:g}"] = float(v)
+                rows.append(row)
     return rows
 
 
 def plot_forecasts(ss: SeriesSet, forecasts, baselines: dict, test_start, path, title: str,
-                   max_series: int = 6) -> None:
+                   max_series: int = 6, *, quantiles=None, levels=(), series=None) -> None:
     """Forecast against actuals: the history before the test part, the actual test part, the
-    model's forecast and each baseline's, for the first target column of up to ``max_series``
-    series."""
+    model's forecast (its central intervals shaded) and each baseline's, for the first target
+    column of up to ``max_series`` series (``series[k]``: which series forecast ``k`` is of)."""
     plt = base.pyplot()
     n = min(len(forecasts), max_series)
     fig, axes = plt.subplots(n, 1, figsize=(8, 2.8 * n), squeeze=False)
     c = ss.target[0]
+    pairs = interval_pairs(levels) if quantiles is not None else []
     for k in range(n):
         ax = axes[k, 0]
+        i = k if series is None else series[k]
         t = int(test_start[k])
-        idx, y = ss.index[k], ss.series[k][:, c]
-        lo = max(0, t - 4 * len(forecasts[k]))
-        ax.plot(idx[lo:], y[lo:], color="black", lw=1.2, label="actual")
-        ax.plot(idx[t:], forecasts[k][:, 0], color="C3", lw=1.8, label="model")
+        h = len(forecasts[k])
+        idx, y = ss.index[i], ss.series[i][:, c]
+        lo = max(0, t - 4 * h)
+        ax.plot(idx[lo:t + h], y[lo:t + h], color="black", lw=1.2, label="actual")
+        for lo_i, hi_i, L in sorted(pairs, key=lambda p: -p[2]):
+            ax.fill_between(idx[t:t + h], quantiles[k][:, 0, lo_i], quantiles[k][:, 0, hi_i],
+                            color="C3", alpha=0.15 + 0.15 * (L < 80), lw=0, label=f"{L}%")
+        ax.plot(idx[t:t + h], forecasts[k][:, 0], color="C3", lw=1.8, label="model")
         for j, (name, fcs) in enumerate(baselines.items()):
-            ax.plot(idx[t:], fcs[k][:, 0], lw=1, ls="--", color=f"C{j}", label=name)
+            ax.plot(idx[t:t + h], fcs[k][:, 0], lw=1, ls="--", color=f"C{j}", label=name)
         ax.axvline(idx[t], color="grey", lw=0.8, ls=":")
-        ax.set_title(f"{ss.ids[k]} - {ss.columns[c]}", fontsize=9)
+        ax.set_title(f"{ss.ids[i]} - {ss.columns[c]}", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7, ncol=3)
     fig.suptitle(title, fontsize=10)
