@@ -14,7 +14,7 @@ from gyre import bench
 from gyre.bench import cases
 
 TINY = ["--quick", "--shapes", "5,2,3,4", "--stream-steps", "3", "--threads", "1",
-        "--min-window", "0", "--max-case-seconds", "0.05"]
+        "--min-window", "0", "--max-case-seconds", "0.05", "--long-lengths", "8,16"]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +42,28 @@ def test_quick_run_json_structure(quick_run):
     assert impls[:3] == ["torch", "eager", "auto"] and set(bench.gyre_backends()) <= set(impls)
     got = {(r["cell"], r["mode"], r["impl"]) for r in rec["results"]}
     for cell in ("rnn", "lstm", "gru", "peephole", "mingru"):
-        for mode in ("fwd", "train", "stream"):
+        for mode in ("fwd", "train", "train-params", "stream"):
             for impl in ("torch", "eager", "auto"):
                 assert (cell, mode, impl) in got, (cell, mode, impl)
+    # each shape also has the 2-layer bidirectional LSTM, against torch's own 2-layer one
+    stacked = [r for r in rec["results"] if r.get("layers") == 2]
+    assert {(r["mode"], r["impl"]) for r in stacked} >= {
+        (m, i) for m in ("fwd", "train", "train-params") for i in ("torch", "auto", "fused")}
+    assert all(r["bidirectional"] and r["mode"] != "stream" for r in stacked)
+    one = next(r for r in rec["results"] if r["cell"] == "lstm" and r["impl"] == "torch"
+               and r["mode"] == "fwd" and "layers" not in r)
+    two = next(r for r in stacked if r["impl"] == "torch" and r["mode"] == "fwd")
+    # 2 directions of layer 1 (I=3) + 2 of layer 2 (input 2H=8) over one direction of layer 1
+    assert two["min_s"] * two["gflops_per_s"] == pytest.approx(
+        one["min_s"] * one["gflops_per_s"] * (2 * (3 + 4) + 2 * (8 + 4)) / (3 + 4))
+    # the long section: every implementation at each length, with its peak memory
+    long = {(r["cell"], r["impl"], r["T"]) for r in rec["long"]}
+    for cell, impl in cases.LONG_IMPLS:
+        for T in (8, 16):
+            assert (cell, impl, T) in long
+    for r in rec["long"]:
+        assert r["min_s"] > 0 and r["gflops_per_s"] > 0 and (r["B"], r["I"], r["H"]) == (2, 16, 16)
+        assert r["peak_bytes"] is None or r["peak_bytes"] >= 0
     assert ("mingru", "train", "scan") in got and ("lstm", "fwd", "native") in got
     assert ("peephole", "fwd", "native") not in got  # native cannot run it: not timed
     for r in rec["results"]:
@@ -80,7 +99,7 @@ def test_every_timed_gyre_layer_equals_torch(quick_run):
             assert c["against"].startswith("none")  # the eager loop is the reference itself
             continue
         assert c["out_max_abs_err"] <= 1e-5, r
-        if r["mode"] == "train":
+        if r["mode"] in ("train", "train-params"):
             assert c["grad_max_rel_err"] <= 1e-5, r
         if r["mode"] == "stream":
             assert c["state_max_abs_err"] <= 1e-5, r
@@ -99,6 +118,31 @@ def test_check_catches_a_wrong_layer():
     assert c["out_max_abs_err"] > 1e-3 and c["grad_max_rel_err"] > 1e-3
 
 
+def test_train_mode_computes_the_input_gradient():
+    m = cases.build("lstm", "fused", 3, 4)
+    x = cases.inputs(5, 2, 3)
+    seen = []
+    m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].requires_grad))
+    cases.make_fn(m, "train", x)()
+    cases.make_fn(m, "train-params", x)()
+    assert seen == [True, False]
+    # the input's gradient is part of the check in train mode: a layer that gets it wrong fails
+    twin = cases.build("lstm", "fused", 3, 4)
+    assert cases.check("lstm", twin, "train", x)["grad_max_rel_err"] < 1e-5
+    with torch.no_grad():
+        twin.weight_ih_l0[0, 0] += 0.5
+        twin.bias_ih_l0[0] -= 0.5  # changes the input gradient; the weight's only through it
+    assert cases.check("lstm", twin, "train", x)["grad_max_rel_err"] > 1e-3
+
+
+def test_peak_memory_sees_a_big_allocation():
+    from gyre.bench import harness
+
+    peak = harness.peak_memory(lambda: torch.ones(64, 2**20 // 4).sum())  # 64 MiB held at once
+    if peak is not None:  # None where /proc/self/clear_refs is not there
+        assert 60 * 2**20 <= peak < 200 * 2**20
+
+
 def test_markdown_from_json(quick_run, tmp_path):
     _, rec, d = quick_run
     out = bench.write_markdown(d / "run.json", tmp_path / "BENCHMARKS.md")
@@ -108,17 +152,22 @@ def test_markdown_from_json(quick_run, tmp_path):
     assert "## sgemm ceiling" in text and "## Targets" in text and "## Numerics" in text
     for cell in ("rnn", "lstm", "gru", "peephole", "mingru"):
         assert f"| {cell} | train | 5,2,3,4 |" in text
+        assert f"| {cell} | train-params | 5,2,3,4 |" in text
+    assert "| lstm 2L-bi | train | 5,2,3,4 | LSTM |" in text
+    assert "## Long sequences" in text and "| mingru | scan | scan | 16 |" in text
     # a gyre layer's ratio is to the torch time from its own window, not the torch row's
     for r in rec["results"]:
-        if r["impl"] == "auto" and r["mode"] == "train" and r["cell"] == "lstm":
+        if r["impl"] == "auto" and r["mode"] == "train" and r["cell"] == "lstm" \
+                and "layers" not in r:
             row = next(line for line in text.splitlines() if line.startswith("| lstm | train |"))
             want = f"[{r['min_s'] / r['torch_paired_min_s']:.2f}x]"
             assert want in row.split("|")[7], (want, row)  # the auto column
     # a target row whose auto ran torch's own kernel says so
     for r in rec["results"]:
-        if r["impl"] == "auto" and r["cell"] in ("rnn", "lstm", "gru") and r["mode"] != "stream":
-            row = next(line for line in text.splitlines()
-                       if line.startswith(f"| <= 1.0x torch.nn | {r['cell']} {r['mode']} 5,2,3,4 |"))
+        targeted = {"rnn": ("fwd",), "lstm": ("fwd", "train"), "gru": ("fwd", "train")}
+        if r["impl"] == "auto" and r["mode"] in targeted.get(r["cell"], ()) and "layers" not in r:
+            row = next(line for line in text.splitlines() if line.startswith("| <= ")
+                       and f" | {r['cell']} {r['mode']} 5,2,3,4 |" in line)
             assert ("torch's own kernel" in row) == (r["backend"] == "native"), row
     assert (d / "RUN.md").read_text().startswith("# gyre benchmarks")
     # latest() picks the newest run by its recorded date

@@ -13,8 +13,8 @@ from gyre.tasks import base, classify
 
 
 def _quick(tmp_path, **kw):
-    opts = dict(out=str(tmp_path / "run"), epochs=3, hidden=32, dtw=False, progress=False,
-                tensorboard=False, device="cpu")
+    opts = dict(out=str(tmp_path / "run"), epochs=3, hidden=32, dtw=False, minirocket=False,
+                progress=False, tensorboard=False, device="cpu")
     opts.update(kw)
     return classify.Config(**opts)
 

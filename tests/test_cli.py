@@ -25,7 +25,8 @@ def italy_csv(tmp_path_factory):
     return path
 
 
-FAST = ["--hidden", "8", "--no-dtw", "--no-progress", "--no-tensorboard", "--device", "cpu"]
+FAST = ["--hidden", "8", "--no-dtw", "--no-minirocket", "--no-progress", "--no-tensorboard",
+        "--device", "cpu"]
 
 
 def test_train_resume_eval_predict_on_a_user_csv(tmp_path, italy_csv, capsys):
@@ -89,7 +90,7 @@ def test_bad_options_give_one_clear_error(argv, match, capsys):
 
 @pytest.mark.parametrize("argv", [["train", "classify", "--hidden", "x"],
                                   ["train", "classify", "--no-such-flag"],
-                                  ["train", "regress"], ["train", "classify", "--resume"],
+                                  ["train", "nosuchtask"], ["train", "classify", "--resume"],
                                   ["train", "classify", "--threads", "0"],
                                   ["eval", "somewhere", "--threads", "two"]])
 def test_argparse_errors_exit_2(argv, capsys):

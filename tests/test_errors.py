@@ -104,9 +104,9 @@ def test_device_mismatch(lstm):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(hidden_size=0), r"hidden_size: got 0, expected an int >= 1"),
-    (dict(num_layers=0), r"num_layers: got 0, expected an int >= 1"),
-    (dict(dropout=1.5), r"dropout: got 1.5, expected a number in \[0, 1\)"),
+    (dict(hidden_size=0), r"hidden_size must be greater than zero, got 0"),
+    (dict(num_layers=0), r"num_layers must be greater than zero, got 0"),
+    (dict(dropout=1.5), r"dropout should be a number in range \[0, 1\] .*got 1.5"),
     (dict(recurrent_dropout=-0.1), r"recurrent_dropout: got -0.1"),
     (dict(zoneout=(0.1, 0.2, 0.3)), r"zoneout: got 3 rates, expected 1 or 2"),
     (dict(backend="cuda"), r"backend: got 'cuda', expected one of auto"),

@@ -1,10 +1,16 @@
 """The ``gyre`` command line.
 
-    gyre train classify|forecast [--data NAME|PATH] [--cell NAME] [--hidden N] [--layers N]
+    gyre train classify|forecast|regress [--data NAME|PATH] [--cell NAME] [--hidden N] [--layers N]
                                  [--bidirectional] [--epochs N] [--seed N] [--out DIR]
                                  [--config FILE.toml] [--resume] [--device auto|cpu|cuda] ...
     gyre eval DIR [--data NAME|PATH] [--threads N]
     gyre predict DIR DATA_PATH [--output FILE.csv] [--threads N]
+    gyre explain DIR [--method ig|shap|lime|occlusion] [--samples N] [--data NAME|PATH]
+    gyre export DIR [--format onnx] [--output FILE.onnx] [--opset N]
+    gyre predict DIR DATA_PATH --runtime onnxruntime
+    gyre serve DIR [--host 127.0.0.1] [--port N] [--max-batch N] [--max-wait-ms MS] ...
+    gyre prune DIR [--sparsity 0,0.25,0.5,0.75,0.9] [--structured] [--epochs N]
+    gyre quantize DIR [--threads N]
     gyre data list
     gyre bench ...
 
@@ -32,20 +38,23 @@ from pathlib import Path
 from . import tasks as _tasks
 
 
-class _Parser(argparse.ArgumentParser):
-    pass
-
-
 def _list_of_str(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def _task_parser(task: str, module) -> argparse.ArgumentParser:
+    from .tasks import base
     cls = module.Config
-    p = _Parser(prog=f"gyre train {task}", description=(cls.__doc__ or "").split("\n")[0],
-                argument_default=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(prog=f"gyre train {task}",
+                                description=base.plain((cls.__doc__ or "").strip().split("\n\n")[0]),
+                                argument_default=argparse.SUPPRESS)
+    docs = base.field_help(cls)
     p.add_argument("--config", metavar="FILE.toml", help="read fields from a TOML file")
     _add_threads(p)
+    p.add_argument("--nproc", type=_threads, metavar="N", default=None,
+                   help="train data parallel in N processes on this machine (starts torchrun's "
+                        "launcher; each process gets --threads, default cores/N threads); for "
+                        "several machines run torchrun yourself (README)")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue the run in --out from its checkpoint (its config.toml is the "
                         "base; flags given here override it; a new --epochs extends or shortens "
@@ -56,15 +65,16 @@ def _task_parser(task: str, module) -> argparse.ArgumentParser:
         t = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = docs.get(f.name, "")
         if t is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           help=f"(default: {str(default).lower()})")
+                           help=f"{text} (default: {str(default).lower()})")
         elif t == list[str]:
             p.add_argument(flag, dest=f.name, type=_list_of_str, metavar="A,B",
-                           help=f"comma separated (default: {','.join(default) or 'none'})")
+                           help=f"{text}; comma separated (default: {','.join(default) or 'none'})")
         else:
             p.add_argument(flag, dest=f.name, type=t, metavar=t.__name__.upper(),
-                           help=f"(default: {default!r})")
+                           help=f"{text} (default: {default!r})".replace("%", "%%"))
     return p
 
 
@@ -90,11 +100,14 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _build_config(task: str, module, argv: list[str]):
+def _build_config(task: str, module, argv: list[str], launch: dict | None = None):
     from .tasks import base
     parser = _task_parser(task, module)
     ns = vars(parser.parse_args(argv))
-    _set_threads(ns.pop("threads", None))
+    threads, nproc = ns.pop("threads", None), ns.pop("nproc", None)
+    if launch is not None:
+        launch.update(threads=threads, nproc=nproc)
+    _set_threads(threads)
     config_file = ns.pop("config", None)
     resume = ns.pop("resume", False)
     if resume:
@@ -110,11 +123,61 @@ def _build_config(task: str, module, argv: list[str]):
     return base.config_from_dict(module.Config, ns, source="flags"), resume
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = i + 1 < len(argv)
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _launch(task: str, argv: list[str], nproc: int, threads: int | None) -> int:
+    """``gyre train TASK --nproc N``: torchrun's launcher starts N processes of
+    ``python -m gyre train TASK ...`` on this machine (``--standalone``: a local rendezvous on a
+    free port), each with ``threads`` intra-op threads (default: the cores divided by N)."""
+    import os
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+    per = threads or max(1, (os.cpu_count() or 1) // nproc)
+    os.environ["OMP_NUM_THREADS"] = str(per)
+    print(f"gyre: data parallel, {nproc} processes on this machine, {per} thread(s) each",
+          file=sys.stderr)
+    rest = _without_nproc(argv)
+    if threads is None:
+        rest += ["--threads", str(per)]
+    try:
+        run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "gyre",
+                        "train", task, *rest]))
+    except ChildFailedError as e:
+        failures = ", ".join(f"rank {r}: exit {f.exitcode}" for r, f in sorted(e.failures.items()))
+        print(f"gyre: error: the distributed run failed ({failures}); see the processes' "
+              "messages above", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_train(task: str, argv: list[str]) -> int:
     from .tasks import base
+    from .train import distributed
     module = _tasks.get(task)
-    config, resume = _build_config(task, module, argv)
-    metrics = module.train(config, resume=resume)
+    launch: dict = {}
+    config, resume = _build_config(task, module, argv, launch)
+    if launch["nproc"] and launch["nproc"] > 1 and distributed.env_world_size() <= 1:
+        return _launch(task, argv, launch["nproc"], launch["threads"])
+    if distributed.init_from_env(config.device):
+        try:
+            metrics = module.train(config, resume=resume)
+        finally:
+            distributed.shutdown()
+    else:
+        metrics = module.train(config, resume=resume)
+    if metrics.get("rank", 0):
+        return 0
     if metrics.get("interrupted"):
         print(f"gyre: interrupted; checkpoint saved in {metrics['out']}. Continue with: "
               f"gyre train {task} --out {metrics['out']} --resume", file=sys.stderr)
@@ -149,7 +212,22 @@ def _cmd_eval(args) -> int:
 def _cmd_predict(args) -> int:
     _set_threads(args.threads)
     task = _task_of(args.dir)
-    rows = _tasks.get(task).predict(args.dir, args.data_path)
+    if args.output:
+        parent = Path(args.output).resolve().parent
+        if not parent.is_dir():
+            raise FileNotFoundError(f"--output: the directory {str(parent)!r} of "
+                                    f"{args.output!r} does not exist; create it first")
+        if Path(args.output).is_dir():
+            raise ValueError(f"--output: {args.output!r} is a directory, expected a CSV file path")
+    predict = _tasks.get(task).predict
+    if args.runtime == "torch":
+        rows = predict(args.dir, args.data_path)
+    else:
+        import inspect
+        if "runtime" not in inspect.signature(predict).parameters:
+            raise ValueError(f"runtime: task {task!r} predicts with torch only; got "
+                             f"{args.runtime!r}")
+        rows = predict(args.dir, args.data_path, runtime=args.runtime)
     out = open(args.output, "w", newline="") if args.output else sys.stdout
     try:
         if rows:
@@ -162,6 +240,101 @@ def _cmd_predict(args) -> int:
     if args.output:
         print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
     return 0
+
+
+def _cmd_explain(args) -> int:
+    from .explain import explain_run
+    _set_threads(args.threads)
+    summary = explain_run(args.dir, method=args.method, samples=args.samples, data=args.data)
+    share = ", ".join(f"{c} {v:.2f}" for c, v in list(summary["channel_share"].items())[:8])
+    print(f"{summary['method']} attributions of {summary['sequences']} sequences "
+          f"({summary.get('explained', '')}); share per channel: {share}")
+    if "deletion" in summary:
+        d = summary["deletion"]
+        print("deletion curve (accuracy): " + "; ".join(
+            f"{f:.0%} steps: top {t:.3f} random {r:.3f}"
+            for f, t, r in zip(d["fractions"], d["top"], d["random"], strict=True)))
+    print(f"wrote {Path(args.dir) / 'explain'}: {', '.join(summary['files'])}")
+    return 0
+
+
+def _load_run(out_dir: str):
+    """``(task name, config, model, extra)`` of a run directory, through its task's load_run."""
+    task = _task_of(out_dir)
+    module = _tasks.get(task)
+    if not hasattr(module, "load_run"):
+        raise ValueError(f"task {task!r} has no load_run(out_dir); its runs cannot be exported")
+    config, model, extra = module.load_run(out_dir)
+    return task, config, model, extra
+
+
+def _cmd_export(args) -> int:
+    from . import export
+    _set_threads(args.threads)
+    _, _, model, _ = _load_run(args.dir)
+    out = Path(args.output) if args.output else Path(args.dir) / "model.onnx"
+    export.onnx(model, out, lengths=True, opset=args.opset)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from .serve import Streamer, StreamServer, serve
+    _set_threads(args.threads)
+    task, _, model, extra = _load_run(args.dir)
+    io = getattr(_tasks.get(task), "stream_io", None)
+    transform_in, transform_out = io(model, extra) if io else (None, None)
+    streamer = Streamer(model, max_streams=args.max_streams, max_batch=args.max_batch,
+                        idle_timeout=args.idle_timeout, input=transform_in, output=transform_out)
+    server = StreamServer(streamer, max_wait=args.max_wait_ms / 1000, max_queue=args.max_queue)
+    print(f"gyre serve: {args.dir} on http://{args.host}:{args.port} ({task}, "
+          f"{streamer.input_size} features per step)", file=sys.stderr)
+    serve(server, args.host, args.port)
+    return 0
+
+
+def _cmd_prune(args) -> int:
+    from . import prune
+    _set_threads(args.threads)
+    task = _task_of(args.dir)
+    rows = prune.prune_run(_tasks.get(task), args.dir, args.sparsity,
+                           structured_units=args.structured, epochs=args.epochs, dest=args.out)
+    skip = ("kind", "run")
+    cols = [c for c in rows[0] if c not in skip]
+    print("  ".join(c.rjust(15) for c in cols))
+    for r in rows:
+        print("  ".join((f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c])).rjust(15)
+                        for c in cols))
+    kind = rows[0]["kind"]
+    print(f"table, plot and pruned runs in {args.out or Path(args.dir) / 'prune'} "
+          f"(prune-{kind}.md, prune-{kind}.png)", file=sys.stderr)
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from . import quantize
+    _set_threads(args.threads)
+    task = _task_of(args.dir)
+    res = quantize.quantize_run(_tasks.get(task), args.dir, threads=args.threads)
+    cols = list(next(iter(res["rows"].values())))
+    print("".ljust(20) + "".join(c.rjust(14) for c in cols))
+    for name, r in res["rows"].items():
+        print(name.ljust(20) + "".join(f"{r[c]:.4f}".rjust(14) for c in cols))
+    print(f"int8 vs fp32 in onnxruntime: {res['speedup_int8_vs_onnx_fp32']}x faster; files "
+          f"{res['fp32_file_bytes']} -> {res['int8_file_bytes']} bytes; written to "
+          f"{Path(args.dir) / 'quantize.json'}, model.int8.onnx")
+    return 0
+
+
+def _sparsities(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected numbers in [0, 1), comma "
+                                         "separated") from None
+    if not vals or any(not 0 <= v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected numbers in [0, 1)")
+    return vals
 
 
 def _cmd_data_list() -> int:
@@ -188,16 +361,13 @@ def _cmd_bench(argv: list[str]) -> int:
         raise ValueError("bench: gyre.bench is not part of this install") from None
     entry = getattr(bench, "main", None)
     if entry is None:
-        try:
-            entry = importlib.import_module("gyre.bench.cli").main
-        except ModuleNotFoundError:
-            raise ValueError("bench: gyre.bench has no main(argv) entry point") from None
+        raise ValueError("bench: gyre.bench has no main(argv) entry point")
     rc = entry(argv)
     return int(rc or 0)
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gyre", description="Recurrent networks on PyTorch: train, evaluate, "
+    p = argparse.ArgumentParser(prog="gyre", description="Recurrent networks on PyTorch: train, evaluate, "
                 "predict, benchmark.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train a task (gyre train TASK --help for its flags)",
@@ -212,7 +382,52 @@ def _top_parser() -> argparse.ArgumentParser:
     pr.add_argument("dir", help="run directory written by gyre train")
     pr.add_argument("data_path", help="CSV or NPZ file")
     pr.add_argument("--output", "-o", default=None, help="CSV file to write (default: stdout)")
+    pr.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                    help="run the model in torch (default) or its exported model.onnx in "
+                         "onnxruntime (write it with gyre export)")
     _add_threads(pr)
+    x = sub.add_parser("explain", help="attributions, state and gate maps of a trained run "
+                       "(needs gyre[explain])")
+    x.add_argument("dir", help="run directory written by gyre train (classify or forecast)")
+    x.add_argument("--method", default="ig", help="ig (Integrated Gradients), shap (Kernel "
+                   "SHAP), lime or occlusion (default: ig)")
+    x.add_argument("--samples", type=_threads, default=8, metavar="N",
+                   help="explain the first N test sequences (default: 8)")
+    x.add_argument("--data", default=None, help="dataset name or file (default: the run's)")
+    _add_threads(x)
+    ex = sub.add_parser("export", help="export a trained run (model and head) to ONNX")
+    ex.add_argument("dir", help="run directory written by gyre train")
+    ex.add_argument("--format", choices=["onnx"], default="onnx", help="(default: onnx)")
+    ex.add_argument("--output", "-o", default=None, help="file to write (default: DIR/model.onnx)")
+    ex.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 to 20 (default: 17)")
+    _add_threads(ex)
+    sv = sub.add_parser("serve", help="serve a trained run to many concurrent streams (HTTP)")
+    sv.add_argument("dir", help="run directory written by gyre train")
+    sv.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8080, help="(default: 8080)")
+    sv.add_argument("--max-batch", type=int, default=1024,
+                    help="most streams stepped in one batched call (default: 1024)")
+    sv.add_argument("--max-wait-ms", type=float, default=2.0,
+                    help="how long a batch waits for more streams' steps (default: 2 ms)")
+    sv.add_argument("--max-streams", type=int, default=4096, help="open streams at most")
+    sv.add_argument("--max-queue", type=int, default=65536,
+                    help="steps queued at most; a request beyond gets 503 (default: 65536)")
+    sv.add_argument("--idle-timeout", type=float, default=300.0,
+                    help="seconds without a step before a stream is evicted (default: 300)")
+    _add_threads(sv)
+    pn = sub.add_parser("prune", help="magnitude-prune a trained run, fine-tune, and tabulate")
+    pn.add_argument("dir", help="run directory written by gyre train (classify)")
+    pn.add_argument("--sparsity", type=_sparsities, default=[0.0, 0.25, 0.5, 0.75, 0.9],
+                    help="one or more, comma separated (default: 0,0.25,0.5,0.75,0.9)")
+    pn.add_argument("--structured", action="store_true",
+                    help="remove whole hidden units (a smaller hidden size) instead of weights")
+    pn.add_argument("--epochs", type=int, default=3, help="fine-tune epochs (default: 3)")
+    pn.add_argument("--out", default=None, help="where the pruned runs go (default: DIR/prune)")
+    _add_threads(pn)
+    qz = sub.add_parser("quantize", help="int8 (dynamic, per channel) of a run's ONNX export; "
+                        "metric and speed before and after")
+    qz.add_argument("dir", help="run directory written by gyre train (classify)")
+    _add_threads(qz)
     d = sub.add_parser("data", help="datasets")
     d.add_argument("action", choices=["list"], help="list: what is available offline")
     b = sub.add_parser("bench", help="benchmark layers against torch.nn (gyre.bench)",
@@ -240,6 +455,16 @@ def main(argv: list[str] | None = None) -> int:
         return _run(parser, lambda: _cmd_eval(args))
     if args.command == "predict":
         return _run(parser, lambda: _cmd_predict(args))
+    if args.command == "explain":
+        return _run(parser, lambda: _cmd_explain(args))
+    if args.command == "quantize":
+        return _run(parser, lambda: _cmd_quantize(args))
+    if args.command == "prune":
+        return _run(parser, lambda: _cmd_prune(args))
+    if args.command == "serve":
+        return _run(parser, lambda: _cmd_serve(args))
+    if args.command == "export":
+        return _run(parser, lambda: _cmd_export(args))
     if args.command == "data":
         return _run(parser, _cmd_data_list)
     parser.error(f"unknown command {args.command!r}")
@@ -249,13 +474,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(parser: argparse.ArgumentParser, fn) -> int:
     import os
 
+    from .extras import MissingExtraError
     from .train import NonFiniteLossError
     try:
         return fn()
     except NonFiniteLossError as e:
         print(f"gyre: training stopped: {e}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, MissingExtraError) as e:
         if os.environ.get("GYRE_DEBUG"):
             raise
         print(f"gyre: error: {e}", file=sys.stderr)

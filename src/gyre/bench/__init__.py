@@ -34,11 +34,13 @@ import torch
 from .. import engine
 from ..engine.fused import stream as fused_stream
 from . import cases, harness, report
-from .cases import CELLS, MODES, SHAPES, STREAM_SHAPE
+from .cases import CELLS, LONG_LENGTHS, MODES, SHAPES, STACKS, STREAM_SHAPE
 from .harness import Timing
 
 RESULTS_DIR = Path("benchmarks/results")
 QUICK_SHAPES = ((20, 4, 16, 32),)
+QUICK_LONG = ((64, 128), (2, 16, 16))  # lengths, (B, I, H) of the long section in a quick run
+ALL_MODES = (*MODES, "stream", "long")
 
 
 def gyre_backends() -> list[str]:
@@ -50,9 +52,12 @@ def gyre_backends() -> list[str]:
 def run(
     cells: Sequence[str] = CELLS,
     shapes: Sequence[tuple[int, int, int, int]] = SHAPES,
-    modes: Sequence[str] = (*MODES, "stream"),
+    modes: Sequence[str] = ALL_MODES,
     backends: Sequence[str] = (),
     *,
+    stacks: Sequence[tuple[str, int, bool]] = STACKS,
+    long_lengths: Sequence[int] = LONG_LENGTHS,
+    long_shape: tuple[int, int, int] = cases.LONG_SHAPE,
     threads: int = 2,
     stream_steps: int = 1000,
     timing: Timing | None = None,
@@ -65,6 +70,10 @@ def run(
     """Run the benchmark; returns the JSON-ready record (see the module docstring).
 
     ``backends``: gyre backends to time besides ``auto`` (see :func:`gyre_backends`).
+    ``stacks``: ``(cell, layers, bidirectional)`` configurations also timed at every shape in
+    ``fwd``/``train``/``train-params`` (of ``cells`` only). ``long``: forward+backward with the
+    input's gradient and peak memory at each of ``long_lengths`` at ``long_shape`` ``(B, I, H)``
+    (:data:`gyre.bench.cases.LONG_IMPLS`), timed alone (each call takes seconds).
     ``check``: compare every timed gyre layer with torch / the eager loop (same weights).
     ``wait_quiet``: before each group of cases wait up to this many seconds for the rest of the
     machine to go idle (each case records the CPU share other processes took while it ran).
@@ -80,9 +89,12 @@ def run(
                  "spec": {"cells": list(cells), "shapes": [list(s) for s in shapes],
                           "modes": list(modes), "impls": impls, "stream_shape": list(STREAM_SHAPE),
                           "stream_steps": stream_steps, "timing": vars(timing),
+                          "stacks": [list(st) for st in stacks],
+                          "long_lengths": list(long_lengths), "long_shape": list(long_shape),
                           "flops": "fwd 2*T*B*G*H*(I+H) (G=4 LSTM, 3 GRU, 1 RNN; minGRU/minLSTM "
-                                   "no H term; rnn_output + 2*T*B*H*H); train 3x fwd"}},
-        "gemm": [], "results": [], "errors": [],
+                                   "no H term; rnn_output + 2*T*B*H*H), summed over the "
+                                   "layers and directions of a stack; train 3x fwd"}},
+        "gemm": [], "results": [], "long": [], "errors": [],
     }
     noise = harness.CpuNoise()
     try:
@@ -96,13 +108,20 @@ def run(
                 log(f"[gemm] {g['gemm']}: {g['gflops_per_s']:.1f} GFLOP/s")
         torch_cache: dict[tuple, dict] = {}
         for mode in modes:
+            if mode == "long":
+                continue
             mode_shapes = [STREAM_SHAPE] if mode == "stream" else list(shapes)
+            configs = [(c, 1, False) for c in cells]
+            if mode != "stream":
+                configs += [st for st in stacks if st[0] in cells]
             for shape in mode_shapes:
-                for cell in cells:
+                for cell, layers, bidir in configs:
                     if wait_quiet:
                         harness.wait_quiet(wait_quiet, log=log)
                     _run_case(record, torch_cache, cell, mode, shape, impls, timing,
-                              stream_steps, check, log)
+                              stream_steps, check, log, layers, bidir)
+        if "long" in modes:
+            _run_long(record, long_lengths, long_shape, timing, wait_quiet, log)
     finally:
         torch.set_num_threads(prev_threads)
     record["noise"] = noise.result()
@@ -113,13 +132,17 @@ def run(
     return record
 
 
-def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_steps, check, log):
+def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_steps, check, log,
+              layers=1, bidir=False):
     T, B, I, H = shape
     steps = stream_steps if mode == "stream" else None
     x = cases.inputs(steps if mode == "stream" else T, B, I)
-    flops = cases.flops_fwd(cell, T, B, I, H) * (3.0 if mode == "train" else 1.0)
+    train = 3.0 if mode in cases.TRAIN_MODES else 1.0
+    flops = cases.flops_stack(cell, T, B, I, H, layers, bidir) * train
     timed_backend: dict[str, dict] = {}  # gyre backend -> its record, so no backend runs twice
     base = {"cell": cell, "mode": mode, "T": T, "B": B, "I": I, "H": H}
+    if layers > 1 or bidir:
+        base.update(layers=layers, bidirectional=bidir)
     if mode == "stream":
         base["steps"] = steps
     base_fn = None  # the torch layer of the case, timed in alternation with each gyre layer
@@ -129,11 +152,11 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
             if impl == "torch":
                 cls = cases.torch_class(cell)
                 rec["layer"] = f"torch.nn.{cls.__name__}"
-                key = (cls, mode, shape)
+                key = (cls, mode, shape, layers, bidir)
                 if key not in torch_cache:
-                    m = cases.build(cell, "torch", I, H)
-                    fl = cases.flops_fwd(cls.__name__.lower(), T, B, I, H)
-                    fl *= 3.0 if mode == "train" else 1.0
+                    m = cases.build(cell, "torch", I, H, layers=layers, bidirectional=bidir)
+                    fl = cases.flops_stack(cls.__name__.lower(), T, B, I, H, layers, bidir)
+                    fl *= train
                     torch_cache[key] = (_time(m, mode, x, timing, fl, steps),
                                         cases.make_fn(m, mode, x))
                 rec.update(torch_cache[key][0])
@@ -152,7 +175,7 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
                                 if k in same})
                     rec["same_as"] = same["impl"]
                 else:
-                    m = cases.build(cell, impl, I, H)
+                    m = cases.build(cell, impl, I, H, layers=layers, bidirectional=bidir)
                     if check and (cell in cases.TORCH_EXACT or backend != "reference"):
                         rec["check"] = cases.check(cell, m, mode, x)
                     elif check:  # the eager loop of a cell torch lacks is itself the reference
@@ -167,6 +190,47 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
             continue
         record["results"].append(rec)
         log(_line(rec))
+
+
+def _run_long(record, lengths, shape, timing, wait_quiet, log) -> None:
+    """The long-sequence section: forward+backward (input gradient included) of each of
+    :data:`~gyre.bench.cases.LONG_IMPLS` at every length, its peak memory and GFLOP/s (FLOPs
+    from the cell's parameter specs, :func:`~gyre.bench.cases.flops_params`)."""
+    B, I, H = shape
+    long_timing = Timing(warmup=1, reps=min(timing.reps, 3), min_window_s=0.0,
+                         max_case_s=timing.max_case_s, min_reps=1)
+    for T in lengths:
+        x = cases.inputs(T, B, I)
+        for cell, impl in cases.LONG_IMPLS:
+            rec = {"cell": cell, "impl": impl, "T": T, "B": B, "I": I, "H": H}
+            try:
+                if impl == "torch":
+                    rec["layer"] = "torch.nn.LSTM"
+                else:
+                    backend = cases.gyre_backend(cell, impl, "train", B, H)
+                    if backend is None:
+                        continue
+                    rec["backend"] = backend
+                    rec["layer"] = f"gyre.nn.Recurrent({cell!r}, backend={backend!r})"
+                if wait_quiet:
+                    harness.wait_quiet(wait_quiet, log=log)
+                m = cases.build(cell, impl, I, H)
+                fn = cases.make_fn(m, "train", x)
+                rec["peak_bytes"] = harness.peak_memory(fn)
+                noise = harness.CpuNoise()
+                rec.update(harness.time_fn(fn, long_timing))
+                busy = noise.result()
+                rec["foreign_cpu_frac"] = None if busy is None else busy["foreign_cpu_frac"]
+                rec["gflops_per_s"] = 3.0 * cases.flops_params(cell, T, B, I, H) / rec["min_s"] / 1e9
+            except Exception as e:  # recorded, the run goes on
+                record["errors"].append({**rec, "mode": "long", "error": f"{type(e).__name__}: {e}"})
+                log(f"[error] {cell} long T={T} {impl}: {type(e).__name__}: {e}")
+                continue
+            record["long"].append(rec)
+            mem = rec["peak_bytes"]
+            log(f"{cell:>10}   long {T},{B},{I},{H} {impl:>18}: {rec['min_s'] * 1e3:.1f} ms  "
+                f"{rec['gflops_per_s']:.1f} GFLOP/s  peak "
+                + ("n/a" if mem is None else f"{mem / 2**20:.0f} MiB"))
 
 
 def _time(m, mode, x, timing, flops, steps, base_fn=None) -> dict:
@@ -199,7 +263,7 @@ def _line(rec) -> str:
         extra += f"  grad err {chk['grad_max_rel_err']:.1e}"
     who = rec["impl"] + (f"[{rec['backend']}]" if "backend" in rec else "")
     same = f" (= {rec['same_as']})" if "same_as" in rec else ""
-    return (f"{rec['cell']:>10} {rec['mode']:>6} {rec['T']},{rec['B']},{rec['I']},{rec['H']}"
+    return (f"{report.label(rec):>10} {rec['mode']:>6} {rec['T']},{rec['B']},{rec['I']},{rec['H']}"
             f" {who:>18}: {unit}{same}  {rec['gflops_per_s']:.1f} GFLOP/s{extra}")
 
 
@@ -213,9 +277,9 @@ def _validate(cells, shapes, modes, backends, threads, stream_steps):
         if len(s) != 4 or not all(isinstance(v, int) and v >= 1 for v in s):
             raise ValueError(f"shapes: got {s!r}, expected (T, B, I, H) positive integers")
     modes = list(modes)
-    if not modes or any(m not in (*MODES, "stream") for m in modes):
-        raise ValueError(f"modes: got {modes}, expected some of fwd, train, stream")
-    if not shapes and any(m != "stream" for m in modes):
+    if not modes or any(m not in ALL_MODES for m in modes):
+        raise ValueError(f"modes: got {modes}, expected some of {', '.join(ALL_MODES)}")
+    if not shapes and any(m not in ("stream", "long") for m in modes):
         raise ValueError("shapes: got none, expected at least one (T, B, I, H) for fwd/train")
     backends = list(backends)
     known = gyre_backends()
@@ -303,8 +367,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"comma-separated, from {','.join(CELLS)} (default: all)")
     ap.add_argument("--shapes", type=_parse_shapes, default=None,
                     help="'T,B,I,H;T,B,I,H' (default: the four standard shapes)")
-    ap.add_argument("--modes", type=_parse_list, default=[*MODES, "stream"],
-                    help="comma-separated, from fwd,train,stream (default: all)")
+    ap.add_argument("--modes", type=_parse_list, default=list(ALL_MODES),
+                    help=f"comma-separated, from {','.join(ALL_MODES)} (default: all); train "
+                         "computes the input's gradient too, train-params the parameters' only; "
+                         "long: the long-sequence section")
+    ap.add_argument("--long-lengths", type=_parse_list, default=None,
+                    help="sequence lengths of the long section, comma-separated (default "
+                         f"{','.join(map(str, LONG_LENGTHS))}; quick: "
+                         f"{','.join(map(str, QUICK_LONG[0]))})")
+    ap.add_argument("--no-stacks", action="store_true",
+                    help="skip the 2-layer bidirectional rows")
     ap.add_argument("--backends", type=_parse_list, default=[],
                     help=f"gyre backends to time besides auto: {','.join(gyre_backends())} "
                          "or 'all'")
@@ -351,7 +423,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     shapes = args.shapes if args.shapes is not None else (QUICK_SHAPES if args.quick else SHAPES)
     steps = args.stream_steps if args.stream_steps is not None else (20 if args.quick else 1000)
     try:
+        lengths = [int(v) for v in args.long_lengths] if args.long_lengths else \
+            list(QUICK_LONG[0] if args.quick else LONG_LENGTHS)
+    except ValueError:
+        ap.error(f"--long-lengths: got {args.long_lengths}, expected integers")
+    try:
         record = run(args.cells, shapes, args.modes, backends, threads=args.threads,
+                     stacks=() if args.no_stacks else STACKS, long_lengths=lengths,
+                     long_shape=QUICK_LONG[1] if args.quick else cases.LONG_SHAPE,
                      stream_steps=steps, timing=timing, check=not args.no_check,
                      gemm=not args.no_gemm, wait_quiet=args.wait_quiet, notes=args.notes)
     except ValueError as e:

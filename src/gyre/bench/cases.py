@@ -30,7 +30,18 @@ CELLS = ("rnn", "lstm", "gru", "peephole", "ln_lstm", "gated_004", "gru_001", "g
 TORCH_EXACT = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 SHAPES = ((100, 32, 64, 128), (200, 16, 32, 64), (100, 64, 256, 256), (50, 128, 512, 512))
 STREAM_SHAPE = (1, 1, 64, 128)
-MODES = ("fwd", "train")
+#: ``train``: forward+backward with the input's gradient too (what every layer of a stack above
+#: the first and any model with an embedding or a convolution before the recurrence computes);
+#: ``train-params``: the parameters' gradients only
+MODES = ("fwd", "train", "train-params")
+TRAIN_MODES = ("train", "train-params")
+#: the stacked configuration each standard shape also times: (cell, layers, bidirectional)
+STACKS = (("lstm", 2, True),)
+#: the long-sequence section: sequence lengths at (B, I, H), and what it times
+LONG_LENGTHS = (1024, 4096, 16384)
+LONG_SHAPE = (8, 256, 256)
+LONG_IMPLS = (("mingru", "scan"), ("mingru", "fused"), ("minlstm", "scan"), ("minlstm", "fused"),
+              ("lstm", "auto"), ("lstm", "torch"))
 
 
 def torch_class(cell: str) -> type[nn.Module]:
@@ -51,6 +62,23 @@ def flops_fwd(cell: str, T: int, B: int, I: int, H: int) -> float:
     return f
 
 
+def flops_stack(cell: str, T: int, B: int, I: int, H: int, layers: int = 1,
+                bidirectional: bool = False) -> float:
+    """:func:`flops_fwd` summed over a stack: every direction of every layer, the layers above
+    the first reading the ``D*H``-wide output below."""
+    D = 2 if bidirectional else 1
+    return sum(D * flops_fwd(cell, T, B, I if layer == 0 else D * H, H)
+               for layer in range(layers))
+
+
+def flops_params(cell: str, T: int, B: int, I: int, H: int) -> float:
+    """Forward FLOPs from the cell's parameter specs: ``2*T*B*rows*cols`` for every matrix
+    parameter (each is one product per row and step)."""
+    specs = _cells.get(cell).param_specs(I, H, True)
+    return sum(2.0 * T * B * s.shape[0] * s.shape[1] for s in specs.values()
+               if len(s.shape) == 2)
+
+
 def gyre_backend(cell: str, impl: str, mode: str = "fwd", B: int = 1, H: int = 1) -> str | None:
     """The engine backend ``impl`` runs for ``cell`` in ``mode`` at batch ``B`` and hidden size
     ``H`` (None: this backend cannot run it)."""
@@ -62,15 +90,17 @@ def gyre_backend(cell: str, impl: str, mode: str = "fwd", B: int = 1, H: int = 1
         return None
 
 
-def build(cell: str, impl: str, I: int, H: int, seed: int = 0) -> nn.Module:
-    """A one-layer module, weights drawn from ``seed``: the same weights for every gyre impl of
-    a cell, and for the torch layer of a cell torch has exactly."""
+def build(cell: str, impl: str, I: int, H: int, seed: int = 0, layers: int = 1,
+          bidirectional: bool = False) -> nn.Module:
+    """A module of ``layers`` layers, weights drawn from ``seed``: the same weights for every gyre
+    impl of a cell, and for the torch layer of a cell torch has exactly."""
     torch.manual_seed(seed)
+    shape = dict(num_layers=layers, bidirectional=bidirectional)
     if impl == "torch":
-        return torch_class(cell)(I, H)
-    twin = torch_class(cell)(I, H) if cell in TORCH_EXACT else None  # same draw as "torch"
+        return torch_class(cell)(I, H, **shape)
+    twin = torch_class(cell)(I, H, **shape) if cell in TORCH_EXACT else None  # "torch"'s draw
     backend = "reference" if impl == "eager" else impl
-    m = Recurrent(cell, I, H, backend=backend)
+    m = Recurrent(cell, I, H, **shape, backend=backend)
     if twin is not None:
         m.load_state_dict(twin.state_dict())
     return m
@@ -81,9 +111,10 @@ def inputs(T: int, B: int, I: int, seed: int = 1) -> Tensor:
 
 
 def make_fn(m: nn.Module, mode: str, x: Tensor) -> Callable[[], object]:
-    """One forward (``fwd``, no grad) or forward+backward (``train``, gradients of the
-    parameters of ``output.sum()``) of ``m`` on ``x``; for ``stream``, ``x`` ``(steps, B, I)``
-    is fed one step at a time with carried state."""
+    """One forward (``fwd``, no grad) or forward+backward of ``output.sum()`` (``train``: the
+    gradients of the parameters and of ``x``; ``train-params``: of the parameters only) of ``m``
+    on ``x``; for ``stream``, ``x`` ``(steps, B, I)`` is fed one step at a time with carried
+    state."""
     if mode == "fwd":
         m.eval()
 
@@ -91,14 +122,16 @@ def make_fn(m: nn.Module, mode: str, x: Tensor) -> Callable[[], object]:
             with torch.no_grad():
                 return m(x)[0]
         return fwd
-    if mode == "train":
+    if mode in TRAIN_MODES:
         m.train()
         params = [p for p in m.parameters() if p.requires_grad]
+        inp = x.detach().clone().requires_grad_(mode == "train")
 
         def train():
             for p in params:
                 p.grad = None
-            m(x)[0].sum().backward()
+            inp.grad = None
+            m(inp)[0].sum().backward()
         return train
     if mode == "stream":
         m.eval()
@@ -111,7 +144,7 @@ def make_fn(m: nn.Module, mode: str, x: Tensor) -> Callable[[], object]:
                     y, state = step(x[t], state)
             return y
         return stream
-    raise ValueError(f"mode: got {mode!r}, expected 'fwd', 'train' or 'stream'")
+    raise ValueError(f"mode: got {mode!r}, expected 'fwd', 'train', 'train-params' or 'stream'")
 
 
 def _stepper(m: nn.Module):
@@ -129,11 +162,13 @@ def _stepper(m: nn.Module):
 def check(cell: str, m: nn.Module, mode: str, x: Tensor, seed: int = 0) -> dict:
     """Compare a gyre layer with its reference on ``x``: ``torch.nn`` with the same weights for
     the cells torch has, else the eager loop of the same cell (gyre's ``reference`` backend,
-    itself tested against torch and the cells' formulas). ``fwd``: outputs; ``train``: outputs
-    and every parameter gradient (max abs error relative to ``max(1, max|grad|)``); ``stream``:
-    the streamed outputs and final state over up to 20 steps."""
+    itself tested against torch and the cells' formulas). ``fwd``: outputs; ``train``: outputs,
+    every parameter gradient and the input's (max abs error relative to ``max(1, max|grad|)``;
+    ``train-params`` the parameters' only); ``stream``: the streamed outputs and final state
+    over up to 20 steps."""
     exact = cell in TORCH_EXACT
-    ref = build(cell, "torch" if exact else "eager", m.input_size, m.hidden_size, seed)
+    ref = build(cell, "torch" if exact else "eager", m.input_size, m.hidden_size, seed,
+                m.num_layers, m.bidirectional)
     if not exact:
         ref.load_state_dict(m.state_dict())
     against = torch_class(cell).__name__ if exact else "eager loop (gyre reference)"
@@ -146,14 +181,18 @@ def check(cell: str, m: nn.Module, mode: str, x: Tensor, seed: int = 0) -> dict:
         result["state_max_abs_err"] = max((a - b).abs().max().item()
                                           for a, b in zip(_tuple(s_m), _tuple(s_ref), strict=True))
         return result
-    ref.train(mode == "train")
-    m.train(mode == "train")
+    train = mode in TRAIN_MODES
+    ref.train(train)
+    m.train(train)
     with torch.enable_grad():
-        out_m, out_r = m(x)[0], ref(x)[0]
+        xm, xr = (x.detach().clone().requires_grad_(mode == "train") for _ in range(2))
+        out_m, out_r = m(xm)[0], ref(xr)[0]
         result["out_max_abs_err"] = (out_m - out_r).abs().max().item()
-        if mode == "train":
+        if train:
             pm = dict(m.named_parameters())
             pr = dict(ref.named_parameters())
+            if mode == "train":
+                pm["input"], pr["input"] = xm, xr
             gm = torch.autograd.grad(out_m.sum(), list(pm.values()))
             gr = dict(zip(pr, torch.autograd.grad(out_r.sum(), list(pr.values())), strict=True))
             errs = []

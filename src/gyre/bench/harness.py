@@ -249,3 +249,32 @@ def wait_quiet(max_wait_s: float, threshold: float = 0.05, sample_s: float = 1.0
             log(f"[wait] machine {busy:.0%} busy with other processes; waiting up to "
                 f"{max_wait_s:.0f} s")
             said = True
+
+
+def peak_memory(fn: Callable[[], object]) -> int | None:
+    """Bytes of resident memory ``fn()`` adds at its peak over what the process held before it
+    (Linux: the peak RSS is reset through ``/proc/self/clear_refs``), or None where that cannot
+    be measured. Large CPU tensors are mapped and unmapped per allocation, so this follows what
+    a call holds at once."""
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+        fn()
+        peak = _status_kib("VmHWM")
+    except OSError:
+        return None
+    if before is None or peak is None:
+        return None
+    return max(0, peak - before) * 1024
+
+
+def _status_kib(field: str) -> int | None:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import Cell, Params, ParamSpec, State, init_parameter
+from .base import Cell, Params, ParamSpec, State, init_parameter, layer_specs
 from .gru import GRU
 from .lstm import LSTM
 from .minimal import MinGRU, MinLSTM
@@ -55,6 +55,6 @@ def get(cell: str | Cell, **options) -> Cell:
 
 
 __all__ = [
-    "Cell", "ParamSpec", "Params", "State", "init_parameter", "REGISTRY", "names", "get",
+    "Cell", "ParamSpec", "Params", "State", "init_parameter", "layer_specs", "REGISTRY", "names", "get",
     "RNN", "OutputRNN", "LSTM", "GRU", "Gated004", "GRU001", "GRU002", "MinGRU", "MinLSTM",
 ]

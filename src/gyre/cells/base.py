@@ -118,6 +118,13 @@ class Cell:
         return self.name or type(self).__name__
 
 
+def layer_specs(cell: Cell, input_size: int, hidden_size: int, bias: bool) -> dict[str, ParamSpec]:
+    """The parameters a layer of ``cell`` holds: its :meth:`Cell.param_specs`, and with
+    ``bias=False`` none marked ``ParamSpec(bias=True)``, whether or not the cell leaves them out
+    itself (the contract a user cell relies on)."""
+    return _drop_bias(cell.param_specs(input_size, hidden_size, bias), bias)
+
+
 def _drop_bias(specs: dict[str, ParamSpec], bias: bool) -> dict[str, ParamSpec]:
     return specs if bias else {k: v for k, v in specs.items() if not v.bias}
 

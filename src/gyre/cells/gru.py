@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
+from . import activations
 from .base import ParamSpec, _drop_bias
 from .lstm import LayerNormProducts
 
@@ -32,6 +32,11 @@ class GRU(LayerNormProducts):
 
         h_t = (1 - z_t) \odot n_t + z_t \odot h_{t-1}
 
+    ``activation`` names the candidate's nonlinearity (``tanh`` above, the default) and
+    ``recurrent_activation`` the gates' :math:`\sigma` (default ``"sigmoid"``), as Keras's
+    arguments of the same names; any name in :data:`gyre.cells.activations.ACTIVATIONS`.
+    torch's kernels run only the defaults.
+
     ``layer_norm=True`` (reset_after only) replaces ``W_{ih} x_t`` by
     ``ln_ih_weight * LN(W_{ih} x_t)`` and ``W_{hh} h_{t-1}`` by ``ln_hh_weight * LN(W_{hh} h_{t-1})``,
     each normalised over its whole ``3H`` vector before the biases are added (Ba et al. 2016).
@@ -39,10 +44,14 @@ class GRU(LayerNormProducts):
 
     reset_after: bool = True
     layer_norm: bool = False
+    activation: str = "tanh"
+    recurrent_activation: str = "sigmoid"
     name = "gru"
     gates = 3
 
     def __post_init__(self):
+        activations.check(self.activation, "activation")
+        activations.check(self.recurrent_activation, "recurrent_activation")
         if self.layer_norm and not self.reset_after:
             raise ValueError("layer_norm: got True with reset_after=False; layer norm is defined "
                              "for the reset_after=True (torch) convention only")
@@ -58,9 +67,10 @@ class GRU(LayerNormProducts):
         (h,) = state
         xr, xz, xn = self.input_norm(xp, p).chunk(3, dim=-1)
         hr, hz, hn = hp.chunk(3, dim=-1)
-        r = torch.sigmoid(xr + hr)
-        z = torch.sigmoid(xz + hz)
-        n = torch.tanh(xn + r * hn)
+        act, gate = activations.get(self.activation), activations.get(self.recurrent_activation)
+        r = gate(xr + hr)
+        z = gate(xz + hz)
+        n = act(xn + r * hn)
         return ((1 - z) * n + z * h,)
 
     def step(self, xp, state, p, drop=None):
@@ -73,12 +83,14 @@ class GRU(LayerNormProducts):
         b_rz, b_n = (None, None) if b is None else b.split([2 * h.shape[-1], h.shape[-1]])
         xr, xz, xn = xp.chunk(3, dim=-1)
         hr, hz = F.linear(hd, w_rz, b_rz).chunk(2, dim=-1)
-        r = torch.sigmoid(xr + hr)
-        z = torch.sigmoid(xz + hz)
-        n = torch.tanh(xn + F.linear(r * hd, w_n, b_n))
+        act, gate = activations.get(self.activation), activations.get(self.recurrent_activation)
+        r = gate(xr + hr)
+        z = gate(xz + hz)
+        n = act(xn + F.linear(r * hd, w_n, b_n))
         return ((1 - z) * n + z * h,)
 
     def describe(self):
+        acts = activations.describe(self)
         return "gru" + ("" if self.reset_after else "(reset_after=False)") + (
-            "(layer_norm)" if self.layer_norm else "")
+            "(layer_norm)" if self.layer_norm else "") + (f"({', '.join(acts)})" if acts else "")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import activations
 from .base import Cell, ParamSpec, _drop_bias
 
 LN_EPS = 1e-5
@@ -60,13 +60,18 @@ class LSTM(LayerNormProducts):
 
         i_t = \sigma(a^i_t + w_{ci} \odot c_{t-1})\qquad
         f_t = \sigma(a^f_t + w_{cf} \odot c_{t-1})\qquad
-        g_t = \tanh(a^g_t)
+        g_t = \phi(a^g_t)
 
         c_t = f_t \odot c_{t-1} + i_t \odot g_t
 
         o_t = \sigma(a^o_t + w_{co} \odot c_t)
 
-        h_t = W_{hr}\,(o_t \odot \tanh(C(c_t)))
+        h_t = W_{hr}\,(o_t \odot \phi(C(c_t)))
+
+    * ``activation`` names :math:`\phi` (default ``"tanh"``) and ``recurrent_activation`` the
+      gates' :math:`\sigma` (default ``"sigmoid"``), as Keras's arguments of the same names;
+      any name in :data:`gyre.cells.activations.ACTIVATIONS`. torch's kernels run only the
+      defaults.
 
     * ``peephole=False``: the ``w_c*`` terms are absent. With ``peephole=True`` they are the
       diagonal peephole weights ``weight_ci, weight_cf, weight_co (H)`` of Gers & Schmidhuber
@@ -84,11 +89,15 @@ class LSTM(LayerNormProducts):
     peephole: bool = False
     proj_size: int = 0
     layer_norm: bool = False
+    activation: str = "tanh"
+    recurrent_activation: str = "sigmoid"
     name = "lstm"
     gates = 4
     state_names = ("h", "c")
 
     def __post_init__(self):
+        activations.check(self.activation, "activation")
+        activations.check(self.recurrent_activation, "recurrent_activation")
         if not isinstance(self.proj_size, int) or self.proj_size < 0:
             raise ValueError(f"proj_size: got {self.proj_size!r}, expected an int >= 0")
 
@@ -120,12 +129,14 @@ class LSTM(LayerNormProducts):
         if self.peephole:
             ai = ai + p["weight_ci"] * c
             af = af + p["weight_cf"] * c
-        i, f, g = torch.sigmoid(ai), torch.sigmoid(af), torch.tanh(ag)
+        act, gate = activations.get(self.activation), activations.get(self.recurrent_activation)
+        i, f, g = gate(ai), gate(af), act(ag)
         c_new = f * c + i * g
         if self.peephole:
             ao = ao + p["weight_co"] * c_new
         c_out = _ln(c_new, p["ln_c_weight"], p["ln_c_bias"]) if self.layer_norm else c_new
-        h_new = torch.sigmoid(ao) * torch.tanh(c_out)
+        o = gate(ao)
+        h_new = o * act(c_out)
         if self.proj_size:
             h_new = F.linear(h_new, p["weight_hr"])
         return (h_new, c_new)
@@ -134,4 +145,5 @@ class LSTM(LayerNormProducts):
         parts = [n for n, on in (("peephole", self.peephole), ("layer_norm", self.layer_norm)) if on]
         if self.proj_size:
             parts.append(f"proj_size={self.proj_size}")
+        parts += activations.describe(self)
         return "lstm" + (f"({', '.join(parts)})" if parts else "")

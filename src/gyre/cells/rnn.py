@@ -8,15 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .activations import ACTIVATIONS as _ACTIVATIONS
+from .activations import check as _activation
 from .base import Cell, Params, ParamSpec, State, _drop_bias
-
-_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
-
-
-def _activation(name: str, arg: str):
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"{arg}: got {name!r}, expected one of {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
 
 
 @dataclass(frozen=True)
@@ -24,8 +18,11 @@ class RNN(Cell):
     r"""Elman RNN, as ``torch.nn.RNN``.
 
     .. math::
-        h_t = \phi(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh}),\quad \phi \in \{\tanh, \mathrm{relu}\}
+        h_t = \phi(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh})
 
+    ``nonlinearity`` names :math:`\phi`: torch's ``"tanh"`` or ``"relu"``, or any other name in
+    :data:`gyre.cells.activations.ACTIVATIONS` (``"linear"``, ``"sigmoid"``, ...; torch's own
+    kernels run only the first two).
     Parameters: ``weight_ih (H, I)``, ``weight_hh (H, H)``, ``bias_ih (H)``, ``bias_hh (H)``.
     """
 
@@ -49,7 +46,8 @@ class OutputRNN(Cell):
 
         y_t = g(W_{hy} h_t + b_y)
 
-    ``f`` is ``tanh`` or ``relu``; ``g`` is ``"softmax"`` (over features) or ``"identity"``.
+    ``f`` is ``activation``, a name in :data:`gyre.cells.activations.ACTIVATIONS`; ``g`` is
+    ``"softmax"`` (over features) or ``"identity"``.
     Parameters: ``weight_xh (H, I)``, ``weight_hh (H, H)``, ``bias_h (H)``,
     ``weight_hy (O, H)``, ``bias_y (O)``. The layer's output is ``y``; its state is ``h``.
     ``y`` is computed after the loop for all steps in one matrix product.

@@ -13,7 +13,8 @@ import importlib.util
 from dataclasses import dataclass
 
 #: task -> module that provides ``catalog()``
-SOURCES = {"classify": "gyre.data.classification", "forecast": "gyre.data.forecasting"}
+SOURCES = {"classify": "gyre.data.classification", "forecast": "gyre.data.forecasting",
+           "regress": "gyre.data.regression"}
 
 
 @dataclass(frozen=True)

@@ -272,12 +272,32 @@ def _numeric(frame, path: Path) -> np.ndarray:
     return v
 
 
+class _NpzArrays:
+    """An open .npz whose arrays, read one at a time, refuse object (pickled) arrays with an
+    error naming the file and the array."""
+
+    def __init__(self, z, path: Path) -> None:
+        self.z, self.path, self.files = z, path, z.files
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            return self.z[key]
+        except ValueError as e:
+            if "allow_pickle" not in str(e):
+                raise
+            raise ValueError(f"data: {str(self.path)!r} (--data) array {key!r} holds Python "
+                             "objects (dtype object), which gyre does not load (it may carry "
+                             "code); save numbers as a numeric array and labels as a fixed-width "
+                             "string array (np.asarray(labels, dtype=str))") from None
+
+
 def _read_npz(path: Path, labels: bool):
     try:
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise ValueError(f"data: {str(path)!r} is not a readable .npz without pickled objects "
                          f"({e})") from None
+    z = _NpzArrays(z, path)
     keys = set(z.files)
     if {"X_train", "X_test"} <= keys:
         parts = [("train", "X_train", "y_train", "lengths_train"),
@@ -375,13 +395,14 @@ def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 
 
 class SequenceDataset(torch.utils.data.Dataset):
-    """``(x (T_i, C) tensor, label)`` pairs for :func:`collate`."""
+    """``(x (T_i, C) tensor, target)`` pairs for :func:`collate`; targets are int64 class
+    indices, or ``dtype`` (float32 for regression)."""
 
-    def __init__(self, X: list[np.ndarray], y: np.ndarray) -> None:
+    def __init__(self, X: list[np.ndarray], y: np.ndarray, dtype=np.int64) -> None:
         if len(X) != len(y):
             raise ValueError(f"y: got {len(y)} labels for {len(X)} sequences")
         self.X = [torch.from_numpy(np.ascontiguousarray(x, np.float32)) for x in X]
-        self.y = torch.as_tensor(np.asarray(y, np.int64))
+        self.y = torch.as_tensor(np.asarray(y, dtype))
 
     def __len__(self) -> int:
         return len(self.X)
@@ -400,12 +421,3 @@ def collate(items: list) -> dict[str, Tensor]:
     if (lens != lens[0]).any():
         batch["lengths"] = lens
     return batch
-
-
-def pad(X: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """``(n, T_max, C)`` zero-padded and the lengths."""
-    lens = np.array([len(x) for x in X])
-    out = np.zeros((len(X), lens.max(), X[0].shape[1]), np.float32)
-    for i, x in enumerate(X):
-        out[i, :len(x)] = x
-    return out, lens

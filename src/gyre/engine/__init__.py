@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..cells import Cell, Params, State
-from . import fused, native, reference, scan
+from . import autotune, fused, native, reference, scan
+from .contract import Options
 
 BACKENDS = ("auto", "reference", "native", "scan", "fused")
 
@@ -51,48 +52,82 @@ class Result:
 LSTM_FUSED_TRAIN_MIN_MACS = 1 << 24
 
 
+#: every backend by name, each answering the contract of :mod:`gyre.engine.contract`
+MODULES = {"reference": reference, "native": native, "scan": scan, "fused": fused}
+
+
 def select_backend(
     cell: Cell, backend: str = "auto", *, residual: bool = False, drop=None, zone=None,
     return_states: bool = False, varlen: bool = False, device: str = "cpu",
     size: tuple[int, int] | None = None, grad: bool = False,
 ) -> str:
-    """The backend that will run: ``backend`` itself, or for ``"auto"`` the fastest correct one
-    for a run on ``device`` (a device type), with ``lengths`` when ``varlen``, of ``size``
-    ``(batch, hidden)`` when known, with gradients to compute when ``grad``."""
+    """The backend the static rule runs: ``backend`` itself, or for ``"auto"`` the fastest
+    correct one as measured on the development machine, for a run on ``device`` (a device type),
+    with ``lengths`` when ``varlen``, of ``size`` ``(batch, hidden)`` when known, with gradients
+    to compute when ``grad``."""
+    options = Options(residual=residual, drop=drop is not None, zone=zone is not None,
+                      return_states=return_states, varlen=varlen, size=size,
+                      grad="params" if grad else "none")
+    return choose(cell, backend, options, device)
+
+
+def eligible(cell: Cell, options: Options, device: str) -> list[str]:
+    """The backends that can run this call, in the static rule's order of preference."""
+    return [b for b in _preference(cell, options, device)
+            if MODULES[b].unsupported(cell, options, device) is None]
+
+
+def _preference(cell: Cell, options: Options, device: str) -> list[str]:
+    # oneDNN/cuDNN LSTM measured faster than fused (BENCHMARKS.md); torch's CPU kernel for
+    # packed (variable-length) input or with proj_size is not oneDNN's, and measured 1.1-5x
+    # slower than fused for forward+backward at the bench shapes, single thread
+    order = ["fused", "scan", "native", "reference"]  # fused: 1.05-2.3x scan's speed on CPU
+    if native.mode(cell) == "lstm" and device == "cpu":
+        not_onednn = options.varlen or getattr(cell, "proj_size", 0) > 0
+        size = options.size
+        big_training = options.grad != "none" and size is not None and \
+            size[0] * 4 * size[1] * size[1] >= LSTM_FUSED_TRAIN_MIN_MACS
+        if not (not_onednn or big_training):
+            order = ["native", "fused", "scan", "reference"]
+    elif native.mode(cell) == "lstm" or device != "cpu":
+        order = ["native", "scan", "fused", "reference"] if native.mode(cell) == "lstm" else \
+            ["scan", "native", "fused", "reference"]
+    return order
+
+
+def choose(cell: Cell, backend: str, options: Options, device: str,
+           measure=None, key: str | None = None) -> str:
+    """The one place a backend is chosen. A forced ``backend`` is checked against its
+    ``unsupported``; ``"auto"`` takes the first eligible backend of the static rule, or with
+    ``measure`` (``backend -> None``, one run) and ``key`` and autotuning on, the fastest
+    eligible one measured (:mod:`gyre.engine.autotune`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: got {backend!r}, expected one of {', '.join(BACKENDS)}")
-    scan_reason = scan.unsupported_reason(cell)
-    if backend == "scan" and scan_reason is not None:
-        raise ValueError(f"backend: 'scan' cannot run this cell ({scan_reason}); "
-                         "use backend='auto' or 'reference'")
-    reason = native.unsupported_reason(cell, residual=residual, drop=drop, zone=zone,
-                                       return_states=return_states)
-    if backend == "native" and reason is not None:
-        raise ValueError(f"backend: 'native' cannot run this configuration ({reason}); "
-                         "use backend='auto' or 'reference'")
-    if backend == "fused":
-        fused_reason = fused.unsupported_reason(cell)
-        if fused_reason is not None:
-            raise ValueError(f"backend: 'fused' cannot run this cell ({fused_reason}); "
+    if backend != "auto":
+        reason = MODULES[backend].unsupported(cell, options, device)
+        # off the CPU or without a compiler, fused runs the reference loop after one warning
+        if reason is not None and not (backend == "fused" and fused.unsupported_reason(cell)
+                                       is None):
+            what = "this configuration" if backend == "native" else "this cell"
+            raise ValueError(f"backend: {backend!r} cannot run {what} ({reason}); "
                              "use backend='auto' or 'reference'")
-    if backend == "auto":
-        on_cpu = device == "cpu"
-        fusable = on_cpu and fused.available() is None and fused.unsupported_reason(cell) is None
-        # oneDNN/cuDNN LSTM: measured faster than fused (BENCHMARKS.md); but torch's CPU kernel
-        # for packed (variable-length) input or with proj_size is not oneDNN's, and measured
-        # 1.1-5x slower than fused for forward+backward at the bench shapes, single thread
-        not_onednn = varlen or getattr(cell, "proj_size", 0) > 0
-        big_training = grad and size is not None and \
-            size[0] * 4 * size[1] * size[1] >= LSTM_FUSED_TRAIN_MIN_MACS
-        if reason is None and native.mode(cell) == "lstm" and \
-                not ((not_onednn or big_training) and fusable):
-            return "native"
-        if fusable:
-            return "fused"  # also ahead of scan: 1.05-2.3x faster on CPU at every bench shape
-        if scan_reason is None:
-            return "scan"  # fused kernels are CPU code; off the CPU the scan for linear cells
-        return "native" if reason is None else "reference"
-    return backend
+        return backend
+    candidates = eligible(cell, options, device)
+    if len(candidates) >= 2 and candidates[-1] == "reference":
+        candidates = candidates[:-1]  # the eager loop: never measured faster than a fused one
+    if measure is None or key is None or not autotune.enabled() or len(candidates) < 2:
+        return candidates[0]
+    return autotune.choose(key, candidates, measure)
+
+
+def _tune_key(cell: Cell, x: Tensor, hx: State, options: Options, lengths) -> str:
+    T, B = x.shape[:2]
+    return "|".join(map(str, (
+        cell.describe(), repr(cell), f"T{autotune.bucket(T)}", f"B{autotune.bucket(B)}",
+        f"I{x.shape[-1]}", f"H{hx[0].shape[-1]}", str(x.dtype), x.device.type,
+        f"threads{torch.get_num_threads()}", options.grad, f"L{options.layers}",
+        f"D{options.directions}", options.residual, options.drop, options.zone,
+        options.return_states, options.varlen)))
 
 
 def run(
@@ -121,12 +156,45 @@ def run(
     :func:`gyre.engine.reference.run_layer`). ``residual`` adds a layer's input to its output
     from the second layer on.
     """
-    grad = torch.is_grad_enabled() and any(
-        t.requires_grad for layer in params for d in layer for t in d.values())
-    chosen = select_backend(cell, backend, residual=residual, drop=drop, zone=zone,
-                            return_states=return_states, varlen=lengths is not None,
-                            device=x.device.type, size=(x.shape[1], hx[0].shape[-1]),
-                            grad=grad)
+    grad_on = torch.is_grad_enabled()
+    grad = "none"
+    if grad_on and any(t.requires_grad for layer in params for d in layer for t in d.values()):
+        grad = "input" if x.requires_grad else "params"
+    options = Options(residual=residual, drop=drop is not None, zone=zone is not None,
+                      return_states=return_states, varlen=lengths is not None,
+                      layers=len(params), directions=len(params[0]) if params else 1,
+                      grad=grad, size=(x.shape[1], hx[0].shape[-1]))
+    kwargs = dict(lengths=lengths, bidirectional=bidirectional, dropout=dropout,
+                  training=training, residual=residual, drop=drop, zone=zone,
+                  return_states=return_states)
+    # under torch.func (vmap, grad, jacrev, ...) every backend runs the reference loop: its
+    # torch ops have batching rules, the compiled kernels and the scan's solver have none
+    functorch = torch._C._functorch.maybe_current_level() is not None
+    measure = key = None
+    if backend == "auto" and autotune.enabled() and not functorch and not torch.jit.is_tracing() \
+            and not torch.compiler.is_compiling() and x.numel() > 0:
+        key = _tune_key(cell, x, hx, options, lengths)
+
+        def measure(b):
+            _measure(cell, params, x, hx, grad, b, kwargs)
+    chosen = "reference" if functorch else choose(cell, backend, options, x.device.type, measure, key)
+    return _run_with(chosen, cell, params, x, hx, **kwargs)
+
+
+def _measure(cell, params, x, hx, grad, backend, kwargs) -> None:
+    """One run of this call's configuration on ``backend``, on detached copies (the caller's
+    tensors, graph and random state untouched), backward included when ``grad`` asks."""
+    with torch.random.fork_rng(devices=[]), torch.set_grad_enabled(grad != "none"):
+        ps = [[{k: v.detach().requires_grad_(v.requires_grad) for k, v in d.items()}
+               for d in layer] for layer in params]
+        xi = x.detach().requires_grad_(grad == "input")
+        res = _run_with(backend, cell, ps, xi, tuple(h.detach() for h in hx), **kwargs)
+        if grad != "none":
+            res.output.sum().backward()
+
+
+def _run_with(chosen, cell, params, x, hx, *, lengths, bidirectional, dropout, training,
+              residual, drop, zone, return_states) -> Result:
     if chosen == "native":
         out, state = native.run(cell, params, x, hx, lengths=lengths, bidirectional=bidirectional,
                                 dropout=dropout, training=training)
@@ -147,6 +215,9 @@ def _run_stack(layer_fn, cell, params, x, hx, *, lengths, dropout, training, res
         steps = torch.arange(T, device=x.device)
         lens = lengths.to(x.device)
         valid = steps[:, None] < lens[None, :]  # (T, B)
+        # padding is inert: whatever its values (NaN, inf), the steps past a sequence's end see
+        # zeros, so nothing non-finite reaches an output, a state or (as 0 * NaN) a gradient
+        x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
         if num_dirs == 2:
             # reverse each sequence within its own length; padding stays in place
             rev_index = torch.where(valid, lens[None, :] - 1 - steps[:, None], steps[:, None])
@@ -189,4 +260,5 @@ def _reverse(seq: Tensor, rev_index: Tensor | None) -> Tensor:
     return seq.gather(0, rev_index.unsqueeze(-1).expand(-1, -1, seq.shape[-1]))
 
 
-__all__ = ["BACKENDS", "Result", "run", "select_backend"]
+__all__ = ["BACKENDS", "MODULES", "Options", "Result", "choose", "eligible", "run",
+           "select_backend"]

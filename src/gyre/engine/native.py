@@ -1,8 +1,9 @@
 """The ``native`` backend: torch's own fused kernels (``torch._VF.lstm/gru/rnn_*``).
 
 Used for exactly the configurations torch implements: ``LSTM`` (with or without ``proj_size``,
-no peepholes, no layer norm), ``GRU`` with ``reset_after=True`` and no layer norm, ``RNN`` with
-tanh or relu; no recurrent dropout, zoneout, residual connections or per-step states.
+no peepholes, no layer norm), ``GRU`` with ``reset_after=True`` and no layer norm, both
+with the default activations, ``RNN`` with tanh or relu; no recurrent dropout, zoneout,
+residual connections or per-step states.
 On CPU torch runs oneDNN for LSTM; on CUDA, cuDNN.
 """
 
@@ -17,11 +18,13 @@ from ..cells import GRU, LSTM, RNN, Cell, Params, State
 
 def mode(cell: Cell) -> str | None:
     """torch's name for ``cell`` when torch has exactly this cell, else None."""
-    if type(cell) is LSTM and not cell.peephole and not cell.layer_norm:
+    torch_acts = getattr(cell, "activation", "tanh") == "tanh" and \
+        getattr(cell, "recurrent_activation", "sigmoid") == "sigmoid"
+    if type(cell) is LSTM and not cell.peephole and not cell.layer_norm and torch_acts:
         return "lstm"
-    if type(cell) is GRU and cell.reset_after and not cell.layer_norm:
+    if type(cell) is GRU and cell.reset_after and not cell.layer_norm and torch_acts:
         return "gru"
-    if type(cell) is RNN:
+    if type(cell) is RNN and cell.nonlinearity in ("tanh", "relu"):
         return f"rnn_{cell.nonlinearity}"
     return None
 
@@ -38,6 +41,14 @@ def unsupported_reason(cell: Cell, *, residual: bool, drop, zone, return_states:
     if return_states:
         return "per-step states"
     return None
+
+
+def unsupported(cell: Cell, options, device: str) -> str | None:
+    """The backend contract (:mod:`gyre.engine.contract`): why ``native`` cannot run ``cell``
+    with ``options`` on ``device``, or None."""
+    return unsupported_reason(cell, residual=options.residual, drop=True if options.drop else None,
+                              zone=True if options.zone else None,
+                              return_states=options.return_states)
 
 
 def _flat_weights(cell: Cell, params: list[list[Params]]) -> list[Tensor]:
@@ -64,7 +75,7 @@ def run(
     has_bias = "bias_ih" in params[0][0]
     fn = getattr(torch._VF, kind)
     num_layers = len(params)
-    if lengths is None:
+    if lengths is None or x.shape[1] == 0:  # no sequences: nothing to pack (torch refuses)
         args = (weights, has_bias, num_layers, dropout, training, bidirectional, False)
         if kind == "lstm":
             out, h, c = fn(x, hx, *args)

@@ -34,6 +34,26 @@ def run_layer(
     states (one ``(T, B, S_k)`` tensor per component).
     """
     xp = cell.input_preact(x, p)  # (T, B, G*H): one GEMM for all steps
+    states = state_sequences(cell, p, xp, state, valid=valid, drop=drop, zone=zone)
+    final = tuple(s[-1] for s in states)
+    out, states = zero_padding(cell.readout(states[0], p), states, valid)
+    return out, final, (states if return_states else None)
+
+
+def state_sequences(
+    cell: Cell,
+    p: Params,
+    xp: Tensor,
+    state: State,
+    *,
+    valid: Tensor | None = None,
+    drop: Tensor | None = None,
+    zone: tuple[Tensor | None, ...] | None = None,
+) -> tuple[Tensor, ...]:
+    """Every step's state, one ``(T, B, S_k)`` tensor per component, from the input
+    pre-activations ``xp`` ``(T, B, G*H)``: the loop of :func:`run_layer` in differentiable torch
+    ops (the fused backend recomputes through it where a derivative of its backward is needed).
+    Past a sequence's end the state is carried (the last valid step's, at ``T - 1`` too)."""
     # unbind once: indexing a big tensor per step under autograd costs O(T^2) in backward
     xs = xp.unbind(0)
     vs = valid.unsqueeze(-1).unbind(0) if valid is not None else None
@@ -48,9 +68,7 @@ def run_layer(
             new = tuple(torch.where(vs[t], n, o) for n, o in zip(new, state, strict=True))
         state = new
         trace.append(state)
-    states = tuple(torch.stack(s) for s in zip(*trace, strict=True))
-    out, states = zero_padding(cell.readout(states[0], p), states, valid)
-    return out, state, (states if return_states else None)
+    return tuple(torch.stack(s) for s in zip(*trace, strict=True))
 
 
 def zero_padding(out: Tensor, states: tuple[Tensor, ...], valid: Tensor | None):
@@ -58,8 +76,9 @@ def zero_padding(out: Tensor, states: tuple[Tensor, ...], valid: Tensor | None):
     (``valid`` False) set to 0, as every backend returns them."""
     if valid is None:
         return out, states
-    mask = valid.unsqueeze(-1).to(out.dtype)
-    return out * mask, tuple(s * mask for s in states)
+    mask = valid.unsqueeze(-1)
+    zero = torch.zeros((), dtype=out.dtype, device=out.device)
+    return torch.where(mask, out, zero), tuple(torch.where(mask, s, zero) for s in states)
 
 
 def _per_step(zone, steps):
@@ -67,3 +86,9 @@ def _per_step(zone, steps):
     if zone is None or all(m is None for m in zone):
         return None
     return tuple(None if m is None else (m if m.dim() == 3 else [m] * steps) for m in zone)
+
+
+def unsupported(cell: Cell, options, device: str) -> str | None:
+    """The backend contract (:mod:`gyre.engine.contract`): the reference loop runs every cell
+    with every option on every device."""
+    return None

@@ -64,6 +64,12 @@ def unsupported_reason(cell: Cell) -> str | None:
     return None
 
 
+def unsupported(cell: Cell, options, device: str) -> str | None:
+    """The backend contract (:mod:`gyre.engine.contract`): every option and device is supported;
+    only the cell decides."""
+    return unsupported_reason(cell)
+
+
 def run_layer(
     cell: Cell,
     p: Params,
@@ -133,7 +139,12 @@ class _LinearRecurrence(torch.autograd.Function):
             g = linear_recurrence(coef.flip(0), gh.flip(0), torch.zeros_like(h0),
                                   ctx.solver).flip(0)
         else:
-            g = _solve(coef, gh.contiguous(), torch.zeros_like(h0), ctx.solver, reverse=True)
+            # batched output gradients (is_grads_batched: a vmap over this backward) take the
+            # parallel solver: the sequential one writes in place (out=), which vmap cannot batch
+            batched = torch._C._functorch.is_legacy_batchedtensor(gh) or \
+                torch._C._functorch.maybe_current_level() is not None
+            g = _solve(coef, gh.contiguous(), torch.zeros_like(h0),
+                       "parallel" if batched else ctx.solver, reverse=True)
         h_prev = torch.cat([h0.unsqueeze(0), h[:-1]])
         grad_a = g * h_prev if ctx.needs_input_grad[0] else None
         grad_h0 = a[0] * g[0] if ctx.needs_input_grad[2] else None
@@ -170,10 +181,9 @@ def _odd_even_scan(a: Tensor, b: Tensor) -> Tensor:
         b = torch.cat([b, torch.zeros_like(b[:1])])
     a0, a1, b0, b1 = a[0::2], a[1::2], b[0::2], b[1::2]
     odd = _odd_even_scan(a1 * a0, torch.addcmul(b1, a1, b0))  # h_1, h_3, ...
-    even = torch.empty_like(b0)  # h_0, h_2, ...: h_{2k} = a_{2k} h_{2k-1} + b_{2k}
-    even[0] = b0[0]
-    torch.addcmul(b0[1:], a0[1:], odd[:-1], out=even[1:])
+    # h_0, h_2, ...: h_{2k} = a_{2k} h_{2k-1} + b_{2k} (no out=: batchable under vmap)
+    even = torch.cat([b0[:1], torch.addcmul(b0[1:], a0[1:], odd[:-1])])
     return torch.stack([even, odd], dim=1).reshape(b.shape)[:T]
 
 
-__all__ = ["SOLVERS", "linear_recurrence", "run_layer", "unsupported_reason"]
+__all__ = ["SOLVERS", "linear_recurrence", "run_layer", "unsupported", "unsupported_reason"]

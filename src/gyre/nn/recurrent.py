@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +17,17 @@ from ..cells import Cell, init_parameter
 from ..engine.fused import stream as _stream
 
 HiddenState = Tensor | tuple[Tensor, ...]
+
+
+class RNNInputError(ValueError, RuntimeError):
+    """An input, state or length of the wrong size or device: a ``ValueError`` by gyre's rule
+    for bad input, and the ``RuntimeError`` that ``torch.nn``'s recurrent layers raise for the
+    same mistake (so code written against either catches it)."""
+
+
+class RNNDTypeError(TypeError, ValueError):
+    """An input or state of the wrong dtype: a ``TypeError`` by gyre's rule, and the
+    ``ValueError`` that ``torch.nn``'s recurrent layers raise."""
 
 
 class Recurrent(nn.Module):
@@ -31,6 +44,10 @@ class Recurrent(nn.Module):
             per step; in evaluation the expectation ``rate * old + (1 - rate) * new``.
         backend: ``"auto"`` (fastest correct) or one of ``gyre.engine.BACKENDS``
             (``"reference"``, ``"native"``, ``"fused"``, ``"scan"``).
+        activation, recurrent_activation: names from :data:`gyre.cells.activations.ACTIVATIONS`
+            replacing the cell's own (``None``: keep them): for LSTM/GRU the cell and the gate
+            activations, for RNN its nonlinearity (``activation`` only); any cell with fields of
+            these names takes them.
 
     ``forward(input, hx=None, *, lengths=None, enforce_sorted=False)`` returns
     ``(output, h_n)``, where ``h_n`` is a tensor for one-component states and a tuple otherwise
@@ -57,13 +74,17 @@ class Recurrent(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        activation: str | None = None,
+        recurrent_activation: str | None = None,
     ) -> None:
         super().__init__()
-        self.cell = _cells.get(cell)
-        _check_int("input_size", input_size, 1)
-        _check_int("hidden_size", hidden_size, 1)
-        _check_int("num_layers", num_layers, 1)
-        _check_rate("dropout", dropout)
+        self.cell = _with_activations(_cells.get(cell), activation, recurrent_activation)
+        _check_bool("bias", bias)
+        _check_bool("batch_first", batch_first)
+        _check_size("input_size", input_size)
+        _check_size("hidden_size", hidden_size)
+        _check_size("num_layers", num_layers)
+        _check_dropout(dropout, num_layers)
         _check_rate("recurrent_dropout", recurrent_dropout)
         if backend not in engine.BACKENDS:
             raise ValueError(f"backend: got {backend!r}, expected one of {', '.join(engine.BACKENDS)}")
@@ -85,7 +106,7 @@ class Recurrent(nn.Module):
         self._names: list[list[dict[str, str]]] = []
         for layer in range(num_layers):
             layer_in = input_size if layer == 0 else num_dirs * self.output_size
-            specs = self.cell.param_specs(layer_in, hidden_size, self.bias)
+            specs = _cells.layer_specs(self.cell, layer_in, hidden_size, self.bias)
             dirs = []
             for d in range(num_dirs):
                 names = {}
@@ -218,13 +239,17 @@ class Recurrent(nn.Module):
         if input.dim() not in (2, 3):
             layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
             raise ValueError(f"input: got a tensor of rank {input.dim()} with shape "
-                             f"{tuple(input.shape)}, expected {layout} or (T, I) unbatched")
+                             f"{tuple(input.shape)}, expected {layout} or (T, I) unbatched "
+                             f"(Expected input to be 2D or 3D, got {input.dim()}D)")
         if input.shape[-1] != self.input_size:
-            raise ValueError(f"input: got feature size {input.shape[-1]} (shape "
-                             f"{tuple(input.shape)}), expected input_size={self.input_size}")
+            raise RNNInputError(
+                f"input: got feature size {input.shape[-1]} (shape {tuple(input.shape)}), "
+                f"expected input_size={self.input_size} (input.size(-1) must be equal to "
+                f"input_size. Expected {self.input_size}, got {input.shape[-1]})")
         if input.shape[1 if (input.dim() == 3 and self.batch_first) else 0] == 0:
-            raise ValueError(f"input: got a sequence of length 0 (shape {tuple(input.shape)}), "
-                             "expected at least one step")
+            raise RNNInputError(f"input: got a sequence of length 0 (shape {tuple(input.shape)}), "
+                                "expected at least one step (Expected sequence length to be "
+                                "larger than 0 in RNN)")
         return input
 
     def _check_tensor_match(self, arg: str, t: Tensor) -> None:
@@ -232,11 +257,14 @@ class Recurrent(nn.Module):
         if not t.is_floating_point():
             raise TypeError(f"{arg}: got dtype {t.dtype}, expected a floating dtype ({w.dtype})")
         if t.dtype != w.dtype:
-            raise TypeError(f"{arg}: got dtype {t.dtype}, expected the layer's dtype {w.dtype} "
-                            f"(convert the input, or the layer with .to({t.dtype}))")
+            raise RNNDTypeError(
+                f"{arg}: got dtype {t.dtype}, expected the layer's dtype {w.dtype} (RNN input "
+                f"dtype ({t.dtype}) does not match weight dtype ({w.dtype}). Convert input: "
+                f"input.to({w.dtype}), or convert model: model.to({t.dtype}))")
         if t.device != w.device:
-            raise ValueError(f"{arg}: got a tensor on {t.device}, expected the layer's device "
-                             f"{w.device} (move one with .to())")
+            raise RNNInputError(f"{arg}: got a tensor on {t.device}, expected the layer's device "
+                                f"{w.device} (move one with .to(); Input and parameter tensors "
+                                "are not at the same device)")
 
     def _check_hx(self, hx, B: int, unbatched: bool, x: Tensor) -> tuple[Tensor, ...]:
         k = self.num_layers * (2 if self.bidirectional else 1)
@@ -246,14 +274,15 @@ class Recurrent(nn.Module):
         n = len(self.state_sizes)
         if len(parts) != n or not all(isinstance(p, Tensor) for p in parts):
             want = "a Tensor" if n == 1 else f"a tuple of {n} Tensors {self.cell.state_names}"
-            raise ValueError(f"hx: got {_describe(hx)}, expected {want}")
+            raise RNNInputError(f"hx: got {_describe(hx)}, expected {want}")
         out = []
         for name, part, size in zip(self.cell.state_names, parts, self.state_sizes, strict=True):
             want = (k, size) if unbatched else (k, B, size)
             if tuple(part.shape) != want:
-                raise ValueError(f"hx: state '{name}' has shape {tuple(part.shape)}, expected "
-                                 f"{want} (num_layers*num_directions, {'' if unbatched else 'batch, '}"
-                                 f"{name}_size)")
+                raise RNNInputError(
+                    f"hx: state '{name}' has shape {tuple(part.shape)}, expected {want} "
+                    f"(num_layers*num_directions, {'' if unbatched else 'batch, '}{name}_size; "
+                    f"Expected hidden size {want}, got {list(part.shape)})")
             self._check_tensor_match(f"hx ('{name}')", part)
             out.append(part.unsqueeze(1) if unbatched else part)
         return tuple(out)
@@ -273,6 +302,22 @@ class Recurrent(nn.Module):
                 return tuple(None if r == 0 else x.new_tensor(r) for r in self.zoneout)
             zone = [[masks() for _ in range(num_dirs)] for _ in range(self.num_layers)]
         return drop, zone
+
+
+def _with_activations(cell: Cell, activation: str | None, recurrent_activation: str | None) -> Cell:
+    """``cell`` with its activation fields replaced by those given (RNN's is ``nonlinearity``)."""
+    changes = {}
+    for arg, value in (("activation", activation), ("recurrent_activation", recurrent_activation)):
+        if value is None:
+            continue
+        field = arg
+        if arg == "activation" and isinstance(cell, _cells.RNN):
+            field = "nonlinearity"
+        if field not in {f.name for f in dataclasses.fields(cell)}:
+            raise ValueError(f"{arg}: got {value!r} for the cell {cell.describe()}, which has no "
+                             f"{arg} (expected None)")
+        changes[field] = value
+    return dataclasses.replace(cell, **changes) if changes else cell
 
 
 def _repack(out: Tensor, like: PackedSequence) -> PackedSequence:
@@ -318,9 +363,28 @@ def _check_lengths(lengths, T: int, B: int, enforce_sorted: bool) -> Tensor:
     return lens
 
 
-def _check_int(name: str, v, low: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-        raise ValueError(f"{name}: got {v!r}, expected an int >= {low}")
+def _check_bool(name: str, v) -> None:
+    if not isinstance(v, bool):  # as torch: bias=0 or batch_first="False" is a mistake
+        raise TypeError(f"{name} should be of type bool, got: {type(v).__name__} ({v!r})")
+
+
+def _check_size(name: str, v) -> None:
+    """A size, with torch's exception types: ``TypeError`` for a non-int (``3.0`` too),
+    ``ValueError`` for one below 1."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} should be of type int, got: {type(v).__name__} ({v!r})")
+    if v < 1:
+        raise ValueError(f"{name} must be greater than zero, got {v}")
+
+
+def _check_dropout(v, num_layers: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1:
+        raise ValueError(f"dropout should be a number in range [0, 1] representing the "
+                         f"probability of an element being zeroed, got {v!r}")
+    if v > 0 and num_layers == 1:
+        warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                      "non-zero dropout expects num_layers greater than 1, but got "
+                      f"dropout={v} and num_layers={num_layers}", UserWarning, stacklevel=4)
 
 
 def _check_rate(name: str, v) -> None:

@@ -52,11 +52,13 @@ naming the field or file; the CLI prints it as ``gyre: error: ...`` and exits wi
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 TASKS: dict[str, str] = {
     "classify": "gyre.tasks.classify",
     "forecast": "gyre.tasks.forecast",
+    "regress": "gyre.tasks.regress",
 }
 
 
@@ -64,11 +66,35 @@ def names() -> list[str]:
     return sorted(TASKS)
 
 
+#: the modules of the ``tasks`` extra (``pip install 'gyre[tasks]'``) that every task uses: data
+#: sets and baselines, metrics, plots, config files, progress and logs
+TASKS_EXTRA = ("aeon", "statsmodels", "pandas", "sklearn", "matplotlib", "tomli_w", "tqdm",
+               "tensorboard")
+
+
+def missing_extra(modules=TASKS_EXTRA) -> list[str]:
+    """The ``modules`` that cannot be imported here."""
+    missing = []
+    for m in modules:
+        try:
+            found = importlib.util.find_spec(m) is not None
+        except (ImportError, ValueError):  # ValueError: sys.modules[m] is None
+            found = False
+        if not found:
+            missing.append(m)
+    return missing
+
+
 def get(name: str) -> ModuleType:
-    """The task module for ``name``, imported on first use."""
+    """The task module for ``name``, imported on first use; a clear error naming the extra
+    when the tasks' libraries are not installed."""
     if name not in TASKS:
         raise ValueError(f"task: got {name!r}, expected one of {', '.join(names())}")
+    missing = missing_extra()
+    if missing:
+        raise ValueError(f"task: {name} needs the tasks extra, not installed here (missing "
+                         f"{', '.join(missing)}): pip install 'gyre[tasks]'")
     return importlib.import_module(TASKS[name])
 
 
-__all__ = ["TASKS", "names", "get"]
+__all__ = ["TASKS", "TASKS_EXTRA", "names", "get", "missing_extra"]

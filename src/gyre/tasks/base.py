@@ -28,8 +28,11 @@ class TaskConfig:
     Attributes:
         data: a dataset name (``gyre data list``) or a file path in the task's format.
         out: the run directory.
-        cell: any ``gyre.cells.names()`` entry.
-        hidden, layers, bidirectional, dropout: the recurrent stack (dropout between layers).
+        cell: the recurrent cell, any ``gyre.cells.names()`` entry.
+        hidden: units per recurrent layer.
+        layers: stacked recurrent layers.
+        bidirectional: run every layer in both directions.
+        dropout: dropout between stacked layers.
         epochs, batch_size, lr, weight_decay, optimizer, scheduler, clip_norm, clip_value,
         accumulate, tbptt, patience, device, bf16, seed, progress, tensorboard: as
         :class:`gyre.train.TrainConfig`.
@@ -82,6 +85,79 @@ class TaskConfig:
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
         kw.update(overrides)
         return TrainConfig(**kw)
+
+
+_MARKUP = [(re.compile(r":(?:class|meth|func|data|mod|attr):`~?([^`]+)`"), r"\1"),
+           (re.compile(r"``([^`]*)``"), r"\1"), (re.compile(r"\*\*([^*]+)\*\*"), r"\1")]
+
+
+def plain(text: str) -> str:
+    """``text`` without reStructuredText markup (roles, literals, bold), on one line."""
+    for pat, rep in _MARKUP:
+        text = pat.sub(rep, text)
+    return " ".join(text.split())
+
+
+def _attribute_docs(cls) -> dict[str, str]:
+    """The entries of the ``Attributes:`` section of ``cls``'s own docstring, by field name
+    (an entry ``a, b: text`` documents both; with as many ``;``-separated parts as names, each
+    name gets its part)."""
+    doc = cls.__dict__.get("__doc__") or ""
+    lines = doc.expandtabs().split("\n")
+    try:
+        start = next(i for i, ln in enumerate(lines) if ln.strip() == "Attributes:")
+    except StopIteration:
+        return {}
+    entries: list[list] = []
+    indent = None
+    carry = ""  # a list of names continued on the next line
+    for ln in lines[start + 1:]:
+        if carry:
+            ln, carry = carry + " " + ln.strip(), ""
+        elif re.fullmatch(r"\s*[a-z_][a-z0-9_]*(,\s*[a-z_][a-z0-9_]*)*,\s*", ln):
+            carry = ln.rstrip()
+            continue
+        if not ln.strip():
+            if entries:
+                break
+            continue
+        ind = len(ln) - len(ln.lstrip())
+        if indent is None:
+            indent = ind
+        if ind < indent:
+            break
+        m = re.match(r"([a-z_][a-z0-9_]*(?:,\s*[a-z_][a-z0-9_]*)*,?)\s*:\s+(.*)", ln.strip())
+        if ind == indent and m:
+            entries.append([[n.strip() for n in m.group(1).split(",") if n.strip()], m.group(2)])
+        elif entries:
+            entries[-1][1] += " " + ln.strip()
+    out = {}
+    for names, text in entries:
+        parts = [t.strip() for t in text.rstrip(".").split(";")]
+        for k, n in enumerate(names):
+            out[n] = parts[k] if len(parts) == len(names) > 1 else text
+    return out
+
+
+def field_help(cls) -> dict[str, str]:
+    """One line of help per field of the config class ``cls``, from the ``Attributes:``
+    sections of its docstring and its bases' (the nearest wins; an entry that says "as
+    TrainConfig" is taken from :class:`gyre.train.TrainConfig`'s): the documentation is the one
+    source of both the API reference and ``gyre train TASK --help``. Markup removed, the first
+    sentence kept."""
+    train = _attribute_docs(TrainConfig)
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        docs.update(_attribute_docs(klass))
+    out = {}
+    for f in dataclasses.fields(cls):
+        text = docs.get(f.name) or train.get(f.name, "")
+        if re.match(r"as\s+:class:`[^`]*TrainConfig`", text.strip()) and f.name in train:
+            text = train[f.name]
+        text = plain(text)
+        m = re.match(r"(.+?\.)(\s+[A-Z]|$)", text)  # the first sentence
+        out[f.name] = (m.group(1) if m else text).rstrip(".")
+    return out
 
 
 def _field_type(cls, f: dataclasses.Field):
@@ -159,23 +235,74 @@ def task_of_run(out_dir: str | os.PathLike) -> str | None:
     return m.group(1) if m else None
 
 
+#: the fields a resumed run may change (they take effect from the resumed step on); every other
+#: field describes the model, its optimizer or its data, which the checkpoint fixes
+RESUMABLE = ("out", "epochs", "lr", "patience", "progress", "tensorboard", "device")
+
+
+def check_resume(config, out: str | os.PathLike) -> None:
+    """Refuse, before anything is written, a resumed ``config`` that changes a field outside
+    :data:`RESUMABLE` from the run's own ``out/config.toml``: one error naming the flags."""
+    if not str(out) or not config.out:
+        raise ValueError("resume: needs out, the run directory to continue")
+    out = Path(out)
+    if not (out / "checkpoint").is_file():
+        raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} to resume from")
+    saved = load_config(type(config), out / "config.toml")
+    changed = [f.name for f in dataclasses.fields(config) if f.name not in RESUMABLE
+               and getattr(config, f.name) != getattr(saved, f.name)]
+    if changed:
+        what = ", ".join(f"--{n.replace('_', '-')} {getattr(saved, n)!r} -> "
+                         f"{getattr(config, n)!r}" for n in changed)
+        raise ValueError(f"resume: {what}: a resumed run cannot change its architecture, "
+                         "optimizer or data (its checkpoint holds them); it can change only "
+                         f"{', '.join('--' + n for n in RESUMABLE if n != 'out')}. Start a new "
+                         "run with another --out instead")
+
+
+def config_writer(config, out: str | os.PathLike):
+    """A Trainer callback that writes ``out/config.toml`` when the run starts (a resumed run:
+    once its checkpoint was loaded and checked), so a refused resume leaves the run as it was."""
+    path = Path(out) / "config.toml"
+
+    def write(trainer, event, info):
+        if event == "start" and is_main_process():
+            write_config(config, path)
+
+    return write
+
+
+def is_main_process() -> bool:
+    """False on every process but rank 0 of a distributed run (only rank 0 writes files)."""
+    from ..train import distributed
+    return distributed.is_main()
+
+
+def other_rank(out: Path) -> dict | None:
+    """On a process other than rank 0 of a distributed run, after training: the result such a
+    process returns (rank 0 alone evaluates, writes metrics and plots); None on rank 0."""
+    from ..train import distributed
+    ctx = distributed.context()
+    return None if ctx.main else {"out": str(out), "rank": ctx.rank}
+
+
 def resolve_out(config, task: str) -> Path:
     """``config.out``, or ``runs/<task>-<data name>-<timestamp>`` (set on the config too)."""
     if not config.out:
         stem = re.sub(r"[^A-Za-z0-9_]+", "_", Path(config.data).stem or "data").strip("_")
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         config.out = str(Path("runs") / f"{task}-{stem}-{stamp}")
+    from ..train import distributed
+    config.out = distributed.broadcast(config.out)  # every process: rank 0's time stamp
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {str(out)!r} is a file, expected a run directory (or a new path)")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def write_json(obj, path: str | os.PathLike) -> None:
     _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 def pyplot():
@@ -220,3 +347,22 @@ def format_metrics(metrics: dict) -> str:
                          .rjust(12))
         lines.append(str(name).ljust(width) + "".join(cells))
     return "\n".join(lines)
+
+
+#: what ``predict(..., runtime=)`` can run a trained run's model on
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def runtime_model(out_dir: str | os.PathLike, runtime: str):
+    """The run's model under ``runtime``: None for ``"torch"`` (the task's own model), or the
+    run's exported ``model.onnx`` (``gyre export``) as a :class:`gyre.export.OnnxModel`."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime: got {runtime!r}, expected one of {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        return None
+    from ..export import OnnxModel
+    path = Path(out_dir) / "model.onnx"
+    if not path.is_file():
+        raise FileNotFoundError(f"runtime: {str(path)!r} does not exist; write it first with "
+                                f"gyre export {out_dir} --format onnx")
+    return OnnxModel(path)

@@ -18,14 +18,12 @@ from torch import Tensor, nn
 from .. import cells
 from ..data import classification as cdata
 from ..nn import Recurrent
+from ..nn.conv import ConvFrontEnd, pool_frames
 from ..nn.heads import HEADS, SequencePool, head_parts, pool, valid_mask
 from ..train import CHECKPOINT, Trainer, load_checkpoint, seed_everything
 from . import base
 
 TASK = "classify"
-__all__ = ["HEADS", "Config", "RecurrentClassifier", "build_model", "train", "evaluate", "predict",
-           "load_run"]
-
 #: published test accuracy (../shared/DATA.md): FCN / ResNet, Fawaz et al. 2019 (mean of 10
 #: runs); 1-NN DTW = 1 - error from the UCR 2018 summary (full window)
 PUBLISHED = {
@@ -37,43 +35,57 @@ PUBLISHED = {
     "japanese_vowels": {"fcn": 0.99, "resnet": 0.99},
 }
 EXTRA_BASELINES = ("cnn", "transformer")
+#: ``--model`` choices: the recurrent classifier over frames of the raw series, and the
+#: convolution-recurrent hybrid (a convolutional front-end feeding the recurrent stack)
+MODELS = ("rnn", "conv-rnn")
 
 
 @dataclass
-class Config(base.TaskConfig):
-    """Classification run. Beyond :class:`gyre.tasks.base.TaskConfig`:
+class SequenceModelConfig(base.TaskConfig):
+    """The model and training recipe every sequence-to-one task (classify, regress) shares.
+    Beyond :class:`gyre.tasks.base.TaskConfig`:
 
     The defaults are one recipe for every dataset, chosen on held-out parts of the training
-    splits of five aeon datasets, never on a test split (RESULTS.md, "Sequence
-    classification", says how): a bidirectional LSTM over frames of about 1/16 of the median
-    sequence, last-state and mean-pooled features, forget-gate bias 1, Adam with a one-cycle
-    learning rate (warm-up to ``lr``, then cosine decay) for 100 epochs on the whole training
-    split (``val_fraction=0``), keeping the final weights. With ``val_fraction > 0`` that share
-    is held out and the epoch with the lowest validation loss is restored.
+    splits, never on a test split (RESULTS.md, "Sequence classification", says how): a
+    bidirectional LSTM over frames of about 1/16 of the median sequence, last-state and
+    mean-pooled features, forget-gate bias 1, Adam with a one-cycle learning rate (warm-up to
+    ``lr``, then cosine decay) for 100 epochs on the whole training split
+    (``val_fraction=0``), keeping the final weights. With ``val_fraction > 0`` that share is
+    held out and the epoch with the lowest validation loss is restored.
 
     Attributes:
+        model: ``rnn`` (the recurrent stack over frames of the raw series) or ``conv-rnn``
+            (convolutional front-end, ``conv_channels`` wide, three blocks of kernels 8, 5,
+            3, whose feature maps, averaged over windows of ``frame`` steps, feed the
+            recurrent stack; LSTM-FCN style).
         head: how the sequence becomes one vector: ``mean`` (masked mean of every step's
             output), ``last`` (the forward direction's output at the last valid step, the
             reverse direction's at the first), ``max`` (masked max), or several joined by
             ``+`` (their features concatenated; default ``last+mean``).
-        head_dropout: dropout before the linear classifier.
-        frame: feed the recurrence ``frame`` consecutive steps at a time: a ``(T, C)``
-            sequence becomes ``ceil(T / frame)`` steps of ``frame * C`` values (the last frame
-            zero-padded). ``1`` = every step on its own; ``0`` (default) = automatic,
-            ``ceil(median training length / 16)``, so the recurrence runs about 16 steps
-            (1 for sequences of at most 16 steps). The frame used is stored with the run.
+        head_dropout: dropout before the linear output layer.
+        frame: feed the recurrence ``frame`` consecutive steps at a time (``rnn``: a ``(T, C)``
+            sequence becomes ``ceil(T / frame)`` steps of ``frame * C`` values, the last frame
+            zero-padded; ``conv-rnn``: the mean of ``frame`` consecutive front-end steps).
+            ``1`` = every step on its own; ``0`` (default) = automatic, ``ceil(median
+            training length / steps)`` (after the front-end's stride), so the recurrence runs
+            about ``steps`` steps. The frame used is stored with the run.
+        steps: the recurrence's target number of steps when ``frame`` is automatic.
         forget_bias: initial forget-gate bias of LSTM-family cells (``lstm``, ``peephole``,
             ``ln_lstm``, ``minlstm``; Gers et al. 2000, Jozefowicz et al. 2015); other cells
             keep their own initialisation.
-        baselines: extra trained baselines, any of ``cnn`` (FCN, Wang et al. 2017) and
-            ``transformer`` (``torch.nn.TransformerEncoder``); majority class always runs.
-        dtw: also run 1-NN DTW (aeon); quadratic in length, slow on long series.
+        conv_channels: width of each front-end block (``conv-rnn``).
+        conv_stride: stride of the first front-end block (``conv-rnn``); 0 = automatic,
+            ``ceil(median training length / 512)``, so the convolutions run on at most about
+            512 steps.
+        fuse: (``conv-rnn``) the masked mean of the front-end's feature maps joins the pooled
+            recurrent features before the linear layer.
+        minirocket: also run aeon's MiniRocket as a baseline (multivariate form for several
+            channels; series zero-padded to the longest).
 
     ``scheduler="onecycle"`` steps the rate every optimizer step (``OneCycleLR``, peak ``lr``);
     the other schedulers step once per epoch.
     """
 
-    data: str = "japanese_vowels"
     cell: str = "lstm"
     hidden: int = 64
     bidirectional: bool = True
@@ -82,20 +94,50 @@ class Config(base.TaskConfig):
     lr: float = 1e-2
     scheduler: str = "onecycle"
     val_fraction: float = 0.0
+    model: str = "rnn"
     head: str = "last+mean"
     head_dropout: float = 0.2
     frame: int = 0
+    steps: int = 16
     forget_bias: float = 1.0
+    conv_channels: int = 64
+    conv_stride: int = 0
+    fuse: bool = True
+    minirocket: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        head_parts(self.head)
+        if self.model not in MODELS:
+            raise ValueError(f"model: got {self.model!r}, expected one of {', '.join(MODELS)}")
+        for name in ("steps", "conv_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= 1")
+        if self.conv_stride < 0:
+            raise ValueError(f"conv_stride: got {self.conv_stride}, expected an int >= 1, or 0 "
+                             "for automatic")
+        if self.frame < 0:
+            raise ValueError(f"frame: got {self.frame}, expected an int >= 1, or 0 for automatic")
+        if not 0 <= self.head_dropout < 1:
+            raise ValueError(f"head_dropout: got {self.head_dropout}, expected a number in [0, 1)")
+
+
+@dataclass
+class Config(SequenceModelConfig):
+    """Classification run: the fields of :class:`SequenceModelConfig`, and
+
+    Attributes:
+        baselines: extra trained baselines, any of ``cnn`` (FCN, Wang et al. 2017) and
+            ``transformer`` (``torch.nn.TransformerEncoder``); majority class always runs.
+        dtw: also run 1-NN DTW (aeon); quadratic in length, slow on long series.
+    """
+
+    data: str = "japanese_vowels"
     baselines: list[str] = field(default_factory=list)
     dtw: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        head_parts(self.head)
-        if self.frame < 0:
-            raise ValueError(f"frame: got {self.frame}, expected an int >= 1, or 0 for automatic")
-        if not 0 <= self.head_dropout < 1:
-            raise ValueError(f"head_dropout: got {self.head_dropout}, expected a number in [0, 1)")
         bad = [b for b in self.baselines if b not in EXTRA_BASELINES]
         if bad:
             raise ValueError(f"baselines: got {bad}, expected any of {', '.join(EXTRA_BASELINES)} "
@@ -109,11 +151,12 @@ def to_frames(x: Tensor, lengths: Tensor | None, k: int) -> tuple[Tensor, Tensor
     if k == 1:
         return x, lengths
     B, T, C = x.shape
-    n = -(-T // k)
-    if n * k != T:
-        x = torch.nn.functional.pad(x, (0, 0, 0, n * k - T))
+    # ceilings as (v + k - 1) // k: ONNX's integer Div truncates, so -(-v // k) would not trace;
+    # padded even by 0 steps: no branch on the length, so an ONNX trace keeps T dynamic
+    n = (T + k - 1) // k
+    x = torch.nn.functional.pad(x, (0, 0, 0, n * k - T))
     x = x.reshape(B, n, k * C)
-    return x, None if lengths is None else -(-lengths // k)
+    return x, None if lengths is None else (lengths + k - 1) // k
 
 
 def set_forget_bias(rnn: Recurrent, value: float) -> bool:
@@ -165,9 +208,73 @@ class RecurrentClassifier(nn.Module):
         self.fc = nn.Linear(len(self.parts) * self.dirs * self.rnn.output_size, n_classes)
 
     def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
-        x, lengths = to_frames(x, lengths, self.frame)
-        out, h_n = self.rnn(x, state, lengths=lengths)  # (B, T, D*O)
-        return self.fc(self.drop(self.pool(out, lengths))), h_n
+        xr, n = self.export_pre(x, lengths)
+        out, h_n = self.rnn(xr, state, lengths=n)  # (B, T', D*O)
+        return self.export_head(out, x, lengths), h_n
+
+    # the export hook (gyre.export.onnx): forward is export_head(rnn(export_pre(...)))
+    def export_pre(self, x: Tensor, lengths: Tensor | None):
+        """The recurrence's input: ``(frames (B, ceil(T/k), k*C), their lengths)``."""
+        return to_frames(x, lengths, self.frame)
+
+    def export_head(self, out: Tensor, x: Tensor, lengths: Tensor | None) -> Tensor:
+        """Class logits ``(B, K)`` from the recurrence's output ``(B, T', D*O)``."""
+        n = None if lengths is None else (lengths + self.frame - 1) // self.frame
+        return self.fc(self.drop(self.pool(out, n)))
+
+    @property
+    def stream_window(self) -> int | None:
+        """Steps of recurrent output the head reads for its output at the latest step (the
+        last step only for the ``last`` head, every step so far for mean/max pooling)."""
+        return 1 if self.parts == ["last"] else None
+
+    def stream_unsupported(self) -> str | None:
+        """Why this model cannot be served step by step (None: it can)."""
+        if self.frame > 1:
+            return (f"frame={self.frame}: the recurrence reads {self.frame} steps at a time; "
+                    "serving steps one by one needs a run trained with frame=1")
+        return None
+
+
+class ConvRecurrentClassifier(nn.Module):
+    """Convolution-recurrent hybrid (LSTM-FCN / ConvLSTM style): a :class:`ConvFrontEnd`
+    (Conv1d - batch norm - ReLU blocks, first-block stride ``stride``) whose feature maps,
+    averaged over windows of ``frame`` steps, feed a ``gyre.nn.Recurrent`` of any cell; the
+    pooled recurrent features (``head``), joined with ``fuse`` by the masked mean of the feature
+    maps, go through dropout to a linear layer. Padding never changes a sequence's logits.
+
+    ``forward(x (B, T, C), state=None, *, lengths=None) -> (logits (B, K), h_n)``."""
+
+    def __init__(self, cell: str, n_channels: int, n_classes: int, hidden: int = 64,
+                 layers: int = 1, bidirectional: bool = True, dropout: float = 0.0,
+                 head: str = "last+mean", head_dropout: float = 0.0, *, channels: int = 64,
+                 stride: int = 1, frame: int = 1, fuse: bool = True,
+                 forget_bias: float | None = 1.0) -> None:
+        super().__init__()
+        if isinstance(frame, bool) or not isinstance(frame, int) or frame < 1:
+            raise ValueError(f"frame: got {frame!r}, expected an int >= 1")
+        self.front = ConvFrontEnd(n_channels, (channels,) * 3, (8, 5, 3), stride=stride)
+        self.frame = frame
+        self.fuse = fuse
+        self.dirs = 2 if bidirectional else 1
+        self.pool = SequencePool(head, self.dirs)
+        self.parts = self.pool.parts
+        self.rnn = Recurrent(cell, self.front.out_channels, hidden, layers, batch_first=True,
+                             dropout=dropout, bidirectional=bidirectional)
+        if forget_bias is not None:
+            set_forget_bias(self.rnn, forget_bias)
+        self.drop = nn.Dropout(head_dropout)
+        width = self.pool.features(self.dirs * self.rnn.output_size)
+        self.fc = nn.Linear(width + (self.front.out_channels if fuse else 0), n_classes)
+
+    def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
+        h, lengths = self.front(x, lengths)  # (B, ceil(T/stride), F)
+        z, zlen = pool_frames(h, lengths, self.frame)
+        out, h_n = self.rnn(z, state, lengths=zlen)
+        feats = self.pool(out, zlen)
+        if self.fuse:
+            feats = torch.cat([feats, pool(h, lengths, "mean")], dim=1)
+        return self.fc(self.drop(feats)), h_n
 
 
 class FCN(nn.Module):
@@ -216,30 +323,57 @@ class TransformerClassifier(nn.Module):
         return self.fc(pool(h, lengths, "mean")), None
 
 
-def build_model(config: Config, n_channels: int, n_classes: int, frame: int | None = None
-                ) -> nn.Module:
-    """The recurrent classifier ``config`` describes (``frame``: the resolved frame length when
-    ``config.frame`` is 0, automatic)."""
+def build_model(config: SequenceModelConfig, n_channels: int, n_classes: int, frame: int | None = None,
+                stride: int | None = None) -> nn.Module:
+    """The model ``config.model`` describes with ``n_classes`` outputs (``frame``, ``stride``:
+    the resolved values when ``config.frame`` / ``config.conv_stride`` are 0, automatic)."""
+    frame = frame or config.frame or 1
+    if config.model == "conv-rnn":
+        return ConvRecurrentClassifier(
+            config.cell, n_channels, n_classes, config.hidden, config.layers,
+            config.bidirectional, config.dropout, config.head, config.head_dropout,
+            channels=config.conv_channels, stride=stride or config.conv_stride or 1,
+            frame=frame, fuse=config.fuse, forget_bias=config.forget_bias)
     return RecurrentClassifier(config.cell, n_channels, n_classes, config.hidden, config.layers,
                                config.bidirectional, config.dropout, config.head,
-                               config.head_dropout, frame=frame or config.frame or 1,
+                               config.head_dropout, frame=frame,
                                forget_bias=config.forget_bias)
 
 
-#: the recurrence's target number of steps when ``frame`` is automatic (``frame=0``)
+#: the recurrence's default target number of steps when ``frame`` is automatic (``frame=0``)
 FRAME_STEPS = 16
+#: the automatic first-block stride of ``conv-rnn`` keeps the convolutions to about this many steps
+CONV_STEPS = 512
 
 
-def auto_frame(X: list[np.ndarray], steps: int = FRAME_STEPS) -> int:
-    """The frame length that gives the median training sequence about ``steps`` recurrent
-    steps: ``ceil(median length / steps)``, 1 for sequences of at most ``steps``."""
-    return max(1, math.ceil(float(np.median([len(x) for x in X])) / steps))
+def auto_frame(X: list[np.ndarray], steps: int = FRAME_STEPS, stride: int = 1) -> int:
+    """The frame length that gives the median training sequence (after a front-end of stride
+    ``stride``) about ``steps`` recurrent steps: ``ceil(median length / stride / steps)``, 1 for
+    sequences of at most ``steps``."""
+    n = math.ceil(float(np.median([len(x) for x in X])) / stride)
+    return max(1, math.ceil(n / steps))
 
 
-def describe(config: Config, frame: int | None = None) -> str:
+def resolve_shape(config: SequenceModelConfig, X: list[np.ndarray]) -> tuple[int, int]:
+    """``(frame, stride)`` for training on ``X``: the configured values, or the automatic ones
+    (``stride`` is 1 for ``model="rnn"``)."""
+    stride = 1
+    if config.model == "conv-rnn":
+        med = float(np.median([len(x) for x in X]))
+        stride = config.conv_stride or max(1, math.ceil(med / CONV_STEPS))
+    frame = config.frame or auto_frame(X, config.steps, stride)
+    return frame, stride
+
+
+def describe(config: SequenceModelConfig, frame: int | None = None, stride: int | None = None) -> str:
     k = frame or config.frame
-    return (f"{'bi' if config.bidirectional else ''}{config.cell} {config.layers}x{config.hidden} "
-            f"({config.head} head{f', frame {k}' if k and k > 1 else ''})")
+    rec = (f"{'bi' if config.bidirectional else ''}{config.cell} {config.layers}x{config.hidden} "
+           f"({config.head} head{f', frame {k}' if k and k > 1 else ''}")
+    if config.model == "conv-rnn":
+        s = stride or config.conv_stride or 1
+        return (f"conv{config.conv_channels}x3{f'/{s}' if s > 1 else ''} + {rec}"
+                f"{', fused' if config.fuse else ''})")
+    return rec + ")"
 
 
 # -- metrics --------------------------------------------------------------------------------------
@@ -264,14 +398,16 @@ def _prepare(config: Config, data: cdata.ClassificationData):
     return train, val, test, scaler
 
 
-def _fit(model: nn.Module, config: Config, out: Path, train, val, extra, resume: bool,
-         progress: bool | None = None) -> tuple[Trainer, dict]:
+def _fit(model: nn.Module, config: SequenceModelConfig, out: Path, train, val, extra,
+         resume: bool, progress: bool | None = None, loss=nn.functional.cross_entropy,
+         metrics=accuracy, callback=None, distributed: bool | None = None
+         ) -> tuple[Trainer, dict]:
     over = {"progress": config.progress if progress is None else progress}
     if config.scheduler.lower() in ("onecycle", "onecyclelr"):
         over["scheduler_interval"] = "step"  # OneCycleLR changes the rate every step
     tc = config.train_config(**over)
-    trainer = Trainer(model, nn.functional.cross_entropy, tc, collate=cdata.collate,
-                      metrics=accuracy, out_dir=out, extra=extra)
+    trainer = Trainer(model, loss, tc, collate=cdata.collate, metrics=metrics, out_dir=out,
+                      extra=extra, callback=callback, distributed=distributed)
     result = trainer.fit(train, val if len(val) else None, resume=resume)
     return trainer, result
 
@@ -283,48 +419,56 @@ def train(config: Config, *, resume: bool = False) -> dict:
         raise TypeError(f"config: got {type(config).__name__}, expected gyre.tasks.classify.Config")
     # the data first: a bad --data must not leave a run directory behind
     data = cdata.load(config.data, seed=config.seed)
+    if resume:
+        base.check_resume(config, config.out)
     out = base.resolve_out(config, TASK)
-    if resume and not (out / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} to resume from")
-    base.write_config(config, out / "config.toml")
     train_ds, val_ds, test_ds, scaler = _prepare(config, data)
     seed_everything(config.seed)
-    k = auto_frame(data.X_train) if config.frame == 0 else config.frame
-    model = build_model(config, data.n_channels, len(data.classes), frame=k)
+    k, stride = resolve_shape(config, data.X_train)
+    model = build_model(config, data.n_channels, len(data.classes), frame=k, stride=stride)
     extra = {"classes": list(data.classes), "n_channels": data.n_channels,
-             "scaler": scaler.state(), "frame": k}
+             "scaler": scaler.state(), "frame": k, "stride": stride}
     start = time.perf_counter()
-    trainer, result = _fit(model, config, out, train_ds, val_ds, extra, resume)
+    trainer, result = _fit(model, config, out, train_ds, val_ds, extra, resume,
+                           callback=base.config_writer(config, out))
     seconds = time.perf_counter() - start
+    if base.other_rank(out) is not None:
+        return base.other_rank(out)
     if result["interrupted"]:
         return {"interrupted": True, "out": str(out)}
     logits, y = trainer.predict(test_ds)
     pred = logits.argmax(-1).numpy()
     test = _scores(pred, y.numpy())
-    base.plot_history(result["history"], out / "loss.png", f"{describe(config, k)} on {data.name}")
+    name = describe(config, k, stride)
+    base.plot_history(result["history"], out / "loss.png", f"{name} on {data.name}")
     plot_confusion(y.numpy(), pred, data.classes, out / "confusion.png",
-                   f"{describe(config, k)}: accuracy {test['accuracy']:.3f}")
+                   f"{name}: accuracy {test['accuracy']:.3f}")
 
     baselines = {"majority": _scores(np.full_like(data.y_test, np.bincount(data.y_train).argmax()),
                                      data.y_test)}
     if config.dtw:
         baselines["1nn_dtw"] = dtw_baseline(data)
+    if config.minirocket:
+        baselines["minirocket"] = minirocket_baseline(data, config.seed)
     for name in config.baselines:
         seed_everything(config.seed)
         net = (FCN(data.n_channels, len(data.classes)) if name == "cnn"
                else TransformerClassifier(data.n_channels, len(data.classes)))
         bt, bres = _fit(net, config, out / "baselines" / name, train_ds, val_ds, extra,
-                        resume=resume and (out / "baselines" / name / CHECKPOINT).is_file())
+                        resume=resume and (out / "baselines" / name / CHECKPOINT).is_file(),
+                        distributed=False)  # on rank 0 alone: the other ranks are done
         if bres["interrupted"]:
             return {"interrupted": True, "out": str(out)}
         blog, by = bt.predict(test_ds)
         baselines[name] = _scores(blog.argmax(-1).numpy(), by.numpy())
     metrics = {
-        "task": TASK, "data": data.name, "out": str(out), "model": describe(config, k),
+        "task": TASK, "data": data.name, "out": str(out), "model": name,
         "test": test, "baselines": baselines,
         "train": {"epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
                   "stopped_early": result["stopped_early"], "seconds": round(seconds, 2),
                   "n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds), "frame": k,
+                  "stride": stride, "final_train_loss": result["history"][-1].get("train_loss")
+                  if result["history"] else None,
                   "parameters": sum(p.numel() for p in model.parameters())},
         "classes": list(data.classes),
     }
@@ -344,6 +488,28 @@ def dtw_baseline(data: cdata.ClassificationData) -> dict[str, float]:
     clf = KNeighborsTimeSeriesClassifier(n_neighbors=1, distance="dtw")
     clf.fit(Xtr, data.y_train)
     return _scores(np.asarray(clf.predict(Xte)).astype(np.int64), data.y_test)
+
+
+def to_aeon_array(X: list[np.ndarray], min_length: int = 9) -> np.ndarray:
+    """``(n, C, T_max)`` float64 for aeon's equal-length estimators, shorter series zero-padded
+    at the end (and every series to at least ``min_length``, MiniRocket's shortest)."""
+    T = max(min_length, max(len(x) for x in X))
+    out = np.zeros((len(X), X[0].shape[1], T))
+    for i, x in enumerate(X):
+        out[i, :, :len(x)] = x.T
+    return out
+
+
+def minirocket_baseline(data: cdata.ClassificationData, seed: int = 0) -> dict[str, float]:
+    """aeon's MiniRocket (Dempster et al. 2021; the multivariate form for several channels):
+    random convolution features, ridge classifier; series zero-padded to the longest. aeon's
+    numba kernels are compiled once and cached on disk (about 17 s the first time)."""
+    from aeon.classification.convolution_based import MiniRocketClassifier
+    T = max(len(x) for x in data.X_train + data.X_test)
+    clf = MiniRocketClassifier(random_state=seed, n_jobs=1)
+    clf.fit(to_aeon_array(data.X_train, max(9, T)), data.y_train)
+    pred = np.asarray(clf.predict(to_aeon_array(data.X_test, max(9, T))))
+    return _scores(pred.astype(np.int64), data.y_test)
 
 
 def plot_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], path, title: str) -> None:
@@ -369,12 +535,49 @@ def load_run(out_dir) -> tuple[Config, nn.Module, dict]:
     config = base.load_config(Config, out / "config.toml")
     ckpt = load_checkpoint(out / CHECKPOINT)
     extra = ckpt["extra"]
-    model = build_model(config, extra["n_channels"], len(extra["classes"]), extra.get("frame"))
+    model = build_model(config, extra["n_channels"], len(extra["classes"]), extra.get("frame"),
+                        extra.get("stride"))
     best = ckpt["best"]["model"]
     use_best = best is not None and ckpt["config"].get("restore_best", True)
     model.load_state_dict(best if use_best else ckpt["model"])
     model.eval()
     return config, model, extra
+
+
+def finetune(model: nn.Module, config: Config, extra: dict) -> None:
+    """Train ``model`` (e.g. a pruned one) for ``config.epochs`` on the run's training split
+    into the new run directory ``config.out`` (config.toml and checkpoint, as gyre train
+    writes them), keeping ``extra`` (scaler, classes, frame)."""
+    data = cdata.load(config.data, seed=config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base.write_config(config, out / "config.toml")
+    train_ds, val_ds, _, _ = _prepare(config, data)
+    seed_everything(config.seed)
+    _, result = _fit(model, config, out, train_ds, val_ds, extra, resume=False, progress=False)
+    if result["interrupted"]:
+        raise KeyboardInterrupt
+
+
+def score_test(out_dir, run=None) -> tuple[dict, float]:
+    """``(test scores, seconds of the model's forward over the test split)`` of a run; ``run``:
+    what computes the forward instead of the run's model (e.g. an ``OnnxModel``)."""
+    config, model, extra = load_run(out_dir)
+    model = run or model
+    ds = cdata.load(config.data, seed=config.seed)
+    X = cdata.Standardizer.from_state(extra["scaler"])(ds.X_test)
+    _logits(model, X)  # warm-up (a compiled kernel's first call)
+    start = time.perf_counter()
+    pred = _logits(model, X).argmax(-1).numpy()
+    return _scores(pred, ds.y_test), time.perf_counter() - start
+
+
+def stream_io(model: RecurrentClassifier, extra: dict):
+    """``(input, output)`` transforms for serving a run step by step: the run's standardizer
+    on each step's raw features, softmax of the logits (class probabilities, in the order of
+    ``extra["classes"]``)."""
+    mean, std = extra["scaler"]["mean"].float(), extra["scaler"]["std"].float()
+    return (lambda x: (x - mean) / std), (lambda logits: torch.softmax(logits, -1))
 
 
 @torch.no_grad()
@@ -406,10 +609,13 @@ def evaluate(out_dir, data: str | None = None) -> dict:
     return {"test": _scores(pred, y), "data": ds.name, "n_test": len(y)}
 
 
-def predict(out_dir, data_path: str) -> list[dict]:
+def predict(out_dir, data_path: str, *, runtime: str = "torch") -> list[dict]:
     """Class and class probabilities for every sequence in ``data_path`` (CSV/NPZ as for
-    training; labels and splits, when present, are ignored: every sequence is predicted)."""
+    training; labels and splits, when present, are ignored: every sequence is predicted).
+    ``runtime="onnxruntime"`` runs the run's exported ``model.onnx`` (``gyre export``)."""
     _, model, extra = load_run(out_dir)
+    if runtime != "torch":
+        model = base.runtime_model(out_dir, runtime)
     X = cdata.read_sequences(data_path)
     scaler = cdata.Standardizer.from_state(extra["scaler"])
     probs = torch.softmax(_logits(model, scaler(X)), -1).numpy()
@@ -422,5 +628,34 @@ def predict(out_dir, data_path: str) -> list[dict]:
     return rows
 
 
-__all__ = ["Config", "TASK", "train", "evaluate", "predict", "RecurrentClassifier", "FCN",
-           "TransformerClassifier", "build_model", "load_run", "dtw_baseline"]
+def explain_inputs(out_dir, data: str | None = None, samples: int = 8):
+    """The explain seam (:mod:`gyre.explain`): the first ``samples`` test sequences of the run's
+    data (or ``data``'s), scaled as in training, and the predicted class's logit to explain."""
+    from ..explain import Inputs
+    config, model, extra = load_run(out_dir)
+    ds = cdata.load(data or config.data, seed=config.seed)
+    scaler = cdata.Standardizer.from_state(extra["scaler"])
+    X = scaler(ds.X_test[:samples])
+    seqs = cdata.SequenceDataset(X, np.zeros(len(X), np.int64))
+    batch = cdata.collate([seqs[i] for i in range(len(seqs))])
+    x, lengths = batch["x"], batch.get("lengths")
+    same = list(ds.classes) == list(extra["classes"])
+    labels = torch.as_tensor(ds.y_test[:samples]) if same else None
+
+    def forward(x, lengths):
+        return model(x, lengths=lengths)[0]
+
+    def predict(x, lengths):
+        with torch.no_grad():
+            return forward(x, lengths).argmax(-1)
+
+    target = predict(x, lengths)
+    channels = [f"channel {c}" for c in range(x.shape[2])]
+    title = f"classify {ds.name}: {describe(config, extra.get('frame'))}"
+    return Inputs(model, forward, x, lengths, title, channels, target=target, labels=labels, predict=predict,
+                  meta={"explained": "logit of the predicted class", "data": ds.name})
+
+
+__all__ = ["HEADS", "Config", "SequenceModelConfig", "TASK", "MODELS", "train", "evaluate", "predict",
+           "RecurrentClassifier", "ConvRecurrentClassifier", "FCN", "TransformerClassifier",
+           "build_model", "load_run", "dtw_baseline", "minirocket_baseline", "explain_inputs"]

@@ -426,50 +426,99 @@ class Forecaster(nn.Module):
         src = torch.where(n[:, None] >= m, src, n[:, None] - 1)  # too short: the last value
         return x[rows, src]
 
-    def _direct(self, x: Tensor, state, lengths: Tensor, ref):
+    # the export hook (gyre.export.onnx), direct strategy: forward is
+    # export_head(rnn(*export_pre(x, lengths))[0], x, lengths); lengths (B,) int64, always given.
+    # Both use torch ops only (traced into the ONNX graph), no Python branch on tensor values.
+    def export_pre(self, x: Tensor, lengths: Tensor):
+        """The recurrence's input: ``x``'s first ``n_inputs`` columns (not the series number),
+        relative to its last observed value with ``center`` (known-in-advance columns as they
+        are). Steps after ``lengths`` (the future covariates' horizon) are padding to it."""
+        xin = x[:, :, :self.n_inputs]
+        if not self.center:
+            return xin, lengths
+        rows = torch.arange(x.shape[0])
+        return xin - xin[rows, lengths - 1][:, None] * self.center_mask, lengths
+
+    @property
+    def export_features(self) -> int:
+        """Columns of ``x``: the recurrence's inputs, then the series number with ``n_ids``."""
+        return self.n_inputs + (1 if self.n_ids else 0)
+
+    def export_head(self, out: Tensor, x: Tensor, lengths: Tensor) -> Tensor:
+        """The direct forecast from the recurrence's output: ``(B, horizon, C_t)``, or a
+        probabilistic model's ``(B, horizon, C_t, Q or P)``."""
         B = x.shape[0]
         rows = torch.arange(B)
-        n_in = self.n_inputs
-        xin = x[:, :, :n_in]
-        steps = xin.shape[1] if not self.future else int(lengths.max())
-        out, state = self.rnn((xin - ref)[:, :steps], state, lengths=lengths)
         O = self.rnn.output_size
         feat = out[rows, lengths - 1]
         if self.rnn.bidirectional:
             feat = torch.cat([feat[:, :O], out[:, 0, O:]], dim=1)
         parts = [feat]
         if self.future:
-            idx = (lengths[:, None] + torch.arange(self.horizon)[None]).to(x.device)
-            fut = x[rows[:, None], idx][:, :, self.future]  # (B, horizon, F)
+            # horizon zero steps appended, so lengths + k is in range for any T (the ONNX trace
+            # runs on a short example); the real future steps lie within x
+            pad = torch.cat([x, x[:, :1].expand(-1, self.horizon, -1) * 0.0], dim=1)
+            idx = lengths[:, None].to(x.device) + torch.arange(self.horizon, device=x.device)[None]
+            fut = pad[rows[:, None], idx][:, :, self.future]  # (B, horizon, F)
             parts.append(fut.reshape(B, -1))
         if self.ids is not None:
-            sid = x[:, 0, -1].round().long()
+            sid = x[:, 0, -1].round()
             known = (sid >= 0) & (sid < self.n_ids)
-            emb = self.ids(sid.clamp(0, self.n_ids - 1))
+            emb = self.ids(sid.clamp(0, self.n_ids - 1).long())
             mean = self.ids.weight.mean(0, keepdim=True).expand_as(emb)
             parts.append(torch.where(known[:, None], emb, mean))
         h = self.head(torch.cat(parts, dim=1) if len(parts) > 1 else feat)
         C_t = len(self.target)
+        xin = x[:, :, :self.n_inputs]
         base = (self._base(xin, lengths, self.horizon)[:, :, self.target]
                 if self.residual != "none" else None)
         if not self.probabilistic:
             pred = h.view(B, self.horizon, C_t)
-            return (pred + base if base is not None else pred), state
+            return pred + base if base is not None else pred
         raw = h.view(B, self.horizon, C_t, self.n_params)
         if self.quantiles:
             mid = min(range(len(self.quantiles)), key=lambda j: abs(self.quantiles[j] - 0.5))
             center = raw[..., mid:mid + 1]
             up = center + torch.cumsum(nn.functional.softplus(raw[..., mid + 1:]), dim=-1)
-            down = center - torch.cumsum(nn.functional.softplus(raw[..., :mid]).flip(-1),
-                                         dim=-1).flip(-1)
+            below = nn.functional.softplus(raw[..., :mid])  # reverse cumulative sum, no flip
+            down = center - (below.sum(-1, keepdim=True) - torch.cumsum(below, dim=-1) + below)
             q = torch.cat([down, center, up], dim=-1)
-            return (q + base[..., None] if base is not None else q), state
+            return q + base[..., None] if base is not None else q
         loc = raw[..., 0] + (base if base is not None else 0.0)
         scale = nn.functional.softplus(raw[..., 1]) + 1e-4
         params = [loc, scale]
         if self.distribution == "studentt":
             params.append(2.0 + nn.functional.softplus(raw[..., 2]))
-        return torch.stack(params, dim=-1), state
+        return torch.stack(params, dim=-1)
+
+    def export_unsupported(self) -> str | None:
+        """Why the model does not export with its head (None: it does)."""
+        if self.strategy != "direct":
+            return ("strategy='recursive' feeds its own forecasts back one step at a time; "
+                    "only strategy='direct' runs export with its head")
+        return None
+
+    @property
+    def stream_window(self) -> int | None:
+        """Steps of input the head reads for the forecast from the latest step: one season
+        for the seasonal residual, else the latest step."""
+        return self.season if self.residual == "seasonal" else 1
+
+    def stream_unsupported(self) -> str | None:
+        """Why this model cannot be served step by step (None: it can)."""
+        if self.strategy != "direct":
+            return "strategy='recursive' is not served; train with strategy='direct'"
+        if self.center:
+            return ("center=True reads every step relative to the last one, so each new step "
+                    "changes all earlier inputs; serve a run trained with center=False")
+        if self.future:
+            return ("the head reads covariates of the forecast steps (calendar features or "
+                    "future_covariates), which a stream of past steps does not carry; serve a "
+                    "run trained with calendar=False and no future_covariates")
+        if self.n_ids:
+            return ("id_embedding reads the series number as a column the recurrence does not "
+                    "take, which a stream's steps do not carry; serve a run without id_embedding")
+        return None
 
     def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
         B, T, _ = x.shape
@@ -482,12 +531,11 @@ class Forecaster(nn.Module):
         if (n_last < 0).any():
             raise ValueError(f"lengths: a recursive forecast of horizon {self.horizon} needs "
                              f"lengths >= {self.horizon}, got {int(lengths.min())}")
-        if self.center:
-            ref = x[rows, n_last][:, None, :self.n_inputs] * self.center_mask  # (B, 1, C)
-        else:
-            ref = 0.0
         if self.strategy == "direct":
-            return self._direct(x, state, lengths, ref)
+            xr, _ = self.export_pre(x, lengths)
+            out, state = self.rnn(xr, state, lengths=lengths)
+            return self.export_head(out, x, lengths), state
+        ref = x[rows, n_last][:, None] * self.center_mask if self.center else 0.0  # (B, 1, C)
         if self.training:
             out, state = self.rnn(x - ref, state, lengths=lengths)
             pred = self.head(out)
@@ -641,9 +689,11 @@ def collate(items) -> dict[str, Tensor]:
     return {"x": torch.stack(xs), "y": torch.stack(ys), "lengths": torch.stack(ls)}
 
 
-def forecast_windows(model: Forecaster, w: Windows, batch_size: int = 512) -> np.ndarray:
+def forecast_windows(model: Forecaster, w: Windows, batch_size: int = 512, run=None) -> np.ndarray:
     """Scaled outputs for the windows' inputs (their targets unused): ``(N, horizon, C_t)``
-    forecasts, or a probabilistic model's ``(N, horizon, C_t, Q or P)``."""
+    forecasts, or a probabilistic model's ``(N, horizon, C_t, Q or P)``. ``run``: what computes
+    ``model``'s forward (default ``model`` itself; e.g. an :class:`gyre.export.OnnxModel` of
+    its exported file)."""
     data = WindowData(w, model.strategy, teacher=False, future=model.future)
     model.eval()
     device = next(model.parameters()).device
@@ -657,7 +707,7 @@ def forecast_windows(model: Forecaster, w: Windows, batch_size: int = 512) -> np
                 steps = torch.arange(x.shape[1])
                 future = steps[None] >= (lengths - model.horizon + 1)[:, None]
                 x = x.masked_fill(future[..., None].to(device), 0.0)
-            out, _ = model(x, lengths=lengths)
+            out, _ = (run or model)(x, lengths=lengths)
             out = out.float().cpu()
             if model.strategy == "recursive":
                 n_in = lengths - (model.horizon - 1)
@@ -668,13 +718,16 @@ def forecast_windows(model: Forecaster, w: Windows, batch_size: int = 512) -> np
     return torch.cat(outs).numpy().astype(np.float64)
 
 
-def ensemble_forecast(models, w: Windows, levels):
+def ensemble_forecast(models, w: Windows, levels, run=None):
     """``(point (N, h, C_t), quantiles (N, h, C_t, Q) or None)`` in the scaled space: each
     model's median (or point) forecast and quantiles at ``levels``, averaged over the models
-    (quantile averaging; the members share one scaler)."""
+    (quantile averaging; the members share one scaler). ``run``: what computes the one model's
+    forward (see :func:`forecast_windows`)."""
+    if run is not None and len(models) != 1:
+        raise ValueError(f"run: computes one model's forward; got {len(models)} models")
     points, qs = [], []
     for model in models:
-        out = forecast_windows(model, w)
+        out = forecast_windows(model, w, run=run)
         points.append(point_of(model, out))
         if model.probabilistic:
             qs.append(output_quantiles(model, out, levels))
@@ -1056,6 +1109,8 @@ def train(config: Config, *, resume: bool = False) -> dict:
         raise TypeError(f"config: got {type(config).__name__}, expected forecast.Config")
     ss = _load(config)
     setup = _Setup(config, ss)
+    if resume:
+        base.check_resume(config, config.out)
     scaler = Scaler(config.scaler, value_transform=config.value_transform())
     scaled, train_w, val_w, test_w, val_start, test_start = prepare(
         ss, setup.horizon, setup.lookback, setup.min_lookback, scaler, setup.val_fraction,
@@ -1066,7 +1121,6 @@ def train(config: Config, *, resume: bool = False) -> dict:
                          f"targets before its validation/test part; lower lookback, "
                          f"min_lookback, horizon or val_fraction")
     out = base.resolve_out(config, "forecast")
-    base.write_config(config, out / "config.toml")
     has_val = val_w is not None and len(val_w) > 0
     extra = {"scaler": scaler.state(), "data": ss.name, **setup.saved()}
     train_data = WindowData(train_w, config.strategy, teacher=True, future=setup.future)
@@ -1081,8 +1135,10 @@ def train(config: Config, *, resume: bool = False) -> dict:
         tconf = config.train_config(seed=seed, **({} if has_val else {"patience": 0}))
         member = _member_dir(out, k)
         member.mkdir(parents=True, exist_ok=True)
+        # member 0's start writes config.toml (a resumed run: once its checkpoint was checked)
         trainer = Trainer(model, setup.loss(config), tconf, collate=collate, out_dir=member,
-                          extra=extra)
+                          extra=extra,
+                          callback=base.config_writer(config, out) if k == 0 else None)
         again = resume and (k == 0 or trainer.checkpoint_path.is_file())
         fit = trainer.fit(train_data, val_data, resume=again)
         if fit["interrupted"]:
@@ -1090,6 +1146,8 @@ def train(config: Config, *, resume: bool = False) -> dict:
         models.append(trainer.model)
         fits.append(fit)
     seconds = time.perf_counter() - t0
+    if base.other_rank(out) is not None:
+        return base.other_rank(out)
     levels = setup.levels or DEFAULT_LEVELS
     forecasts, quantiles, actuals, insamples, test = _scored(setup, models, scaler, test_w,
                                                               setup.levels)
@@ -1200,13 +1258,63 @@ def evaluate(out_dir, data: str | None = None) -> dict:
     return {"test": _jsonable(test)}
 
 
-def predict(out_dir, data_path: str | None = None) -> list[dict]:
+def load_run(out_dir) -> tuple[Config, Forecaster, dict]:
+    """``(config, model with the restored weights, checkpoint extra)`` from a run directory
+    (export and serving take one model: an ensemble run is refused)."""
+    out = Path(out_dir)
+    if not (out / "config.toml").is_file():
+        raise FileNotFoundError(f"out_dir: {str(out)!r} has no config.toml; expected a directory "
+                                "written by gyre train forecast")
+    config, ckpts = _rebuild(out_dir)
+    if len(ckpts) > 1:
+        raise ValueError(f"out_dir: {str(out)!r} is an ensemble of {len(ckpts)} models, which "
+                         "export and serving (one model) do not cover; train with ensemble=1")
+    extra = _saved(ckpts[0])
+    setup = _Setup(config, _load(config), saved=extra)
+    return config, _restored_model(config, setup, ckpts[0]), extra
+
+
+def stream_io(model: Forecaster, extra: dict):
+    """``(input, output)`` transforms for serving a run step by step. A run on one series
+    takes and gives values in that series' units (its fitted scaler both ways; quantiles
+    each mapped back); a run on many series, each with its own scale, takes and gives the
+    model's scaled units (None, None)."""
+    scaler = Scaler.from_state(extra["scaler"])
+    if len(scaler.loc) != 1:
+        return None, None
+    if model.distribution != "none":
+        raise ValueError(f"serve: a {model.distribution} distribution's parameters are not "
+                         "values in the series' units; serve a point or quantile run, or a "
+                         "run on many series (scaled units)")
+    loc = torch.as_tensor(scaler.loc[0], dtype=torch.float64)
+    scale = torch.as_tensor(scaler.scale[0], dtype=torch.float64)
+    cols = list(model.target)
+    q = bool(model.quantiles)
+
+    def inp(x):  # (B, C) raw -> scaled
+        v = torch.as_tensor(scaler._pre(x.double().numpy()))
+        return ((v - loc) / scale).float()
+
+    def out(z):  # (B, horizon, C_t[, Q]) scaled -> raw
+        s_, l_ = (scale[cols][:, None], loc[cols][:, None]) if q else (scale[cols], loc[cols])
+        v = z.double() * s_ + l_
+        return torch.as_tensor(scaler._post(v.numpy())).float()
+
+    return inp, out
+
+
+def predict(out_dir, data_path: str | None = None, *, runtime: str = "torch") -> list[dict]:
     """Forecasts of the next ``horizon`` steps after the end of every series in ``data_path``
     (default: the run's data): ``{"series", "step", "column", "forecast"}`` rows, plus ``date``
     when the series has dates and ``q<level>`` per quantile level of a probabilistic model.
     A model with ``future_covariates`` reads their values from the last ``horizon`` rows of each
-    series in ``data_path`` (targets blank there)."""
+    series in ``data_path`` (targets blank there). ``runtime="onnxruntime"`` runs the run's
+    exported ``model.onnx`` (``gyre export``)."""
+    run = base.runtime_model(out_dir, runtime)
     config, ckpts = _rebuild(out_dir)
+    if run is not None and len(ckpts) > 1:
+        raise ValueError(f"runtime: {runtime!r} runs one exported model; this run is an "
+                         f"ensemble of {len(ckpts)}; use runtime='torch'")
     saved = _saved(ckpts[0])
     h = int(saved["horizon"])
     if config.future_covariates:
@@ -1243,7 +1351,7 @@ def predict(out_dir, data_path: str | None = None) -> list[dict]:
         padded = [np.concatenate([z, e], axis=1) for z, e in zip(padded, extra, strict=True)]
     w = make_windows(padded, setup.lookback, h, [(len(s), len(s) + h) for s in ss.series],
                      target=models[0].target, min_lookback=1)
-    z, zq = ensemble_forecast(models, w, setup.levels)
+    z, zq = ensemble_forecast(models, w, setup.levels, run=run)
     rows = []
     for k, i in enumerate(w.series):
         pos = [models[0].target.index(c) for c in ss.target]
@@ -1265,6 +1373,46 @@ def predict(out_dir, data_path: str | None = None) -> list[dict]:
                         row[f"q{lv:g}"] = float(v)
                 rows.append(row)
     return rows
+
+
+def explain_inputs(out_dir, data: str | None = None, samples: int = 8):
+    """The explain seam (:mod:`gyre.explain`): the input windows of the first ``samples`` test
+    forecasts (scaled as in training), and the mean scaled (point) forecast of the first target
+    column over the horizon to explain (member 0 of an ensemble)."""
+    from ..explain import Inputs
+    config, ckpts = _rebuild(out_dir)
+    if config.strategy != "direct":
+        raise ValueError("explain: forecast runs with strategy='direct' are supported (a "
+                         "recursive forecast feeds its own outputs back, which attributions "
+                         "over the inputs do not cover)")
+    ss = _load(config, data)
+    setup = _Setup(config, ss, saved=_saved(ckpts[0]))
+    _check_columns(setup, ckpts[0], data or config.data)
+    model = _restored_model(config, setup, ckpts[0])
+    scaler = Scaler(config.scaler, value_transform=config.value_transform())
+    *_, test_w, _, _ = prepare(ss, setup.horizon, setup.lookback, setup.min_lookback, scaler,
+                               setup.val_fraction, setup.backtest, setup.extra(ss))
+    wd = WindowData(test_w, "direct", teacher=False, future=setup.future)
+    n = min(samples, len(wd))
+    batch = collate([wd[i] for i in range(n)])
+    col = model.target.index(ss.target[0])
+    if model.quantiles:
+        mid = min(range(len(model.quantiles)), key=lambda j: abs(model.quantiles[j] - 0.5))
+
+    def forward(x, lengths):
+        y = model(x, lengths=lengths)[0]
+        if model.probabilistic:  # the median level, or the location
+            y = y[..., mid] if model.quantiles else y[..., 0]
+        return y[:, :, col].mean(1)
+
+    names = [ss.columns[c] for c in range(ss.num_columns)]
+    names += [f"calendar{j}" for j in range(setup.n_calendar)]
+    if setup.n_ids:
+        names.append("series_id")
+    title = f"forecast {ss.name}: {setup.describe(config)}"
+    return Inputs(model, forward, batch["x"], batch["lengths"], title, names,
+                  meta={"explained": f"mean scaled forecast of {ss.columns[ss.target[0]]!r} "
+                        f"over {setup.horizon} steps", "data": ss.name})
 
 
 def plot_forecasts(ss: SeriesSet, forecasts, baselines: dict, test_start, path, title: str,

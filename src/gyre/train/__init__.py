@@ -21,8 +21,14 @@ The contract between a task and the Trainer:
 Checkpoints (``DIR/checkpoint``) hold model, optimizer, scheduler, RNG and loader state,
 epoch, history and best weights, are written atomically and loaded with
 ``torch.load(weights_only=True)``; see :meth:`Trainer.fit` for resume and interruption.
+
+Modules: :mod:`.trainer` (the epoch loop), :mod:`.checkpoint` (checkpoint I/O), :mod:`.optim`
+(optimizer and schedule building, re-planning on resume), :mod:`.distributed` (data parallel
+over processes started by ``torchrun``: the Trainer wraps the model in DDP when a process group
+is initialized).
 """
 
+from . import distributed
 from .trainer import (
     CHECKPOINT,
     NonFiniteLossError,
@@ -30,6 +36,7 @@ from .trainer import (
     Trainer,
     detach_state,
     load_checkpoint,
+    remove_stale_temporaries,
     resolve_device,
     save_checkpoint,
     seed_everything,
@@ -37,5 +44,6 @@ from .trainer import (
 
 __all__ = [
     "CHECKPOINT", "NonFiniteLossError", "Trainer", "TrainConfig", "detach_state",
-    "load_checkpoint", "resolve_device", "save_checkpoint", "seed_everything",
+    "load_checkpoint", "resolve_device", "save_checkpoint", "seed_everything", "distributed",
+    "remove_stale_temporaries",
 ]

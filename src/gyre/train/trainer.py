@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -20,9 +21,26 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-#: file name of the checkpoint inside a run directory
-CHECKPOINT = "checkpoint"
-_FORMAT = "gyre-checkpoint-1"
+from . import distributed as _dist
+from .checkpoint import (  # noqa: F401  (re-exported: the names this module always had)
+    _FORMAT,
+    CHECKPOINT,
+    CHECKPOINT_KEYS,
+    _atomic_write_bytes,
+    _rng_state,
+    _set_rng_state,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from .optim import (  # noqa: F401
+    _optimizer_class,
+    _scheduler_spec,
+    build_optimizer,
+    build_scheduler,
+    load_scheduler_state,
+    rescale_lr,
+)
 
 Batch = dict[str, Tensor]
 
@@ -38,7 +56,7 @@ class TrainConfig:
     Attributes:
         epochs: passes over the training data.
         batch_size: sequences per micro-batch (``eval_batch_size``: for evaluation, 0 = same).
-        lr, weight_decay: learning rate and weight decay given to the optimizer.
+        lr, weight_decay: the optimizer's learning rate; its weight decay.
         optimizer: a ``torch.optim`` class name, any case (``adam``, ``adamw``, ``sgd``,
             ``rmsprop``...); ``optimizer_options`` go to its constructor.
         scheduler: ``none``, a ``torch.optim.lr_scheduler`` class name (any case, options in
@@ -52,14 +70,19 @@ class TrainConfig:
             optimizer step; each micro-loss is divided by ``accumulate``.
         tbptt: truncated BPTT chunk length in steps (0 = full BPTT).
         patience: stop after this many epochs without improvement of ``monitor`` (0 = never).
-        monitor, mode: the history key that defines "best" (``val_loss``, ``val_accuracy``...)
-            and whether lower (``min``) or higher (``max``) is better.
+        monitor, mode: the history key that defines "best" (``val_loss``,
+            ``val_accuracy``...); whether lower (``min``) or higher (``max``) is better.
         restore_best: load the best epoch's weights at the end (needs a validation split).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         bf16: bfloat16 autocast for forward passes (CPU or CUDA).
         seed: seeds the global RNGs at the start of a fresh run and the shuffling generator.
         shuffle: shuffle the training data every epoch.
-        progress, tensorboard, csv: a tqdm bar; ``DIR/tensorboard`` events; ``DIR/log.csv``.
+        shard: how a distributed run deals the items to its processes: ``interleave`` (each
+            its share of every global batch of ``batch_size``) or ``contiguous`` (each a
+            contiguous block, for state carried between batches); see
+            :func:`gyre.train.distributed.shard`.
+        progress, tensorboard, csv: show a tqdm progress bar; write ``DIR/tensorboard``
+            events; write ``DIR/log.csv``.
     """
 
     epochs: int = 10
@@ -84,6 +107,7 @@ class TrainConfig:
     bf16: bool = False
     seed: int = 0
     shuffle: bool = True
+    shard: str = "interleave"
     progress: bool = True
     tensorboard: bool = True
     csv: bool = True
@@ -104,6 +128,8 @@ class TrainConfig:
         if self.scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval: got {self.scheduler_interval!r}, "
                              "expected 'epoch' or 'step'")
+        if self.shard not in _dist.SHARDS:
+            raise ValueError(f"shard: got {self.shard!r}, expected one of {', '.join(_dist.SHARDS)}")
         _optimizer_class(self.optimizer)
         _scheduler_spec(self.scheduler)
         resolve_device(self.device, check_available=False)
@@ -113,39 +139,6 @@ class TrainConfig:
 def _check_int(name: str, v, low: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
         raise ValueError(f"{name}: got {v!r}, expected an int >= {low}")
-
-
-def _optimizer_class(name: str):
-    if not isinstance(name, str):
-        raise TypeError(f"optimizer: got {type(name).__name__}, expected a torch.optim class name")
-    table = {k.lower(): v for k, v in vars(torch.optim).items()
-             if isinstance(v, type) and issubclass(v, torch.optim.Optimizer)
-             and v is not torch.optim.Optimizer}
-    if name.lower() not in table:
-        raise ValueError(f"optimizer: got {name!r}, expected a torch.optim optimizer, one of "
-                         f"{', '.join(sorted(table))}")
-    return table[name.lower()]
-
-
-_SCHED_BASES = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-_SHORTHANDS = {"cosine": "cosineannealinglr", "plateau": "reducelronplateau",
-               "onecycle": "onecyclelr", "step": "steplr"}
-
-
-def _scheduler_spec(name: str):
-    if not isinstance(name, str):
-        raise TypeError(f"scheduler: got {type(name).__name__}, expected a name or 'none'")
-    if name.lower() == "none":
-        return None
-    table = {k.lower(): v for k, v in vars(torch.optim.lr_scheduler).items()
-             if isinstance(v, type) and issubclass(v, _SCHED_BASES)
-             and not k.startswith("_") and k != "LRScheduler"}
-    key = _SHORTHANDS.get(name.lower(), name.lower())
-    if key not in table:
-        raise ValueError(f"scheduler: got {name!r}, expected 'none', one of "
-                         f"{', '.join(sorted(_SHORTHANDS))} or a torch.optim.lr_scheduler class "
-                         f"({', '.join(sorted(table))})")
-    return table[key]
 
 
 def resolve_device(device: str | torch.device, check_available: bool = True) -> torch.device:
@@ -200,63 +193,6 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return out
 
 
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename (atomic on POSIX)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    _atomic_write_bytes(Path(path), buf.getvalue())
-
-
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint without executing code (``weights_only=True``), with a clear error."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: {str(path)!r} does not exist (expected a run "
-                                "directory holding 'checkpoint', or the file itself)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"checkpoint: {str(path)!r} could not be read as a gyre checkpoint "
-                         f"({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
-        raise ValueError(f"checkpoint: {str(path)!r} is not a gyre checkpoint (format "
-                         f"{ckpt.get('format') if isinstance(ckpt, dict) else None!r}, "
-                         f"expected {_FORMAT!r})")
-    return ckpt
-
-
 def _clone_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -274,8 +210,20 @@ class Trainer:
         metrics: ``metrics(outputs, targets) -> dict[str, float]`` on a whole split.
         out_dir: where ``checkpoint``, ``log.csv`` and ``tensorboard/`` go (None: no files).
         extra: task state stored in the checkpoint (tensors, numbers, strings, lists, dicts).
-        callback: ``callback(trainer, event, info)`` called after every optimizer step
-            (``event="step"``) and epoch (``"epoch"``); it may call :meth:`request_stop`.
+        callback: ``callback(trainer, event, info)`` called once when training starts, after
+            a resumed run's checkpoint was loaded and checked and before anything is written
+            (``event="start"``, ``info={"resumed", "epoch"}``), after every optimizer step
+            (``"step"``) and epoch (``"epoch"``); it may call :meth:`request_stop`.
+        distributed: ``None`` (default): data parallel over the processes of an initialized
+            ``torch.distributed`` process group, when there is one (see
+            :mod:`gyre.train.distributed`); ``False``: this process alone.
+
+    The parts a variant changes are separate seams: checkpoint I/O (:meth:`_checkpoint`,
+    :meth:`_save`, :meth:`_load_for_resume`, :mod:`gyre.train.checkpoint`), optimizer and
+    schedule (:meth:`_make_scheduler`, :mod:`gyre.train.optim`), which items a process trains on
+    (:meth:`_epoch_order`, :meth:`_local_order`), one batch and its micro-steps
+    (:meth:`_train_batch`, :meth:`_sync`, :meth:`_optimizer_step`), and the epoch's end
+    (:meth:`_end_epoch`).
     """
 
     def __init__(
@@ -289,6 +237,7 @@ class Trainer:
         out_dir: str | os.PathLike | None = None,
         extra: dict | None = None,
         callback: Callable[[Trainer, str, dict], None] | None = None,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: got {type(model).__name__}, expected a torch.nn.Module")
@@ -297,7 +246,13 @@ class Trainer:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config: got {type(config).__name__}, expected a TrainConfig")
         self.config = config
+        self.dist = _dist.context() if distributed is not False else _dist.Context()
+        if distributed and not self.dist.active:
+            raise ValueError("distributed: got True but no torch.distributed process group of "
+                             "more than one process is initialized (start with torchrun)")
         self.device = resolve_device(config.device)
+        if self.dist.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
         self.collate = collate or _default_collate
@@ -305,18 +260,20 @@ class Trainer:
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.extra = extra or {}
         self.callback = callback
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("model: has no trainable parameters")
-        opts = {"lr": config.lr, **config.optimizer_options}
-        if config.weight_decay:
-            opts["weight_decay"] = config.weight_decay
-        self.optimizer = _optimizer_class(config.optimizer)(params, **opts)
+        self.optimizer = build_optimizer(model.parameters(), config)
         self.scheduler = None
         self.history: list[dict] = []
         self.global_step = 0
         self._stop = False
         self._loader_gen = torch.Generator().manual_seed(config.seed)
+        _dist.shard([], config.batch_size, self.dist, config.shard)  # batch_size and shard check
+        # the module the training forward runs through: DDP all-reduces the gradients in
+        # backward (broadcasting rank 0's weights once, here); evaluation uses self.model
+        self._net = self.model
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+            self._net = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # -- public ------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -327,16 +284,32 @@ class Trainer:
     def checkpoint_path(self) -> Path | None:
         return None if self.out_dir is None else self.out_dir / CHECKPOINT
 
+    @property
+    def writes(self) -> bool:
+        """True where this process writes files (not on the ranks but 0 of a distributed run)."""
+        return self.out_dir is not None and self.dist.main
+
     def fit(self, train: Sequence, val: Sequence | None = None, *, resume: bool = False) -> dict:
         """Train; returns ``{"history", "best_epoch", "best_score", "stopped_early",
         "interrupted", "epochs_run"}``.
 
         A checkpoint is written atomically after every epoch. ``resume=True`` loads
         ``out_dir/checkpoint`` and continues exactly (same batches, RNG draws and optimizer
-        state), also from the middle of an epoch. Ctrl-C (SIGINT, when fit runs in the main
-        thread) or :meth:`request_stop` saves a checkpoint at the next optimizer-step boundary
-        and returns with ``interrupted=True``; a second Ctrl-C raises ``KeyboardInterrupt``.
-        A NaN/inf loss raises :class:`NonFiniteLossError` without touching the checkpoint.
+        state), also from the middle of an epoch. What the config may change on resume takes
+        effect: ``epochs`` (a schedule derived from it is re-planned), ``lr`` (every rate of
+        the optimizer and schedule scaled by new/old), ``patience``, logging and progress; a
+        different optimizer type, scheduler or model is refused with a ``ValueError`` before
+        anything is written. Stale temporary files of a killed write are removed. Ctrl-C
+        (SIGINT, when fit runs in the main thread) or :meth:`request_stop` saves a checkpoint
+        at the next optimizer-step boundary and returns with ``interrupted=True``; a second
+        Ctrl-C raises ``KeyboardInterrupt``. A NaN/inf loss raises :class:`NonFiniteLossError`
+        without touching the checkpoint.
+
+        Distributed (see :mod:`gyre.train.distributed`): every process runs ``fit`` on the same
+        data; each trains on its share of every global batch of ``batch_size`` items, evaluates
+        the whole validation split (so every process takes the same early-stopping decision)
+        and loads the same checkpoint on resume (on several machines ``out_dir`` must then be on
+        a shared file system); rank 0 alone writes the checkpoint, logs and progress bar.
         """
         cfg = self.config
         n = len(train)
@@ -347,94 +320,49 @@ class Trainer:
         if cfg.patience and val is None:
             raise ValueError("patience: early stopping needs a validation split, got none")
         if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        n_batches = math.ceil(n / cfg.batch_size)
+            if self.out_dir.exists() and not self.out_dir.is_dir():
+                raise ValueError(f"out_dir: {str(self.out_dir)!r} is a file, expected a directory")
+            if self.writes:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                remove_stale_temporaries(self.out_dir)
+        n_batches = self._n_batches(n)
         self.scheduler = self._make_scheduler(n_batches)
 
-        pos = {"epoch": 0, "batch": 0, "perm": None, "running": [0.0, 0], "micro": 0}
-        best = {"score": None, "epoch": 0, "model": None}
-        bad_epochs, stopped_early = 0, False
+        loop = _Loop()
         if resume:
             ckpt = self._load_for_resume()
-            pos = {k: ckpt[k] for k in ("epoch", "batch", "perm", "running", "micro")}
-            best, bad_epochs = ckpt["best"], ckpt["bad_epochs"]
-            stopped_early = ckpt["stopped_early"]
+            for k in ("epoch", "batch", "perm", "running", "micro", "best", "bad_epochs"):
+                setattr(loop, k, ckpt[k])
+            if self.dist.active and not self.dist.main:
+                loop.running = [0.0, 0]  # the saved loss sum is all processes'; rank 0 holds it
+            # the patience now in force decides (a longer one continues a run that stopped)
+            loop.stopped_early = bool(cfg.patience) and loop.bad_epochs >= cfg.patience
         else:
             seed_everything(cfg.seed)
             self._loader_gen.manual_seed(cfg.seed)
             self.history, self.global_step = [], 0
+        if self.callback is not None:
+            self.callback(self, "start", {"resumed": resume, "epoch": loop.epoch})
 
-        writer = self._tensorboard(purge_step=pos["epoch"] + 1 if resume else None)
-        bar = None
-        if cfg.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=cfg.epochs * n_batches, initial=min(
-                pos["epoch"] * n_batches + pos["batch"], cfg.epochs * n_batches),
-                desc="train", unit="batch", dynamic_ncols=True, leave=True,
-                # a log file (not a terminal) gets a line every 30 s instead of every redraw
-                mininterval=0.1 if sys.stderr.isatty() else 30.0)
+        writer = self._tensorboard(purge_step=loop.epoch + 1 if resume else None)
+        bar = self._progress(loop, n_batches)
         self._stop = False
         restore = self._install_sigint()
         interrupted = False
         try:
-            epoch = pos["epoch"]
-            while epoch < cfg.epochs and not stopped_early:
-                self.model.train()
-                if pos["perm"] is None:
-                    perm = (torch.randperm(n, generator=self._loader_gen) if cfg.shuffle
-                            else torch.arange(n))
-                    start, running, micro = 0, [0.0, 0], 0
-                else:
-                    perm, start = pos["perm"], pos["batch"]
-                    running, micro = list(pos["running"]), pos["micro"]
-                pos["perm"] = None
-                self.optimizer.zero_grad(set_to_none=True)
-                for b in range(start, n_batches):
-                    idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
-                    batch = _to_device(self.collate([train[i] for i in idx]), self.device)
-                    micro = self._train_batch(batch, running, micro, epoch, b)
-                    if bar is not None:  # redrawn by update() at most every mininterval
-                        bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} "
-                                            f"loss {running[0] / max(running[1], 1):.4f}"
-                                            + self._last_val_str(), refresh=False)
-                        bar.update(1)
-                    if self._stop and micro % cfg.accumulate == 0:
-                        self._save(epoch, b + 1, perm, running, micro, best, bad_epochs,
-                                   stopped_early)
-                        interrupted = True
-                        return self._result(best, stopped_early, interrupted)
-                if micro % cfg.accumulate:
-                    self._optimizer_step()  # flush a partial accumulation at the epoch's end
-                micro = 0
-                record = {"epoch": epoch + 1, "train_loss": running[0] / max(running[1], 1),
-                          "lr": self.optimizer.param_groups[0]["lr"]}
-                if val is not None:
-                    record.update({f"val_{k}": v for k, v in self.evaluate(val).items()})
-                self.history.append(record)
-                if cfg.monitor not in record and val is not None:
-                    raise ValueError(f"monitor: got {cfg.monitor!r}, expected a key of the epoch "
-                                     f"record: {', '.join(sorted(record))}")
-                score = record.get(cfg.monitor, record["train_loss"])
-                if self.scheduler is not None and cfg.scheduler_interval == "epoch":
-                    if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                        self.scheduler.step(score)
-                    else:
-                        self.scheduler.step()
-                if best["score"] is None or self._better(score, best["score"]):
-                    best = {"score": float(score), "epoch": epoch + 1,
-                            "model": _clone_state_dict(self.model) if val is not None else None}
-                    bad_epochs = 0
-                else:
-                    bad_epochs += 1
-                    if cfg.patience and bad_epochs >= cfg.patience:
-                        stopped_early = True
-                epoch += 1
-                self._save(epoch, 0, None, [0.0, 0], 0, best, bad_epochs, stopped_early)
+            while loop.epoch < cfg.epochs and not loop.stopped_early:
+                if self._train_epoch(train, loop, n_batches, bar):
+                    self._save(loop.epoch, loop.batch, loop.perm, self._global_running(loop),
+                               loop.micro, loop.best, loop.bad_epochs, loop.stopped_early)
+                    return self._result(loop.best, loop.stopped_early, True)
+                record = self._end_epoch(val, loop)
+                self._save(loop.epoch, 0, None, [0.0, 0], 0, loop.best, loop.bad_epochs,
+                           loop.stopped_early)
                 self._write_logs(writer, record)
                 if self.callback is not None:
                     self.callback(self, "epoch", record)
-                if self._stop:
-                    interrupted = epoch < cfg.epochs and not stopped_early
+                if _dist.any_true(self._stop, self.device):
+                    interrupted = loop.epoch < cfg.epochs and not loop.stopped_early
                     break
         finally:
             restore()
@@ -442,9 +370,9 @@ class Trainer:
                 bar.close()
             if writer is not None:
                 writer.close()
-        if not interrupted and cfg.restore_best and best["model"] is not None:
-            self.model.load_state_dict(best["model"])
-        return self._result(best, stopped_early, interrupted)
+        if not interrupted and cfg.restore_best and loop.best["model"] is not None:
+            self.model.load_state_dict(loop.best["model"])
+        return self._result(loop.best, loop.stopped_early, interrupted)
 
     @torch.no_grad()
     def predict(self, data: Sequence) -> tuple[Tensor, Tensor]:
@@ -470,11 +398,106 @@ class Trainer:
             result.update({k: float(v) for k, v in self.metrics(out, y).items()})
         return result
 
+    # -- which items, in which order -----------------------------------------------------------
+    def _epoch_order(self, n: int) -> Tensor:
+        """The epoch's global order of the ``n`` training items (the same on every process: the
+        loader generator is seeded alike and saved in the checkpoint)."""
+        return torch.randperm(n, generator=self._loader_gen) if self.config.shuffle \
+            else torch.arange(n)
+
+    def _local_order(self, perm: list[int]) -> tuple[list[int], int]:
+        """This process's items of the global order and its batch size
+        (:func:`gyre.train.distributed.shard`; all of them and ``batch_size`` alone)."""
+        return _dist.shard(perm, self.config.batch_size, self.dist, self.config.shard)
+
+    def _n_batches(self, n: int) -> int:
+        order, bs = self._local_order(list(range(n)))
+        return math.ceil(len(order) / bs)
+
+    # -- one epoch -------------------------------------------------------------------------------
+    def _train_epoch(self, train: Sequence, loop: _Loop, n_batches: int, bar) -> bool:
+        """Train the rest of ``loop.epoch`` from ``loop.batch``; True when stopped in it (the
+        loop's position then says where)."""
+        cfg = self.config
+        self.model.train()
+        if loop.perm is None:
+            loop.perm = self._epoch_order(len(train))
+            loop.batch, loop.running, loop.micro = 0, [0.0, 0], 0
+        order, bs = self._local_order(loop.perm.tolist())
+        self.optimizer.zero_grad(set_to_none=True)
+        for b in range(loop.batch, n_batches):
+            idx = order[b * bs:(b + 1) * bs]
+            batch = _to_device(self.collate([train[i] for i in idx]), self.device)
+            loop.micro = self._train_batch(batch, loop.running, loop.micro, loop.epoch, b,
+                                           final=b == n_batches - 1)
+            loop.batch = b + 1
+            if bar is not None:  # redrawn by update() at most every mininterval
+                bar.set_postfix_str(f"epoch {loop.epoch + 1}/{cfg.epochs} "
+                                    f"loss {loop.running[0] / max(loop.running[1], 1):.4f}"
+                                    + self._last_val_str(), refresh=False)
+                bar.update(1)
+            if loop.micro % cfg.accumulate == 0 and _dist.any_true(self._stop, self.device):
+                return True
+        if loop.micro % cfg.accumulate:
+            self._optimizer_step()  # flush a partial accumulation at the epoch's end
+        return False
+
+    def _end_epoch(self, val: Sequence | None, loop: _Loop) -> dict:
+        """The epoch's record (train loss over all processes, lr, validation metrics), the
+        schedule's epoch step, best weights and early stopping; advances ``loop.epoch``."""
+        cfg = self.config
+        total, count = self._global_running(loop)
+        record = {"epoch": loop.epoch + 1, "train_loss": total / max(count, 1),
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        if val is not None:
+            record.update({f"val_{k}": v for k, v in self.evaluate(val).items()})
+        self.history.append(record)
+        if cfg.monitor not in record and val is not None:
+            raise ValueError(f"monitor: got {cfg.monitor!r}, expected a key of the epoch "
+                             f"record: {', '.join(sorted(record))}")
+        score = record.get(cfg.monitor, record["train_loss"])
+        if self.scheduler is not None and cfg.scheduler_interval == "epoch":
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(score)
+            else:
+                self.scheduler.step()
+        if loop.best["score"] is None or self._better(score, loop.best["score"]):
+            loop.best = {"score": float(score), "epoch": loop.epoch + 1,
+                         "model": _clone_state_dict(self.model) if val is not None else None}
+            loop.bad_epochs = 0
+        else:
+            loop.bad_epochs += 1
+            if cfg.patience and loop.bad_epochs >= cfg.patience:
+                loop.stopped_early = True
+        loop.epoch += 1
+        loop.perm, loop.batch, loop.running, loop.micro = None, 0, [0.0, 0], 0
+        return record
+
+    def _global_running(self, loop: _Loop) -> list:
+        """The epoch's loss sum and item count so far, over all processes."""
+        if not self.dist.active:
+            return list(loop.running)
+        total, count = _dist.all_sum([float(loop.running[0]), float(loop.running[1])],
+                                     self.device)
+        return [total, int(count)]
+
     # -- one batch -----------------------------------------------------------------------------
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
-    def _train_batch(self, batch: Batch, running: list, micro: int, epoch: int, b: int) -> int:
+    def _sync(self, last_micro_step: bool):
+        """The context of one micro-step's forward and backward: under DDP the gradients are
+        all-reduced only in the backward of the last micro-step before an optimizer step
+        (``no_sync`` in the others), so accumulation costs one all-reduce per step."""
+        if self._net is self.model or last_micro_step:
+            return contextlib.nullcontext()
+        return self._net.no_sync()
+
+    def _train_batch(self, batch: Batch, running: list, micro: int, epoch: int, b: int,
+                     final: bool = False) -> int:
+        """Forward and backward of one batch (chunk by chunk with ``tbptt``), an optimizer
+        step after every ``accumulate`` micro-steps; ``final``: the epoch's last batch, whose
+        last micro-step ends the epoch's accumulation. Returns the micro-step count."""
         cfg = self.config
         x, y, lengths = batch["x"], batch["y"], batch.get("lengths")
         B = x.shape[0]
@@ -491,20 +514,22 @@ class Trainer:
             chunks = [(x, y)]
         state = None
         for c, (xc, yc) in enumerate(chunks):
-            with self._autocast():
-                out, state = self.model(xc, state, lengths=lengths)
-            loss = self.loss_fn(_to_float(out), yc)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                where = f"epoch {epoch + 1}, batch {b + 1}" + (
-                    f", tbptt chunk {c + 1}" if cfg.tbptt else "")
-                kept = ("no checkpoint was written yet" if not self.history else
-                        f"the last good checkpoint (epoch {len(self.history)}) is kept"
-                        + (f" at {self.checkpoint_path}" if self.checkpoint_path else ""))
-                raise NonFiniteLossError(
-                    f"loss: got {value} at {where}; training stopped and {kept}. Try a lower lr, "
-                    "clip_norm, or check the data for NaN/inf")
-            (loss / cfg.accumulate).backward()
+            last = (micro + 1) % cfg.accumulate == 0 or (final and c == len(chunks) - 1)
+            with self._sync(last):
+                with self._autocast():
+                    out, state = self._net(xc, state, lengths=lengths)
+                loss = self.loss_fn(_to_float(out), yc)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    where = f"epoch {epoch + 1}, batch {b + 1}" + (
+                        f", tbptt chunk {c + 1}" if cfg.tbptt else "")
+                    kept = ("no checkpoint was written yet" if not self.history else
+                            f"the last good checkpoint (epoch {len(self.history)}) is kept"
+                            + (f" at {self.checkpoint_path}" if self.checkpoint_path else ""))
+                    raise NonFiniteLossError(
+                        f"loss: got {value} at {where}; training stopped and {kept}. Try a "
+                        "lower lr, clip_norm, or check the data for NaN/inf")
+                (loss / cfg.accumulate).backward()
             state = _upcast(detach_state(state))
             running[0] += value * B
             running[1] += B
@@ -528,79 +553,17 @@ class Trainer:
         if self.callback is not None:
             self.callback(self, "step", {"global_step": self.global_step})
 
-    # -- internals -----------------------------------------------------------------------------
-    def _better(self, a: float, b: float) -> bool:
-        return a < b if self.config.mode == "min" else a > b
-
-    def _last_val_str(self) -> str:
-        if not self.history:
-            return ""
-        last = self.history[-1]
-        parts = [f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_")]
-        return (" | " + " ".join(parts)) if parts else ""
-
+    # -- optimizer and schedule ------------------------------------------------------------------
     def _make_scheduler(self, n_batches: int):
-        cfg = self.config
-        cls = _scheduler_spec(cfg.scheduler)
-        if cls is None:
-            return None
-        opts = dict(cfg.scheduler_options)
-        sched = torch.optim.lr_scheduler
-        per_step = cfg.scheduler_interval == "step"
-        steps = cfg.epochs * math.ceil(n_batches / cfg.accumulate)
-        if cls is sched.CosineAnnealingLR:
-            opts.setdefault("T_max", steps if per_step else cfg.epochs)
-        elif cls is sched.OneCycleLR:
-            if not per_step:
-                raise ValueError("scheduler: onecycle changes the rate every optimizer step; "
-                                 "set scheduler_interval='step'")
-            opts.setdefault("max_lr", cfg.lr)
-            opts.setdefault("total_steps", steps)
-        elif cls is sched.StepLR:
-            opts.setdefault("step_size", max(1, cfg.epochs // 3))
-        elif cls is sched.ReduceLROnPlateau:
-            opts.setdefault("mode", cfg.mode)
-            if per_step:
-                raise ValueError("scheduler: plateau reads the monitored metric once per epoch; "
-                                 "set scheduler_interval='epoch'")
-        try:
-            return cls(self.optimizer, **opts)
-        except TypeError as e:
-            raise ValueError(f"scheduler_options: {cls.__name__} rejected {opts}: {e}") from e
-
-    #: scheduler state that :meth:`_make_scheduler` derives from the run's length
-    _LENGTH_KEYS = {"CosineAnnealingLR": ("T_max",), "OneCycleLR": ("total_steps", "_schedule_phases"),
-                    "StepLR": ("step_size",)}
+        return build_scheduler(self.optimizer, self.config, n_batches)
 
     def _load_scheduler(self, state: dict) -> None:
-        """Load a checkpoint's scheduler state. Where the schedule's length came from the
-        number of epochs (not from ``scheduler_options``) and the run is now longer or shorter,
-        the schedule is re-planned for the new length from the current step on: position and
-        base rates come from the checkpoint, the length from the new config."""
-        sched = self.scheduler
-        keys = [k for k in self._LENGTH_KEYS.get(type(sched).__name__, ())
-                if k not in self.config.scheduler_options]
-        fresh = {k: getattr(sched, k) for k in keys}
-        sched.load_state_dict(state)
-        changed = [k for k in keys if state.get(k) != fresh[k]]
-        if not changed:
-            return
-        for k in keys:
-            setattr(sched, k, fresh[k])
-        if isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
-            # the recursive cosine update continues from the closed form at the new length
-            t = min(sched.last_epoch, sched.T_max)
-            lrs = [sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * t / sched.T_max)) / 2
-                   for base in sched.base_lrs]
-        elif isinstance(sched, torch.optim.lr_scheduler.OneCycleLR):
-            with torch.optim.lr_scheduler._enable_get_lr_call(sched):
-                lrs = [float(lr) for lr in sched.get_lr()]  # the rate at this step, new phases
-        else:
-            return
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        sched._last_lr = list(lrs)
+        load_scheduler_state(self.scheduler, self.optimizer, state, self.config)
 
+    def _rescale_lr(self, factor: float) -> None:
+        rescale_lr(self.optimizer, self.scheduler, factor)
+
+    # -- checkpoint I/O ----------------------------------------------------------------------------
     def _checkpoint(self, epoch, batch, perm, running, micro, best, bad_epochs, stopped_early):
         return {
             "format": _FORMAT,
@@ -618,26 +581,73 @@ class Trainer:
         }
 
     def _save(self, *args) -> None:
-        if self.out_dir is not None:
+        if self.writes:
             save_checkpoint(self._checkpoint(*args), self.out_dir / CHECKPOINT)
 
     def _load_for_resume(self) -> dict:
         if self.out_dir is None:
             raise ValueError("resume: needs out_dir, the run directory holding 'checkpoint'")
-        ckpt = load_checkpoint(self.out_dir / CHECKPOINT, map_location=self.device)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if (ckpt["scheduler"] is None) != (self.scheduler is None):
-            raise ValueError(f"resume: the checkpoint was written with scheduler "
-                             f"{ckpt['config'].get('scheduler')!r}, the config now says "
-                             f"{self.config.scheduler!r}")
+        path = self.out_dir / CHECKPOINT
+        ckpt = load_checkpoint(path, map_location=self.device)
+        old = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
+        fixed = "a resumed run continues the checkpoint's model and optimizer state"
+        if _optimizer_class(str(old.get("optimizer", self.config.optimizer))) is not \
+                _optimizer_class(self.config.optimizer):
+            raise ValueError(f"resume: optimizer {self.config.optimizer!r} differs from the "
+                             f"checkpoint's {old.get('optimizer')!r} in {str(path)!r}; {fixed}, "
+                             "so the optimizer type cannot change (start a new run instead)")
+        if (ckpt["scheduler"] is None) != (self.scheduler is None) or (
+                self.scheduler is not None and _scheduler_spec(str(old.get("scheduler", "none")))
+                is not type(self.scheduler)):
+            raise ValueError(f"resume: scheduler {self.config.scheduler!r} differs from the "
+                             f"checkpoint's {old.get('scheduler')!r} in {str(path)!r}; {fixed}, "
+                             "so the scheduler cannot change (start a new run instead)")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            detail = " ".join(str(e).split())
+            raise ValueError(f"resume: the model does not match the checkpoint in {str(path)!r} "
+                             f"(the architecture cannot change on resume): {detail[:300]}") from None
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ValueError(f"resume: the optimizer state in {str(path)!r} does not fit this "
+                             f"model's parameters ({type(e).__name__}: {e})") from None
         if self.scheduler is not None:
             self._load_scheduler(ckpt["scheduler"])
+        old_lr = old.get("lr")
+        if isinstance(old_lr, int | float) and old_lr > 0 and old_lr != self.config.lr:
+            self._rescale_lr(self.config.lr / old_lr)
         _set_rng_state(ckpt["rng"])
         self._loader_gen.set_state(ckpt["loader_rng"])
         self.history = list(ckpt["history"])
         self.global_step = ckpt["global_step"]
         return ckpt
+
+    # -- logs and progress ---------------------------------------------------------------------
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.config.mode == "min" else a > b
+
+    def _last_val_str(self) -> str:
+        if not self.history:
+            return ""
+        last = self.history[-1]
+        parts = [f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_")]
+        return (" | " + " ".join(parts)) if parts else ""
+
+    def _progress(self, loop: _Loop, n_batches: int):
+        if not self.config.progress or not self.dist.main:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ModuleNotFoundError:
+            raise ValueError("progress: the progress bar needs tqdm (pip install 'gyre[tasks]'), "
+                             "or set progress=False") from None
+        total = self.config.epochs * n_batches
+        return tqdm(total=total, initial=min(loop.epoch * n_batches + loop.batch, total),
+                    desc="train", unit="batch", dynamic_ncols=True, leave=True,
+                    # a log file (not a terminal) gets a line every 30 s instead of every redraw
+                    mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
     def _result(self, best, stopped_early, interrupted) -> dict:
         return {"history": list(self.history), "best_epoch": best["epoch"],
@@ -645,9 +655,13 @@ class Trainer:
                 "interrupted": interrupted, "epochs_run": len(self.history)}
 
     def _tensorboard(self, purge_step):
-        if self.out_dir is None or not self.config.tensorboard:
+        if not self.writes or not self.config.tensorboard:
             return None
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ModuleNotFoundError:
+            raise ValueError("tensorboard: logging needs the tensorboard package (pip install "
+                             "'gyre[tasks]'), or set tensorboard=False") from None
         return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge_step)
 
     def _write_logs(self, writer, record: dict) -> None:
@@ -656,7 +670,7 @@ class Trainer:
                 if k != "epoch":
                     writer.add_scalar(k, v, record["epoch"])
             writer.flush()
-        if self.out_dir is not None and self.config.csv:
+        if self.writes and self.config.csv:
             keys = list(dict.fromkeys(k for r in self.history for k in r))
             buf = io.StringIO()
             w = csv.DictWriter(buf, fieldnames=keys)
@@ -679,6 +693,22 @@ class Trainer:
 
         signal.signal(signal.SIGINT, handler)
         return lambda: signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class _Loop:
+    """Where training stands: the epoch, the next batch in it, the epoch's order (None before
+    it is drawn), the loss sum and count so far, micro-steps since the epoch began, the best
+    score so far and the epochs since it improved."""
+
+    epoch: int = 0
+    batch: int = 0
+    perm: Tensor | None = None
+    running: list = field(default_factory=lambda: [0.0, 0])
+    micro: int = 0
+    best: dict = field(default_factory=lambda: {"score": None, "epoch": 0, "model": None})
+    bad_epochs: int = 0
+    stopped_early: bool = False
 
 
 def _to_float(out):

@@ -28,14 +28,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from ...cells import Cell, Params, State
+from ...cells import Cell, Params, State, layer_specs
 from .. import reference
 from . import build, ir
 from .codegen import program_source
 
-__all__ = ["run_layer", "unsupported_reason", "available", "Unsupported"]
+__all__ = ["run_layer", "unsupported", "unsupported_reason", "available", "Unsupported"]
 
 Unsupported = ir.Unsupported
 
@@ -118,6 +117,14 @@ def unsupported_reason(cell: Cell) -> str | None:
     return _reasons[k]
 
 
+def unsupported(cell: Cell, options, device: str) -> str | None:
+    """The backend contract (:mod:`gyre.engine.contract`): why ``fused`` cannot run ``cell``
+    on ``device`` (every layer option is supported), or None."""
+    if device != "cpu":
+        return "fused kernels are CPU code"
+    return available() or unsupported_reason(cell)
+
+
 def _kernel(cell: Cell, input_size: int, hidden: int, bias: bool) -> _Kernel:
     key = (_key(cell), input_size, hidden, bias)
     with _lock:
@@ -161,7 +168,7 @@ def _find_sizes(cell: Cell, p: Params, x: Tensor, state: State):
     for h in _hidden_candidates(cell, state):
         for bias in (True, False):
             try:
-                specs = cell.param_specs(input_size, h, bias)
+                specs = layer_specs(cell, input_size, h, bias)
             except ValueError:
                 continue
             if set(specs) == set(p) and all(tuple(p[n].shape) == s.shape
@@ -235,8 +242,9 @@ def run_layer(
     state0 = [s.contiguous() for s in state]
     packed = _packed(mats, B, xp)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (xp, *state0, *vecs, *mats)):
-        seqs = _Fused.apply(kernel, xp, drop_t.detach(), zts, zmodes, valid_t, packed, K,
-                            len(vecs), *state0, *vecs, *mats)
+        again = _Recompute(cell, tuple(p), valid, drop, zone)
+        seqs = _Fused.apply(kernel, again, xp, drop_t.detach(), zts, zmodes, valid_t, packed, K,
+                            len(vecs), len(mats), x, *state0, *vecs, *mats, *p.values())
     else:  # inference (streaming included): no autograd node, nothing saved
         seqs = kernel.fwd(xp, state0, vecs, mats, packed, drop_t, zts, zmodes, valid_t,
                           kernel.units, False)[:K]
@@ -330,13 +338,18 @@ class _PackedLinear(torch.autograd.Function):
         return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), packed, b, "none", [], "")
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
-        x2, w = ctx.saved_tensors
-        dx = g @ w if ctx.needs_input_grad[0] else None
-        dw = g.t() @ x2 if ctx.needs_input_grad[1] else None
-        db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None
+        return _linear_backward(ctx, g)
+
+
+def _linear_backward(ctx, g):
+    """The gradients of ``x2 @ w.T + b`` in torch ops (so differentiable again when
+    ``create_graph=True``, and batchable under vmap)."""
+    x2, w = ctx.saved_tensors
+    dx = g @ w if ctx.needs_input_grad[0] else None
+    dw = g.t() @ x2 if ctx.needs_input_grad[1] else None
+    db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dw, db, None
 
 
 class _TiledLinear(torch.autograd.Function):
@@ -350,8 +363,9 @@ class _TiledLinear(torch.autograd.Function):
         return ops.mm_rows(x2, w.t(), b)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
+        if _differentiable_backward_needed((g,)):
+            return _linear_backward(ctx, g)
         x2, w = ctx.saved_tensors
         g = g.contiguous()
         dx = ctx.ops.mm_rows(g, w, None) if ctx.needs_input_grad[0] else None
@@ -381,33 +395,111 @@ def _packed(mats: list[Tensor], batch: int, xp: Tensor) -> list[Tensor]:
         return []
 
 
+@dataclass
+class _Recompute:
+    """What :class:`_Fused`'s differentiable backward needs to rerun the layer's loop in torch
+    ops (:func:`gyre.engine.reference.state_sequences`); tensors here carry no gradient."""
+
+    cell: Cell
+    names: tuple[str, ...]  # the parameters' names, in the order they follow the matrices
+    valid: Tensor | None
+    drop: Tensor | None
+    zone: tuple[Tensor | None, ...] | None
+
+
+def _differentiable_backward_needed(grads) -> bool:
+    """True when a backward must itself be differentiable or batchable: ``create_graph=True``
+    (grad mode is on inside the backward), ``torch.func`` (a functorch level is active) or
+    ``is_grads_batched=True`` (the output gradients are batched tensors). The compiled backward
+    is neither."""
+    functorch = torch._C._functorch
+    return (torch.is_grad_enabled() or functorch.maybe_current_level() is not None
+            or any(g is not None and functorch.is_legacy_batchedtensor(g) for g in grads))
+
+
+def _strided_like(g: Tensor | None, like: Tensor) -> Tensor | None:
+    """``g`` laid out with ``like``'s strides, so a gradient that autograd maps back through a
+    transposed view of a parameter (``mats`` are ``W.t()`` where the kernel wants them) reaches
+    the parameter contiguous."""
+    if g is None or g.stride() == like.stride() or not _dense(like):
+        return g
+    return torch.empty_strided(like.shape, like.stride(), dtype=g.dtype,
+                               device=g.device).copy_(g)
+
+
+def _dense(t: Tensor) -> bool:
+    """True when ``t``'s strides are a permutation of a contiguous layout."""
+    order = sorted(range(t.dim()), key=lambda d: t.stride(d))
+    expected = 1
+    for d in order:
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
+
+
 class _Fused(torch.autograd.Function):
+    """The compiled loop and its compiled backward. The layer's input ``x`` and parameters ``p``
+    ride along after the hoisted matrices. The compiled backward returns the gradients of ``xp``
+    and the hoisted tensors (None for ``x`` and ``p``: autograd carries them back through the
+    input projection and the hoisting ops). Where the backward itself must be differentiable or
+    batchable (:func:`_differentiable_backward_needed`, decided per call) it reruns the whole
+    layer in torch ops from ``x``, the initial state and ``p`` and returns their gradients
+    (None for ``xp`` and the hoisted tensors)."""
+
     @staticmethod
-    def forward(ctx, kernel, xp, drop, zts, zmodes, valid, packed, K, V, *tensors):
-        state0, vecs, mats = tensors[:K], tensors[K:K + V], tensors[K + V:]
+    def forward(ctx, kernel, again, xp, drop, zts, zmodes, valid, packed, K, V, M, *tensors):
+        state0 = tensors[1:1 + K]
+        vecs, mats = tensors[1 + K:1 + K + V], tensors[1 + K + V:1 + K + V + M]
         save = any(ctx.needs_input_grad)
         res = kernel.fwd(xp, list(state0), list(vecs), list(mats), packed, drop, zts, zmodes,
                          valid, kernel.units, save)
         seqs = res[:K]
         if save:
-            ctx.kernel, ctx.zts, ctx.zmodes, ctx.K, ctx.V = kernel, zts, zmodes, K, V
-            ctx.packed = packed
+            ctx.kernel, ctx.zts, ctx.zmodes, ctx.K, ctx.V, ctx.M = kernel, zts, zmodes, K, V, M
+            ctx.again, ctx.packed = again, packed
             ctx.saved = res[K:]
-            ctx.save_for_backward(xp, drop, valid, *state0, *vecs, *mats, *seqs)
+            ctx.save_for_backward(xp, drop, valid, *tensors, *seqs)
         return tuple(seqs)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *gseqs):
-        K, V = ctx.K, ctx.V
-        xp, drop, valid, *rest = ctx.saved_tensors
-        state0, rest = rest[:K], rest[K:]
-        seqs = rest[-K:]
-        vecs, mats = rest[:V], rest[V:-K]
+        K, V, M = ctx.K, ctx.V, ctx.M
+        xp, drop, valid, x, *rest = ctx.saved_tensors
+        state0, vecs, mats = rest[:K], rest[K:K + V], rest[K + V:K + V + M]
+        ptensors, seqs = rest[K + V + M:-K], rest[-K:]
+        lead = (None,) * 11  # kernel, again, xp, drop, zts, zmodes, valid, packed, K, V, M
+        if _differentiable_backward_needed(gseqs):
+            dx, dstate, dp = _recomputed_backward(ctx.again, x, state0, ptensors, gseqs)
+            return (*lead, dx, *dstate, *(None,) * (V + M), *dp)
         gseqs = [g.contiguous() for g in gseqs]
         res = ctx.kernel.bwd(gseqs, xp, list(state0), list(seqs), list(vecs), list(mats),
                              ctx.packed, drop, ctx.zts, ctx.zmodes, valid, ctx.saved,
                              ctx.kernel.units)
         dxp, dstate = res[0], res[1:1 + K]
-        dvecs, dmats = res[1 + K:1 + K + V], res[1 + K + V:]
-        return (None, dxp, None, None, None, None, None, None, None, *dstate, *dvecs, *dmats)
+        dvecs = res[1 + K:1 + K + V]
+        dmats = [_strided_like(g, m) for g, m in zip(res[1 + K + V:], mats, strict=True)]
+        return (None, None, dxp, *lead[3:], None, *dstate, *dvecs, *dmats,
+                *(None,) * len(ptensors))
+
+
+def _recomputed_backward(again: _Recompute, x, state0, ptensors, gseqs):
+    """The gradients of the layer's state sequences for its input ``x``, initial state and
+    parameters, by autograd through the reference loop (``cell.input_preact`` and
+    :func:`gyre.engine.reference.state_sequences`) rerun here from the saved inputs; the result
+    is differentiable again when grad mode is on (``create_graph=True``)."""
+    p = dict(zip(again.names, ptensors, strict=True))
+    wrt = [x, *state0, *ptensors]
+    live = [i for i, t in enumerate(wrt) if t.requires_grad]
+    grads = [None] * len(wrt)
+    if live:
+        with torch.enable_grad():
+            seqs = reference.state_sequences(again.cell, p, again.cell.input_preact(x, p),
+                                             tuple(state0), valid=again.valid, drop=again.drop,
+                                             zone=again.zone)
+        found = torch.autograd.grad(seqs, [wrt[i] for i in live], gseqs, allow_unused=True,
+                                    create_graph=torch.is_grad_enabled())
+        for i, g in zip(live, found, strict=True):
+            grads[i] = g
+    K = len(state0)
+    return grads[0], grads[1:1 + K], grads[1 + K:]

@@ -2,8 +2,8 @@
 
 Every built-in cell's kernels (with and without biases) go into one extension module, so a
 fresh machine compiles once for all of them; any other cell gets a small module of its own.
-A module is named after a hash of its source, the compiler flags and the CPU, so a cached build
-is reused exactly when it would come out the same.
+A module is named after a hash of its source, the compiler flags, the CPU and the torch install, so a
+cached build is reused exactly when it would come out the same.
 """
 
 from __future__ import annotations
@@ -46,9 +46,17 @@ def _cpu_id() -> str:
     return platform.machine() + flags
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def module_name(programs: dict[str, str]) -> str:
     h = hashlib.sha256()
-    for part in (torch.__version__, " ".join(FLAGS), _cpu_id(),
+    # torch's location too: the build command names its include directories, so two
+    # installs (virtual environments) sharing the extension cache would otherwise rewrite each
+    # other's build file and recompile the same module on every first load
+    for part in (torch.__version__, os.path.dirname(torch.__file__), " ".join(FLAGS), _cpu_id(),
                  module_source("NS", programs)):
         h.update(part.encode())
     return "gyre_fused_" + h.hexdigest()[:16]
@@ -74,7 +82,7 @@ def load(programs: dict[str, str], what: str) -> str:
             for part in range(parts):
                 path = os.path.join(build_dir, f"{name}_{part}.cpp")
                 src = module_source(name, programs, part, parts)
-                if not os.path.exists(path) or open(path).read() != src:
+                if not os.path.exists(path) or _read(path) != src:
                     with open(path + ".tmp", "w") as f:
                         f.write(src)
                     os.replace(path + ".tmp", path)

@@ -27,7 +27,6 @@ map) by a hand-written vectorized product for small batches, BLAS above. Its Pyt
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 from .ir import Atom, Program, Unsupported
 
@@ -768,13 +767,6 @@ def _lit(v: float) -> str:
     if v in (float("inf"), float("-inf")):
         return ("" if v > 0 else "-") + "std::numeric_limits<T>::infinity()"
     return f"T({v!r})"
-
-
-@dataclass
-class _Roles:
-    out: dict  # atom -> [(k, blk)]
-    bin: dict  # atom -> [(bi, pos)]
-    cross: dict  # atom -> slot in its (stage, fam) cross buffer
 
 
 class _Gen:

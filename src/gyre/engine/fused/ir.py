@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ...cells import layer_specs
+
 aten = torch.ops.aten
 
 
@@ -462,7 +464,7 @@ def _refs(a):
 
 def _example(cell, input_size: int, hidden: int, bias: bool, batch: int = 3):
     gen = torch.Generator().manual_seed(0)
-    specs = cell.param_specs(input_size, hidden, bias)
+    specs = layer_specs(cell, input_size, hidden, bias)
     p = {k: torch.rand(s.shape, generator=gen) - 0.5 for k, s in specs.items()}
     sizes = cell.state_sizes(hidden)
     state = tuple(torch.rand(batch, s, generator=gen) for s in sizes)

@@ -1,0 +1,165 @@
+"""``backend="auto"`` by measurement: on the first call for a key, the eligible backends are timed
+for a few calls each and the fastest is kept, in memory and in an on-disk cache (the role
+``torch.backends.cudnn.benchmark`` plays for cuDNN).
+
+* The key: the cell, the shape bucket (batch and sequence length rounded up to a power of two;
+  input and hidden size exact), dtype, device, torch's thread count, the grad mode (``none``:
+  forward only, ``params``: parameters' gradients, ``input``: the input's too), layers,
+  directions and the layer options that change what a backend runs (lengths, dropout masks,
+  zoneout, residual, per-step states).
+* The disk cache is one JSON file per machine, torch version and gyre version under
+  ``$GYRE_CACHE_DIR`` (default ``~/.cache/gyre``); a file that cannot be read or written is
+  ignored (the choice is then kept in memory only).
+* Cost is bounded: per backend one untimed call and at most :data:`CALLS` timed ones, fewer once
+  a backend has used :data:`BUDGET_S` seconds, and a backend whose first call takes more than
+  :data:`GIVE_UP` times the best one's is not timed further.
+* ``GYRE_AUTOTUNE=0`` keeps the static rule (:func:`gyre.engine.select_backend`); a forced
+  ``backend=`` is never measured.
+* Each choice is logged once at INFO level (logger ``gyre.engine``).
+
+Every backend equals ``reference`` within its tolerance, so which one wins changes speed only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+log = logging.getLogger("gyre.engine")
+
+CALLS = 3
+BUDGET_S = 2.0
+GIVE_UP = 3.0
+
+#: the clock measurements read (a test replaces it)
+clock: Callable[[], float] = time.perf_counter
+
+_lock = threading.RLock()
+_memory: dict[str, str] = {}
+_disk: dict[str, str] | None = None
+
+
+def enabled() -> bool:
+    """False when ``GYRE_AUTOTUNE`` is ``0`` (or ``false``/``off``/``no``)."""
+    return os.environ.get("GYRE_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def bucket(n: int) -> int:
+    """``n`` rounded up to a power of two (0 stays 0)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+def cache_path() -> Path:
+    """This machine's, torch's and gyre's cache file."""
+    import torch
+
+    try:
+        from importlib.metadata import version
+
+        gyre_version = version("gyre")
+    except Exception:  # noqa: BLE001 - not installed as a distribution: a source checkout
+        gyre_version = "source"
+
+    machine = "|".join((platform.node(), platform.machine(), _cpu_model()))
+    tag = hashlib.sha256(f"{machine}|{torch.__version__}|{gyre_version}".encode()).hexdigest()
+    root = Path(os.environ.get("GYRE_CACHE_DIR") or Path.home() / ".cache" / "gyre")
+    return root / f"autotune-{tag[:16]}.json"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _load_disk() -> dict[str, str]:
+    global _disk
+    if _disk is None:
+        try:
+            data = json.loads(cache_path().read_text())
+            _disk = {k: v for k, v in data.items() if isinstance(v, str)} \
+                if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            _disk = {}
+    return _disk
+
+
+def _save_disk(key: str, choice: str) -> None:
+    disk = _load_disk()
+    disk[key] = choice
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(disk, indent=0, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: the choice stays in memory
+
+
+def forget() -> None:
+    """Drop the choices held in memory (the disk cache is read again on the next call)."""
+    global _disk
+    with _lock:
+        _memory.clear()
+        _disk = None
+
+
+def choose(key: str, candidates: Sequence[str], measure: Callable[[str], None]) -> str:
+    """The backend for ``key`` among ``candidates`` (in the static rule's order of preference;
+    the first wins ties): a choice already made (memory, then disk), else the fastest of
+    ``measure(backend)`` calls (one run of the layer on that backend) timed by :data:`clock`."""
+    if len(candidates) == 1:
+        return candidates[0]
+    with _lock:
+        found = _memory.get(key) or _load_disk().get(key)
+        if found in candidates:
+            _memory[key] = found
+            return found
+        times = {}
+        for backend in candidates:
+            try:
+                t0 = clock()
+                measure(backend)  # untimed: builds, caches, first-touch memory
+                first = clock() - t0
+            except Exception as e:  # noqa: BLE001 - a backend failing here is not a candidate
+                log.debug("gyre autotune: %s failed on %s (%s)", backend, key, e)
+                continue
+            best_so_far = min(times.values(), default=None)
+            if best_so_far is not None and first > GIVE_UP * max(best_so_far, 1e-9):
+                times[backend] = first
+                continue
+            best, spent = first, first
+            for _ in range(CALLS):
+                if spent > BUDGET_S:
+                    break
+                t0 = clock()
+                measure(backend)
+                dt = clock() - t0
+                best, spent = min(best, dt), spent + dt
+            times[backend] = best
+        if not times:
+            return candidates[0]
+        winner = min(candidates, key=lambda b: (times.get(b, float("inf")),
+                                                candidates.index(b)))
+        _memory[key] = winner
+        _save_disk(key, winner)
+        log.info("gyre autotune: %s -> %s (%s)", key, winner,
+                 ", ".join(f"{b} {1e3 * t:.3g} ms" for b, t in times.items()))
+        return winner
+
+
+__all__ = ["BUDGET_S", "CALLS", "GIVE_UP", "bucket", "cache_path", "choose", "enabled",
+           "forget"]

@@ -1,0 +1,184 @@
+"""Time-series extrinsic regression (one number per series): the sequence models of
+:mod:`gyre.tasks.classify` (any ``--model``, any ``--cell``) with one output trained on the
+standardised target by mean squared error, beside predicting the training mean and MiniRocket
+features with ridge regression (aeon's ``MiniRocketRegressor``), all on the same split.
+
+Follows the task contract in :mod:`gyre.tasks`. Data: :mod:`gyre.data.regression`; metrics
+RMSE, MAE and R^2 on the original scale of the target.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor, nn
+
+from ..data import classification as cdata
+from ..data import regression as rdata
+from ..train import CHECKPOINT, load_checkpoint, seed_everything
+from . import base
+from . import classify as cls
+
+TASK = "regress"
+
+
+@dataclass
+class Config(cls.SequenceModelConfig):
+    """Regression run: the fields of :class:`gyre.tasks.classify.SequenceModelConfig` (the
+    same models and recipe as classify); ``data`` is an aeon regression set
+    (``cardano_sentiment``, ``covid_3month``) or a CSV/NPZ file in the classify format whose
+    labels are numbers. The training mean and (``minirocket``) MiniRocket + ridge always run
+    as baselines."""
+
+    data: str = "covid_3month"
+
+
+def mse_loss(out: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.mse_loss(out[:, 0], y)
+
+
+def scores(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """RMSE, MAE and R^2 (1 - residual / total sum of squares about the mean of ``y``)."""
+    pred, y = np.asarray(pred, np.float64), np.asarray(y, np.float64)
+    err = pred - y
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return {"rmse": float(np.sqrt((err ** 2).mean())), "mae": float(np.abs(err).mean()),
+            "r2": float(1 - (err ** 2).sum() / ss_tot) if ss_tot > 0 else float("nan")}
+
+
+def _rmse_metric(scale: float):
+    def metric(out: Tensor, y: Tensor) -> dict[str, float]:
+        return {"rmse": float(((out[:, 0] - y) ** 2).mean().sqrt()) * scale}
+    return metric
+
+
+def minirocket_baseline(data: rdata.RegressionData, seed: int = 0) -> dict[str, float]:
+    """aeon's ``MiniRocketRegressor`` (MiniRocket features, ``RidgeCV``); series zero-padded."""
+    from aeon.regression.convolution_based import MiniRocketRegressor
+    T = max(9, max(len(x) for x in data.X_train + data.X_test))
+    reg = MiniRocketRegressor(random_state=seed, n_jobs=1)
+    reg.fit(cls.to_aeon_array(data.X_train, T), data.y_train)
+    return scores(reg.predict(cls.to_aeon_array(data.X_test, T)), data.y_test)
+
+
+def train(config: Config, *, resume: bool = False) -> dict:
+    """Train, evaluate beside the baselines, write config.toml, checkpoint, metrics.json and
+    plots into ``config.out``; returns the metrics (see :mod:`gyre.tasks`)."""
+    if not isinstance(config, Config):
+        raise TypeError(f"config: got {type(config).__name__}, expected gyre.tasks.regress.Config")
+    data = rdata.load(config.data, seed=config.seed)  # before the run directory exists
+    if resume:
+        base.check_resume(config, config.out)
+    out = base.resolve_out(config, TASK)
+    idx = np.arange(len(data.y_train))
+    rng = np.random.default_rng(config.seed)
+    n_val = int(round(config.val_fraction * len(idx)))
+    va = np.sort(rng.permutation(idx)[:n_val]) if 0 < n_val < len(idx) else idx[:0]
+    tr = np.setdiff1d(idx, va)
+    X_fit = [data.X_train[i] for i in tr]
+    scaler = cdata.Standardizer.fit(X_fit)
+    y_mean, y_std = float(data.y_train[tr].mean()), float(data.y_train[tr].std()) or 1.0
+    norm = lambda y: ((np.asarray(y) - y_mean) / y_std).astype(np.float32)  # noqa: E731
+    f32 = np.float32
+    train_ds = cdata.SequenceDataset(scaler(X_fit), norm(data.y_train[tr]), f32)
+    val_ds = cdata.SequenceDataset(scaler([data.X_train[i] for i in va]), norm(data.y_train[va]),
+                                   f32)
+    test_ds = cdata.SequenceDataset(scaler(data.X_test), norm(data.y_test), f32)
+    seed_everything(config.seed)
+    k, stride = cls.resolve_shape(config, data.X_train)
+    model = cls.build_model(config, data.n_channels, 1, frame=k, stride=stride)
+    extra = {"n_channels": data.n_channels, "scaler": scaler.state(), "frame": k,
+             "stride": stride, "y_mean": y_mean, "y_std": y_std}
+    start = time.perf_counter()
+    trainer, result = cls._fit(model, config, out, train_ds, val_ds, extra, resume,
+                               loss=mse_loss, metrics=_rmse_metric(y_std),
+                               callback=base.config_writer(config, out))
+    seconds = time.perf_counter() - start
+    if base.other_rank(out) is not None:
+        return base.other_rank(out)
+    if result["interrupted"]:
+        return {"interrupted": True, "out": str(out)}
+    pred = trainer.predict(test_ds)[0][:, 0].numpy().astype(np.float64) * y_std + y_mean
+    test = scores(pred, data.y_test)
+    name = cls.describe(config, k, stride)
+    base.plot_history(result["history"], out / "loss.png", f"{name} on {data.name}")
+    plot_predictions(data.y_test, pred, out / "predictions.png",
+                     f"{name}: RMSE {test['rmse']:.4g}")
+    baselines = {"train_mean": scores(np.full(len(data.y_test), data.y_train[tr].mean()),
+                                      data.y_test)}
+    if config.minirocket:
+        baselines["minirocket_ridge"] = minirocket_baseline(data, config.seed)
+    history = result["history"]
+    metrics = {
+        "task": TASK, "data": data.name, "out": str(out), "model": name, "test": test,
+        "baselines": baselines,
+        "train": {"epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
+                  "stopped_early": result["stopped_early"], "seconds": round(seconds, 2),
+                  "n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds),
+                  "frame": k, "stride": stride,
+                  "final_train_loss": history[-1].get("train_loss") if history else None,
+                  "parameters": sum(p.numel() for p in model.parameters())},
+    }
+    base.write_json(metrics, out / "metrics.json")
+    return metrics
+
+
+def plot_predictions(y: np.ndarray, pred: np.ndarray, path, title: str) -> None:
+    plt = base.pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(y, pred, s=12, alpha=0.7)
+    lo, hi = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
+    ax.plot([lo, hi], [lo, hi], color="gray", lw=1)
+    ax.set_xlabel("target")
+    ax.set_ylabel("prediction")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- reloading ------------------------------------------------------------------------------------
+def load_run(out_dir) -> tuple[Config, nn.Module, dict]:
+    """``(config, model with the final weights, checkpoint extra)`` from a run directory."""
+    out = Path(out_dir)
+    if not (out / "config.toml").is_file():
+        raise FileNotFoundError(f"out_dir: {str(out)!r} has no config.toml; expected a directory "
+                                "written by gyre train regress")
+    config = base.load_config(Config, out / "config.toml")
+    ckpt = load_checkpoint(out / CHECKPOINT)
+    extra = ckpt["extra"]
+    model = cls.build_model(config, extra["n_channels"], 1, extra.get("frame"),
+                            extra.get("stride"))
+    best = ckpt["best"]["model"]
+    use_best = best is not None and ckpt["config"].get("restore_best", True)
+    model.load_state_dict(best if use_best else ckpt["model"])
+    model.eval()
+    return config, model, extra
+
+
+def _predict(model: nn.Module, extra: dict, X: list[np.ndarray]) -> np.ndarray:
+    scaler = cdata.Standardizer.from_state(extra["scaler"])
+    out = cls._logits(model, scaler(X))[:, 0].numpy().astype(np.float64)
+    return out * extra["y_std"] + extra["y_mean"]
+
+
+def evaluate(out_dir, data: str | None = None) -> dict:
+    """Test metrics of a trained run on its own test split, or on ``data``'s."""
+    config, model, extra = load_run(out_dir)
+    ds = rdata.load(data or config.data, seed=config.seed)
+    return {"test": scores(_predict(model, extra, ds.X_test), ds.y_test), "data": ds.name,
+            "n_test": len(ds.y_test)}
+
+
+def predict(out_dir, data_path: str) -> list[dict]:
+    """The predicted target of every sequence in ``data_path`` (labels and splits ignored)."""
+    _, model, extra = load_run(out_dir)
+    pred = _predict(model, extra, cdata.read_sequences(data_path))
+    return [{"index": i, "prediction": float(v)} for i, v in enumerate(pred)]
+
+
+__all__ = ["Config", "TASK", "train", "evaluate", "predict", "load_run", "scores",
+           "minirocket_baseline"]

@@ -1,0 +1,186 @@
+"""``backend="auto"`` by measurement (gyre.engine.autotune): the mechanism under a fake clock and
+forced timings, never real ones; whichever backend wins, results equal the reference."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from gyre import cells, engine
+from gyre.engine import autotune
+
+
+@pytest.fixture
+def tuned(monkeypatch, tmp_path):
+    """Autotuning on, a fresh cache dir, and a fake clock: each measured run of backend b
+    advances it by ``cost[b]`` seconds; ``calls`` lists the backends measured."""
+    monkeypatch.setenv("GYRE_AUTOTUNE", "1")
+    monkeypatch.setenv("GYRE_CACHE_DIR", str(tmp_path))
+    autotune.forget()
+    now = [0.0]
+    cost: dict[str, float] = {}
+    calls: list[str] = []
+    real = engine._measure
+
+    def measure(cell, params, x, hx, grad, backend, kwargs):
+        calls.append(backend)
+        real(cell, params, x, hx, grad, backend, kwargs)
+        now[0] += cost.get(backend, 1.0)
+
+    monkeypatch.setattr(engine, "_measure", measure)
+    monkeypatch.setattr(autotune, "clock", lambda: now[0])
+    yield cost, calls
+    autotune.forget()
+
+
+def _lstm_call(dtype=torch.float64, grad=True, x_grad=False, T=6, B=3, I=4, H=5):
+    torch.manual_seed(1)
+    m = torch.nn.LSTM(I, H).to(dtype)
+    p = [[{k.replace("_l0", ""): v for k, v in m.named_parameters()}]]
+    for d in p[0]:
+        for v in d.values():
+            v.requires_grad_(grad)
+    x = torch.randn(T, B, I, dtype=dtype, requires_grad=x_grad)
+    h = (torch.zeros(1, B, H, dtype=dtype), torch.zeros(1, B, H, dtype=dtype))
+    return p, x, h
+
+
+def _run(cell, p, x, h, backend="auto"):
+    return engine.run(cell, p, x, h, backend=backend)
+
+
+def test_fastest_measured_backend_is_kept_in_memory_and_on_disk(tuned, caplog):
+    cost, calls = tuned
+    lstm = cells.get("lstm")
+    opts = engine.Options(grad="params", size=(3, 5))
+    cands = engine.eligible(lstm, opts, "cpu")
+    if "fused" not in cands:
+        pytest.skip("fused kernels cannot be built here")
+    assert cands[0] == "native"  # the static rule's choice at this size
+    cost.update(native=5.0, fused=1.0)
+    p, x, h = _lstm_call()
+    with caplog.at_level(logging.INFO, logger="gyre.engine"):
+        out = _run(lstm, p, x, h)
+    # bounded: one untimed and at most CALLS timed runs per backend, reference not among them
+    assert set(calls) == {"native", "fused"}
+    assert all(calls.count(b) <= 1 + autotune.CALLS for b in set(calls))
+    assert [r for r in caplog.records if "autotune" in r.getMessage()][0].levelno == logging.INFO
+    assert "-> fused" in caplog.text
+    key = next(iter(autotune._memory))
+    assert autotune._memory[key] == "fused"
+    # the call itself ran the winner and equals the static choice's result
+    ref = _run(lstm, p, x, h, backend="reference")
+    torch.testing.assert_close(out.output, ref.output, atol=1e-10, rtol=0)
+    # a second call measures nothing and logs nothing
+    calls.clear()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gyre.engine"):
+        _run(lstm, p, x, h)
+    assert calls == [] and "autotune" not in caplog.text
+    # the disk cache answers after memory is dropped (a new process)
+    disk = json.loads(autotune.cache_path().read_text())
+    assert disk == {key: "fused"}
+    autotune.forget()
+    _run(lstm, p, x, h)
+    assert calls == []
+
+
+def test_key_separates_grad_modes_and_shape_buckets(tuned):
+    cost, calls = tuned
+    lstm = cells.get("lstm")
+    if "fused" not in engine.eligible(lstm, engine.Options(), "cpu"):
+        pytest.skip("fused kernels cannot be built here")
+    keys = set()
+    for kw in (dict(grad=False), dict(grad=True), dict(grad=True, x_grad=True),
+               dict(grad=False, T=7), dict(grad=False, T=9)):
+        p, x, h = _lstm_call(**kw)
+        if not kw["grad"]:
+            with torch.no_grad():
+                _run(lstm, p, x, h)
+        else:
+            _run(lstm, p, x, h)
+        keys |= set(autotune._memory)
+    # forward only / parameters / input too; T=6 and T=7 share the bucket 8, T=9 is 16
+    assert len(keys) == 4
+    assert sum("|none|" in k for k in keys) == 2
+    assert sum("|params|" in k for k in keys) == 1 and sum("|input|" in k for k in keys) == 1
+
+
+def test_every_winner_gives_the_reference_result(tuned):
+    """Forced timings make each eligible backend win in turn: outputs, states and every gradient
+    (the input's included) equal the reference in float64."""
+    cost, calls = tuned
+    gru = cells.get("gru")
+    cands = [b for b in engine.eligible(gru, engine.Options(grad="input"), "cpu")
+             if b != "reference"]  # the eager loop is not measured when another can run
+    p, x, h = _lstm_call(x_grad=True)
+    torch.manual_seed(2)
+    pg = [[{k: torch.randn(3 * 5, *v.shape[1:], dtype=v.dtype, requires_grad=True)
+            for k, v in p[0][0].items()}]]
+    hg = (h[0],)
+    ref = _run(gru, pg, x, hg, backend="reference")
+    want = torch.autograd.grad(ref.output.pow(2).sum(), [x, *pg[0][0].values()])
+    for winner in cands:
+        autotune.forget()
+        cost.clear()
+        cost.update({b: (0.5 if b == winner else 2.0) for b in cands})
+        res = _run(gru, pg, x, hg)
+        assert next(iter(autotune._memory.values())) == winner
+        got = torch.autograd.grad(res.output.pow(2).sum(), [x, *pg[0][0].values()])
+        torch.testing.assert_close(res.output, ref.output, atol=1e-10, rtol=0)
+        torch.testing.assert_close(res.state[0], ref.state[0], atol=1e-10, rtol=0)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+        autotune.forget()  # the next winner is measured afresh, not read from disk
+        autotune.cache_path().unlink(missing_ok=True)
+
+
+def test_measuring_leaves_the_callers_state_alone(tuned):
+    """The measured runs use detached copies: no gradient reaches the caller's parameters and
+    the global random state is where it was."""
+    lstm = cells.get("lstm")
+    p, x, h = _lstm_call()
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    with torch.no_grad():
+        _run(lstm, p, x, h)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(v.grad is None for v in p[0][0].values())
+
+
+def test_off_switch_and_forced_backend_measure_nothing(tuned, monkeypatch):
+    cost, calls = tuned
+    lstm = cells.get("lstm")
+    p, x, h = _lstm_call()
+    _run(lstm, p, x, h, backend="native")
+    assert calls == []
+    monkeypatch.setenv("GYRE_AUTOTUNE", "0")
+    _run(lstm, p, x, h)
+    assert calls == [] and autotune._memory == {}
+
+
+def test_a_slow_backend_is_not_timed_further():
+    """GIVE_UP: a backend whose untimed first run is far slower than the best is dropped after
+    it; the choice itself follows the forced timings."""
+    now = [0.0]
+    seen = []
+    cost = {"a": 1.0, "b": 100.0}
+
+    def measure(b):
+        seen.append(b)
+        now[0] += cost[b]
+
+    old = autotune.clock
+    autotune.clock = lambda: now[0]
+    try:
+        autotune.forget()
+        import os
+        os.environ["GYRE_CACHE_DIR"] = os.environ.get("GYRE_CACHE_DIR", "/nonexistent")
+        assert autotune.choose("k-give-up", ["a", "b"], measure) == "a"
+    finally:
+        autotune.clock = old
+        autotune.forget()
+    assert seen.count("b") == 1 and 2 <= seen.count("a") <= 1 + autotune.CALLS
