@@ -492,3 +492,26 @@ def test_bad_forecasting_options(tmp_path):
         pd_dates("2010-01-01", 60, "MS"))))
     with pytest.raises(ValueError, match="for zeros use transform log1p"):
         F.train(F.Config(data=str(p), log=True, out=str(tmp_path / "r"), progress=False))
+
+
+def test_ensemble_resume_writes_config_at_start_and_refuses_changes(tmp_path, capsys):
+    """An ensemble resumes every member through the common check: a changed architecture is
+    refused before anything is written; --epochs continues members 0 and 1."""
+    from gyre.cli import main
+    from gyre.train import load_checkpoint
+    out = tmp_path / "ens"
+    args = ["train", "forecast", "--data", "airline", "--hidden", "4", "--epochs", "1",
+            "--ensemble", "2", "--baselines", "naive", "--no-progress", "--no-tensorboard",
+            "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    cfg = (out / "config.toml").read_text()
+    assert main(["train", "forecast", "--out", str(out), "--resume", "--hidden", "8"]) == 2
+    assert "resume: --hidden 4 -> 8" in capsys.readouterr().err
+    assert (out / "config.toml").read_text() == cfg
+    assert main(["train", "forecast", "--out", str(out), "--resume", "--epochs", "2",
+                 "--no-progress"]) == 0
+    for d in (out, out / "member-1"):
+        assert load_checkpoint(d / "checkpoint")["epoch"] == 2
+    assert "epochs = 2" in (out / "config.toml").read_text()
+    with pytest.raises(ValueError, match="ensemble of 2"):
+        F.load_run(out)
