@@ -797,7 +797,9 @@ class Config(TaskConfig):
         scaler: ``standard``, ``minmax``, ``mean``, ``diff`` (mean absolute one-step change) or
             ``none``, per series and column, fitted on the training part only.
         transform: ``none``, ``log`` (positive data) or ``log1p`` (zeros, counts) before
-            scaling; ``log``: the same as ``transform="log"``.
+            scaling.
+        log: take logs of the data before scaling (positive data only); the same as
+            ``transform="log"``.
         loss: ``mse``, ``mae`` or ``huber`` on the scaled values (point forecasts).
         quantiles: levels to forecast, e.g. ``0.1,0.5,0.9`` (pinball loss, increasing by
             construction; 0.5 is added when missing: it is the point forecast).
