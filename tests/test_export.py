@@ -168,3 +168,29 @@ def test_forecast_run_exports_with_its_head(tmp_path):
         assert ra["step"] == rb["step"] and abs(ra["forecast"] - rb["forecast"]) < 1e-3
     with pytest.raises(ValueError, match="runtime: got 'tvm'"):
         F.predict(tmp_path / "run", runtime="tvm")
+
+
+@pytest.mark.parametrize("kw", [
+    dict(center=True, future=[1, 2]),
+    dict(n_ids=3, id_dim=2, future=[2], bidirectional=True),
+    dict(quantiles=[0.1, 0.5, 0.9], future=[2], residual="seasonal", season=3),
+    dict(distribution="studentt", center=True),
+], ids=["future_centered", "ids_bi", "quantiles_seasonal", "studentt"])
+def test_forecaster_extras_follow_the_hook_and_export(kw, tmp_path):
+    """Future covariates (x holds lookback + horizon steps), the series-id embedding and the
+    probabilistic heads: forward is export_head(rnn(export_pre(x)), x) and onnxruntime equals it
+    at lengths shorter than x's inputs, the unknown id (-1) included."""
+    torch.manual_seed(0)
+    bi = kw.pop("bidirectional", False)
+    m = F.Forecaster("lstm", 3, [0], 4, 8, bidirectional=bi, **kw).eval()
+    x = torch.randn(5, 14, m.export_features)
+    if m.n_ids:
+        x[:, :, -1] = torch.tensor([0.0, 1, 2, -1, 1])[:, None]
+    lengths = torch.tensor([10, 7, 10, 3, 8])
+    with torch.no_grad():
+        y, _ = m(x, lengths=lengths)
+        xr, _ = m.export_pre(x, lengths)
+        assert torch.equal(m.export_head(m.rnn(xr, lengths=lengths)[0], x, lengths), y)
+    assert y.shape == ((5, 4, 1, 3) if m.probabilistic else (5, 4, 1))
+    y_ort, _ = OnnxModel(onnx(m, tmp_path / "m.onnx"))(x, lengths=lengths)
+    torch.testing.assert_close(y_ort, y, atol=1e-5, rtol=1e-5)

@@ -319,3 +319,199 @@ def test_bad_sizes(tmp_path):
         F.train(F.Config(data="airline", lookback=130, out=str(tmp_path), progress=False))
     with pytest.raises(ValueError, match="log"):
         F.train(F.Config(data="uschange", log=True, out=str(tmp_path), progress=False))
+
+
+# -- data the way forecasters have it ---------------------------------------------------------
+def _aeon_csv(name):
+    import importlib.util
+    import os
+
+    root = importlib.util.find_spec("aeon").submodule_search_locations[0]
+    return os.path.join(root, "datasets", "data", name, f"{name}.csv")
+
+
+def test_aeon_csvs_load_as_shipped():
+    lynx = load_series(_aeon_csv("Lynx"))  # header ",0": the unnamed first column holds years
+    assert lynx.columns == ("0",) and lynx.lengths.tolist() == [114]
+    assert lynx.freq == "yearly" and (lynx.season, lynx.horizon) == (1, 6)
+    assert str(lynx.index[0][0])[:4] == "1821"
+    shampoo = load_series(_aeon_csv("ShampooSales"))
+    assert shampoo.lengths.tolist() == [36] and (shampoo.season, shampoo.horizon) == (12, 12)
+    solar = load_series(_aeon_csv("solar"))  # half-hourly, time zone in the stamps
+    assert solar.freq == "half-hourly" and (solar.season, solar.horizon) == (48, 48)
+    longley = load_series(_aeon_csv("Longley"))  # "Obs" numbers the rows; YEAR the dates
+    assert "Obs" not in longley.columns and "YEAR" not in longley.columns
+    assert longley.freq == "yearly"
+    # a 36-point monthly series: no validation part fits, a shorter lookback does (said so)
+    setup = F._Setup(F.Config(data="x"), shampoo)
+    assert setup.val_fraction == 0 and setup.lookback == 6 and len(setup.notes) == 2
+    with pytest.raises(ValueError, match="has 36 points.*needs at least 37"):
+        F._Setup(F.Config(data="x", horizon=12, backtest=2), shampoo)
+
+
+def test_panel_wide_and_frequencies(tmp_path):
+    p = tmp_path / "panel.csv"
+    rows = ["unique_id,ds,y,price"]
+    for sid, n in (("b", 30), ("a", 20)):
+        for t in range(n):
+            rows.append(f"{sid},2020-01-{1 + t:02d},{t % 7 + (sid == 'a')},{t * 0.5}")
+    p.write_text("\n".join(rows[:1] + rows[:0:-1]) + "\n")  # rows in reverse order
+    ss = load_series(str(p))
+    assert ss.ids == ("a", "b") and ss.lengths.tolist() == [20, 30]
+    assert ss.columns == ("y", "price") and ss.target == (0,)
+    assert ss.freq == "daily" and (ss.season, ss.horizon) == (7, 14)
+    assert ss.series[1][:3, 0].tolist() == [0, 1, 2]  # sorted by date within its id
+    p2 = tmp_path / "wide.csv"
+    p2.write_text("week,u,v\n" + "".join(f"{d},{'' if i == 0 else i},{i * 2}\n"
+                                         for i, d in enumerate(pd_dates("2021-01-04", 8, "7D"))))
+    w = load_series(str(p2), layout="wide")
+    assert w.ids == ("u", "v") and w.lengths.tolist() == [7, 8] and w.freq == "weekly"
+    assert w.season == 52 and w.horizon == 13
+    hourly = tmp_path / "h.csv"
+    hourly.write_text("time,load\n" + "".join(f"{d},{i}\n" for i, d in enumerate(
+        pd_dates("2021-01-01", 50, "h"))))
+    assert load_series(str(hourly)).season == 24 and load_series(str(hourly)).horizon == 48
+    with pytest.raises(ValueError, match="repeats the date"):
+        bad = tmp_path / "dup.csv"
+        bad.write_text("unique_id,ds,y\na,2020-01-01,1\na,2020-01-01,2\na,2020-01-02,3\n")
+        load_series(str(bad))
+    with pytest.raises(ValueError, match="id_column: 'sku' is not a column"):
+        load_series(str(p), id_column="sku")
+
+
+def pd_dates(start, n, freq):
+    import pandas as pd
+
+    return [str(d) for d in pd.date_range(start, periods=n, freq=freq)]
+
+
+def test_zeros_log1p_and_calendar():
+    x = np.array([[0.0], [3.0], [0.0], [0.0], [7.0], [1.0]])
+    s = Scaler("standard", value_transform="log1p").fit([x], [4])
+    assert np.allclose(s.inverse(s.transform(x, 0), 0), x)
+    with pytest.raises(ValueError, match="log1p"):
+        Scaler("standard", value_transform="log").fit([x], [4])
+    from gyre.data.forecasting import calendar_features, future_index
+
+    air = load_series("airline")
+    cal = calendar_features(air.index[0], "monthly")
+    assert cal.shape == (144, 2) and np.allclose(cal[0], [0, 1]) and np.allclose(cal[12], cal[0])
+    nxt = future_index(air.index[0], "monthly", 2)
+    assert str(nxt[0])[:10] == "1961-01-01" and str(nxt[1])[:10] == "1961-02-01"
+
+
+# -- probabilistic forecasts ----------------------------------------------------------------------
+def test_quantile_heads_are_monotone_and_metrics_by_hand():
+    torch.manual_seed(0)
+    model = F.Forecaster("gru", 1, [0], 3, hidden=4, quantiles=[0.05, 0.1, 0.5, 0.9, 0.95])
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0, 3)  # large random outputs: monotone by construction, not by luck
+        q, _ = model(torch.randn(64, 5, 1))
+    assert q.shape == (64, 3, 1, 5) and (q.diff(dim=-1) > 0).all()
+    y = np.array([[1.0], [2.0], [10.0]])
+    qs = np.array([[[0.0, 1.0, 2.0]], [[1.0, 2.0, 3.0]], [[1.0, 2.0, 3.0]]])  # 10, 50, 90 %
+    x = np.array([[0.0], [1.0], [3.0]])  # MASE scale (1 + 2) / 2 = 1.5
+    got = F.prob_score([y], [qs], [x], 1, [0.1, 0.5, 0.9])
+    assert got["coverage_80"] == pytest.approx(2 / 3)
+    iscore = [2, 2, 2 + 2 / 0.2 * 7]
+    assert got["msis_80"] == pytest.approx(np.mean(iscore) / 1.5)
+    lv = np.array([0.1, 0.5, 0.9])
+    ql = [np.mean(np.maximum(lv * (y[t, 0] - qs[t, 0]), (lv - 1) * (y[t, 0] - qs[t, 0])))
+          for t in range(3)]
+    assert got["scaled_crps"] == pytest.approx(2 * np.mean(ql) / 1.5)
+
+
+def test_quantile_coverage_near_nominal_on_known_noise(tmp_path):
+    """A season plus N(0, 1) noise: the 80% interval must hold about 80% of new points."""
+    rng = np.random.default_rng(0)
+    n = 360
+    t = np.arange(n)
+    y = 10 + 3 * np.sin(2 * np.pi * t / 12) + rng.normal(0, 1, n)
+    p = tmp_path / "sim.csv"
+    p.write_text("v\n" + "".join(f"{v}\n" for v in y))
+    cfg = F.Config(data=str(p), out=str(tmp_path / "run"), horizon=3, season=12, lookback=24,
+                   hidden=8, epochs=8, patience=0, lr=1e-2, batch_size=64, backtest=30,
+                   quantiles=["0.1", "0.9"], residual="seasonal", val_fraction=0.1,
+                   baselines=["naive"], calendar=False, progress=False, tensorboard=False,
+                   device="cpu")
+    m = F.train(cfg)
+    assert m["train"]["test_forecasts"] == 30
+    assert 0.68 <= m["test"]["coverage_80"] <= 0.92, m["test"]
+    # the interval's width is about the noise's: 2 * 1.2816 sd = 2.56
+    rows = F.predict(tmp_path / "run")
+    widths = [r["q0.9"] - r["q0.1"] for r in rows]
+    assert all(r["q0.1"] < r["q0.5"] < r["q0.9"] for r in rows)
+    assert 1.5 < np.mean(widths) < 4.0
+
+
+# -- backtesting ----------------------------------------------------------------------------------
+def test_backtest_origins_never_see_their_own_future():
+    air = load_series("airline")
+    cfg = F.Config(data="airline", backtest=3, quantiles=["0.1", "0.9"])
+    setup = F._Setup(cfg, air)
+    scaler = Scaler("standard")
+    scaled, tr, va, te, val_start, test_start = F.prepare(
+        air, 12, 24, 24, scaler, cfg.val_fraction, 3, setup.extra(air))
+    assert te.start.tolist() == [108, 120, 132] and test_start[0] == 108
+    assert (tr.start + 12 <= val_start[0]).all()  # training targets end before validation
+    torch.manual_seed(0)
+    model = setup.model(cfg).eval()
+    base_point, base_q = F.ensemble_forecast([model], te, setup.levels)
+    for k, origin in enumerate(te.start):
+        changed = air.series[0].copy()
+        changed[origin:] *= 3.0  # the future of this origin
+        ss = F.SeriesSet(air.name, (changed,), air.index, air.columns, air.target, 12, 12,
+                         air.ids, "", air.freq)
+        _, _, _, te2, _, _ = F.prepare(ss, 12, 24, 24, Scaler("standard"), cfg.val_fraction, 3,
+                                       setup.extra(ss))
+        point, q = F.ensemble_forecast([model], te2, setup.levels)
+        assert np.allclose(point[k], base_point[k]) and np.allclose(q[k], base_q[k])
+        later = [j for j in range(3) if te.start[j] > origin]
+        assert all(not np.allclose(point[j], base_point[j]) for j in later)
+
+
+# -- bad input, one clear error -------------------------------------------------------------------
+def test_bad_forecasting_options(tmp_path):
+    with pytest.raises(ValueError, match="quantiles"):
+        F.Config(quantiles=["1.5"])
+    with pytest.raises(ValueError, match="quantiles: got"):
+        F.Config(quantiles=["low"])
+    with pytest.raises(ValueError, match="distribution"):
+        F.Config(distribution="poisson")
+    with pytest.raises(ValueError, match="need strategy 'direct'"):
+        F.Config(strategy="recursive", quantiles=["0.1", "0.9"])
+    with pytest.raises(ValueError, match="backtest"):
+        F.Config(backtest=0)
+    with pytest.raises(ValueError, match="transform"):
+        F.Config(transform="sqrt")
+    with pytest.raises(ValueError, match="future_covariates: 'promo' is not a column"):
+        F._Setup(F.Config(data="airline", future_covariates=["promo"]), load_series("airline"))
+    p = tmp_path / "zeros.csv"
+    p.write_text("month,sales\n" + "".join(f"{d[:10]},{i % 3}\n" for i, d in enumerate(
+        pd_dates("2010-01-01", 60, "MS"))))
+    with pytest.raises(ValueError, match="for zeros use transform log1p"):
+        F.train(F.Config(data=str(p), log=True, out=str(tmp_path / "r"), progress=False))
+
+
+def test_ensemble_resume_writes_config_at_start_and_refuses_changes(tmp_path, capsys):
+    """An ensemble resumes every member through the common check: a changed architecture is
+    refused before anything is written; --epochs continues members 0 and 1."""
+    from gyre.cli import main
+    from gyre.train import load_checkpoint
+    out = tmp_path / "ens"
+    args = ["train", "forecast", "--data", "airline", "--hidden", "4", "--epochs", "1",
+            "--ensemble", "2", "--baselines", "naive", "--no-progress", "--no-tensorboard",
+            "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    cfg = (out / "config.toml").read_text()
+    assert main(["train", "forecast", "--out", str(out), "--resume", "--hidden", "8"]) == 2
+    assert "resume: --hidden 4 -> 8" in capsys.readouterr().err
+    assert (out / "config.toml").read_text() == cfg
+    assert main(["train", "forecast", "--out", str(out), "--resume", "--epochs", "2",
+                 "--no-progress"]) == 0
+    for d in (out, out / "member-1"):
+        assert load_checkpoint(d / "checkpoint")["epoch"] == 2
+    assert "epochs = 2" in (out / "config.toml").read_text()
+    with pytest.raises(ValueError, match="ensemble of 2"):
+        F.load_run(out)

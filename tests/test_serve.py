@@ -159,3 +159,21 @@ def test_http_bad_requests_get_4xx_and_a_full_queue_503():
     assert res["full"][0] == 503 and "queue" in res["full"][1]
     assert res["delete_unknown"][0] == 404 and res["route"][0] == 404
     assert res["ok"][0] == 200 and len(res["ok"][1]["y"]) == 1
+
+
+def test_forecaster_stream_refusals_and_quantile_io():
+    """Future covariates and the id column are not in a stream's steps: refused by name; a
+    one-series quantile run maps each quantile back to the series' units."""
+    with pytest.raises(ValueError, match="future_covariates"):
+        Streamer(F.Forecaster("lstm", 2, [0], 2, 4, future=[1]))
+    with pytest.raises(ValueError, match="id_embedding"):
+        Streamer(F.Forecaster("lstm", 2, [0], 2, 4, n_ids=3, id_dim=2))
+    m = F.Forecaster("lstm", 2, [1], 2, 4, quantiles=[0.1, 0.5, 0.9]).eval()
+    extra = {"scaler": {"kind": "standard", "transform": "log", "loc": [[1.0, 2.0]],
+                        "scale": [[2.0, 4.0]]}}
+    inp, out = F.stream_io(m, extra)
+    torch.testing.assert_close(inp(torch.tensor([[1.0, 1.0]])), torch.tensor([[-0.5, -0.5]]))
+    z = torch.tensor([[[[-1.0, 0.0, 1.0]], [[0.0, 0.5, 1.0]]]])  # (1, horizon 2, C_t 1, Q 3)
+    torch.testing.assert_close(out(z), (z.double() * 4 + 2).exp().float())
+    with pytest.raises(ValueError, match="distribution"):
+        F.stream_io(F.Forecaster("lstm", 2, [1], 2, 4, distribution="normal"), extra)

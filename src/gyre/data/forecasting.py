@@ -13,15 +13,22 @@ The pieces, in the order a run uses them:
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+LAYOUTS = ("auto", "long", "wide")
+
 __all__ = [
-    "BUILTIN", "SeriesSet", "Scaler", "Windows", "catalog", "load_series", "make_windows",
-    "split_points", "SCALERS",
+    "BUILTIN", "FREQUENCIES", "LAYOUTS", "frequency_of", "SeriesSet", "Scaler", "Windows",
+    "catalog", "load_series", "make_windows", "calendar_features",
+    "calendar_width", "future_index",
+    "split_points", "SCALERS", "TRANSFORMS",
 ]
 
 
@@ -32,7 +39,10 @@ class SeriesSet:
     ``series[i]`` is a float64 array ``(T_i, C)`` (the columns named by ``columns``), ``index[i]``
     its time stamps (``T_i`` values, for plots), ``target`` the column indices to forecast,
     ``season`` the seasonal period ``m`` (12 monthly, 4 quarterly, 1 yearly), ``horizon`` the
-    default number of steps to forecast, ``note`` anything done to the raw data (interpolation).
+    default number of steps to forecast, ``note`` anything done to the raw data (interpolation),
+    ``freq`` the sampling frequency's name (``monthly``, ``half-hourly``...; "" unknown);
+    ``future[i]`` / ``future_index[i]``: rows after the observed part (``future_rows`` of
+    :func:`load_series`: the known future values of covariates, targets NaN), else empty.
     """
 
     name: str
@@ -44,6 +54,9 @@ class SeriesSet:
     horizon: int
     ids: tuple[str, ...]
     note: str = ""
+    freq: str = ""
+    future: tuple[np.ndarray, ...] = ()
+    future_index: tuple[np.ndarray, ...] = ()
 
     @property
     def num_columns(self) -> int:
@@ -122,6 +135,10 @@ BUILTIN = {
 }
 
 
+_BUILTIN_FREQ = {"airline": "monthly", "m1_yearly": "yearly", "co2": "monthly",
+                 "sunspots": "yearly", "uschange": "quarterly"}
+
+
 def _m1_file_present() -> bool:
     import importlib.util
 
@@ -150,58 +167,89 @@ def catalog():
 
 # -- a user's CSV --------------------------------------------------------------------------------
 
-_FREQ_SEASON = {"Y": 1, "A": 1, "Q": 4, "M": 12, "W": 52, "D": 7, "B": 5, "h": 24, "H": 24}
+#: ``(name, season m, default horizon)`` per sampling step: the M4 / Monash convention (yearly 6,
+#: quarterly 8, weekly 13, daily 14, hourly 48; monthly 12 as most Monash monthly sets, M4's 18
+#: would leave a 36-month series one year of history); finer than hourly: one day ahead.
+FREQUENCIES = {"yearly": (1, 6), "quarterly": (4, 8), "monthly": (12, 12), "weekly": (52, 13),
+               "daily": (7, 14), "business daily": (5, 10), "hourly": (24, 48)}
+
+#: column names taken as a panel's series id when ``id_column`` is not given
+ID_NAMES = ("unique_id", "series_id", "item_id", "series")
+
+_DATE_NAME = re.compile(r"^(ds|dates?|datetime\w*|time(stamp)?|period|month|quarter|week|day|"
+                        r"year|years|yr)$", re.IGNORECASE)
+_INDEX_NAME = re.compile(r"^(|unnamed: ?0|index|obs|row|#)$", re.IGNORECASE)
 
 
-def _season_of(dates: pd.DatetimeIndex) -> int:
-    if len(dates) < 3:
-        return 1
-    freq = pd.infer_freq(dates)
-    if freq is None:
-        return 1
-    code = freq.lstrip("0123456789").split("-")[0]
-    for key in (code, code[:2], code[:1]):
-        if key in _FREQ_SEASON:
-            return _FREQ_SEASON[key]
-    return 1
+def frequency_of(dates) -> tuple[str, int, int]:
+    """``(name, season, horizon)`` of evenly spaced time stamps: the median step decides
+    (yearly, quarterly, monthly, weekly, daily, business daily, hourly; finer steps get a season
+    of one day, ``86400 s / step``, and a horizon of one day). Fewer than 3 stamps: yearly-like
+    ``("unknown", 1, 1)``."""
+    d = pd.DatetimeIndex(dates)
+    if len(d) < 3:
+        return "unknown", 1, 1
+    step = float(np.median(np.diff(d.as_unit("s").asi8)))  # seconds
+    day = 86400.0
+    if step <= 0:
+        return "unknown", 1, 1
+    if step >= 300 * day:
+        name = "yearly"
+    elif step >= 80 * day:
+        name = "quarterly"
+    elif step >= 27 * day:
+        name = "monthly"
+    elif step >= 6.5 * day:
+        name = "weekly"
+    elif step >= 0.9 * day:
+        name = "business daily" if pd.infer_freq(d[: min(len(d), 30)]) == "B" else "daily"
+    elif abs(step - 3600) < 1:
+        name = "hourly"
+    else:
+        per_day = int(round(day / step))
+        label = {48: "half-hourly", 96: "quarter-hourly", 144: "10-minute"}.get(
+            per_day, f"{int(step)}-second")
+        return label, max(1, per_day), max(1, per_day)
+    return (name, *FREQUENCIES[name])
 
 
-def _read_csv(path: str, target, date_column: str | None) -> SeriesSet:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data: file {path!r} does not exist; expected a built-in name "
-                         f"({', '.join(BUILTIN)}) or a path to a CSV file")
-    if os.path.isdir(path):
-        raise ValueError(f"data: {path!r} is a directory; expected a CSV file")
-    try:
-        df = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"data: {path!r} is empty; expected a header row and numeric rows") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ValueError(f"data: {path!r} is not a readable CSV file ({e})") from None
-    if df.shape[1] == 0 or len(df) == 0:
-        raise ValueError(f"data: {path!r} has no data rows; expected a header row and numeric rows")
-    df.columns = [str(c).strip() for c in df.columns]
-    if date_column is not None and date_column not in df.columns:
-        raise ValueError(f"date_column: {date_column!r} is not a column of {path!r}; "
-                         f"columns are {list(df.columns)}")
-    if date_column is None:  # a first column that is entirely dates is taken as the time stamps
-        first = df.columns[0]
-        if not pd.api.types.is_numeric_dtype(df[first]):
-            parsed = pd.to_datetime(df[first], errors="coerce", format="mixed")
-            if parsed.notna().all():
-                date_column = first
-    dates = None
-    if date_column is not None:
-        dates = pd.to_datetime(df[date_column], errors="coerce", format="mixed")
-        if dates.isna().any():
-            row = int(np.flatnonzero(dates.isna().to_numpy())[0])
-            raise ValueError(f"date_column: {date_column!r} in {path!r} has a value that is not a "
-                             f"date at data row {row + 1}: {df[date_column].iloc[row]!r}")
-        if not dates.is_monotonic_increasing:
-            raise ValueError(f"date_column: {date_column!r} in {path!r} is not in increasing order")
-        df = df.drop(columns=[date_column])
-    if df.shape[1] == 0:
-        raise ValueError(f"data: {path!r} has only a date column; expected numeric value columns")
+def _as_dates(col: pd.Series, name: str):
+    """The column as time stamps, or None: text that all parses as dates, or whole numbers
+    that count years (1000-2999, step 1) in a column named like a date or a row index."""
+    if pd.api.types.is_bool_dtype(col):
+        return None
+    if not pd.api.types.is_numeric_dtype(col):
+        if col.isna().any():
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parsed = pd.to_datetime(col.astype(str), errors="coerce", format="mixed")
+        if not parsed.notna().all():
+            return None
+        if getattr(parsed.dt, "tz", None) is not None:
+            parsed = parsed.dt.tz_convert(None)
+        return parsed
+    if not (_DATE_NAME.match(name) or _INDEX_NAME.match(name)):
+        return None
+    v = col.to_numpy()
+    if col.isna().any() or not np.all(np.mod(v, 1) == 0):
+        return None
+    v = v.astype(np.int64)
+    if v.min() >= 1000 and v.max() <= 2999 and np.all(np.diff(np.unique(v)) == 1):
+        return pd.to_datetime(pd.Series(v).astype(str), format="%Y")
+    return None
+
+
+def _is_row_index(col: pd.Series, name: str) -> bool:
+    """A column that only numbers the rows (0..n-1 or 1..n) under an index-like name."""
+    if not _INDEX_NAME.match(name) or not pd.api.types.is_numeric_dtype(col):
+        return False
+    v = col.to_numpy()
+    return bool(len(v) and np.isfinite(v).all() and
+                (np.array_equal(v, np.arange(len(v))) or np.array_equal(v, np.arange(1, len(v) + 1))))
+
+
+def _numeric(df: pd.DataFrame, path: str) -> dict:
     values = {}
     for col in df.columns:
         raw = df[col]
@@ -211,11 +259,67 @@ def _read_csv(path: str, target, date_column: str | None) -> SeriesSet:
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise ValueError(f"data: column {col!r} of {path!r} is not numeric: data row {row + 1} "
                              f"holds {raw.iloc[row]!r}; expected numbers (and an optional date "
-                             f"column, see date_column)")
+                             f"column, see date_column, or a series id column, see id_column)")
         values[col] = num.astype(np.float64)
+    return values
+
+
+def _read_csv(path: str, target, date_column: str | None, id_column: str | None = None,
+              layout: str = "auto", future_rows: int = 0) -> SeriesSet:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data: file {path!r} does not exist; expected a built-in name "
+                         f"({', '.join(BUILTIN)}) or a path to a CSV file")
+    if os.path.isdir(path):
+        raise ValueError(f"data: {path!r} is a directory; expected a CSV file")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: got {layout!r}, expected one of {', '.join(LAYOUTS)}")
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"data: {path!r} is empty; expected a header row and numeric rows") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"data: {path!r} is not a readable CSV file ({e})") from None
+    if df.shape[1] == 0 or len(df) == 0:
+        raise ValueError(f"data: {path!r} has no data rows; expected a header row and numeric rows")
+    df.columns = ["" if str(c).startswith("Unnamed: ") else str(c).strip() for c in df.columns]
+    for name, given in (("date_column", date_column), ("id_column", id_column)):
+        if given is not None and given not in df.columns:
+            raise ValueError(f"{name}: {given!r} is not a column of {path!r}; "
+                             f"columns are {list(df.columns)}")
+    if id_column is None and layout in ("auto", "long"):
+        id_column = next((c for c in df.columns if c.lower() in ID_NAMES), None)
+    if layout == "long" and id_column is None:
+        raise ValueError(f"id_column: layout 'long' needs a series id column; {path!r} has none "
+                         f"of {', '.join(ID_NAMES)} (columns are {list(df.columns)})")
+    ids = None
+    if id_column is not None:
+        ids = df[id_column].astype(str).str.strip()
+        df = df.drop(columns=[id_column])
+    dates = None
+    if date_column is not None:
+        dates = _as_dates(df[date_column], "ds")
+        if dates is None:
+            parsed = pd.to_datetime(df[date_column].astype(str), errors="coerce", format="mixed")
+            row = int(np.flatnonzero(parsed.isna().to_numpy())[0]) if parsed.isna().any() else 0
+            raise ValueError(f"date_column: {date_column!r} in {path!r} has a value that is not a "
+                             f"date at data row {row + 1}: {df[date_column].iloc[row]!r}")
+        df = df.drop(columns=[date_column])
+    else:  # the first column that reads as dates (text, or whole years under a date-like name)
+        for c in df.columns:
+            d = _as_dates(df[c], c)
+            if d is not None:
+                dates, date_column = d, c
+                df = df.drop(columns=[c])
+                break
+    df = df[[c for c in df.columns if not _is_row_index(df[c], c)]]
+    if df.shape[1] == 0:
+        raise ValueError(f"data: {path!r} has only a date or id column; expected numeric value "
+                         "columns")
+    values = _numeric(df, path)
     columns = list(values)
+    frame = pd.DataFrame(values)
     if target is None:
-        target_names = columns
+        target_names = ["y"] if (ids is not None and "y" in columns) else columns
     else:
         target_names = [target] if isinstance(target, str) else list(target)
         if not target_names or not all(isinstance(t, str) for t in target_names):
@@ -224,31 +328,96 @@ def _read_csv(path: str, target, date_column: str | None) -> SeriesSet:
         if missing:
             raise ValueError(f"target: {missing[0]!r} is not a numeric column of {path!r}; "
                              f"columns are {columns}")
-    frame = pd.DataFrame(values)
-    note = ""
-    n_missing = int(frame.isna().sum().sum())
+    # the parts: one per id (long), one per column (wide), or one multivariate series
+    if ids is not None:
+        order = list(dict.fromkeys(ids))
+        parts = [(k, (ids == k).to_numpy()) for k in order]
+        pieces = [(k, frame[m].reset_index(drop=True), None if dates is None else
+                   dates[m].reset_index(drop=True)) for k, m in parts]
+    elif layout == "wide":
+        pieces = []
+        for c in target_names:
+            v = frame[c]
+            ok = np.flatnonzero(v.notna().to_numpy())
+            if len(ok) == 0:
+                raise ValueError(f"data: column {c!r} of {path!r} has no values")
+            sl = slice(int(ok[0]), int(ok[-1]) + 1)  # leading and trailing blanks: not observed
+            pieces.append((c, v.iloc[sl].to_frame("y").reset_index(drop=True),
+                           None if dates is None else dates.iloc[sl].reset_index(drop=True)))
+        columns, target_names = ["y"], ["y"]
+    else:
+        pieces = [(os.path.splitext(os.path.basename(path))[0], frame, dates)]
+    series, index, names, n_missing, future, future_idx = [], [], [], 0, [], []
+    for key, part, d in pieces:
+        if future_rows:
+            if len(part) <= future_rows:
+                raise ValueError(f"data: series {key!r} of {path!r} has {len(part)} rows; "
+                                 f"expected its observed rows and then {future_rows} future rows")
+            fut = part.iloc[len(part) - future_rows:]
+            future.append(fut.to_numpy(np.float64))
+            future_idx.append(d.iloc[len(part) - future_rows:].to_numpy() if d is not None
+                              else np.arange(len(part) - future_rows, len(part)))
+            part = part.iloc[:len(part) - future_rows]
+            d = None if d is None else d.iloc[:len(d) - future_rows]
+        if d is not None:
+            if ids is not None and not d.is_monotonic_increasing:  # a panel may come unsorted
+                o = np.argsort(d.to_numpy(), kind="stable")
+                part, d = part.iloc[o].reset_index(drop=True), d.iloc[o].reset_index(drop=True)
+            if not d.is_monotonic_increasing:
+                raise ValueError(f"date_column: {date_column!r} in {path!r} is not in increasing "
+                                 "order")
+            if d.duplicated().any():
+                row = int(np.flatnonzero(d.duplicated().to_numpy())[0])
+                where = f" for series {key!r}" if ids is not None else ""
+                raise ValueError(f"date_column: {date_column!r} in {path!r} repeats the date "
+                                 f"{d.iloc[row]}{where}; expected one row per time step")
+        miss = int(part.isna().sum().sum())
+        if miss:
+            empty = [c for c in part.columns if part[c].isna().all()]
+            if empty:
+                where = f" for series {key!r}" if ids is not None else ""
+                raise ValueError(f"data: column {empty[0]!r} of {path!r} has no values{where}")
+            part = part.interpolate(method="linear", limit_direction="both")
+            n_missing += miss
+        series.append(part.to_numpy(np.float64))
+        index.append(d.to_numpy() if d is not None else np.arange(len(part)))
+        names.append(str(key))
+    if dates is not None:
+        freq, season, horizon = frequency_of(index[int(np.argmax([len(i) for i in index]))])
+    else:
+        freq, season, horizon = "unknown", 1, 1
+    notes = [f"{freq} time stamps from column {date_column!r}" if dates is not None
+             else "no date column: steps are row numbers"]
+    if len(series) > 1:
+        notes.append(f"{len(series)} series")
     if n_missing:
-        empty = [c for c in columns if frame[c].isna().all()]
-        if empty:
-            raise ValueError(f"data: column {empty[0]!r} of {path!r} has no values")
-        frame = frame.interpolate(method="linear", limit_direction="both")
-        note = f"{n_missing} missing values linearly interpolated"
-    idx = dates.to_numpy() if dates is not None else np.arange(len(frame))
-    season = _season_of(pd.DatetimeIndex(dates)) if dates is not None else 1
-    horizon = season if season > 1 else 1
+        notes.append(f"{n_missing} missing values linearly interpolated")
     name = os.path.splitext(os.path.basename(path))[0]
-    return SeriesSet(name, (frame.to_numpy(np.float64),), (idx,), tuple(columns),
-                     tuple(columns.index(t) for t in target_names), season, horizon, (name,), note)
+    return SeriesSet(name, tuple(series), tuple(index), tuple(columns),
+                     tuple(columns.index(t) for t in target_names), season, horizon, tuple(names),
+                     "; ".join(notes), freq, tuple(future), tuple(future_idx))
 
 
-def load_series(data: str, *, target=None, date_column: str | None = None) -> SeriesSet:
+def load_series(data: str, *, target=None, date_column: str | None = None,
+                id_column: str | None = None, layout: str = "auto",
+                future_rows: int = 0) -> SeriesSet:
     """Load a built-in data set by name (:data:`BUILTIN`) or a CSV file by path.
 
-    A CSV has a header row and one or more numeric columns; a first column made entirely of dates
-    (or the column named by ``date_column``) gives the time stamps and the season (12 for monthly,
-    4 quarterly, 52 weekly, 7 daily, 1 otherwise). ``target`` picks the column(s) to forecast
-    (default: all); the other columns are inputs only. Interior gaps are linearly interpolated
-    (and said so in ``note``).
+    A CSV has a header row and one or more numeric columns. Its time stamps come from
+    ``date_column``, else from the first column that reads as dates (text dates of any common
+    form, or whole years under a name like ``year``/``ds`` or an unnamed first column, as R and
+    pandas write an index); a column that only numbers the rows is dropped. The dates give the
+    frequency, the season and the default horizon (:func:`frequency_of`).
+
+    Layouts: a **long** panel has a series id column (``id_column``, else one of
+    :data:`ID_NAMES`) and one row per series and time step (``unique_id, ds, y, ...``): each id
+    is a series, ``y`` (or ``target``) is forecast and the further numeric columns are inputs.
+    **wide** (``layout="wide"``): each numeric column is a series of its own (leading and trailing
+    blanks are not observed). Otherwise (``auto`` without an id column) the numeric columns are one
+    multivariate series, ``target`` (default: all) forecast, the others inputs. Interior gaps are
+    linearly interpolated (and said so in ``note``). ``future_rows=k``: the last ``k`` rows of
+    each series are the future (known covariate values, blank targets), kept apart in
+    ``future`` and not interpolated.
     """
     if not isinstance(data, str | os.PathLike):
         raise TypeError(f"data: expected a data set name or a CSV path, got {type(data).__name__}")
@@ -256,6 +425,7 @@ def load_series(data: str, *, target=None, date_column: str | None = None) -> Se
     key = data.lower().replace("-", "_")
     if key in BUILTIN:
         ss = BUILTIN[key][0]()
+        ss = dataclasses.replace(ss, freq=_BUILTIN_FREQ[key])
         if date_column is not None:
             raise ValueError(f"date_column: only for CSV files; {data!r} is a built-in data set")
         if target is not None:
@@ -264,26 +434,78 @@ def load_series(data: str, *, target=None, date_column: str | None = None) -> Se
             if missing:
                 raise ValueError(f"target: {missing[0]!r} is not a column of {key}; "
                                  f"columns are {list(ss.columns)}")
-            ss = SeriesSet(ss.name, ss.series, ss.index, ss.columns,
-                           tuple(ss.columns.index(t) for t in names), ss.season, ss.horizon,
-                           ss.ids, ss.note)
+            ss = dataclasses.replace(ss, target=tuple(ss.columns.index(t) for t in names))
+        if id_column is not None or layout != "auto" or future_rows:
+            raise ValueError(f"id_column/layout/future rows: only for CSV files; {data!r} is a "
+                             "built-in data set")
         return ss
     if not data.lower().endswith(".csv") and not os.path.exists(data):
         raise FileNotFoundError(f"data: {data!r} is neither a built-in forecasting data set "
                          f"({', '.join(BUILTIN)}) nor an existing CSV file")
-    return _read_csv(data, target, date_column)
+    return _read_csv(data, target, date_column, id_column, layout, future_rows)
+
+
+# -- calendar features (known in advance) --------------------------------------------------------
+
+def _cycles(d: pd.DatetimeIndex, freq: str):
+    """``(position, period)`` pairs of the calendar cycles a frequency has."""
+    if freq == "monthly":
+        return [(d.month - 1, 12)]
+    if freq == "quarterly":
+        return [(d.quarter - 1, 4)]
+    if freq == "weekly":
+        return [(d.isocalendar().week.to_numpy() - 1, 52)]
+    if freq in ("daily", "business daily"):
+        return [(d.dayofweek, 7), (d.dayofyear - 1, 365.25)]
+    if freq == "hourly":
+        return [(d.hour, 24), (d.dayofweek, 7)]
+    if freq.endswith("-hourly") or freq.endswith("-minute") or freq.endswith("-second"):
+        return [(d.hour * 60 + d.minute, 1440), (d.dayofweek, 7)]
+    return []  # yearly or unknown: no calendar cycle
+
+
+def calendar_width(freq: str) -> int:
+    """How many calendar feature columns :func:`calendar_features` gives for ``freq``."""
+    return 2 * len(_cycles(pd.DatetimeIndex([pd.Timestamp("2000-01-01")]), freq))
+
+
+def calendar_features(dates, freq: str) -> np.ndarray:
+    """``(T, F)``: ``sin`` and ``cos`` of each calendar cycle's phase (month of year for monthly
+    data; quarter; week of year; day of week and of year for daily; hour or minute of day and
+    day of week below daily), known for future steps from their dates alone. Yearly data: none."""
+    d = pd.DatetimeIndex(dates)
+    cols = []
+    for pos, period in _cycles(d, freq):
+        a = 2 * np.pi * np.asarray(pos, dtype=np.float64) / period
+        cols += [np.sin(a), np.cos(a)]
+    return np.stack(cols, axis=1) if cols else np.zeros((len(d), 0))
+
+
+def future_index(dates, freq: str, steps: int) -> np.ndarray:
+    """The ``steps`` time stamps after ``dates`` at the series' frequency (calendar months,
+    quarters and years; a fixed step otherwise)."""
+    d = pd.DatetimeIndex(dates)
+    last = d[-1]
+    months = {"monthly": 1, "quarterly": 3, "yearly": 12}.get(freq)
+    if months is not None:
+        return np.array([(last + pd.DateOffset(months=months * k)).to_datetime64()
+                         for k in range(1, steps + 1)])
+    step = np.median(np.diff(d.asi8)) if len(d) > 1 else 86400 * 10**9
+    return (d.asi8[-1] + step * np.arange(1, steps + 1)).astype(d.asi8.dtype).view(
+        d.to_numpy().dtype)
 
 
 # -- splits in time ------------------------------------------------------------------------------
 
-def split_points(lengths, horizon: int, val_fraction: float = 0.0):
-    """Per series ``(val_start, test_start)`` arrays: the test part is the last ``horizon``
-    points; with ``val_fraction > 0`` the validation part is the
+def split_points(lengths, horizon: int, val_fraction: float = 0.0, backtest: int = 1):
+    """Per series ``(val_start, test_start)`` arrays: the test part is the last
+    ``backtest * horizon`` points (``backtest`` origins ``horizon`` apart); with
+    ``val_fraction > 0`` the validation part is the
     ``max(horizon, round(val_fraction * test_start))`` points before it (whole horizons, in
     time; shortened so that at least 2 training points remain), else empty
     (``val_start == test_start``); the training part is everything before."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    test_start = lengths - int(horizon)
+    test_start = lengths - int(horizon) * int(backtest)
     if val_fraction > 0:
         val_len = np.maximum(int(horizon), np.round(val_fraction * test_start).astype(np.int64))
         val_start = np.maximum(test_start - val_len, np.minimum(2, test_start))
@@ -295,6 +517,9 @@ def split_points(lengths, horizon: int, val_fraction: float = 0.0):
 # -- scaling fitted on the training part only ----------------------------------------------------
 
 SCALERS = ("standard", "minmax", "mean", "diff", "none")
+#: value transforms applied before scaling: ``log`` (positive data), ``log1p`` (``log(1 + x)``:
+#: zeros and intermittent counts, values > -1)
+TRANSFORMS = ("none", "log", "log1p")
 
 
 @dataclass
@@ -304,22 +529,48 @@ class Scaler:
     ``standard``: mean and standard deviation; ``minmax``: to [0, 1]; ``mean``: divide by the mean
     absolute value (DeepAR-style, no shift); ``diff``: subtract the mean, divide by the mean
     absolute one-step change (the MASE denominator with m=1, so an MAE loss on the scaled values
-    is a MASE); ``none``: identity. With ``log=True`` values are
-    ``log``-transformed first (all must be positive). A column constant on the training part gets
-    scale 1, so nothing divides by zero.
+    is a MASE); ``none``: identity. ``value_transform`` is applied first: ``log`` (every value must be
+    positive; ``log=True`` is the same), ``log1p`` (``log(1 + x)``, for zeros and intermittent
+    series; values must exceed -1).
+    A column constant on the training part gets scale 1, so nothing divides by zero.
     """
 
     kind: str = "standard"
     log: bool = False
     loc: np.ndarray = field(default=None, repr=False)  # (S, C)
     scale: np.ndarray = field(default=None, repr=False)  # (S, C)
+    value_transform: str = "none"
 
     def __post_init__(self):
         if self.kind not in SCALERS:
             raise ValueError(f"scaler: got {self.kind!r}, expected one of {', '.join(SCALERS)}")
+        if self.value_transform not in TRANSFORMS:
+            raise ValueError(f"transform: got {self.value_transform!r}, expected one of "
+                             f"{', '.join(TRANSFORMS)}")
+        if self.log:
+            if self.value_transform == "log1p":
+                raise ValueError("log: log=True and transform='log1p' contradict; give one")
+            self.value_transform = "log"
+        self.log = self.value_transform == "log"
 
     def _pre(self, x: np.ndarray) -> np.ndarray:
-        return np.log(x) if self.log else x
+        if self.value_transform == "log":
+            if not (np.asarray(x) > 0).all():
+                raise ValueError("log: every value must be positive to take logs; got a value "
+                                 "<= 0 (for zeros use transform log1p)")
+            return np.log(x)
+        if self.value_transform == "log1p":
+            if not (np.asarray(x) > -1).all():
+                raise ValueError("transform: log1p needs every value > -1; got a value <= -1")
+            return np.log1p(x)
+        return x
+
+    def _post(self, x: np.ndarray) -> np.ndarray:
+        if self.value_transform == "log":
+            return np.exp(x)
+        if self.value_transform == "log1p":
+            return np.expm1(x)
+        return x
 
     def fit(self, series, train_ends) -> Scaler:
         """Fit on ``series[i][:train_ends[i]]`` for each series ``i``."""
@@ -328,8 +579,6 @@ class Scaler:
             part = np.asarray(s[: int(end)], dtype=np.float64)
             if len(part) == 0:
                 raise ValueError("scaler: a series has no training points to fit on")
-            if self.log and not (part > 0).all():
-                raise ValueError("log: every value must be positive to take logs; got a value <= 0")
             part = self._pre(part)
             if self.kind == "standard":
                 loc, scale = part.mean(0), part.std(0)
@@ -350,24 +599,29 @@ class Scaler:
         return self
 
     def transform(self, x: np.ndarray, i: int, cols=None) -> np.ndarray:
-        if self.log and not (np.asarray(x) > 0).all():
-            raise ValueError("log: every value must be positive to take logs; got a value <= 0")
         cols = slice(None) if cols is None else list(cols)
         return (self._pre(np.asarray(x, dtype=np.float64)) - self.loc[i, cols]) / self.scale[i, cols]
 
     def inverse(self, z: np.ndarray, i: int, cols=None) -> np.ndarray:
+        """Back to the original scale; ``z`` may carry trailing axes after the column axis
+        (quantiles), which get the same column's scale (the map is increasing, so quantiles stay
+        quantiles)."""
         cols = slice(None) if cols is None else list(cols)
-        x = np.asarray(z, dtype=np.float64) * self.scale[i, cols] + self.loc[i, cols]
-        return np.exp(x) if self.log else x
+        z = np.asarray(z, dtype=np.float64)
+        scale, loc = self.scale[i, cols], self.loc[i, cols]
+        if z.ndim == 3:  # (steps, columns, quantiles)
+            scale, loc = scale[:, None], loc[:, None]
+        return self._post(z * scale + loc)
 
     def state(self) -> dict:
-        return {"kind": self.kind, "log": self.log, "loc": self.loc.tolist(),
-                "scale": self.scale.tolist()}
+        return {"kind": self.kind, "log": self.log, "transform": self.value_transform,
+                "loc": self.loc.tolist(), "scale": self.scale.tolist()}
 
     @classmethod
     def from_state(cls, d: dict) -> Scaler:
-        return cls(d["kind"], bool(d["log"]), np.asarray(d["loc"], dtype=np.float64),
-                   np.asarray(d["scale"], dtype=np.float64))
+        transform = d.get("transform", "log" if d.get("log") else "none")
+        return cls(d["kind"], False, np.asarray(d["loc"], dtype=np.float64),
+                   np.asarray(d["scale"], dtype=np.float64), transform)
 
 
 # -- windows ------------------------------------------------------------------------------------

@@ -473,7 +473,9 @@ def onnx(model, path: str | os.PathLike, *, lengths: bool = False,
 def _raw_features(rnn: Recurrent, pre) -> int:
     """The task model's input feature count (before ``export_pre``)."""
     owner = getattr(pre, "__self__", None)
-    n = getattr(owner, "n_inputs", None) if owner is not None else None
+    n = None
+    if owner is not None:  # export_features: x's columns where they differ from n_inputs
+        n = getattr(owner, "export_features", getattr(owner, "n_inputs", None))
     if n is None and owner is not None and hasattr(owner, "frame"):
         n = rnn.input_size // owner.frame
     return int(n if n is not None else rnn.input_size)

@@ -31,10 +31,15 @@ import torch
 from torch import Tensor, nn
 
 from ..data.forecasting import (
+    LAYOUTS,
     SCALERS,
+    TRANSFORMS,
     Scaler,
     SeriesSet,
     Windows,
+    calendar_features,
+    calendar_width,
+    future_index,
     load_series,
     make_windows,
     split_points,
@@ -116,9 +121,64 @@ def score(actuals, forecasts, insamples, season: int) -> dict[str, float]:
     return out
 
 
-# -- statsmodels baselines ----------------------------------------------------------------------
+def interval_pairs(levels) -> list[tuple[int, int, int]]:
+    """``(lower index, upper index, coverage %)`` for each central interval in ``levels``
+    (a level ``q < 0.5`` and ``1 - q`` both present: the ``100 (1 - 2q)`` % interval)."""
+    lv = [float(q) for q in levels]
+    pairs = []
+    for i, q in enumerate(lv):
+        if q < 0.5:
+            j = next((j for j, r in enumerate(lv) if abs(r - (1 - q)) < 1e-9), None)
+            if j is not None:
+                pairs.append((i, j, int(round(100 * (1 - 2 * q)))))
+    return pairs
 
-BASELINES = ("naive", "seasonal_naive", "holt_winters", "arima")
+
+def prob_score(actuals, quantiles, insamples, season: int, levels) -> dict[str, float]:
+    """Probabilistic metrics per series and column (``quantiles`` ``(h, C, Q)`` at ``levels``),
+    then the mean over series and columns, scaled like MASE by the in-sample seasonal-naive MAE:
+
+    * ``coverage_L``: the share of actuals inside the central ``L`` % interval;
+    * ``msis_L``: the mean scaled interval score (M4): ``(U - L) + (2/a)(L - y)[y < L] +
+      (2/a)(y - U)[y > U]`` with ``a = 1 - L/100``, averaged over steps, over the MASE scale;
+    * ``scaled_crps``: CRPS approximated on the quantile grid, ``2 mean_q pinball_q``, averaged
+      over steps, over the MASE scale (the ``sQL`` of the Monash/M5 reports).
+    """
+    lv = np.asarray([float(q) for q in levels])
+    pairs = interval_pairs(levels)
+    per: dict[str, list] = {"scaled_crps": []}
+    for _, _, L in pairs:
+        per[f"coverage_{L}"], per[f"msis_{L}"] = [], []
+    for y, q, x in zip(actuals, quantiles, insamples, strict=True):
+        y, q, x = (np.asarray(a, np.float64) for a in (y, q, x))
+        if y.ndim == 1:
+            y, q, x = y[:, None], q[:, None], x[:, None]
+        for c in range(y.shape[1]):
+            m = season if len(x) > season else 1
+            scale = np.mean(np.abs(x[m:, c] - x[:-m, c])) if len(x) > 1 else math.nan
+            ok = np.isfinite(scale) and scale > 0
+            d = y[:, c, None] - q[:, c]
+            ql = 2 * np.mean(np.maximum(lv * d, (lv - 1) * d))
+            per["scaled_crps"].append(ql / scale if ok else math.nan)
+            for i, j, L in pairs:
+                lo, hi, yy = q[:, c, i], q[:, c, j], y[:, c]
+                a_ = 1 - L / 100
+                per[f"coverage_{L}"].append(float(np.mean((yy >= lo) & (yy <= hi))))
+                iscore = (hi - lo) + 2 / a_ * (lo - yy) * (yy < lo) + 2 / a_ * (yy - hi) * (yy > hi)
+                per[f"msis_{L}"].append(float(np.mean(iscore)) / scale if ok else math.nan)
+    out = {}
+    for k, v in per.items():
+        v = np.asarray(v, np.float64)
+        out[k] = float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+    return out
+
+
+# -- baselines (statsmodels, statsforecast) -------------------------------------------------------
+
+BASELINES = ("naive", "seasonal_naive", "holt_winters", "arima", "auto_ets", "auto_arima",
+             "auto_theta")
+#: statsforecast's automatic model selection (the ``forecast`` extra)
+AUTO_BASELINES = ("auto_ets", "auto_arima", "auto_theta")
 
 
 def _naive(x, h, m):
@@ -162,39 +222,108 @@ def _arima(x, h, m):
     return fit.forecast(h)
 
 
+def _statsforecast_models():
+    try:
+        from statsforecast.models import AutoARIMA, AutoETS, AutoTheta
+    except ImportError as e:
+        raise ImportError(f"baselines: auto_ets, auto_arima and auto_theta need statsforecast "
+                          f"({e}); pip install 'gyre[forecast]' and then pip install --no-deps "
+                          "statsforecast coreforecast utilsforecast fugue triad adagio (see the "
+                          "Makefile's FORECAST_NODEPS), or leave them out with --baselines") from e
+    return {"auto_ets": AutoETS, "auto_arima": AutoARIMA, "auto_theta": AutoTheta}
+
+
+def _pct(q: float):
+    """The central interval (in %) whose bound is quantile ``q``, as statsforecast names it."""
+    p = round(100 * abs(1 - 2 * float(q)), 6)
+    return int(p) if p == int(p) else p
+
+
+def _auto(name):
+    def fit(x, h, m, levels=()):
+        """statsforecast's automatic model (season ``m``, or 1 where it cannot fit one):
+        ``(mean (h,), quantiles (h, Q) at levels)``."""
+        cls = _statsforecast_models()[name]
+        pct = sorted({_pct(q) for q in levels if abs(q - 0.5) > 1e-9})
+        last = None
+        for season in dict.fromkeys((m, 1)):
+            try:
+                r = cls(season_length=season).forecast(y=np.asarray(x, np.float64), h=h,
+                                                       level=pct or None)
+                break
+            except Exception as e:  # noqa: BLE001 - too short for the season: retried with 1
+                last = e
+        else:
+            raise last
+        mean = np.asarray(r["mean"], np.float64)
+        qs = []
+        for q in levels:
+            if abs(q - 0.5) < 1e-9:
+                qs.append(mean)
+            else:
+                key = f"{'lo' if q < 0.5 else 'hi'}-{_pct(q)}"
+                qs.append(np.asarray(r[key], np.float64))
+        return mean, (np.stack(qs, axis=1) if qs else None)
+    return fit
+
+
 _BASELINE_FNS = {"naive": _naive, "seasonal_naive": _seasonal_naive,
-                 "holt_winters": _holt_winters, "arima": _arima}
+                 "holt_winters": _holt_winters, "arima": _arima,
+                 **{n: _auto(n) for n in AUTO_BASELINES}}
 
 
-def baseline_forecasts(insamples, horizon: int, season: int, names=BASELINES):
+def baseline_forecasts(insamples, horizon: int, season: int, names=BASELINES, levels=None):
     """``{name: (forecasts, failures)}``: each baseline fitted on each in-sample column
     (``(n, C)`` arrays) separately; a fit that raises or gives non-finite values falls back to
-    the last-value forecast and is counted in ``failures``."""
+    the last-value forecast and is counted in ``failures``. With ``levels`` (quantile levels),
+    ``{name: (forecasts, failures, quantiles)}``: ``quantiles`` ``(h, C, Q)`` per series from the
+    models that give intervals (statsforecast's), None for the others."""
+    if any(n in AUTO_BASELINES for n in names):
+        _statsforecast_models()
     result = {}
     for name in names:
         fn = _BASELINE_FNS[name]
-        fcs, failures = [], 0
+        auto = name in AUTO_BASELINES
+        fcs, qfcs, failures = [], [], 0
         for x in insamples:
             x = np.asarray(x, np.float64)
             x2 = x[:, None] if x.ndim == 1 else x
-            cols = []
+            cols, qcols = [], []
             for c in range(x2.shape[1]):
+                q = None
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        f = np.asarray(fn(x2[:, c], horizon, season), np.float64)
+                        if auto:
+                            f, q = fn(x2[:, c], horizon, season, tuple(levels or ()))
+                        else:
+                            f = fn(x2[:, c], horizon, season)
+                        f = np.asarray(f, np.float64)
                     if f.shape != (horizon,) or not np.isfinite(f).all():
                         raise FloatingPointError("non-finite forecast")
+                    if q is not None and not np.isfinite(q).all():
+                        raise FloatingPointError("non-finite interval")
                 except Exception:  # noqa: BLE001 - a baseline that fails must not stop the run
                     failures += 1
                     f = _naive(x2[:, c], horizon, season)
+                    q = (np.repeat(f[:, None], len(levels), axis=1)
+                         if auto and levels else None)
                 cols.append(f)
+                qcols.append(q)
             fcs.append(np.stack(cols, axis=1))
-        result[name] = (fcs, failures)
+            qfcs.append(np.stack(qcols, axis=1) if auto and levels else None)
+        if levels is None:
+            result[name] = (fcs, failures)
+        else:
+            result[name] = (fcs, failures, qfcs if auto and levels else None)
     return result
 
 
 # -- the model ----------------------------------------------------------------------------------
+
+DISTRIBUTIONS = ("none", "normal", "studentt")
+_DIST_PARAMS = {"normal": 2, "studentt": 3}
+
 
 class Forecaster(nn.Module):
     """A :class:`gyre.nn.Recurrent` stack and a linear head.
@@ -217,20 +346,45 @@ class Forecaster(nn.Module):
     With ``center`` the recurrent stack reads each window relative to its last observed value
     (``x - x[n_in - 1]``), which makes a global model over series of different levels
     level-free (with logs: it reads log-ratios).
+
+    Direct only, the extras (the CLI's covariates and probabilistic forecasts):
+
+    * ``future``: indices of input columns known in advance (calendar features, user columns).
+      ``x`` then holds ``lookback + horizon`` steps: the inputs up to ``lengths`` and after them
+      the ``horizon`` future steps, of which only the ``future`` columns are read (by the head,
+      beside the last state). They are not centered.
+    * ``n_ids`` > 0: ``x``'s last column is the series number (``0 .. n_ids - 1``; ``-1`` unknown,
+      which gets the mean embedding), embedded in ``id_dim`` numbers for the head (static
+      covariate); it is not an input of the recurrent stack.
+    * ``quantiles``: the head gives one forecast per level, ``output`` ``(B, horizon, C_t, Q)``,
+      increasing in the level by construction (the level nearest 0.5 plus or minus cumulative
+      softplus steps), each with the residual base added.
+    * ``distribution`` ``normal`` or ``studentt``: ``output`` ``(B, horizon, C_t, P)`` the
+      location (residual base added), the scale (softplus, > 0) and for ``studentt`` the degrees
+      of freedom (``2 + softplus``, so the variance is finite).
     """
 
     def __init__(self, cell, n_inputs: int, target: list[int], horizon: int, hidden: int = 64,
                  layers: int = 1, dropout: float = 0.0, bidirectional: bool = False,
                  strategy: str = "direct", residual: str = "last", season: int = 1,
-                 center: bool = False) -> None:
+                 center: bool = False, *, future=(), n_ids: int = 0, id_dim: int = 0,
+                 quantiles=(), distribution: str = "none") -> None:
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy: got {strategy!r}, expected one of {', '.join(STRATEGIES)}")
         if residual not in RESIDUALS:
             raise ValueError(f"residual: got {residual!r}, expected one of {', '.join(RESIDUALS)}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution: got {distribution!r}, expected one of "
+                             f"{', '.join(DISTRIBUTIONS)}")
         if strategy == "recursive" and bidirectional:
             raise ValueError("bidirectional: a recursive forecaster feeds back one step at a time, "
                              "which a reverse direction cannot do; use strategy='direct'")
+        if quantiles and distribution != "none":
+            raise ValueError("quantiles: give quantiles or a distribution, not both")
+        if strategy == "recursive" and (future or n_ids or quantiles or distribution != "none"):
+            raise ValueError("strategy: covariates known in advance, series ids, quantiles and "
+                             "distributions need strategy='direct'")
         self.strategy = strategy
         self.horizon = int(horizon)
         self.n_inputs = int(n_inputs)
@@ -238,11 +392,29 @@ class Forecaster(nn.Module):
         self.residual = residual
         self.season = max(1, int(season)) if residual == "seasonal" else 1
         self.center = bool(center)
+        self.future = [int(c) for c in future]
+        self.n_ids = int(n_ids)
+        self.quantiles = [float(q) for q in quantiles]
+        self.distribution = distribution
         self.rnn = Recurrent(cell, n_inputs, hidden, layers, batch_first=True, dropout=dropout,
                              bidirectional=bidirectional)
         width = self.rnn.output_size * (2 if bidirectional else 1)
-        n_out = horizon * len(self.target) if strategy == "direct" else n_inputs
+        width += self.horizon * len(self.future)
+        self.ids = None
+        if self.n_ids:
+            self.ids = nn.Embedding(self.n_ids, max(1, int(id_dim)))
+            width += self.ids.embedding_dim
+        self.n_params = (len(self.quantiles) or _DIST_PARAMS.get(distribution, 1))
+        n_out = (horizon * len(self.target) * self.n_params if strategy == "direct"
+                 else n_inputs)
         self.head = nn.Linear(width, n_out)
+        mask = torch.ones(n_inputs)
+        mask[self.future] = 0.0  # known-in-advance columns are read as they are
+        self.register_buffer("center_mask", mask, persistent=False)
+
+    @property
+    def probabilistic(self) -> bool:
+        return bool(self.quantiles) or self.distribution != "none"
 
     def _base(self, x: Tensor, n: Tensor, steps: int) -> Tensor:
         """``(B, steps, C)``: the naive forecast of steps ``n, n+1, ...`` from ``x[:, :n]``."""
@@ -255,26 +427,69 @@ class Forecaster(nn.Module):
         return x[rows, src]
 
     # the export hook (gyre.export.onnx), direct strategy: forward is
-    # export_head(rnn(export_pre(x, lengths)), x, lengths); lengths (B,) int64, always given
+    # export_head(rnn(*export_pre(x, lengths))[0], x, lengths); lengths (B,) int64, always given.
+    # Both use torch ops only (traced into the ONNX graph), no Python branch on tensor values.
     def export_pre(self, x: Tensor, lengths: Tensor):
-        """The recurrence's input: ``x``, relative to its last observed value with ``center``."""
+        """The recurrence's input: ``x``'s first ``n_inputs`` columns (not the series number),
+        relative to its last observed value with ``center`` (known-in-advance columns as they
+        are). Steps after ``lengths`` (the future covariates' horizon) are padding to it."""
+        xin = x[:, :, :self.n_inputs]
         if not self.center:
-            return x, lengths
+            return xin, lengths
         rows = torch.arange(x.shape[0])
-        return x - x[rows, lengths - 1][:, None], lengths
+        return xin - xin[rows, lengths - 1][:, None] * self.center_mask, lengths
+
+    @property
+    def export_features(self) -> int:
+        """Columns of ``x``: the recurrence's inputs, then the series number with ``n_ids``."""
+        return self.n_inputs + (1 if self.n_ids else 0)
 
     def export_head(self, out: Tensor, x: Tensor, lengths: Tensor) -> Tensor:
-        """The direct forecast ``(B, horizon, C_t)`` from the recurrence's output."""
+        """The direct forecast from the recurrence's output: ``(B, horizon, C_t)``, or a
+        probabilistic model's ``(B, horizon, C_t, Q or P)``."""
         B = x.shape[0]
         rows = torch.arange(B)
         O = self.rnn.output_size
         feat = out[rows, lengths - 1]
         if self.rnn.bidirectional:
             feat = torch.cat([feat[:, :O], out[:, 0, O:]], dim=1)
-        pred = self.head(feat).view(B, self.horizon, len(self.target))
-        if self.residual != "none":
-            pred = pred + self._base(x, lengths, self.horizon)[:, :, self.target]
-        return pred
+        parts = [feat]
+        if self.future:
+            # horizon zero steps appended, so lengths + k is in range for any T (the ONNX trace
+            # runs on a short example); the real future steps lie within x
+            pad = torch.cat([x, x[:, :1].expand(-1, self.horizon, -1) * 0.0], dim=1)
+            idx = lengths[:, None].to(x.device) + torch.arange(self.horizon, device=x.device)[None]
+            fut = pad[rows[:, None], idx][:, :, self.future]  # (B, horizon, F)
+            parts.append(fut.reshape(B, -1))
+        if self.ids is not None:
+            sid = x[:, 0, -1].round()
+            known = (sid >= 0) & (sid < self.n_ids)
+            emb = self.ids(sid.clamp(0, self.n_ids - 1).long())
+            mean = self.ids.weight.mean(0, keepdim=True).expand_as(emb)
+            parts.append(torch.where(known[:, None], emb, mean))
+        h = self.head(torch.cat(parts, dim=1) if len(parts) > 1 else feat)
+        C_t = len(self.target)
+        xin = x[:, :, :self.n_inputs]
+        base = (self._base(xin, lengths, self.horizon)[:, :, self.target]
+                if self.residual != "none" else None)
+        if not self.probabilistic:
+            pred = h.view(B, self.horizon, C_t)
+            return pred + base if base is not None else pred
+        raw = h.view(B, self.horizon, C_t, self.n_params)
+        if self.quantiles:
+            mid = min(range(len(self.quantiles)), key=lambda j: abs(self.quantiles[j] - 0.5))
+            center = raw[..., mid:mid + 1]
+            up = center + torch.cumsum(nn.functional.softplus(raw[..., mid + 1:]), dim=-1)
+            below = nn.functional.softplus(raw[..., :mid])  # reverse cumulative sum, no flip
+            down = center - (below.sum(-1, keepdim=True) - torch.cumsum(below, dim=-1) + below)
+            q = torch.cat([down, center, up], dim=-1)
+            return q + base[..., None] if base is not None else q
+        loc = raw[..., 0] + (base if base is not None else 0.0)
+        scale = nn.functional.softplus(raw[..., 1]) + 1e-4
+        params = [loc, scale]
+        if self.distribution == "studentt":
+            params.append(2.0 + nn.functional.softplus(raw[..., 2]))
+        return torch.stack(params, dim=-1)
 
     def export_unsupported(self) -> str | None:
         """Why the model does not export with its head (None: it does)."""
@@ -296,12 +511,20 @@ class Forecaster(nn.Module):
         if self.center:
             return ("center=True reads every step relative to the last one, so each new step "
                     "changes all earlier inputs; serve a run trained with center=False")
+        if self.future:
+            return ("the head reads covariates of the forecast steps (calendar features or "
+                    "future_covariates), which a stream of past steps does not carry; serve a "
+                    "run trained with calendar=False and no future_covariates")
+        if self.n_ids:
+            return ("id_embedding reads the series number as a column the recurrence does not "
+                    "take, which a stream's steps do not carry; serve a run without id_embedding")
         return None
 
     def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
         B, T, _ = x.shape
         if lengths is None:
-            lengths = torch.full((B,), T, dtype=torch.int64)
+            lengths = torch.full((B,), T - (self.horizon if self.future else 0),
+                                 dtype=torch.int64)
         lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
         rows = torch.arange(B)
         n_last = lengths - 1 if self.strategy == "direct" else lengths - self.horizon
@@ -312,7 +535,7 @@ class Forecaster(nn.Module):
             xr, _ = self.export_pre(x, lengths)
             out, state = self.rnn(xr, state, lengths=lengths)
             return self.export_head(out, x, lengths), state
-        ref = x[rows, n_last][:, None] if self.center else 0.0  # (B, 1, C)
+        ref = x[rows, n_last][:, None] * self.center_mask if self.center else 0.0  # (B, 1, C)
         if self.training:
             out, state = self.rnn(x - ref, state, lengths=lengths)
             pred = self.head(out)
@@ -341,6 +564,58 @@ class Forecaster(nn.Module):
         return pred, state
 
 
+def pinball_loss(quantiles):
+    """``loss(output (B, h, C, Q), y (B, h, C))``: the mean pinball (quantile) loss
+    ``max(q (y - f), (q - 1)(y - f))`` over levels and the entries where ``y`` is finite."""
+    qs = torch.tensor([float(q) for q in quantiles])
+
+    def loss(output: Tensor, y: Tensor) -> Tensor:
+        mask = torch.isfinite(y)
+        d = y[mask][:, None] - output[mask]  # (n, Q)
+        q = qs.to(output.device, output.dtype)
+        return torch.maximum(q * d, (q - 1) * d).mean()
+
+    return loss
+
+
+def nll_loss(distribution: str):
+    """``loss(output (B, h, C, P), y)``: the mean negative log-likelihood of the finite targets
+    under the predicted normal or Student-t distributions."""
+    def loss(output: Tensor, y: Tensor) -> Tensor:
+        mask = torch.isfinite(y)
+        p = output[mask]
+        if distribution == "normal":
+            d = torch.distributions.Normal(p[:, 0], p[:, 1])
+        else:
+            d = torch.distributions.StudentT(p[:, 2], p[:, 0], p[:, 1])
+        return -d.log_prob(y[mask]).mean()
+
+    return loss
+
+
+def output_quantiles(model: Forecaster, out: np.ndarray, levels) -> np.ndarray:
+    """``(N, h, C, Q)`` quantiles at ``levels`` from a probabilistic model's scaled output."""
+    from scipy import stats
+
+    if model.quantiles:
+        want = [model.quantiles.index(q) for q in levels]
+        return out[..., want]
+    lv = np.asarray(levels, np.float64)
+    if model.distribution == "normal":
+        return out[..., :1] + out[..., 1:2] * stats.norm.ppf(lv)
+    return out[..., :1] + out[..., 1:2] * stats.t.ppf(lv, out[..., 2:3])
+
+
+def point_of(model: Forecaster, out: np.ndarray) -> np.ndarray:
+    """``(N, h, C)`` the point forecast: the median (the level nearest 0.5, or the location)."""
+    if not model.probabilistic:
+        return out
+    if model.quantiles:
+        mid = min(range(len(model.quantiles)), key=lambda j: abs(model.quantiles[j] - 0.5))
+        return out[..., mid]
+    return out[..., 0]
+
+
 def masked_loss(kind: str):
     """``loss(output, y)``: mean of the element loss over the entries where ``y`` is finite
     (NaN marks steps with no target: padding, and teacher-forced steps at validation)."""
@@ -364,16 +639,28 @@ def masked_loss(kind: str):
 class WindowData(torch.utils.data.Dataset):
     """Trainer items from :class:`Windows`: ``(x, y, length)`` float32 tensors.
 
-    ``direct``: ``x`` the input steps ``(lookback, C)``, ``y`` ``(horizon, C_t)``.
+    ``direct``: ``x`` the input steps ``(lookback, C)``, ``y`` ``(horizon, C_t)``; with
+    ``future`` columns (known in advance) ``x`` is ``(lookback + horizon, C)``: after the inputs
+    the ``horizon`` future steps, every other column zeroed there, so no target enters ``x``.
     ``recursive``: ``x`` the inputs then the targets but the last, ``(lookback + horizon - 1, C)``,
     and ``y`` the next step of every column, NaN where no target (padding; with ``teacher=False``
     everything but the ``horizon`` forecast steps, which is how validation and test score it).
     """
 
-    def __init__(self, w: Windows, strategy: str, teacher: bool = True) -> None:
+    def __init__(self, w: Windows, strategy: str, teacher: bool = True, future=()) -> None:
         h = w.y.shape[1]
         if strategy == "direct":
-            self.x = torch.as_tensor(w.inputs(), dtype=torch.float32)
+            if future:
+                seq = w.seq.copy()
+                steps = np.arange(seq.shape[1])
+                after = steps[None] >= w.n_in[:, None]
+                keep = np.zeros(seq.shape[2], bool)
+                keep[list(future)] = True
+                keep[-1] = True  # the series number (constant) when there is one
+                seq[after[..., None] & ~keep[None, None]] = 0.0
+                self.x = torch.as_tensor(seq, dtype=torch.float32)
+            else:
+                self.x = torch.as_tensor(w.inputs(), dtype=torch.float32)
             self.y = torch.as_tensor(w.y, dtype=torch.float32)
             self.lengths = torch.as_tensor(w.n_in, dtype=torch.int64)
         else:
@@ -403,10 +690,11 @@ def collate(items) -> dict[str, Tensor]:
 
 
 def forecast_windows(model: Forecaster, w: Windows, batch_size: int = 512, run=None) -> np.ndarray:
-    """Scaled forecasts ``(N, horizon, C_t)`` for the windows' inputs (their targets unused).
-    ``run``: what computes ``model``'s forward (default ``model`` itself; e.g. an
-    :class:`gyre.export.OnnxModel` of its exported file)."""
-    data = WindowData(w, model.strategy, teacher=False)
+    """Scaled outputs for the windows' inputs (their targets unused): ``(N, horizon, C_t)``
+    forecasts, or a probabilistic model's ``(N, horizon, C_t, Q or P)``. ``run``: what computes
+    ``model``'s forward (default ``model`` itself; e.g. an :class:`gyre.export.OnnxModel` of
+    its exported file)."""
+    data = WindowData(w, model.strategy, teacher=False, future=model.future)
     model.eval()
     device = next(model.parameters()).device
     outs = []
@@ -430,16 +718,38 @@ def forecast_windows(model: Forecaster, w: Windows, batch_size: int = 512, run=N
     return torch.cat(outs).numpy().astype(np.float64)
 
 
+def ensemble_forecast(models, w: Windows, levels, run=None):
+    """``(point (N, h, C_t), quantiles (N, h, C_t, Q) or None)`` in the scaled space: each
+    model's median (or point) forecast and quantiles at ``levels``, averaged over the models
+    (quantile averaging; the members share one scaler). ``run``: what computes the one model's
+    forward (see :func:`forecast_windows`)."""
+    if run is not None and len(models) != 1:
+        raise ValueError(f"run: computes one model's forward; got {len(models)} models")
+    points, qs = [], []
+    for model in models:
+        out = forecast_windows(model, w, run=run)
+        points.append(point_of(model, out))
+        if model.probabilistic:
+            qs.append(output_quantiles(model, out, levels))
+    q = np.mean(qs, axis=0) if qs else None
+    return np.mean(points, axis=0), q
+
+
 def prepare(ss: SeriesSet, horizon: int, lookback: int, min_lookback: int, scaler: Scaler,
-            val_fraction: float):
+            val_fraction: float, backtest: int = 1, extra=None):
     """Split, fit the scaler on each series' training part, and cut the windows.
 
-    Returns ``(scaled_series, train_windows, val_windows | None, test_windows, val_start,
-    test_start)``.
+    The test part is the last ``backtest * horizon`` points; its windows are the ``backtest``
+    origins ``horizon`` apart (each reading only the points before it). ``extra``: per series
+    ``(T_i, E)`` columns appended unscaled after the scaled ones (calendar features, series
+    number). Returns ``(scaled_series, train_windows, val_windows | None, test_windows,
+    val_start, test_start)``.
     """
-    val_start, test_start = split_points(ss.lengths, horizon, val_fraction)
+    val_start, test_start = split_points(ss.lengths, horizon, val_fraction, backtest)
     scaler.fit(ss.series, val_start)
     scaled = [scaler.transform(s, i) for i, s in enumerate(ss.series)]
+    if extra is not None:
+        scaled = [np.concatenate([z, e], axis=1) for z, e in zip(scaled, extra, strict=True)]
     train_w = make_windows(scaled, lookback, horizon, [(0, v) for v in val_start],
                            target=ss.target, min_lookback=min_lookback)
     val_w = None
@@ -447,8 +757,9 @@ def prepare(ss: SeriesSet, horizon: int, lookback: int, min_lookback: int, scale
         val_w = make_windows(scaled, lookback, horizon, list(zip(val_start, test_start,
                                                                  strict=True)),
                              target=ss.target, min_lookback=1)
-    test_w = make_windows(scaled, lookback, horizon, [(t, t + horizon) for t in test_start],
-                          target=ss.target, min_lookback=1)
+    test_w = make_windows(scaled, lookback, horizon, [(t, t + backtest * horizon)
+                                                      for t in test_start],
+                          target=ss.target, min_lookback=1, stride=horizon)
     return scaled, train_w, val_w, test_w, val_start, test_start
 
 
@@ -460,14 +771,21 @@ class Config(TaskConfig):
 
     Attributes:
         data: a built-in data set (``airline``, ``m1_yearly``, ``co2``, ``sunspots``,
-            ``uschange``) or a CSV path (numeric columns, an optional date column).
-        target: the column(s) to forecast (empty: the data set's, all columns for a CSV);
-            the other columns are inputs only.
-        date_column: the CSV column holding time stamps ("" = a first column made of dates).
-        horizon: steps to forecast (0 = the data set's: airline 12, M1 yearly 6...).
+            ``uschange``) or a CSV path (see :func:`gyre.data.forecasting.load_series`: a date
+            column found by content, long panels ``unique_id, ds, y, ...``, wide tables).
+        target: the column(s) to forecast (empty: ``y`` for a panel, else the data set's, all
+            columns for a CSV); the other columns are inputs only (past covariates).
+        date_column: the CSV column holding time stamps ("" = found by content).
+        id_column: the series id column of a long panel ("" = ``unique_id`` and the like).
+        layout: ``auto``, ``long`` (a panel with an id column) or ``wide`` (a series per column).
+        horizon: steps to forecast (0 = the data set's or the frequency's: yearly 6, quarterly
+            8, monthly 12, weekly 13, daily 14, hourly 48, finer: one day).
         season: the seasonal period ``m`` for seasonal naive, Holt-Winters, SARIMA and MASE
-            (0 = the data set's: 12 monthly, 4 quarterly, 1 yearly; from the dates for a CSV).
-        lookback: input steps per window (0 = ``2 * max(horizon, season)``).
+            (0 = the data set's: 12 monthly, 4 quarterly, 52 weekly, 7 daily, 24 hourly, 48
+            half-hourly, 1 yearly; from the dates for a CSV).
+        lookback: input steps per window (0 = ``2 * max(horizon, season)``, shortened to half
+            the room before the validation part when a single series is too short for 8
+            windows of it).
         min_lookback: the fewest input steps a training window may have when a series'
             history is shorter than ``lookback`` (0 = ``lookback`` for one series, ``horizon`` for
             many, so short series still give windows).
@@ -477,14 +795,36 @@ class Config(TaskConfig):
             ``seasonal`` (the value one season back, i.e. seasonal naive) or ``none``.
         center: the recurrent stack reads each window relative to its last observed value.
         scaler: ``standard``, ``minmax``, ``mean``, ``diff`` (mean absolute one-step change) or
-            ``none``, per series and column, fitted on the training part only; ``log``: take
-            logs first (positive data only).
-        log: take logs of the data before scaling (positive data only).
-        loss: ``mse``, ``mae`` or ``huber`` on the scaled values.
-        baselines: which of naive, seasonal_naive, holt_winters, arima to fit ("none": none).
+            ``none``, per series and column, fitted on the training part only.
+        transform: ``none``, ``log`` (positive data) or ``log1p`` (zeros, counts) before
+            scaling.
+        log: take logs of the data before scaling (positive data only); the same as
+            ``transform="log"``.
+        loss: ``mse``, ``mae`` or ``huber`` on the scaled values (point forecasts).
+        quantiles: levels to forecast, e.g. ``0.1,0.5,0.9`` (pinball loss, increasing by
+            construction; 0.5 is added when missing: it is the point forecast).
+        distribution: ``normal`` or ``studentt``: forecast a distribution (likelihood loss),
+            scored at ``quantiles`` (default 0.1, 0.5, 0.9).
+        backtest: test origins (rolling origin, expanding window, ``horizon`` apart): the test
+            part is the last ``backtest * horizon`` points; the model is trained once before
+            it (each origin forecasts from the actual points before it), every baseline is
+            refitted at every origin.
+        ensemble: train this many seeds (``seed``, ``seed + 1``, ...) and average their
+            forecasts and quantiles.
+        calendar: feed calendar features of the dates (month, quarter, week, day of week, hour:
+            sine and cosine), known for the forecast steps too (direct strategy).
+        future_covariates: input columns whose future values are known and read for the
+            forecast steps; ``gyre predict`` then needs the next ``horizon`` rows of the
+            series in its CSV, with those columns filled and the targets blank.
+        id_embedding: > 0 embeds each series' id in this many numbers (a static covariate of a
+            panel; 0 = off).
+        baselines: which of naive, seasonal_naive, holt_winters, arima, auto_ets, auto_arima,
+            auto_theta to fit ("none": none).
         val_fraction: > 0 holds out, before the test part, the last
             ``max(horizon, round(val_fraction * n))`` points of each series for validation
-            (early stopping, best epoch); 0 = none.
+            (early stopping, best epoch; ``validation`` in metrics.json scores the origins
+            ``horizon`` apart in it); 0 = none. Dropped (and said so) where it leaves no
+            training window.
     """
 
     data: str = "airline"
@@ -493,6 +833,8 @@ class Config(TaskConfig):
     lr: float = 3e-3
     target: list[str] = field(default_factory=list)
     date_column: str = ""
+    id_column: str = ""
+    layout: str = "auto"
     horizon: int = 0
     season: int = 0
     lookback: int = 0
@@ -502,7 +844,15 @@ class Config(TaskConfig):
     center: bool = True
     scaler: str = "standard"
     log: bool = False
+    transform: str = "none"
     loss: str = "mse"
+    quantiles: list[str] = field(default_factory=list)
+    distribution: str = "none"
+    backtest: int = 1
+    ensemble: int = 1
+    calendar: bool = True
+    future_covariates: list[str] = field(default_factory=list)
+    id_embedding: int = 0
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
 
     def __post_init__(self) -> None:
@@ -518,12 +868,34 @@ class Config(TaskConfig):
                              f"{', '.join(RESIDUALS)}")
         if self.scaler not in SCALERS:
             raise ValueError(f"scaler: got {self.scaler!r}, expected one of {', '.join(SCALERS)}")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform: got {self.transform!r}, expected one of "
+                             f"{', '.join(TRANSFORMS)}")
+        if self.log and self.transform not in ("none", "log"):
+            raise ValueError(f"log: --log means transform 'log'; got transform "
+                             f"{self.transform!r} too")
         if self.loss not in LOSSES:
             raise ValueError(f"loss: got {self.loss!r}, expected one of {', '.join(LOSSES)}")
-        for name in ("horizon", "season", "lookback", "min_lookback"):
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution: got {self.distribution!r}, expected one of "
+                             f"{', '.join(DISTRIBUTIONS)}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout: got {self.layout!r}, expected one of {', '.join(LAYOUTS)}")
+        self.levels()  # validates quantiles
+        if self.quantiles and self.distribution != "none":
+            raise ValueError("quantiles: give quantiles or a distribution, not both (a "
+                             "distribution is scored at quantiles 0.1, 0.5, 0.9)")
+        if (self.quantiles or self.distribution != "none" or self.future_covariates
+                or self.id_embedding) and self.strategy == "recursive":
+            raise ValueError("strategy: quantiles, distributions, future_covariates and "
+                             "id_embedding need strategy 'direct'")
+        for name in ("horizon", "season", "lookback", "min_lookback", "id_embedding"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= 0 "
                                  "(0 = the default)")
+        for name in ("backtest", "ensemble"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= 1")
         if self.lookback and self.min_lookback > self.lookback:
             raise ValueError(f"min_lookback: got {self.min_lookback}, expected at most "
                              f"lookback={self.lookback}")
@@ -535,56 +907,184 @@ class Config(TaskConfig):
         if not self.data:
             raise ValueError("data: empty; expected a data set name or a CSV path")
 
+    def value_transform(self) -> str:
+        return "log" if self.log else self.transform
+
+    def levels(self) -> list[float]:
+        """The quantile levels forecast (sorted, 0.5 included); the default 0.1, 0.5, 0.9 for a
+        distribution; empty for a point forecaster."""
+        if not self.quantiles:
+            return [0.1, 0.5, 0.9] if self.distribution != "none" else []
+        try:
+            lv = sorted({float(q) for q in self.quantiles} | {0.5})
+        except ValueError:
+            raise ValueError(f"quantiles: got {self.quantiles!r}, expected numbers in (0, 1), "
+                             "e.g. 0.1,0.5,0.9") from None
+        if not all(0 < q < 1 for q in lv):
+            raise ValueError(f"quantiles: got {self.quantiles!r}, expected numbers in (0, 1)")
+        return lv
+
+
+#: the quantile levels every run scores the baselines' intervals at when the model has none
+DEFAULT_LEVELS = [0.1, 0.5, 0.9]
+
 
 class _Setup:
     """Everything derived from a config and its data: the numbers a model is rebuilt from."""
 
-    def __init__(self, config: Config, ss: SeriesSet) -> None:
+    def __init__(self, config: Config, ss: SeriesSet, saved: dict | None = None) -> None:
         self.ss = ss
-        self.horizon = config.horizon or ss.horizon
-        self.season = config.season or ss.season
-        self.lookback = config.lookback or 2 * max(self.horizon, self.season)
+        self.notes: list[str] = []
+        self.horizon = int(saved["horizon"]) if saved else (config.horizon or ss.horizon)
+        self.season = int(saved["season"]) if saved else (config.season or ss.season)
+        self.backtest = config.backtest
+        self.val_fraction = float(saved.get("val_fraction", config.val_fraction)) if saved \
+            else config.val_fraction
+        h, K = self.horizon, self.backtest
         many = len(ss.series) > 1
-        self.min_lookback = config.min_lookback or (min(self.horizon, self.lookback) if many
-                                                    else self.lookback)
-        self.min_lookback = min(self.min_lookback, self.lookback)
+        short = int(ss.lengths.min())
+        if not saved:
+            need = K * h + 2 if many else (K + 1) * h + 1
+            if short < need:
+                what = "the shortest series" if many else "the series"
+                raise ValueError(
+                    f"horizon: {what} has {short} points; a horizon of {h} with {K} test "
+                    f"origin(s) needs at least {need} ({K} x {h} test points and "
+                    + ("2 before them" if many else f"one training window of 1 input and {h} "
+                       "targets before them") + "); use a smaller --horizon or --backtest")
+        default = 2 * max(h, self.season)
+        if saved:
+            self.lookback, self.min_lookback = int(saved["lookback"]), int(saved["min_lookback"])
+        else:
+            v, _ = split_points(ss.lengths, h, self.val_fraction, K)
+            room = int(v.max()) - h  # input steps the longest series has before its validation
+            if self.val_fraction > 0 and room < 1:
+                self.val_fraction = 0.0
+                v, _ = split_points(ss.lengths, h, 0.0, K)
+                room = int(v.max()) - h
+                self.notes.append(f"no validation part: {short} points leave no training window "
+                                  "before one (fixed epochs, last epoch kept)")
+            self.lookback = config.lookback or default
+            if not config.lookback and not many and room < default + 7:
+                self.lookback = max(1, min(default, room // 2))
+                self.notes.append(f"lookback {self.lookback}: the series is too short for 8 "
+                                  f"training windows of {default} inputs")
+            self.min_lookback = config.min_lookback or (min(h, self.lookback) if many
+                                                        else self.lookback)
+            self.min_lookback = min(self.min_lookback, self.lookback)
         # a recursive model forecasts every column, and is scored on the target ones
         self.model_target = (list(range(ss.num_columns)) if config.strategy == "recursive"
                              else list(ss.target))
-        short = int(ss.lengths.min())
-        if short < self.horizon + 2:
-            raise ValueError(f"horizon: {self.horizon} leaves the shortest series ({short} points) "
+        if short < h + 2:
+            raise ValueError(f"horizon: {h} leaves the shortest series ({short} points) "
                              f"fewer than 2 points before its test part; use a smaller horizon")
+        self.freq = saved.get("freq", ss.freq) if saved else ss.freq
+        self.n_calendar = (calendar_width(self.freq) if config.calendar and
+                           config.strategy == "direct" else 0)
+        missing = [c for c in config.future_covariates if c not in ss.columns]
+        if missing:
+            raise ValueError(f"future_covariates: {missing[0]!r} is not a column of "
+                             f"{ss.name}; columns are {list(ss.columns)}")
+        user_future = [ss.columns.index(c) for c in config.future_covariates]
+        clash = [ss.columns[c] for c in user_future if c in ss.target]
+        if clash:
+            raise ValueError(f"future_covariates: {clash[0]!r} is a target column; a column "
+                             "whose future is known is not forecast")
+        C = ss.num_columns
+        self.future = user_future + list(range(C, C + self.n_calendar))
+        self.n_inputs = C + self.n_calendar
+        self.train_ids = list(saved.get("ids", ss.ids)) if saved else list(ss.ids)
+        self.n_ids = (len(self.train_ids) if config.id_embedding and
+                      (len(self.train_ids) > 1) else 0)
+        self.levels = config.levels()
+
+    def extra(self, ss: SeriesSet, future_steps: int = 0):
+        """Per series the unscaled columns after the data's: calendar features of its dates
+        (and of ``future_steps`` dates after them) and its series number (-1: an id the model
+        was not trained on)."""
+        if not self.n_calendar and not self.n_ids:
+            return None
+        out = []
+        for i, idx in enumerate(ss.index):
+            cols = []
+            if self.n_calendar:
+                dates = idx
+                if future_steps:
+                    fut = (ss.future_index[i] if ss.future_index else
+                           future_index(idx, self.freq, future_steps))
+                    dates = np.concatenate([idx, fut])
+                cols.append(calendar_features(dates, self.freq))
+            if self.n_ids:
+                sid = self.train_ids.index(ss.ids[i]) if ss.ids[i] in self.train_ids else -1
+                cols.append(np.full((len(idx) + future_steps, 1), float(sid)))
+            out.append(np.concatenate(cols, axis=1))
+        return out
 
     def model(self, config: Config) -> Forecaster:
-        return Forecaster(config.cell, self.ss.num_columns, self.model_target, self.horizon,
+        return Forecaster(config.cell, self.n_inputs, self.model_target, self.horizon,
                           config.hidden, config.layers, config.dropout, config.bidirectional,
-                          config.strategy, config.residual, self.season, config.center)
+                          config.strategy, config.residual, self.season, config.center,
+                          future=self.future, n_ids=self.n_ids, id_dim=config.id_embedding,
+                          quantiles=self.levels if config.quantiles else (),
+                          distribution=config.distribution)
+
+    def loss(self, config: Config):
+        if config.quantiles:
+            return pinball_loss(self.levels)
+        if config.distribution != "none":
+            return nll_loss(config.distribution)
+        return masked_loss(config.loss)
+
+    def saved(self) -> dict:
+        return {"horizon": self.horizon, "season": self.season, "lookback": self.lookback,
+                "min_lookback": self.min_lookback, "val_fraction": self.val_fraction,
+                "freq": self.freq, "ids": self.train_ids}
 
     def describe(self, config: Config) -> str:
+        extras = []
+        if config.quantiles:
+            extras.append("quantiles " + ",".join(f"{q:g}" for q in self.levels))
+        elif config.distribution != "none":
+            extras.append(config.distribution)
+        if self.n_calendar:
+            extras.append("calendar")
+        if self.n_ids:
+            extras.append(f"id embedding {config.id_embedding}")
+        if config.ensemble > 1:
+            extras.append(f"ensemble of {config.ensemble}")
         return (f"{config.cell} x{config.layers} h{config.hidden} "
                 f"{'bi ' if config.bidirectional else ''}{config.strategy} lookback "
-                f"{self.lookback} horizon {self.horizon}")
+                f"{self.lookback} horizon {self.horizon}"
+                + ("".join(f", {e}" for e in extras)))
 
 
-def _load(config: Config, data: str | None = None) -> SeriesSet:
+def _load(config: Config, data: str | None = None, future_rows: int = 0) -> SeriesSet:
     return load_series(data or config.data, target=config.target or None,
-                       date_column=config.date_column or None)
+                       date_column=config.date_column or None,
+                       id_column=config.id_column or None, layout=config.layout,
+                       future_rows=future_rows)
 
 
-def _scored(setup: _Setup, model: Forecaster, scaler: Scaler, test_w: Windows, test_start):
-    """Test forecasts on the original scale per series, and the metrics."""
+def _scored(setup: _Setup, models, scaler: Scaler, w: Windows, levels=()):
+    """Forecasts of the windows on the original scale (one per series and origin ``w.start``),
+    their quantiles (or None), actuals, in-samples (everything before each origin) and the
+    metrics (plus the probabilistic ones for a probabilistic model)."""
     ss = setup.ss
-    z = forecast_windows(model, test_w)
-    cols = ss.target
-    pos = [model.target.index(c) for c in cols]
-    forecasts, actuals, insamples = [], [], []
-    for k, i in enumerate(test_w.series):
-        t = int(test_start[i])
+    z, zq = ensemble_forecast(models, w, levels)
+    cols = list(ss.target)
+    pos = [models[0].target.index(c) for c in cols]
+    forecasts, quantiles, actuals, insamples = [], [], [], []
+    for k, i in enumerate(w.series):
+        t = int(w.start[k])
         forecasts.append(scaler.inverse(z[k][:, pos], i, cols))
+        if zq is not None:
+            quantiles.append(scaler.inverse(zq[k][:, pos], i, cols))
         actuals.append(ss.series[i][t:t + setup.horizon][:, cols])
         insamples.append(ss.series[i][:t][:, cols])
-    return forecasts, actuals, insamples, score(actuals, forecasts, insamples, setup.season)
+    metrics = score(actuals, forecasts, insamples, setup.season)
+    if zq is not None:
+        metrics.update(prob_score(actuals, quantiles, insamples, setup.season, levels))
+    return forecasts, (quantiles if zq is not None else None), actuals, insamples, metrics
 
 
 def _jsonable(d):
@@ -595,9 +1095,14 @@ def _jsonable(d):
     return d
 
 
+def _member_dir(out: Path, k: int) -> Path:
+    return out if k == 0 else out / f"member-{k}"
+
+
 def train(config: Config, *, resume: bool = False) -> dict:
     """Train a forecaster on ``config.data`` and score it beside the baselines; see the
-    :mod:`gyre.tasks` contract for what lands in ``config.out``."""
+    :mod:`gyre.tasks` contract for what lands in ``config.out`` (an ensemble's further members
+    in ``member-1``, ``member-2``... below it)."""
     import time
 
     from ..train import Trainer, seed_everything
@@ -608,72 +1113,101 @@ def train(config: Config, *, resume: bool = False) -> dict:
     setup = _Setup(config, ss)
     if resume:
         base.check_resume(config, config.out)
-    out = base.resolve_out(config, "forecast")
-
-    scaler = Scaler(config.scaler, config.log)
+    scaler = Scaler(config.scaler, value_transform=config.value_transform())
     scaled, train_w, val_w, test_w, val_start, test_start = prepare(
-        ss, setup.horizon, setup.lookback, setup.min_lookback, scaler, config.val_fraction)
+        ss, setup.horizon, setup.lookback, setup.min_lookback, scaler, setup.val_fraction,
+        setup.backtest, setup.extra(ss))
     if len(train_w) == 0:
         raise ValueError(f"lookback: no series is long enough for one training window of "
                          f"min_lookback={setup.min_lookback} inputs and horizon={setup.horizon} "
                          f"targets before its validation/test part; lower lookback, "
                          f"min_lookback, horizon or val_fraction")
-    seed_everything(config.seed)
-    model = setup.model(config)
-    tconf = config.train_config()
-    if val_w is None or len(val_w) == 0:
-        tconf = config.train_config(patience=0)
-    extra = {"scaler": scaler.state(), "data": ss.name, "horizon": setup.horizon,
-             "season": setup.season, "lookback": setup.lookback}
-    trainer = Trainer(model, masked_loss(config.loss), tconf, collate=collate, out_dir=out,
-                      extra=extra, callback=base.config_writer(config, out))
+    out = base.resolve_out(config, "forecast")
+    has_val = val_w is not None and len(val_w) > 0
+    extra = {"scaler": scaler.state(), "data": ss.name, **setup.saved()}
+    train_data = WindowData(train_w, config.strategy, teacher=True, future=setup.future)
+    val_data = (WindowData(val_w, config.strategy, teacher=False, future=setup.future)
+                if has_val else None)
+    models, fits = [], []
     t0 = time.perf_counter()
-    train_data = WindowData(train_w, config.strategy, teacher=True)
-    val_data = (WindowData(val_w, config.strategy, teacher=False)
-                if val_w is not None and len(val_w) else None)
-    fit = trainer.fit(train_data, val_data, resume=resume)
+    for k in range(config.ensemble):
+        seed = config.seed + k
+        seed_everything(seed)
+        model = setup.model(config)
+        tconf = config.train_config(seed=seed, **({} if has_val else {"patience": 0}))
+        member = _member_dir(out, k)
+        member.mkdir(parents=True, exist_ok=True)
+        # member 0's start writes config.toml (a resumed run: once its checkpoint was checked)
+        trainer = Trainer(model, setup.loss(config), tconf, collate=collate, out_dir=member,
+                          extra=extra,
+                          callback=base.config_writer(config, out) if k == 0 else None)
+        again = resume and (k == 0 or trainer.checkpoint_path.is_file())
+        fit = trainer.fit(train_data, val_data, resume=again)
+        if fit["interrupted"]:
+            return {"interrupted": True, "out": str(out)}
+        models.append(trainer.model)
+        fits.append(fit)
     seconds = time.perf_counter() - t0
     if base.other_rank(out) is not None:
         return base.other_rank(out)
-    if fit["interrupted"]:
-        return {"interrupted": True, "out": str(out)}
-
-    forecasts, actuals, insamples, test = _scored(setup, trainer.model, scaler, test_w,
-                                                  test_start)
+    levels = setup.levels or DEFAULT_LEVELS
+    forecasts, quantiles, actuals, insamples, test = _scored(setup, models, scaler, test_w,
+                                                              setup.levels)
     validation = None
-    if val_w is not None and len(val_w):
-        # the same forecast from the validation part's first point: comparable across
-        # configurations (any scaler, loss or strategy), for choosing one without the test part
-        val_origin = make_windows(scaled, setup.lookback, setup.horizon,
-                                  [(v, v + setup.horizon) for v in val_start], target=ss.target,
-                                  min_lookback=1)
-        validation = _scored(setup, trainer.model, scaler, val_origin, val_start)[3]
+    if has_val:
+        # forecasts from the validation part's origins, horizon apart (counted back from its
+        # end): comparable across configurations, for choosing one without the test part
+        val_origins = make_windows(scaled, setup.lookback, setup.horizon,
+                                   list(zip(val_start, test_start, strict=True)),
+                                   target=ss.target, min_lookback=1, stride=setup.horizon)
+        validation = _scored(setup, models, scaler, val_origins, setup.levels)[4]
     names = [b for b in config.baselines if b != "none"]
-    bl = baseline_forecasts(insamples, setup.horizon, setup.season, names)
+    bl = baseline_forecasts(insamples, setup.horizon, setup.season, names, levels=levels)
     baselines = {}
-    for name, (fcs, failures) in bl.items():
+    for name, (fcs, failures, qfcs) in bl.items():
         baselines[name] = score(actuals, fcs, insamples, setup.season)
+        if qfcs is not None:
+            baselines[name].update(prob_score(actuals, qfcs, insamples, setup.season, levels))
         if failures:
             baselines[name]["fallbacks"] = failures
+    fit = fits[0]
     metrics = {
         "task": "forecast", "data": ss.name, "out": str(out), "model": setup.describe(config),
         "test": test, "validation": validation, "baselines": baselines,
         "train": {"epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"],
                   "stopped_early": fit["stopped_early"], "seconds": round(seconds, 2),
-                  "train_windows": len(train_w), "val_windows": 0 if val_w is None else len(val_w),
+                  "train_windows": len(train_w), "val_windows": len(val_w) if has_val else 0,
                   "series": len(ss.series), "horizon": setup.horizon, "season": setup.season,
-                  "lookback": setup.lookback, "parameters": sum(p.numel() for p in
-                                                                 trainer.model.parameters())},
-        "note": ss.note,
+                  "frequency": ss.freq or "unknown", "lookback": setup.lookback,
+                  "test_origins": setup.backtest, "test_forecasts": len(test_w),
+                  "val_origins": len(val_origins) if has_val else 0,
+                  "ensemble": config.ensemble,
+                  "best_epochs": [f["best_epoch"] for f in fits],
+                  "parameters": sum(p.numel() for p in models[0].parameters())},
+        "note": "; ".join([n for n in [ss.note, *setup.notes] if n]),
     }
     if ss.name in PUBLISHED and setup.horizon == ss.horizon:
         metrics["published"] = PUBLISHED[ss.name]
     metrics = _jsonable(metrics)
     base.write_json(metrics, out / "metrics.json")
     base.plot_history(fit["history"], out / "loss.png", f"forecast {ss.name}: loss")
-    plot_forecasts(ss, forecasts, {n: f for n, (f, _) in bl.items()}, test_start,
-                   out / "forecast.png", setup.describe(config))
+    last = _last_origin(test_w)
+    plot_forecasts(ss, [forecasts[k] for k in last],
+                   {n: [v[0][k] for k in last] for n, v in bl.items()},
+                   [int(test_w.start[k]) for k in last], out / "forecast.png",
+                   setup.describe(config),
+                   quantiles=None if quantiles is None else [quantiles[k] for k in last],
+                   levels=setup.levels, series=[int(test_w.series[k]) for k in last])
     return metrics
+
+
+def _last_origin(w: Windows) -> list[int]:
+    """Per series, the index of its latest window."""
+    last: dict[int, int] = {}
+    for k, i in enumerate(w.series):
+        if int(i) not in last or w.start[k] > w.start[last[int(i)]]:
+            last[int(i)] = k
+    return [last[i] for i in sorted(last)]
 
 
 def _rebuild(out_dir):
@@ -681,8 +1215,8 @@ def _rebuild(out_dir):
 
     out = Path(out_dir)
     config = base.load_config(Config, out / "config.toml")
-    ckpt = load_checkpoint(out / "checkpoint")
-    return config, ckpt
+    ckpts = [load_checkpoint(_member_dir(out, k) / "checkpoint") for k in range(config.ensemble)]
+    return config, ckpts
 
 
 def _restored_model(config: Config, setup: _Setup, ckpt: dict) -> Forecaster:
@@ -694,150 +1228,221 @@ def _restored_model(config: Config, setup: _Setup, ckpt: dict) -> Forecaster:
     return model
 
 
+def _saved(ckpt: dict) -> dict:
+    extra = dict(ckpt["extra"])
+    # runs written before these keys existed: what their _Setup derived
+    extra.setdefault("min_lookback", extra["lookback"])
+    return extra
+
+
+def _check_columns(setup: _Setup, ckpt: dict, data: str, name: str = "data") -> None:
+    trained = len(ckpt["extra"]["scaler"]["loc"][0])
+    if setup.ss.num_columns != trained:
+        raise ValueError(f"{name}: the model reads {trained} column(s), {data} has "
+                         f"{setup.ss.num_columns}")
+
+
 def evaluate(out_dir, data: str | None = None) -> dict:
     """The test metrics of the run in ``out_dir`` (its own data, or ``data``: the test part is
-    the last ``horizon`` points of each series there; the run's scaler is kept for its own data,
-    refitted on the new data's training part otherwise)."""
-    config, ckpt = _rebuild(out_dir)
+    the last ``backtest * horizon`` points of each series there; the run's scaler is kept for
+    its own data, refitted on the new data's training part otherwise)."""
+    config, ckpts = _rebuild(out_dir)
     ss = _load(config, data)
-    setup = _Setup(config, ss)
-    setup.horizon, setup.season = ckpt["extra"]["horizon"], ckpt["extra"]["season"]
-    model = _restored_model(config, setup, ckpt)
-    if model.n_inputs != ss.num_columns:
-        raise ValueError(f"data: the model reads {model.n_inputs} column(s), {data or config.data}"
-                         f" has {ss.num_columns}")
-    scaler = Scaler(config.scaler, config.log)
-    _, _, _, test_w, _, test_start = prepare(ss, setup.horizon, setup.lookback,
-                                             setup.min_lookback, scaler, config.val_fraction)
+    setup = _Setup(config, ss, saved=_saved(ckpts[0]))
+    _check_columns(setup, ckpts[0], data or config.data)
+    models = [_restored_model(config, setup, c) for c in ckpts]
+    scaler = Scaler(config.scaler, value_transform=config.value_transform())
+    _, _, _, test_w, _, _ = prepare(ss, setup.horizon, setup.lookback, setup.min_lookback,
+                                    scaler, setup.val_fraction, setup.backtest, setup.extra(ss))
     if data is None:
-        scaler = Scaler.from_state(ckpt["extra"]["scaler"])
-    *_, test = _scored(setup, model, scaler, test_w, test_start)
+        scaler = Scaler.from_state(ckpts[0]["extra"]["scaler"])
+    *_, test = _scored(setup, models, scaler, test_w, setup.levels)
     return {"test": _jsonable(test)}
 
 
 def load_run(out_dir) -> tuple[Config, Forecaster, dict]:
-    """``(config, model with the restored weights, checkpoint extra)`` from a run directory."""
+    """``(config, model with the restored weights, checkpoint extra)`` from a run directory
+    (export and serving take one model: an ensemble run is refused)."""
     out = Path(out_dir)
     if not (out / "config.toml").is_file():
         raise FileNotFoundError(f"out_dir: {str(out)!r} has no config.toml; expected a directory "
                                 "written by gyre train forecast")
-    config, ckpt = _rebuild(out_dir)
-    extra = ckpt["extra"]
-    ss = _load(config)
-    setup = _Setup(config, ss)
-    setup.horizon, setup.season = extra["horizon"], extra["season"]
-    return config, _restored_model(config, setup, ckpt), extra
+    config, ckpts = _rebuild(out_dir)
+    if len(ckpts) > 1:
+        raise ValueError(f"out_dir: {str(out)!r} is an ensemble of {len(ckpts)} models, which "
+                         "export and serving (one model) do not cover; train with ensemble=1")
+    extra = _saved(ckpts[0])
+    setup = _Setup(config, _load(config), saved=extra)
+    return config, _restored_model(config, setup, ckpts[0]), extra
 
 
 def stream_io(model: Forecaster, extra: dict):
     """``(input, output)`` transforms for serving a run step by step. A run on one series
-    takes and gives values in that series' units (its fitted scaler both ways); a run on many
-    series, each with its own scale, takes and gives the model's scaled units (None, None)."""
+    takes and gives values in that series' units (its fitted scaler both ways; quantiles
+    each mapped back); a run on many series, each with its own scale, takes and gives the
+    model's scaled units (None, None)."""
     scaler = Scaler.from_state(extra["scaler"])
     if len(scaler.loc) != 1:
         return None, None
+    if model.distribution != "none":
+        raise ValueError(f"serve: a {model.distribution} distribution's parameters are not "
+                         "values in the series' units; serve a point or quantile run, or a "
+                         "run on many series (scaled units)")
     loc = torch.as_tensor(scaler.loc[0], dtype=torch.float64)
     scale = torch.as_tensor(scaler.scale[0], dtype=torch.float64)
     cols = list(model.target)
+    q = bool(model.quantiles)
 
     def inp(x):  # (B, C) raw -> scaled
-        v = x.double()
-        return (((v.log() if scaler.log else v) - loc) / scale).float()
+        v = torch.as_tensor(scaler._pre(x.double().numpy()))
+        return ((v - loc) / scale).float()
 
-    def out(z):  # (B, horizon, C_t) scaled -> raw
-        v = z.double() * scale[cols] + loc[cols]
-        return (v.exp() if scaler.log else v).float()
+    def out(z):  # (B, horizon, C_t[, Q]) scaled -> raw
+        s_, l_ = (scale[cols][:, None], loc[cols][:, None]) if q else (scale[cols], loc[cols])
+        v = z.double() * s_ + l_
+        return torch.as_tensor(scaler._post(v.numpy())).float()
 
     return inp, out
 
 
 def predict(out_dir, data_path: str | None = None, *, runtime: str = "torch") -> list[dict]:
     """Forecasts of the next ``horizon`` steps after the end of every series in ``data_path``
-    (default: the run's data): ``{"series", "step", "column", "forecast"}`` rows.
-    ``runtime="onnxruntime"`` runs the run's exported ``model.onnx`` (``gyre export``)."""
+    (default: the run's data): ``{"series", "step", "column", "forecast"}`` rows, plus ``date``
+    when the series has dates and ``q<level>`` per quantile level of a probabilistic model.
+    A model with ``future_covariates`` reads their values from the last ``horizon`` rows of each
+    series in ``data_path`` (targets blank there). ``runtime="onnxruntime"`` runs the run's
+    exported ``model.onnx`` (``gyre export``)."""
     run = base.runtime_model(out_dir, runtime)
-    config, ckpt = _rebuild(out_dir)
-    ss = _load(config, data_path)
-    setup = _Setup(config, ss)
-    setup.horizon = ckpt["extra"]["horizon"]
-    model = _restored_model(config, setup, ckpt)
-    if model.n_inputs != ss.num_columns:
-        raise ValueError(f"data_path: the model reads {model.n_inputs} column(s), "
-                         f"{data_path or config.data} has {ss.num_columns}")
-    if data_path is None:
-        scaler = Scaler.from_state(ckpt["extra"]["scaler"])
+    config, ckpts = _rebuild(out_dir)
+    if run is not None and len(ckpts) > 1:
+        raise ValueError(f"runtime: {runtime!r} runs one exported model; this run is an "
+                         f"ensemble of {len(ckpts)}; use runtime='torch'")
+    saved = _saved(ckpts[0])
+    h = int(saved["horizon"])
+    if config.future_covariates:
+        if data_path is None:
+            raise ValueError(f"data_path: this model reads future values of "
+                             f"{', '.join(config.future_covariates)}; give a CSV whose last {h} "
+                             "rows per series hold them (targets blank)")
+        ss = _load(config, data_path, future_rows=h)
     else:
-        scaler = Scaler(config.scaler, config.log).fit(ss.series, ss.lengths)
-    h = setup.horizon
-    # windows whose (unknown) targets are the h steps after each series' end
-    padded = [np.concatenate([scaler.transform(s, i), np.zeros((h, ss.num_columns))])
-              for i, s in enumerate(ss.series)]
+        ss = _load(config, data_path)
+    setup = _Setup(config, ss, saved=saved)
+    _check_columns(setup, ckpts[0], data_path or config.data, "data_path")
+    models = [_restored_model(config, setup, c) for c in ckpts]
+    if data_path is None:
+        scaler = Scaler.from_state(ckpts[0]["extra"]["scaler"])
+    else:
+        scaler = Scaler(config.scaler, value_transform=config.value_transform()).fit(
+            ss.series, ss.lengths)
+    padded = []
+    for i, s in enumerate(ss.series):
+        fut = np.zeros((h, ss.num_columns))
+        if ss.future:
+            fut = np.asarray(ss.future[i], np.float64).copy()
+            cols = [ss.columns.index(c) for c in config.future_covariates]
+            if not np.isfinite(fut[:, cols]).all():
+                raise ValueError(f"data_path: series {ss.ids[i]!r} leaves a future value of "
+                                 f"{', '.join(config.future_covariates)} blank in its last {h} "
+                                 "rows")
+            fut[~np.isfinite(fut)] = 1.0  # blank targets: never read (zeroed in the windows)
+            fut = scaler.transform(np.where(np.isfinite(fut), fut, 1.0), i)
+        padded.append(np.concatenate([scaler.transform(s, i), fut]))
+    extra = setup.extra(ss, future_steps=h)
+    if extra is not None:
+        padded = [np.concatenate([z, e], axis=1) for z, e in zip(padded, extra, strict=True)]
     w = make_windows(padded, setup.lookback, h, [(len(s), len(s) + h) for s in ss.series],
-                     target=model.target, min_lookback=1)
-    z = forecast_windows(model, w, run=run)
+                     target=models[0].target, min_lookback=1)
+    z, zq = ensemble_forecast(models, w, setup.levels, run=run)
     rows = []
     for k, i in enumerate(w.series):
-        pos = [model.target.index(c) for c in ss.target]
+        pos = [models[0].target.index(c) for c in ss.target]
         f = scaler.inverse(z[k][:, pos], i, ss.target)
+        q = None if zq is None else scaler.inverse(zq[k][:, pos], i, ss.target)
+        idx = ss.index[i]
+        dates = None
+        if np.issubdtype(np.asarray(idx).dtype, np.datetime64):
+            dates = (ss.future_index[i] if ss.future_index else
+                     future_index(idx, setup.freq, h))
         for step in range(h):
             for j, c in enumerate(ss.target):
-                rows.append({"series": ss.ids[i], "step": step + 1, "column": ss.columns[c],
-                             "forecast": float(f[step, j])})
+                row = {"series": ss.ids[i], "step": step + 1, "column": ss.columns[c]}
+                if dates is not None:
+                    row["date"] = str(np.datetime_as_string(np.asarray(dates)[step], unit="s"))
+                row["forecast"] = float(f[step, j])
+                if q is not None:
+                    for lv, v in zip(setup.levels, q[step, j], strict=True):
+                        row[f"q{lv:g}"] = float(v)
+                rows.append(row)
     return rows
 
 
 def explain_inputs(out_dir, data: str | None = None, samples: int = 8):
     """The explain seam (:mod:`gyre.explain`): the input windows of the first ``samples`` test
-    forecasts (scaled as in training), and the mean scaled forecast of the first target column
-    over the horizon to explain."""
+    forecasts (scaled as in training), and the mean scaled (point) forecast of the first target
+    column over the horizon to explain (member 0 of an ensemble)."""
     from ..explain import Inputs
-    config, ckpt = _rebuild(out_dir)
-    ss = _load(config, data)
-    setup = _Setup(config, ss)
-    setup.horizon, setup.season = ckpt["extra"]["horizon"], ckpt["extra"]["season"]
-    model = _restored_model(config, setup, ckpt)
+    config, ckpts = _rebuild(out_dir)
     if config.strategy != "direct":
         raise ValueError("explain: forecast runs with strategy='direct' are supported (a "
                          "recursive forecast feeds its own outputs back, which attributions "
                          "over the inputs do not cover)")
-    scaler = Scaler(config.scaler, config.log)
+    ss = _load(config, data)
+    setup = _Setup(config, ss, saved=_saved(ckpts[0]))
+    _check_columns(setup, ckpts[0], data or config.data)
+    model = _restored_model(config, setup, ckpts[0])
+    scaler = Scaler(config.scaler, value_transform=config.value_transform())
     *_, test_w, _, _ = prepare(ss, setup.horizon, setup.lookback, setup.min_lookback, scaler,
-                               config.val_fraction)
-    wd = WindowData(test_w, "direct", teacher=False)
+                               setup.val_fraction, setup.backtest, setup.extra(ss))
+    wd = WindowData(test_w, "direct", teacher=False, future=setup.future)
     n = min(samples, len(wd))
     batch = collate([wd[i] for i in range(n)])
     col = model.target.index(ss.target[0])
+    if model.quantiles:
+        mid = min(range(len(model.quantiles)), key=lambda j: abs(model.quantiles[j] - 0.5))
 
     def forward(x, lengths):
-        return model(x, lengths=lengths)[0][:, :, col].mean(1)
+        y = model(x, lengths=lengths)[0]
+        if model.probabilistic:  # the median level, or the location
+            y = y[..., mid] if model.quantiles else y[..., 0]
+        return y[:, :, col].mean(1)
 
+    names = [ss.columns[c] for c in range(ss.num_columns)]
+    names += [f"calendar{j}" for j in range(setup.n_calendar)]
+    if setup.n_ids:
+        names.append("series_id")
     title = f"forecast {ss.name}: {setup.describe(config)}"
-    return Inputs(model, forward, batch["x"], batch["lengths"], title,
-                  [ss.columns[c] for c in range(ss.num_columns)],
+    return Inputs(model, forward, batch["x"], batch["lengths"], title, names,
                   meta={"explained": f"mean scaled forecast of {ss.columns[ss.target[0]]!r} "
                         f"over {setup.horizon} steps", "data": ss.name})
 
 
 def plot_forecasts(ss: SeriesSet, forecasts, baselines: dict, test_start, path, title: str,
-                   max_series: int = 6) -> None:
+                   max_series: int = 6, *, quantiles=None, levels=(), series=None) -> None:
     """Forecast against actuals: the history before the test part, the actual test part, the
-    model's forecast and each baseline's, for the first target column of up to ``max_series``
-    series."""
+    model's forecast (its central intervals shaded) and each baseline's, for the first target
+    column of up to ``max_series`` series (``series[k]``: which series forecast ``k`` is of)."""
     plt = base.pyplot()
     n = min(len(forecasts), max_series)
     fig, axes = plt.subplots(n, 1, figsize=(8, 2.8 * n), squeeze=False)
     c = ss.target[0]
+    pairs = interval_pairs(levels) if quantiles is not None else []
     for k in range(n):
         ax = axes[k, 0]
+        i = k if series is None else series[k]
         t = int(test_start[k])
-        idx, y = ss.index[k], ss.series[k][:, c]
-        lo = max(0, t - 4 * len(forecasts[k]))
-        ax.plot(idx[lo:], y[lo:], color="black", lw=1.2, label="actual")
-        ax.plot(idx[t:], forecasts[k][:, 0], color="C3", lw=1.8, label="model")
+        h = len(forecasts[k])
+        idx, y = ss.index[i], ss.series[i][:, c]
+        lo = max(0, t - 4 * h)
+        ax.plot(idx[lo:t + h], y[lo:t + h], color="black", lw=1.2, label="actual")
+        for lo_i, hi_i, L in sorted(pairs, key=lambda p: -p[2]):
+            ax.fill_between(idx[t:t + h], quantiles[k][:, 0, lo_i], quantiles[k][:, 0, hi_i],
+                            color="C3", alpha=0.15 + 0.15 * (L < 80), lw=0, label=f"{L}%")
+        ax.plot(idx[t:t + h], forecasts[k][:, 0], color="C3", lw=1.8, label="model")
         for j, (name, fcs) in enumerate(baselines.items()):
-            ax.plot(idx[t:], fcs[k][:, 0], lw=1, ls="--", color=f"C{j}", label=name)
+            ax.plot(idx[t:t + h], fcs[k][:, 0], lw=1, ls="--", color=f"C{j}", label=name)
         ax.axvline(idx[t], color="grey", lw=0.8, ls=":")
-        ax.set_title(f"{ss.ids[k]} - {ss.columns[c]}", fontsize=9)
+        ax.set_title(f"{ss.ids[i]} - {ss.columns[c]}", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7, ncol=3)
     fig.suptitle(title, fontsize=10)
