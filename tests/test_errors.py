@@ -130,7 +130,7 @@ def test_step_refuses_bidirectional():
 
 
 def test_bad_cell_options():
-    with pytest.raises(ValueError, match=r"nonlinearity: got 'sigmoid', expected one of"):
-        cells.get("rnn", nonlinearity="sigmoid")
+    with pytest.raises(ValueError, match=r"nonlinearity: got 'garbage', expected one of"):
+        cells.get("rnn", nonlinearity="garbage")
     with pytest.raises(ValueError, match=r"layer_norm: got True with reset_after=False"):
         GRU(4, 5, reset_after=False, layer_norm=True)
