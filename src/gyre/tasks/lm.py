@@ -41,9 +41,12 @@ class Config(base.TaskConfig):
     tokens; an epoch is one pass over the training text.
 
     Attributes:
-        tokenizer: ``char`` (default), ``word`` or ``sentencepiece``, fitted on the training
-            text only; ``vocab_size`` bounds words / pieces.
-        embed: embedding width; ``tie``: the output layer shares the embedding matrix.
+        tokenizer: how text becomes tokens, ``char``, ``word`` or ``sentencepiece``, fitted on
+            the training text only.
+        vocab_size: the most words or pieces the tokenizer's vocabulary has (char ignores it).
+        embed: embedding width.
+        tie: the output layer shares the embedding matrix (needs embed equal to the output width).
+        forget_bias: the initial forget-gate bias of LSTM-family cells (None keeps the cell's own).
         embed_dropout: dropout on the embeddings (the recurrent stack's own is ``dropout``).
         ngram_order: order of the Kneser-Ney character baseline (0 = skip it).
         eval_tracks: tracks a validation/test split is scored in (each starts from a zero

@@ -35,11 +35,13 @@ class Config(base.TaskConfig):
         text_column, label_column: the CSV columns of a user file (fine_food has its own).
         test: a CSV test file; empty = the dataset's own test split, or for a CSV 20% of it,
             stratified, split off with ``seed``.
-        tokenizer: ``sentencepiece`` (default; fitted on the training split only), ``word`` or
-            ``char``; ``vocab_size`` bounds the vocabulary (pieces or words).
-        embed: embedding width; ``embed_dropout``: dropout on the embeddings.
-        max_tokens: the model's limit on a text's length in tokens. ``truncate`` (default)
-            keeps the first ``max_tokens`` tokens of a longer text; ``--no-truncate`` makes a
+        tokenizer: how text becomes tokens, ``sentencepiece``, ``word`` or ``char``, fitted on
+            the training split only.
+        vocab_size: the most entries the tokenizer's vocabulary has (pieces or words).
+        embed: embedding width.
+        embed_dropout: dropout on the token embeddings during training.
+        max_tokens: the model's limit on a text's length in tokens.
+        truncate: keep the first ``max_tokens`` tokens of a longer text (default); off makes a
             longer text an error naming it.
         head, head_dropout, forget_bias: as classify.
 

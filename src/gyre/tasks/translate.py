@@ -36,8 +36,9 @@ class Config(base.TaskConfig):
             to the decoder), ``luong`` (general multiplicative, from the current state, with
             input feeding) or ``none`` (the encoder's final state only).
         tokenizer, vocab_size: one tokeniser per language, fitted on the training pairs.
-        embed: embedding width. beam: the beam width of the reported test score (1 = greedy);
-            ``length_penalty``: hypotheses are ranked by log-probability / length**alpha.
+        embed: embedding width.
+        beam: the beam width of the reported test score (1 is greedy decoding).
+        length_penalty: alpha in the ranking of beam hypotheses by log-probability / length**alpha.
         max_tokens: the longest source the model takes (a longer one is an error).
     """
 
