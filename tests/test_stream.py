@@ -12,6 +12,7 @@ the BLAS branch."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import pathlib
 import pickle
@@ -22,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from gyre import cells
+from gyre import nn as gyre_nn
 from gyre.cells import LSTM as LSTMCell
 from gyre.cells import Cell
 from gyre.engine import fused
-from gyre.engine.fused import stream
 from gyre.nn import LSTM, Recurrent
 
 pytestmark = [
@@ -64,7 +65,13 @@ def _stream(m, x, state=None):
 
 
 def _plan(m):
-    return m.__dict__.get("_gyre_stream")
+    """The engine's one-step plan the layer streams by (None: the general path)."""
+    s = m.__dict__.get("_gyre_stream")
+    return None if s is None else s.plan
+
+
+def _compiled(m):
+    return _plan(m) is not None
 
 
 def _close(a, b, dtype):
@@ -99,7 +106,7 @@ def test_stream_equals_forward(name, dtype):
             ys, state = _stream(m, x, h0)
             ys0, state0 = _stream(m, x)  # state None: zeros
             out0, h_n0 = m(x)
-        assert _plan(m).ok, f"{name}: the compiled step was not used"
+        assert _compiled(m), f"{name}: the compiled step was not used"
         assert ys.shape == out.shape
         for a, b in ((ys, out), (ys, out_ref), (ys0, out0)):
             _close(a, b, dtype)
@@ -117,7 +124,7 @@ def test_stream_without_biases(name):
     with torch.no_grad():
         out, h_n = m(x)
         ys, state = _stream(m, x)
-    assert _plan(m).ok
+    assert _compiled(m)
     _close(ys, out, torch.float32)
     for a, b in zip(_parts(state), _parts(h_n), strict=True):
         _close(a, b, torch.float32)
@@ -135,15 +142,16 @@ def test_plain_cells_run_whole_stack_in_one_call():
         with torch.no_grad():
             m.step(x)
         plan = _plan(m)
-        assert plan.ok and plan.run_all is whole and stream.compiled(m), name
+        assert plan is not None and plan.run_all is whole and (plan.fast is not None) is whole, \
+            name
         if whole:  # the entry that reads the tensors themselves accepts them here
             with torch.no_grad():
-                y, h = plan.mod.step(plan.cap, m._parameters, x, None)
+                y, h = plan.fast(m._parameters, x, None)
                 assert y.shape == (2, H) and not torch.isnan(y).any()
                 # not contiguous: left to the checked path
-                assert plan.mod.step(plan.cap, m._parameters, x.t().contiguous().t(), None) is None
+                assert plan.fast(m._parameters, x.t().contiguous().t(), None) is None
             # weights that need grad: left to autograd
-            assert plan.mod.step(plan.cap, m._parameters, x, None) is None
+            assert plan.fast(m._parameters, x, None) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -159,7 +167,7 @@ def test_stream_big_batch_and_batch_first(name, dtype):
             assert not x[:, t].is_contiguous()
             y, state = m.step(x[:, t], state)
             ys.append(y)
-    assert _plan(m).ok
+    assert _compiled(m)
     _close(torch.stack(ys, 1), out, dtype)
     for s, r in zip(_parts(state), _parts(h_n), strict=True):
         _close(s, r, dtype)
@@ -216,7 +224,7 @@ def test_stream_follows_weight_changes():
     x64, state64 = x.double(), tuple(s.double() for s in state)
     with torch.no_grad():
         y, _ = m.step(x64, state64)
-    assert y.dtype == torch.float64 and _plan(m).ok
+    assert y.dtype == torch.float64 and _compiled(m)
     _close(y, _expected_next(m, x64, state64)[0], torch.float64)
 
 
@@ -245,7 +253,7 @@ def test_computed_weights_follow_in_place_updates():
         with torch.no_grad():
             ys, h = _stream(m, x)
             out, h_ref = ref(x)
-        assert _plan(m).ok and _plan(m).versions is not None
+        assert _compiled(m) and _plan(m).versions is not None
         _close(ys, out, torch.float64)
         _close(h, h_ref, torch.float64)
         m(x)[0].square().sum().backward()
@@ -298,7 +306,7 @@ def test_grad_enabled_step_falls_back_and_backpropagates():
 
     # frozen weights, nothing requiring grad: the compiled step, even with grad enabled
     y, s = m.step(x[0])
-    assert not y.requires_grad and _plan(m).ok
+    assert not y.requires_grad and _compiled(m)
     _close(y, m(x[:1])[0][0], torch.float64)
 
 
@@ -350,7 +358,7 @@ def test_other_backends_and_copies():
     ref.backend = "reference"  # as asked: the general path, not the compiled step
     with torch.no_grad():
         ys, _ = _stream(ref, x)
-    assert not _plan(ref).ok
+    assert not _compiled(ref)
     m = _layer("gru", torch.float32)
     m.load_state_dict(ref.state_dict())
     with torch.no_grad():
@@ -361,7 +369,7 @@ def test_other_backends_and_copies():
         back = pickle.loads(pickle.dumps(m))
         for other in (twin, back):
             _close(_stream(other, x)[0], ys, torch.float32)
-            assert _plan(other).ok and _plan(other) is not _plan(m)
+            assert _compiled(other) and _plan(other) is not _plan(m)
 
 
 def test_drop_in_lstm_projection_unbatched():
@@ -370,7 +378,7 @@ def test_drop_in_lstm_projection_unbatched():
     with torch.no_grad():
         out, (h, c) = m(x)
         ys, (hs, cs) = _stream(m, x)
-    assert _plan(m).ok and ys.shape == (T, 4) and hs.shape == (2, 4) and cs.shape == (2, H)
+    assert _compiled(m) and ys.shape == (T, 4) and hs.shape == (2, 4) and cs.shape == (2, H)
     _close(ys, out, torch.float32)
     _close(hs, h, torch.float32)
     _close(cs, c, torch.float32)
@@ -391,6 +399,152 @@ def test_parametrized_weight_takes_the_general_path():
         m.parametrizations.weight_hh_l0.original.mul_(2.0)
         ys2, _ = _stream(m, x)
         out, _ = m(x)
-    assert not _plan(m).ok
+    assert not _compiled(m)
     _close(ys2, out, torch.float32)
     assert not torch.allclose(ys, ys2)
+
+
+# -- one-step forward: torch users stream with out, state = layer(x_t[None], state) -------------
+ONE_STEP = [  # (class, kwargs, batch (None: unbatched), h0 given)
+    (gyre_nn.LSTM, {}, 1, False),
+    (gyre_nn.LSTM, {"num_layers": 2, "batch_first": True}, 3, True),
+    (gyre_nn.LSTM, {"num_layers": 2, "proj_size": 5}, 2, True),
+    (gyre_nn.LSTM, {"proj_size": 5}, None, True),
+    (gyre_nn.GRU, {"num_layers": 2}, 3, True),
+    (gyre_nn.GRU, {"batch_first": True}, 1, False),
+    (gyre_nn.RNN, {"num_layers": 2, "nonlinearity": "relu", "batch_first": True}, 2, True),
+    (gyre_nn.RNN, {}, None, False),
+]
+
+
+def _one_step_input(m, batch, dtype):
+    if batch is None:
+        return torch.randn(1, I, dtype=dtype)
+    return torch.randn(*((batch, 1) if m.batch_first else (1, batch)), I, dtype=dtype)
+
+
+def _h0(m, batch, dtype):
+    shape = () if batch is None else (batch,)
+    h0 = tuple(torch.randn(m.num_layers, *shape, s, dtype=dtype) for s in m.state_sizes)
+    return h0[0] if len(h0) == 1 else h0
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_one_step_forward_takes_the_compiled_step(dtype, monkeypatch):
+    """forward on one step under no_grad runs the step entry (never engine.run) and equals the
+    general path, the reference backend and torch.nn with the same weights."""
+    from gyre import engine
+
+    general = engine.run
+    for cls, kw, batch, given in ONE_STEP:
+        m = cls(I, H, **kw).to(dtype).eval()
+        ref = cls(I, H, backend="reference", **kw).to(dtype).eval()
+        ref.load_state_dict(m.state_dict())
+        torch_cls = getattr(torch.nn, cls.__name__)
+        tm = torch_cls(I, H, **kw).to(dtype).eval()
+        tm.load_state_dict(m.state_dict())
+        x = _one_step_input(m, batch, dtype)
+        h0 = _h0(m, batch, dtype) if given else None
+        with torch.no_grad():
+            want, h_want = m.forward_with_states(x, h0)[:2]  # the general path
+            monkeypatch.setattr(engine, "run", _no_general_path)
+            for _ in range(2):  # the plan is made on the first call, reused on the second
+                out, h_n = m(x, h0)
+            monkeypatch.setattr(engine, "run", general)
+            out_ref, h_ref = ref(x, h0)
+            out_t, h_t = tm(x, h0)
+        what = f"{cls.__name__} {kw} batch={batch} h0={given}"
+        assert m.step_compiled and out.shape == want.shape == out_t.shape, what
+        for a, b in ((out, want), (out, out_ref), (out, out_t)):
+            _close(a, b, dtype)
+        for s, w, r, t in zip(_parts(h_n), _parts(h_want), _parts(h_ref), _parts(h_t),
+                              strict=True):
+            assert s.shape == t.shape, what
+            _close(s, w, dtype)
+            _close(s, r, dtype)
+            _close(s, t, dtype)
+
+
+def _no_general_path(*args, **kwargs):
+    raise AssertionError("the one-step forward ran the general path")
+
+
+def test_one_step_forward_with_autograd_or_longer_takes_the_general_path():
+    m = gyre_nn.LSTM(I, H, num_layers=2)
+    x = torch.randn(1, 3, I)
+    out, (h, c) = m(x)  # parameters require grad: autograd, through the general path
+    assert out.requires_grad and h.requires_grad
+    with torch.no_grad():
+        want = m.forward_with_states(x)[0]
+    _close(out.detach(), want, torch.float32)
+    (g,) = torch.autograd.grad(out.sum(), [m.weight_ih_l1])
+    assert g.abs().sum() > 0
+    with torch.no_grad():  # two steps, lengths=, a PackedSequence: the general path
+        m(torch.randn(2, 3, I))
+        m(x, lengths=[1, 1, 1])
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, [1, 1, 1])
+        assert isinstance(m(packed)[0], torch.nn.utils.rnn.PackedSequence)
+    # errors keep the general path's messages
+    with torch.no_grad(), pytest.raises(ValueError, match=r"input: got feature size 4"):
+        m(torch.randn(1, 3, 4))
+
+
+def test_one_step_forward_under_vmap_takes_the_general_path():
+    """torch.func sees only torch ops: under vmap a one-step forward and a step take the
+    general path (the reference loop), per sample equal to the compiled step."""
+    m = gyre_nn.GRU(I, H, num_layers=2).eval()
+    xs = torch.randn(4, 2, I)
+    with torch.no_grad():
+        out = torch.func.vmap(lambda v: m(v[None])[0][0])(xs)
+        ys = torch.func.vmap(lambda v: m.step(v)[0])(xs)
+        for k in range(4):
+            want = m.step(xs[k])[0]
+            _close(out[k], want, torch.float32)
+            _close(ys[k], want, torch.float32)
+    assert m.step_compiled
+
+
+# -- the contract: the streaming choice is the engine's, from public inputs --------------------
+def test_streaming_choice_is_the_contracts():
+    from gyre import engine
+    from gyre.engine.contract import Options
+
+    lstm = LSTMCell()
+    # a whole sequence in inference runs oneDNN's LSTM; one step with carried state, fused's entry
+    assert engine.choose(lstm, "auto", Options(size=(1, H)), "cpu") == "native"
+    assert engine.choose(lstm, "auto", Options(stream=True), "cpu") == "fused"
+    assert fused.unsupported(lstm, Options(stream=True), "cpu") is None
+    for opts, why in ((Options(stream=True, directions=2), "reverse direction"),
+                      (Options(stream=True, random=True), "random masks"),
+                      (Options(stream=True, grad="params"), "autograd")):
+        assert why in fused.unsupported(lstm, opts, "cpu")
+        assert fused.unsupported(lstm, dataclasses.replace(opts, stream=False), "cpu") is None
+    assert engine.choose(lstm, "auto", Options(stream=True, random=True), "cpu") == "native"
+
+
+def test_stream_entry_from_plain_parameters():
+    """engine.stream takes a cell and parameter dicts, no layer: a hand-made two-layer GRU
+    stack streams through the plan, equal to engine.run on one step; a forced backend without
+    a one-step entry, random masks or two directions give None (the general path)."""
+    from gyre import engine
+    from gyre.cells import GRU as GRUCell
+    from gyre.cells import layer_specs
+
+    cell = GRUCell()
+    gen = torch.Generator().manual_seed(0)
+    params = [[{n: torch.rand(s.shape, generator=gen, dtype=torch.float64) - 0.5
+                for n, s in layer_specs(cell, size, H, True).items()}] for size in (I, H)]
+    plan = engine.stream(cell, params, I, H)
+    assert isinstance(plan, fused.stream.Plan)
+    x = torch.randn(3, I, dtype=torch.float64)
+    h0 = torch.randn(2, 3, H, dtype=torch.float64)
+    y, h = plan.step(x, h0)
+    want = engine.run(cell, params, x[None], (h0,), backend="reference")
+    _close(y, want.output[0], torch.float64)
+    _close(h, want.state[0], torch.float64)
+    assert plan.current(tuple(t for layer in params for t in layer[0].values()))
+    assert engine.stream(cell, params, I, H, backend="reference") is None
+    assert engine.stream(cell, params, I, H, backend="native") is None
+    assert engine.stream(cell, params, I, H, random=True) is None
+    assert engine.stream(cell, [layer * 2 for layer in params], I, H) is None

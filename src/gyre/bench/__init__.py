@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 from .. import engine
-from ..engine.fused import stream as fused_stream
 from . import cases, harness, report
 from .cases import CELLS, LONG_LENGTHS, MODES, SHAPES, STACKS, STREAM_SHAPE
 from .harness import Timing
@@ -182,7 +181,7 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
                         rec["check"] = {"against": "none: this is the reference"}
                     rec.update(_time(m, mode, x, timing, flops, steps, base_fn))
                     timed_backend[backend] = rec
-                    if mode == "stream" and fused_stream.compiled(m):
+                    if mode == "stream" and m.step_compiled:
                         rec["backend"] = "fused"  # layer.step's compiled step, whatever forward runs
         except Exception as e:  # a failing implementation is recorded, the run goes on
             record["errors"].append({**rec, "error": f"{type(e).__name__}: {e}"})

@@ -82,6 +82,9 @@ def _preference(cell: Cell, options: Options, device: str) -> list[str]:
     # packed (variable-length) input or with proj_size is not oneDNN's, and measured 1.1-5x
     # slower than fused for forward+backward at the bench shapes, single thread
     order = ["fused", "scan", "native", "reference"]  # fused: 1.05-2.3x scan's speed on CPU
+    if options.stream:
+        # fused's one-step entry: 0.02-0.1x torch.nn's one-step forward per step (BENCHMARKS.md)
+        return order
     if native.mode(cell) == "lstm" and device == "cpu":
         not_onednn = options.varlen or getattr(cell, "proj_size", 0) > 0
         size = options.size
@@ -118,6 +121,40 @@ def choose(cell: Cell, backend: str, options: Options, device: str,
     if measure is None or key is None or not autotune.enabled() or len(candidates) < 2:
         return candidates[0]
     return autotune.choose(key, candidates, measure)
+
+
+def stream(
+    cell: Cell,
+    params: list[list[Params]],
+    input_size: int,
+    hidden_size: int,
+    *,
+    residual: bool = False,
+    zoneout: tuple[float, ...] | None = None,
+    random: bool = False,
+    backend: str = "auto",
+):
+    """The one-step entry that streams a stack of ``len(params)`` layers of ``cell``
+    (``params[l][d]`` as for :func:`run`) of ``input_size`` features and ``hidden_size`` units,
+    chosen in the one place (:func:`choose`, with ``Options(stream=True)``): the chosen backend's
+    compiled plan (its ``step_entry``: ``plan.step(x, state)``, see
+    :class:`gyre.engine.fused.stream.Plan`) where it has one that takes this configuration, else
+    None, and the caller runs the step as a one-step sequence through :func:`run` (which chooses
+    again, for a sequence). ``zoneout``: rates per state component, run as their expectation;
+    ``random``: the call draws random masks (training with zoneout, recurrent dropout or dropout
+    between layers), which no one-step entry does. A forced ``backend`` is checked as by
+    :func:`run`."""
+    first = next((t for layer in params for d in layer for t in d.values()), None)
+    device = "cpu" if first is None else first.device.type
+    options = Options(residual=residual, zone=zoneout is not None and any(zoneout),
+                      layers=len(params), directions=len(params[0]) if params else 1,
+                      stream=True, random=random)
+    chosen = choose(cell, backend, options, device)
+    module = MODULES[chosen]
+    entry = getattr(module, "step_entry", None)
+    if entry is None or first is None or module.unsupported(cell, options, device) is not None:
+        return None
+    return entry(cell, params, input_size, hidden_size, residual=residual, zoneout=zoneout)
 
 
 def _tune_key(cell: Cell, x: Tensor, hx: State, options: Options, lengths) -> str:
@@ -261,4 +298,4 @@ def _reverse(seq: Tensor, rev_index: Tensor | None) -> Tensor:
 
 
 __all__ = ["BACKENDS", "MODULES", "Options", "Result", "choose", "eligible", "run",
-           "select_backend"]
+           "select_backend", "stream"]

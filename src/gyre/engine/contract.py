@@ -13,7 +13,13 @@ class Options:
 
     ``grad``: ``"none"`` (forward only), ``"params"`` (parameters' gradients) or ``"input"``
     (the input's too). ``varlen``: per-sequence ``lengths``. ``drop``/``zone``: recurrent-dropout
-    masks / zoneout weights present. ``size``: ``(batch, hidden)`` when known."""
+    masks / zoneout weights present. ``size``: ``(batch, hidden)`` when known.
+
+    ``stream``: one time step with carried state (``step()``, or ``forward`` on a one-step
+    input) and no autograd graph, run by a backend's one-step entry where it has one
+    (``step_entry``, see :func:`gyre.engine.stream`). ``random``: masks drawn at random on every
+    call (training with zoneout, recurrent dropout or dropout between layers), which a one-step
+    entry does not draw."""
 
     residual: bool = False
     drop: bool = False
@@ -24,3 +30,5 @@ class Options:
     directions: int = 1
     grad: str = "none"
     size: tuple[int, int] | None = None
+    stream: bool = False
+    random: bool = False

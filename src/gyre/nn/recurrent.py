@@ -14,7 +14,6 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .. import cells as _cells
 from .. import engine
 from ..cells import Cell, init_parameter
-from ..engine.fused import stream as _stream
 
 HiddenState = Tensor | tuple[Tensor, ...]
 
@@ -124,6 +123,13 @@ class Recurrent(nn.Module):
         """Kept for ``torch.nn`` compatibility: gyre uses its parameters as they are."""
 
     @property
+    def step_compiled(self) -> bool:
+        """Whether the engine chose a compiled one-step entry for this layer's streaming (as of
+        its latest ``step`` or one-step ``forward``; see :func:`gyre.engine.stream`)."""
+        s = self.__dict__.get("_gyre_stream")
+        return s is not None and s.plan is not None
+
+    @property
     def all_weights(self) -> list[list[Tensor]]:
         return [[getattr(self, a) for a in names.values()] for layer in self._names for names in layer]
 
@@ -144,6 +150,10 @@ class Recurrent(nn.Module):
         self, input: Tensor | PackedSequence, hx: HiddenState | None = None, *,
         lengths: Sequence[int] | Tensor | None = None, enforce_sorted: bool = False,
     ):
+        if lengths is None and type(input) is Tensor:
+            one = self._forward_one(input, hx)
+            if one is not None:
+                return one
         output, state, _ = self._forward(input, hx, lengths, enforce_sorted, return_states=False)
         return output, state
 
@@ -164,10 +174,19 @@ class Recurrent(nn.Module):
         ``state`` as ``h_n`` from ``forward`` or a previous ``step`` (None: zeros).
         Returns ``(y, state)`` with ``y`` ``(B, O)`` (or ``(O,)``).
 
-        Without autograd (grad disabled, or nothing involved requiring grad) on CPU, one call
-        runs the whole stack in compiled code (:mod:`gyre.engine.fused.stream`); every call
-        returns new tensors, never the previous step's."""
-        fast = _stream.step(self, input, state)
+        The engine chooses how (:func:`gyre.engine.stream`): without autograd (grad disabled,
+        or nothing involved requiring grad) on CPU, one call runs the whole stack in compiled
+        code; ``forward`` on a one-step input takes the same path. Every call returns new
+        tensors, never the previous step's."""
+        s = self.__dict__.get("_gyre_stream")
+        if s is not None and s.fast is not None and s.backend == self.backend and \
+                s.training == self.training and _level() is None and not _tracing() and \
+                not _compiling():
+            # every check in C++ (parameters unchanged, grad, dtypes, shapes); None: unusual
+            fast = s.fast(self._parameters, input, state)
+            if fast is not None:
+                return fast
+        fast = self._step_planned(input, state)
         if fast is not None:
             return fast
         if self.bidirectional:
@@ -190,6 +209,74 @@ class Recurrent(nn.Module):
         return out, state
 
     # -- internals -----------------------------------------------------------------------------
+    def _forward_one(self, input: Tensor, hx):
+        """``forward`` of a one-step ``input`` by the streaming path, or None."""
+        shape = input.shape
+        if len(shape) == 3:
+            if shape[1 if self.batch_first else 0] != 1:
+                return None
+            out = self._streamed(input[:, 0] if self.batch_first else input[0], hx)
+            if out is None:
+                return None
+            y, state = out
+            return (y.unsqueeze(1) if self.batch_first else y.unsqueeze(0)), state
+        if len(shape) == 2 and shape[0] == 1:  # unbatched (1, I)
+            out = self._streamed(input[0], hx)
+            if out is None:
+                return None
+            y, state = out
+            return y.unsqueeze(0), state
+        return None
+
+    def _streamed(self, x: Tensor, state):
+        """``(y, state)`` of one step by the engine's one-step entry, or None (the general
+        path)."""
+        s = self.__dict__.get("_gyre_stream")
+        if s is not None and s.fast is not None and s.backend == self.backend and \
+                s.training == self.training and _level() is None and not _tracing() and \
+                not _compiling():
+            fast = s.fast(self._parameters, x, state)
+            if fast is not None:
+                return fast
+        return self._step_planned(x, state)
+
+    def _step_planned(self, x: Tensor, state):
+        """The same with every check in Python, (re)making the engine's choice when the
+        configuration or a parameter changed."""
+        if not _plain_call():
+            return None
+        params = self._registered_params()
+        flat = None if params is None else tuple(t for layer in params for d in layer
+                                                 for t in d.values())
+        s = self.__dict__.get("_gyre_stream")
+        if s is None or s.backend != self.backend or s.training != self.training or \
+                not s.current(flat):
+            plan = None
+            if params is not None:
+                random = self.training and (any(self.zoneout) or self.recurrent_dropout > 0 or
+                                            (self.dropout > 0 and self.num_layers > 1))
+                plan = engine.stream(self.cell, params, self.input_size, self.hidden_size,
+                                     residual=self.residual,
+                                     zoneout=self.zoneout if any(self.zoneout) else None,
+                                     random=random, backend=self.backend)
+            s = self.__dict__["_gyre_stream"] = _Streaming(self.backend, self.training, flat, plan)
+        return None if s.plan is None else s.plan.step(x, state)
+
+    def _registered_params(self) -> list[list[dict[str, Tensor]]] | None:
+        """The parameters as :meth:`_params`, or None where one is not a registered parameter
+        (a parametrized weight is recomputed on every access, which a one-step plan holding
+        its memory would not see)."""
+        out = []
+        for layer in self._names:
+            dirs = []
+            for names in layer:
+                p = {n: self._parameters.get(a) for n, a in names.items()}
+                if any(v is None for v in p.values()):
+                    return None
+                dirs.append(p)
+            out.append(dirs)
+        return out
+
     def _params(self) -> list[list[dict[str, Tensor]]]:
         return [[{n: getattr(self, a) for n, a in names.items()} for names in layer]
                 for layer in self._names]
@@ -302,6 +389,45 @@ class Recurrent(nn.Module):
                 return tuple(None if r == 0 else x.new_tensor(r) for r in self.zoneout)
             zone = [[masks() for _ in range(num_dirs)] for _ in range(self.num_layers)]
         return drop, zone
+
+
+class _Streaming:
+    """A layer's streaming choice: the engine's one-step plan (None: the general path) and what
+    it was made for (the backend, the training mode, the parameters)."""
+
+    __slots__ = ("backend", "training", "params", "ptrs", "plan", "fast")
+
+    def __init__(self, backend, training, params, plan):
+        self.backend, self.training, self.params, self.plan = backend, training, params, plan
+        self.ptrs = None if params is None else tuple(p.data_ptr() for p in params)
+        self.fast = None if plan is None else plan.fast
+
+    def current(self, params) -> bool:
+        if self.plan is not None:
+            return params is not None and self.plan.current(params)
+        if params is None or self.params is None:
+            return params is self.params
+        return len(params) == len(self.params) and all(
+            a is b for a, b in zip(params, self.params, strict=True)) and \
+            tuple(p.data_ptr() for p in params) == self.ptrs
+
+    def __reduce__(self):  # copy.deepcopy / pickle of the layer: chosen again on its next step
+        return (_none, ())
+
+
+def _none():
+    return None
+
+
+_level = torch._C._functorch.maybe_current_level
+_tracing = torch._C._is_tracing
+_compiling = torch.compiler.is_compiling
+
+
+def _plain_call() -> bool:
+    """Not under torch.func, the JIT tracer or torch.compile, which see only torch ops (the
+    general path's), not the one-step entry's compiled call."""
+    return _level() is None and not _tracing() and not _compiling()
 
 
 def _with_activations(cell: Cell, activation: str | None, recurrent_activation: str | None) -> Cell:

@@ -11,8 +11,9 @@ alone run in Python under autograd (``dW_ih`` comes from autograd through
 ``T*B`` rows and its two gradients run on the same tiled kernel as the loop's products
 (:class:`_TiledLinear`), or on oneDNN for big float32 ones.
 
-For streaming, every program also has a one-step entry that ``Recurrent.step`` calls through
-:mod:`.stream` (a cached plan per module, the whole stack in one call, no autograd).
+For streaming, every program also has a one-step entry, :data:`step_entry` (:func:`.stream.plan`:
+the whole stack in one call, no autograd), which :func:`gyre.engine.stream` hands out when the
+contract chooses ``fused`` for a one-step call.
 
 A user cell gets all of this from its Python ``step``; nothing is written per cell. Kernels are
 built on first use (:mod:`.build`); where they cannot be, :func:`run_layer` runs the
@@ -33,8 +34,10 @@ from ...cells import Cell, Params, State, layer_specs
 from .. import reference
 from . import build, ir
 from .codegen import program_source
+from .stream import plan as step_entry  # the one-step entry of the backend contract
 
-__all__ = ["run_layer", "unsupported", "unsupported_reason", "available", "Unsupported"]
+__all__ = ["run_layer", "step_entry", "unsupported", "unsupported_reason", "available",
+           "Unsupported"]
 
 Unsupported = ir.Unsupported
 
@@ -119,10 +122,20 @@ def unsupported_reason(cell: Cell) -> str | None:
 
 def unsupported(cell: Cell, options, device: str) -> str | None:
     """The backend contract (:mod:`gyre.engine.contract`): why ``fused`` cannot run ``cell``
-    on ``device`` (every layer option is supported), or None."""
+    with ``options`` on ``device``, or None. Every layer option is supported over a sequence;
+    the one-step entry (``options.stream``, :data:`step_entry`) runs one direction without an
+    autograd graph and draws no random masks."""
     if device != "cpu":
         return "fused kernels are CPU code"
-    return available() or unsupported_reason(cell)
+    reason = available() or unsupported_reason(cell)
+    if reason is None and options.stream:
+        if options.directions != 1:
+            return "a reverse direction needs the whole sequence"
+        if options.grad != "none":
+            return "the one-step entry builds no autograd graph"
+        if options.random:
+            return "the one-step entry draws no random masks"
+    return reason
 
 
 def _kernel(cell: Cell, input_size: int, hidden: int, bias: bool) -> _Kernel:
