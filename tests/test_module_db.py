@@ -252,6 +252,58 @@ def test_to_empty(name):
         assert all(t.device.type == "cpu" for t in _tensors(out))
 
 
+@pytest.mark.parametrize("set_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("swap", [False, True], ids=["data", "swap"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", NAMES)
+def test_to(name, dtype, swap, set_grad):
+    """``Module.to`` keeps every parameter an ``nn.Parameter`` of the new dtype, as the same
+    Python object; with ``torch.__future__.set_swap_module_params_on_conversion(True)`` it swaps
+    each tensor in place (so nothing else may hold a reference to it, a streaming plan
+    included), otherwise it sets ``.data``; gradients follow."""
+    info = INFOS[name]
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(swap)
+    try:
+        for sample in _samples(name, dtype):
+            c = sample.constructor_input
+            m = GYRE[info.module_cls](*c.args, **c.kwargs)
+            for n, p in list(m.named_parameters(recurse=False)):  # not .to(): under test
+                new = torch.nn.Parameter(p.detach().clone().to("cpu", dtype))
+                setattr(m, n, new)
+                if set_grad:
+                    new.grad = torch.randn_like(new)
+            if swap and not set_grad:  # .to() after a forward and backward
+                out = m(*sample.forward_input.args)
+                (out[0] if isinstance(out, tuple) else out).sum().backward()
+                with torch.no_grad():  # and after a streamed step, whose plan holds the weights
+                    x = sample.forward_input.args[0]
+                    m(x[:, :1] if x.dim() == 3 and m.batch_first else x[:1])
+                m.to(dtype=torch.half)
+                m.to(dtype=torch.float32)
+            prev = dtype
+            for dtype_ in info.dtypes:
+                g_no_swap = dtype_ == prev
+                prev = dtype_
+                ids = [id(p) for p in m.parameters()]
+                cdatas = [p._cdata for p in m.parameters()]
+                if set_grad:
+                    g_cdatas = [p.grad._cdata for p in m.parameters()]
+                m.to(device="cpu", dtype=dtype_)
+                params = list(m.parameters())
+                assert all(isinstance(p, torch.nn.Parameter) and p.dtype == dtype_
+                           for p in params)
+                assert [id(p) for p in params] == ids
+                if set_grad:
+                    assert all(p.grad.dtype == dtype_ for p in params)
+                    same = [a == p.grad._cdata for a, p in zip(g_cdatas, params, strict=True)]
+                    assert all(same) if (g_no_swap or not swap) else not any(same)
+                same = [a == p._cdata for a, p in zip(cdatas, params, strict=True)]
+                assert not any(same) if swap else all(same)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_errors(name):
     """Every expected error of torch's entry: its exception type and its message's pattern."""

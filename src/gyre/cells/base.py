@@ -108,12 +108,6 @@ class Cell:
         """Per-step output from the first state component, for all steps at once."""
         return h
 
-    # -- introspection used by the engine ------------------------------------------------------
-    @property
-    def standard_recurrence(self) -> bool:
-        """True when :meth:`step` is ``pointwise(xp, recurrent(h), state)`` (the default)."""
-        return type(self).step is Cell.step
-
     def describe(self) -> str:
         return self.name or type(self).__name__
 

@@ -119,6 +119,13 @@ class Recurrent(nn.Module):
             self._names.append(dirs)
 
     # -- torch compatibility -------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        # .to(), .float(), .cuda(), ... may swap each parameter's tensor in place
+        # (torch.__future__.set_swap_module_params_on_conversion), which needs no other
+        # reference held to it: the streaming plan goes, and is made again on the next step
+        self.__dict__.pop("_gyre_stream", None)
+        return super()._apply(fn, recurse)
+
     def flatten_parameters(self) -> None:
         """Kept for ``torch.nn`` compatibility: gyre uses its parameters as they are."""
 
@@ -248,6 +255,8 @@ class Recurrent(nn.Module):
         params = self._registered_params()
         flat = None if params is None else tuple(t for layer in params for d in layer
                                                  for t in d.values())
+        if flat is not None and torch.is_grad_enabled() and any(p.requires_grad for p in flat):
+            return None  # autograd: the general path (no plan made, none holding the weights)
         s = self.__dict__.get("_gyre_stream")
         if s is None or s.backend != self.backend or s.training != self.training or \
                 not s.current(flat):

@@ -101,22 +101,27 @@ class Hoist:
     def __call__(self, p: dict[str, torch.Tensor]) -> tuple[list, list]:
         env: dict[int, torch.Tensor] = {self.param_ids[k]: v for k, v in p.items()
                                         if k in self.param_ids}
-
-        def sub(a):
-            if isinstance(a, tuple) and len(a) == 2 and a[0] == "t":
-                return env[a[1]]
-            if isinstance(a, list | tuple):
-                return type(a)(sub(x) for x in a)
-            return a
-
         for func, args, kwargs, out_ids in self.ops:
-            out = func(*sub(args), **sub(kwargs))
+            out = func(*_sub(args, env), **_sub(kwargs, env))
             if isinstance(out, torch.Tensor):
                 env[out_ids] = out
             else:
                 for i, o in zip(out_ids, out, strict=True):
                     env[i] = o
         return [env[i].contiguous() for i in self.vec_ids], [env[i] for i in self.mat_ids]
+
+
+def _sub(a, env: dict):
+    """``a`` with every ``("t", id)`` replaced by ``env[id]`` (a plain function, not a closure:
+    a recursive closure is a reference cycle, which would hold the parameters in ``env`` until
+    the garbage collector runs, and ``Module.to()`` swapping tensors needs them free)."""
+    if isinstance(a, tuple) and len(a) == 2 and a[0] == "t":
+        return env[a[1]]
+    if isinstance(a, list | tuple):
+        return type(a)(_sub(x, env) for x in a)
+    if isinstance(a, dict):
+        return {k: _sub(v, env) for k, v in a.items()}
+    return a
 
 
 # -- recording --------------------------------------------------------------------------------
