@@ -16,7 +16,14 @@ Backends, all behind :func:`run`:
 slower), ``fused`` on
 CPU for every other cell it can compile (torch's GRU and RNN included: their CPU kernels are not
 fused; minGRU/minLSTM too, where it measured faster than ``scan``), ``scan`` for cells linear in
-their state when ``fused`` is not there, and ``reference`` otherwise.
+their state when ``fused`` is not there, and ``reference`` otherwise. With autotuning on (the
+default; ``GYRE_AUTOTUNE=0`` keeps this static rule) :mod:`gyre.engine.autotune` measures the
+eligible backends instead, once per key.
+
+Streaming (``Recurrent.step`` and ``forward`` on a one-step input) asks :func:`stream`, which
+makes its choice in the same place (:func:`choose` with ``Options(stream=True)``) from the cell,
+its parameters and the layer options: ``fused``'s compiled one-step entry where it applies, else
+the step runs as a one-step sequence through :func:`run`.
 """
 
 from __future__ import annotations
