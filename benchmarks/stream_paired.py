@@ -1,8 +1,9 @@
 """Streaming cost, paired: gyre's ``layer.step(x_t, state)``, gyre's one-step ``forward``
 (``layer(x_t[None], state)``, as torch users stream) and ``torch.nn``'s one-step forward with the
 same weights, timed in alternating rounds in one process (so load on a shared machine hits all
-three alike). Reports the minimum and median over rounds of the mean time per step, and checks
-that the three agree.
+three alike). Reports, per step, the minimum and median over rounds of the wall time and the
+minimum of this thread's CPU time (``time.thread_time``: on a shared machine it leaves out the
+time the process waited for a core), and checks that the three end in the same state.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stream_paired.py [--rounds 30] [--steps 200]``
 """
@@ -61,15 +62,19 @@ def main() -> None:
                     err = (a - b).abs().max().item()
                     assert err < 1e-4, f"{kind} {name}: final state off torch by {err}"
             times: dict[str, list[float]] = {name: [] for name in impls}
+            cpu: dict[str, list[float]] = {name: [] for name in impls}
             for _ in range(args.rounds):
                 for name, (fn, xs_) in impls.items():
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     _loop(fn, xs_, None)
+                    cpu[name].append((time.thread_time() - c0) / args.steps * 1e6)
                     times[name].append((time.perf_counter() - t0) / args.steps * 1e6)
         base = min(times[f"torch.nn.{kind} T=1"])
+        cbase = min(cpu[f"torch.nn.{kind} T=1"])
         for name, ts in times.items():
-            print(f"{kind:5s} {name:22s} min {min(ts):7.2f}  median {statistics.median(ts):7.2f}"
-                  f"  [{min(ts) / base:.2f}x torch]")
+            print(f"{kind:5s} {name:22s} wall min {min(ts):7.2f} median {statistics.median(ts):7.2f}"
+                  f" [{min(ts) / base:.2f}x torch]  cpu min {min(cpu[name]):7.2f}"
+                  f" [{min(cpu[name]) / cbase:.2f}x torch]")
 
 
 if __name__ == "__main__":

@@ -217,35 +217,32 @@ class Recurrent(nn.Module):
 
     # -- internals -----------------------------------------------------------------------------
     def _forward_one(self, input: Tensor, hx):
-        """``forward`` of a one-step ``input`` by the streaming path, or None."""
+        """``forward`` of a one-step ``input`` by the streaming path (as :meth:`step`), or None
+        for the general path."""
         shape = input.shape
-        if len(shape) == 3:
-            if shape[1 if self.batch_first else 0] != 1:
+        n = len(shape)
+        if n == 3:
+            first = self.batch_first
+            if shape[1 if first else 0] != 1:
                 return None
-            out = self._streamed(input[:, 0] if self.batch_first else input[0], hx)
-            if out is None:
-                return None
-            y, state = out
-            return (y.unsqueeze(1) if self.batch_first else y.unsqueeze(0)), state
-        if len(shape) == 2 and shape[0] == 1:  # unbatched (1, I)
-            out = self._streamed(input[0], hx)
-            if out is None:
-                return None
-            y, state = out
-            return y.unsqueeze(0), state
-        return None
-
-    def _streamed(self, x: Tensor, state):
-        """``(y, state)`` of one step by the engine's one-step entry, or None (the general
-        path)."""
+            x = input.select(1, 0) if first else input[0]
+        elif n == 2 and shape[0] == 1:  # unbatched (1, I)
+            first = False
+            x = input[0]
+        else:
+            return None
         s = self.__dict__.get("_gyre_stream")
+        out = None
         if s is not None and s.fast is not None and s.backend == self.backend and \
                 s.training == self.training and _level() is None and not _tracing() and \
                 not _compiling():
-            fast = s.fast(self._parameters, x, state)
-            if fast is not None:
-                return fast
-        return self._step_planned(x, state)
+            out = s.fast(self._parameters, x, hx)
+        if out is None:
+            out = self._step_planned(x, hx)
+            if out is None:
+                return None
+        y, state = out
+        return (y.unsqueeze(1) if first else y[None]), state
 
     def _step_planned(self, x: Tensor, state):
         """The same with every check in Python, (re)making the engine's choice when the
