@@ -1,7 +1,8 @@
 """gyre.keras equals Keras's own layers on the torch backend, in float64: outputs and states
 over the argument combinations (bias, activations, sequences/states, go_backwards, masks of
-every pattern, initial states, stateful, dropout with the same seed, Bidirectional), weights
-after model.fit steps, save/load, Keras's weight layout, and gyre's extras against gyre.nn."""
+every pattern, initial states, stateful, dropout and per-gate recurrent dropout with the same
+seed, Bidirectional), weights after model.fit steps, save/load, Keras's weight layout and weight
+files, gyre's extras against gyre.nn, and the reference texts' Keras examples on real data."""
 
 from __future__ import annotations
 
@@ -298,10 +299,33 @@ def test_save_load(tmp_path):
     path = tmp_path / "m.keras"
     m.save(path)
     back = load_model(path)
+    assert type(keras.saving.load_model(path).layers[1]) is gk.LSTM
     assert isinstance(back.layers[1], gk.LSTM) and back.layers[1].peephole
     assert back.layers[1].zoneout == (0.1, 0.1)
     assert isinstance(back.layers[2], gk.Recurrent)
     np.testing.assert_allclose(_np(back(tokens)), _np(m(tokens)), atol=1e-6, rtol=0)
+
+
+def test_weights_saved_by_keras_load_into_gyre(tmp_path):
+    """A model of Keras's own LSTM/GRU layers saves weights that the same model of gyre's layers
+    loads as they are (Keras's layout), with equal outputs."""
+    x = _x()
+    x[1, 4:] = x[2, :2] = 0.0  # masked by Masking
+
+    def build(layers):
+        keras.utils.set_random_seed(1)
+        inp = keras.Input((T, I), dtype="float64")
+        h = keras.layers.Masking(dtype="float64")(inp)
+        h = layers.LSTM(H, return_sequences=True, dtype="float64")(h)
+        h = layers.GRU(H, reset_after=False, dtype="float64")(h)
+        return keras.Model(inp, keras.layers.Dense(2, dtype="float64")(h))
+
+    k = build(keras.layers)
+    k.save_weights(tmp_path / "k.weights.h5")
+    g = build(gk)
+    g.load_weights(tmp_path / "k.weights.h5")
+    assert isinstance(g.layers[2], gk.LSTM)
+    _assert_same(k(x), g(x))
 
 
 def _gyre_nn_from(layer):
