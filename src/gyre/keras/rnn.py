@@ -20,27 +20,44 @@ end becomes gyre's ``lengths=`` as it is; any other mask (padding in front, as
 steps to its front in order, which is done with one gather before the engine and one after, so
 the result equals Keras's for every mask.
 
-Dropout: ``dropout`` is one input mask per sequence (Keras's own mask, drawn by its seeded
-generator, so a Keras layer and a gyre one with the same ``seed`` drop the same units);
-``recurrent_dropout`` is one mask on ``h_{t-1}`` per sequence shared by all gates (gyre's
-variational dropout, Gal & Ghahramani 2016), where Keras draws one mask per gate (its
-``implementation=1``), so with ``recurrent_dropout > 0`` training-time results differ from
-Keras's by the masks drawn. ``unroll`` is accepted and has no effect (the loop runs in gyre's
-engine either way).
+Dropout is Keras's, mask for mask: the masks are the Keras cell's own (``get_dropout_mask``,
+``get_recurrent_dropout_mask``, drawn by its seeded generator once per batch and shared by every
+step), so a Keras layer and a gyre one with the same ``seed`` drop the same units and train to
+the same weights. ``dropout`` alone (Keras's ``implementation=2``) is one input mask ``(B, I)``
+for all gates. ``recurrent_dropout > 0`` makes Keras's LSTM/GRU cells ``implementation=1``,
+where every gate has its own masks: gate ``g``'s input product sees ``x * dp_g`` and its
+recurrent product ``h_{t-1} * rdp_g`` (4 masks of each kind for LSTM, ``i, f, c, o``; 3 for GRU,
+``z, r, h``; with ``reset_after=False`` the candidate's product is ``W_h (r * h_{t-1} * rdp_h)``),
+as Gal & Ghahramani (2016) draw them. gyre's engine takes one recurrent mask per state, so these
+training calls run the per-gate cells below on the ``reference`` backend (Keras's own loop is an
+eager per-step loop there too); inference, and training without recurrent dropout, run on the
+fast backends. ``SimpleRNN`` has one mask of each kind, as in Keras. :class:`Recurrent` (any gyre
+cell) keeps gyre's variational dropout: one recurrent mask shared by all gates. ``unroll`` is
+accepted and has no effect (the loop runs in gyre's engine either way).
+
+Precision: Keras 3 computes ``keras.ops.matmul`` of two float64 tensors in float32
+(``keras.backend.result_type`` maps 64-bit types to 32-bit, "aligned with JAX's default"), and
+its cells' ``call`` uses it, so Keras's own float64 layers are float32-accurate (about 1e-7)
+wherever its generic loop runs: masks, ``SimpleRNN``, GRU ``reset_after=False``,
+``implementation=1``. Its LSTM/GRU without a mask run torch ops at the kernel's dtype. gyre's
+engine computes in the input's dtype throughout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
 
 import keras
 import torch
+import torch.nn.functional as F
 
 from .. import cells as _cells
 from .. import engine
 from ..cells import activations as _acts
+from ..cells import lstm as _lstm_cells
 
 __all__ = ["LSTM", "GRU", "SimpleRNN", "Recurrent"]
 
@@ -74,11 +91,6 @@ def _zoneout(rate, n: int) -> tuple[float, ...]:
     return tuple(float(r) for r in rates)
 
 
-def _first(mask):
-    """Keras's mask, or the first of its per-gate masks (``implementation=1``)."""
-    return mask[0] if isinstance(mask, list | tuple) else mask
-
-
 def _val(v) -> torch.Tensor:
     return v.value if isinstance(v, keras.Variable) else v
 
@@ -95,13 +107,18 @@ class _EngineLoop:
     def _gyre_params(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    #: Keras's gate order -> the gyre cell's (torch's) gate order, for per-gate masks
+    gate_order: tuple[int, ...] = (0,)
+
     def _dropout_masks(self, x0, h0, training):
+        """Keras's masks for this batch: each None, one tensor, or (``implementation=1``) a list
+        of one per gate in Keras's order."""
         kc = self.cell
         dp = rdp = None
         if training and 0 < kc.dropout < 1:
-            dp = _first(kc.get_dropout_mask(x0))
+            dp = kc.get_dropout_mask(x0)
         if training and 0 < kc.recurrent_dropout < 1:
-            rdp = _first(kc.get_recurrent_dropout_mask(h0))
+            rdp = kc.get_recurrent_dropout_mask(h0)
         return dp, rdp
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
@@ -112,8 +129,19 @@ class _EngineLoop:
         initial_state = [_val(s) for s in initial_state]
         x = sequences  # (B, T, I)
         dp, rdp = self._dropout_masks(x[:, 0, :], initial_state[0], training)
-        if dp is not None:
-            x = x * dp.unsqueeze(1)
+        cell, backend = self.gyre_cell, self.gyre_backend
+        if isinstance(dp, list | tuple) or isinstance(rdp, list | tuple):
+            # one mask per gate (Keras's implementation=1): gate g's copy of the input, and its
+            # recurrent mask, in the gyre cell's gate order
+            order = self.gate_order
+            if isinstance(dp, list | tuple):
+                x = torch.cat([x * _val(dp[k]).unsqueeze(1) for k in order], dim=-1)
+            if isinstance(rdp, list | tuple):
+                rdp = torch.cat([_val(rdp[k]) for k in order], dim=-1)
+            cell = _per_gate(cell, per_gate_input=isinstance(dp, list | tuple))
+            backend = "reference"
+        elif dp is not None:
+            x = x * _val(dp).unsqueeze(1)
         x = x.transpose(0, 1)  # (T, B, I): the engine is time-major
         T, B = x.shape[:2]
         if mask is not None:
@@ -133,9 +161,9 @@ class _EngineLoop:
             lengths = lens.clamp(min=1).cpu()
         hx = tuple(s.unsqueeze(0) for s in initial_state)
         result = engine.run(
-            self.gyre_cell, [[self._gyre_params()]], x, hx, lengths=lengths,
-            drop=None if rdp is None else [[rdp]], zone=self._zone(x, training),
-            training=training, backend=self.gyre_backend,
+            cell, [[self._gyre_params()]], x, hx, lengths=lengths,
+            drop=None if rdp is None else [[_val(rdp)]], zone=self._zone(x, training),
+            training=training, backend=backend,
         )
         out = result.output  # (T, B, O)
         states = [s[0] for s in result.state]
@@ -167,6 +195,73 @@ class _EngineLoop:
         return {"zoneout": list(self.zoneout), "backend": self.gyre_backend}
 
 
+class _PerGate:
+    """Mixin for a gated cell (LSTM, GRU) with one dropout mask per gate, as Keras's
+    ``implementation=1``: with ``per_gate_input`` the input is ``G`` copies side by side
+    ``(..., G*I)``, copy ``g`` masked for gate ``g``; ``drop`` is ``(B, G*H)``, block ``g`` the
+    mask on ``h_{t-1}`` wherever it enters gate ``g``'s recurrent product (None: no mask).
+    Parameters, gate order and the rest of the math are the cell's own."""
+
+    per_gate_input: bool
+
+    def _gate_products(self, v, w, b):
+        """``W_g v_g (+ b_g)`` per gate, from ``v`` ``(..., G*K)`` and ``w`` ``(G*H, K)``."""
+        vs = v.chunk(self.gates, dim=-1)
+        ws = w.chunk(self.gates, dim=0)
+        bs = (None,) * self.gates if b is None else b.chunk(self.gates, dim=-1)
+        return torch.cat([F.linear(vg, wg, bg) for vg, wg, bg in zip(vs, ws, bs, strict=True)],
+                         dim=-1)
+
+    def input_preact(self, x, p):
+        if not self.per_gate_input:
+            return super().input_preact(x, p)
+        bias = None if self.layer_norm else p.get("bias_ih")  # with layer norm: bias after LN
+        return self._gate_products(x, p["weight_ih"], bias)
+
+    def recurrent(self, h, p):
+        """``h``: ``(B, G*H)``, gate g's (masked) copy of ``h_{t-1}`` in block g."""
+        if not self.layer_norm:
+            return self._gate_products(h, p["weight_hh"], p.get("bias_hh"))
+        return _lstm_cells._ln(self._gate_products(h, p["weight_hh"], None), p["ln_hh_weight"],
+                               p.get("bias_hh"))
+
+    def step(self, xp, state, p, drop=None):
+        h = state[0].repeat(1, self.gates)  # (B, G*H)
+        if drop is not None:
+            h = h * drop
+        if getattr(self, "reset_after", True):
+            return self.pointwise(xp, self.recurrent(h, p), state, p)
+        # GRU, reset_after=False: n's product is W_hn (r * h_{t-1} * rdp_n)
+        H = state[0].shape[-1]
+        hr, hz, hn = h.chunk(3, dim=-1)
+        w_r, w_z, w_n = p["weight_hh"].chunk(3, dim=0)
+        b = p.get("bias_hh")
+        b_r, b_z, b_n = (None,) * 3 if b is None else b.split(H)
+        xr, xz, xn = xp.chunk(3, dim=-1)
+        act = _acts.get(self.activation)
+        gate = _acts.get(self.recurrent_activation)
+        r = gate(xr + F.linear(hr, w_r, b_r))
+        z = gate(xz + F.linear(hz, w_z, b_z))
+        n = act(xn + F.linear(r * hn, w_n, b_n))
+        return ((1 - z) * n + z * state[0],)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PerGateLSTM(_PerGate, _cells.LSTM):
+    per_gate_input: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _PerGateGRU(_PerGate, _cells.GRU):
+    per_gate_input: bool = False
+
+
+def _per_gate(cell, per_gate_input: bool):
+    cls = {_cells.LSTM: _PerGateLSTM, _cells.GRU: _PerGateGRU}[type(cell)]
+    fields = {f.name: getattr(cell, f.name) for f in dataclasses.fields(cell)}
+    return cls(**fields, per_gate_input=per_gate_input)
+
+
 def _zeros(b: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(b, requires_grad=False)
 
@@ -183,6 +278,8 @@ class LSTM(_EngineLoop, keras.layers.LSTM):
     ``layer_norm`` (``ln_ih_weight (4H)``, ``ln_hh_weight (4H)``, ``ln_c_weight (H)``,
     ``ln_c_bias (H)``, gates in Keras's order ``i, f, c, o``; see :class:`gyre.cells.LSTM`),
     ``zoneout`` (a rate, or ``(h_rate, c_rate)``) and ``backend``."""
+
+    gate_order = (0, 1, 2, 3)  # Keras's i, f, c, o == torch's i, f, g, o
 
     def __init__(self, units, *args, peephole: bool = False, layer_norm: bool = False,
                  zoneout: float | Sequence[float] = 0.0, backend: str = "auto", **kwargs):
@@ -252,6 +349,8 @@ class GRU(_EngineLoop, keras.layers.GRU):
                                                 initializer="ones")
             self.ln_hh_weight = self.add_weight(shape=(3 * self.units,), name="ln_hh_weight",
                                                 initializer="ones")
+
+    gate_order = (1, 0, 2)  # Keras's z, r, h masks -> torch's r, z, n
 
     def _swap(self, m: torch.Tensor) -> torch.Tensor:
         """Keras's ``z, r, h`` blocks (last dim) in torch's ``r, z, n`` order."""
