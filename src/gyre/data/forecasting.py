@@ -518,8 +518,9 @@ def split_points(lengths, horizon: int, val_fraction: float = 0.0, backtest: int
 
 SCALERS = ("standard", "minmax", "mean", "diff", "none")
 #: value transforms applied before scaling: ``log`` (positive data), ``log1p`` (``log(1 + x)``:
-#: zeros and intermittent counts, values > -1)
-TRANSFORMS = ("none", "log", "log1p")
+#: zeros and intermittent counts, values > -1); ``auto``: ``log`` when every value of every series
+#: given to :meth:`Scaler.fit` is positive, else ``none`` (resolved there and saved as such)
+TRANSFORMS = ("none", "log", "log1p", "auto")
 
 
 @dataclass
@@ -531,7 +532,8 @@ class Scaler:
     absolute one-step change (the MASE denominator with m=1, so an MAE loss on the scaled values
     is a MASE); ``none``: identity. ``value_transform`` is applied first: ``log`` (every value must be
     positive; ``log=True`` is the same), ``log1p`` (``log(1 + x)``, for zeros and intermittent
-    series; values must exceed -1).
+    series; values must exceed -1), ``auto`` (``log`` when every value of every series passed to
+    :meth:`fit` is positive, else ``none``; :meth:`fit` replaces it by what it chose).
     A column constant on the training part gets scale 1, so nothing divides by zero.
     """
 
@@ -573,7 +575,12 @@ class Scaler:
         return x
 
     def fit(self, series, train_ends) -> Scaler:
-        """Fit on ``series[i][:train_ends[i]]`` for each series ``i``."""
+        """Fit on ``series[i][:train_ends[i]]`` for each series ``i`` (``transform="auto"``
+        looks at the signs of the whole series, not at their values' sizes)."""
+        if self.value_transform == "auto":
+            positive = all(bool((np.asarray(s, dtype=np.float64) > 0).all()) for s in series)
+            self.value_transform = "log" if positive else "none"
+            self.log = positive
         locs, scales = [], []
         for s, end in zip(series, train_ends, strict=True):
             part = np.asarray(s[: int(end)], dtype=np.float64)

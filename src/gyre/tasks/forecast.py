@@ -321,8 +321,8 @@ def baseline_forecasts(insamples, horizon: int, season: int, names=BASELINES, le
 
 # -- the model ----------------------------------------------------------------------------------
 
-DISTRIBUTIONS = ("none", "normal", "studentt")
-_DIST_PARAMS = {"normal": 2, "studentt": 3}
+DISTRIBUTIONS = ("none", "normal", "studentt", "negbin")
+_DIST_PARAMS = {"normal": 2, "studentt": 3, "negbin": 2}
 
 
 class Forecaster(nn.Module):
@@ -362,6 +362,11 @@ class Forecaster(nn.Module):
     * ``distribution`` ``normal`` or ``studentt``: ``output`` ``(B, horizon, C_t, P)`` the
       location (residual base added), the scale (softplus, > 0) and for ``studentt`` the degrees
       of freedom (``2 + softplus``, so the variance is finite).
+    * ``distribution="negbin"`` (counts, read unscaled): each window is divided by its level
+      ``v = 1 + mean |x|`` over its input steps (per column) before the recurrence, and
+      ``output`` ``(B, horizon, C_t, 2)`` is the mean ``mu = v softplus(.)`` and the dispersion
+      ``alpha = softplus(.) / sqrt(v)`` (variance ``mu + alpha mu^2``), as DeepAR scales counts;
+      ``residual`` does not apply.
     """
 
     def __init__(self, cell, n_inputs: int, target: list[int], horizon: int, hidden: int = 64,
@@ -429,11 +434,24 @@ class Forecaster(nn.Module):
     # the export hook (gyre.export.onnx), direct strategy: forward is
     # export_head(rnn(*export_pre(x, lengths))[0], x, lengths); lengths (B,) int64, always given.
     # Both use torch ops only (traced into the ONNX graph), no Python branch on tensor values.
+    def _level(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """``(B, n_inputs)``: ``1 + mean |x|`` over each row's input steps (negbin's scale)."""
+        xin = x[:, :, :self.n_inputs]
+        steps = torch.arange(x.shape[1], device=x.device)[None]
+        valid = (steps < lengths[:, None].to(x.device)).to(x.dtype)[..., None]
+        n = lengths.to(x.device, x.dtype).clamp(min=1)[:, None]
+        return 1.0 + (xin.abs() * valid).sum(1) / n
+
     def export_pre(self, x: Tensor, lengths: Tensor):
         """The recurrence's input: ``x``'s first ``n_inputs`` columns (not the series number),
-        relative to its last observed value with ``center`` (known-in-advance columns as they
-        are). Steps after ``lengths`` (the future covariates' horizon) are padding to it."""
+        divided by the window's level for ``negbin``, relative to its last observed value with
+        ``center`` (known-in-advance columns as they are). Steps after ``lengths`` (the future
+        covariates' horizon) are padding to it."""
         xin = x[:, :, :self.n_inputs]
+        if self.distribution == "negbin":
+            v = self._level(x, lengths)
+            div = v * self.center_mask + (1.0 - self.center_mask)  # future columns unscaled
+            xin = xin / div[:, None]
         if not self.center:
             return xin, lengths
         rows = torch.arange(x.shape[0])
@@ -476,6 +494,11 @@ class Forecaster(nn.Module):
             pred = h.view(B, self.horizon, C_t)
             return pred + base if base is not None else pred
         raw = h.view(B, self.horizon, C_t, self.n_params)
+        if self.distribution == "negbin":
+            v = self._level(x, lengths)[:, self.target][:, None]  # (B, 1, C_t)
+            mu = v * nn.functional.softplus(raw[..., 0]) + 1e-4
+            alpha = nn.functional.softplus(raw[..., 1]) / v.sqrt() + 1e-4
+            return torch.stack([mu, alpha], dim=-1)
         if self.quantiles:
             mid = min(range(len(self.quantiles)), key=lambda j: abs(self.quantiles[j] - 0.5))
             center = raw[..., mid:mid + 1]
@@ -580,12 +603,16 @@ def pinball_loss(quantiles):
 
 def nll_loss(distribution: str):
     """``loss(output (B, h, C, P), y)``: the mean negative log-likelihood of the finite targets
-    under the predicted normal or Student-t distributions."""
+    under the predicted normal, Student-t or negative binomial distributions."""
     def loss(output: Tensor, y: Tensor) -> Tensor:
         mask = torch.isfinite(y)
         p = output[mask]
         if distribution == "normal":
             d = torch.distributions.Normal(p[:, 0], p[:, 1])
+        elif distribution == "negbin":  # mean mu, dispersion alpha: r = 1 / alpha
+            r = 1.0 / p[:, 1]
+            d = torch.distributions.NegativeBinomial(r, logits=p[:, 0].log() - r.log(),
+                                                     validate_args=False)
         else:
             d = torch.distributions.StudentT(p[:, 2], p[:, 0], p[:, 1])
         return -d.log_prob(y[mask]).mean()
@@ -603,6 +630,9 @@ def output_quantiles(model: Forecaster, out: np.ndarray, levels) -> np.ndarray:
     lv = np.asarray(levels, np.float64)
     if model.distribution == "normal":
         return out[..., :1] + out[..., 1:2] * stats.norm.ppf(lv)
+    if model.distribution == "negbin":
+        r = 1.0 / out[..., 1:2]
+        return stats.nbinom.ppf(lv, r, r / (r + out[..., :1]))
     return out[..., :1] + out[..., 1:2] * stats.t.ppf(lv, out[..., 2:3])
 
 
@@ -718,11 +748,51 @@ def forecast_windows(model: Forecaster, w: Windows, batch_size: int = 512, run=N
     return torch.cat(outs).numpy().astype(np.float64)
 
 
-def ensemble_forecast(models, w: Windows, levels, run=None):
+def interval_factors(quantiles: np.ndarray, y: np.ndarray, levels) -> list[float]:
+    """Per level, the factor ``s`` by which a quantile's distance from the median is scaled so
+    that, on these forecasts (``quantiles`` ``(N, h, C, Q)`` of targets ``y`` ``(N, h, C)``, in
+    any units), the share of ``y`` beyond it is the level's tail ``a = min(q, 1 - q)``.
+
+    Split-conformal on the ratio ``r = (y - median) / (q - median)`` (``y`` lies beyond the
+    scaled quantile exactly when ``r > s``): ``s`` is the ``ceil((n + 1)(1 - a)) / n`` empirical
+    quantile of ``r`` over the ``n`` finite entries; 1 for the median, and 1 where fewer than 10
+    entries are left (too few to calibrate on)."""
+    lv = [float(q) for q in levels]
+    mid = min(range(len(lv)), key=lambda j: abs(lv[j] - 0.5))
+    q = np.asarray(quantiles, np.float64)
+    y = np.asarray(y, np.float64)
+    med = q[..., mid]
+    out = []
+    for j, level in enumerate(lv):
+        d = q[..., j] - med
+        ok = np.isfinite(y) & (np.abs(d) > 1e-12)
+        n = int(ok.sum())
+        if j == mid or n < 10:
+            out.append(1.0)
+            continue
+        r = (y[ok] - med[ok]) / d[ok]
+        a = min(level, 1.0 - level)
+        rank = min(1.0, math.ceil((n + 1) * (1 - a)) / n)
+        out.append(float(max(np.quantile(r, rank, method="higher"), 1e-3)))
+    return out
+
+
+def calibrated(quantiles: np.ndarray, factors, levels) -> np.ndarray:
+    """``quantiles`` ``(..., Q)`` with each level's distance from the median scaled by its factor
+    (:func:`interval_factors`), sorted again along the levels so they stay increasing."""
+    lv = [float(q) for q in levels]
+    mid = min(range(len(lv)), key=lambda j: abs(lv[j] - 0.5))
+    med = quantiles[..., mid:mid + 1]
+    out = med + (quantiles - med) * np.asarray(factors, np.float64)
+    return np.sort(out, axis=-1)
+
+
+def ensemble_forecast(models, w: Windows, levels, run=None, factors=None):
     """``(point (N, h, C_t), quantiles (N, h, C_t, Q) or None)`` in the scaled space: each
     model's median (or point) forecast and quantiles at ``levels``, averaged over the models
-    (quantile averaging; the members share one scaler). ``run``: what computes the one model's
-    forward (see :func:`forecast_windows`)."""
+    (quantile averaging; the members share one scaler), then scaled about the median by the
+    per-level ``factors`` when given (:func:`calibrated`). ``run``: what computes the one
+    model's forward (see :func:`forecast_windows`)."""
     if run is not None and len(models) != 1:
         raise ValueError(f"run: computes one model's forward; got {len(models)} models")
     points, qs = [], []
@@ -732,6 +802,8 @@ def ensemble_forecast(models, w: Windows, levels, run=None):
         if model.probabilistic:
             qs.append(output_quantiles(model, out, levels))
     q = np.mean(qs, axis=0) if qs else None
+    if q is not None and factors is not None:
+        q = calibrated(q, factors, levels)
     return np.mean(points, axis=0), q
 
 
@@ -803,12 +875,22 @@ class Config(TaskConfig):
         loss: ``mse``, ``mae`` or ``huber`` on the scaled values (point forecasts).
         quantiles: levels to forecast, e.g. ``0.1,0.5,0.9`` (pinball loss, increasing by
             construction; 0.5 is added when missing: it is the point forecast).
-        distribution: ``normal`` or ``studentt``: forecast a distribution (likelihood loss),
-            scored at ``quantiles`` (default 0.1, 0.5, 0.9).
+        distribution: ``normal``, ``studentt`` or ``negbin`` (counts: needs ``scaler="none"``
+            and no transform, the model scales each window by its level itself): forecast a
+            distribution (likelihood loss), scored at ``quantiles`` (default 0.1, 0.5, 0.9).
         backtest: test origins (rolling origin, expanding window, ``horizon`` apart): the test
-            part is the last ``backtest * horizon`` points; the model is trained once before
-            it (each origin forecasts from the actual points before it), every baseline is
-            refitted at every origin.
+            part is the last ``backtest * horizon`` points; every baseline is refitted at every
+            origin on the points before it; the model is trained once before the validation
+            part (each origin forecasts from the actual points before it), or with ``refit``
+            retrained at every origin.
+        refit: retrain the model (every ensemble member, its scaler too) at every test origin
+            on all the points before that origin, for the epochs its validation run chose, and
+            score the test part with these models; the saved model (evaluate, predict, export)
+            stays the one trained before the validation part.
+        calibrate: scale each quantile's distance from the median by the factor that makes the
+            validation origins' share of actuals beyond it nominal (split conformal; saved in
+            ``calibration.json`` and used by evaluate and predict); needs a validation part
+            and a probabilistic model.
         ensemble: train this many seeds (``seed``, ``seed + 1``, ...) and average their
             forecasts and quantiles.
         calendar: feed calendar features of the dates (month, quarter, week, day of week, hour:
@@ -849,6 +931,8 @@ class Config(TaskConfig):
     quantiles: list[str] = field(default_factory=list)
     distribution: str = "none"
     backtest: int = 1
+    refit: bool = False
+    calibrate: bool = True
     ensemble: int = 1
     calendar: bool = True
     future_covariates: list[str] = field(default_factory=list)
@@ -879,6 +963,12 @@ class Config(TaskConfig):
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution: got {self.distribution!r}, expected one of "
                              f"{', '.join(DISTRIBUTIONS)}")
+        if self.distribution == "negbin" and (self.scaler != "none"
+                                              or self.value_transform() != "none"):
+            raise ValueError(f"distribution: negbin models counts on their own scale (each "
+                             f"window is scaled by its level inside the model); got scaler "
+                             f"{self.scaler!r} and transform {self.value_transform()!r}, "
+                             "expected scaler 'none' and transform 'none'")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout: got {self.layout!r}, expected one of {', '.join(LAYOUTS)}")
         self.levels()  # validates quantiles
@@ -997,6 +1087,12 @@ class _Setup:
         self.n_ids = (len(self.train_ids) if config.id_embedding and
                       (len(self.train_ids) > 1) else 0)
         self.levels = config.levels()
+        if config.distribution == "negbin":
+            for sid, x in zip(ss.ids, ss.series, strict=True):
+                if (x[:, list(ss.target)] < 0).any():
+                    raise ValueError(f"distribution: negbin models counts >= 0; series {sid!r} "
+                                     f"of {ss.name} has a negative target value")
+        self.extra_state: dict | None = None  # what train saves in every checkpoint
 
     def extra(self, ss: SeriesSet, future_steps: int = 0):
         """Per series the unscaled columns after the data's: calendar features of its dates
@@ -1065,26 +1161,122 @@ def _load(config: Config, data: str | None = None, future_rows: int = 0) -> Seri
                        future_rows=future_rows)
 
 
-def _scored(setup: _Setup, models, scaler: Scaler, w: Windows, levels=()):
-    """Forecasts of the windows on the original scale (one per series and origin ``w.start``),
-    their quantiles (or None), actuals, in-samples (everything before each origin) and the
-    metrics (plus the probabilistic ones for a probabilistic model)."""
-    ss = setup.ss
-    z, zq = ensemble_forecast(models, w, levels)
-    cols = list(ss.target)
+def _original(setup: _Setup, models, scaler: Scaler, w: Windows, levels=(), factors=None):
+    """``(forecasts, quantiles or None)`` of the windows on the original scale, one per window
+    (series ``w.series``, origin ``w.start``)."""
+    z, zq = ensemble_forecast(models, w, levels, factors=factors)
+    cols = list(setup.ss.target)
     pos = [models[0].target.index(c) for c in cols]
-    forecasts, quantiles, actuals, insamples = [], [], [], []
+    forecasts = [scaler.inverse(z[k][:, pos], i, cols) for k, i in enumerate(w.series)]
+    quantiles = (None if zq is None else
+                 [scaler.inverse(zq[k][:, pos], i, cols) for k, i in enumerate(w.series)])
+    return forecasts, quantiles
+
+
+def _score_windows(setup: _Setup, w: Windows, forecasts, quantiles, levels=()):
+    """``(actuals, in-samples (everything before each origin), metrics)`` of forecasts of the
+    windows (plus the probabilistic metrics when ``quantiles`` is not None)."""
+    ss, cols = setup.ss, list(setup.ss.target)
+    actuals, insamples = [], []
     for k, i in enumerate(w.series):
         t = int(w.start[k])
-        forecasts.append(scaler.inverse(z[k][:, pos], i, cols))
-        if zq is not None:
-            quantiles.append(scaler.inverse(zq[k][:, pos], i, cols))
         actuals.append(ss.series[i][t:t + setup.horizon][:, cols])
         insamples.append(ss.series[i][:t][:, cols])
     metrics = score(actuals, forecasts, insamples, setup.season)
-    if zq is not None:
+    if quantiles is not None:
         metrics.update(prob_score(actuals, quantiles, insamples, setup.season, levels))
-    return forecasts, (quantiles if zq is not None else None), actuals, insamples, metrics
+    return actuals, insamples, metrics
+
+
+def _scored(setup: _Setup, models, scaler: Scaler, w: Windows, levels=(), factors=None):
+    """Forecasts of the windows on the original scale (one per series and origin ``w.start``),
+    their quantiles (or None), actuals, in-samples (everything before each origin) and the
+    metrics (plus the probabilistic ones for a probabilistic model)."""
+    forecasts, quantiles = _original(setup, models, scaler, w, levels, factors)
+    actuals, insamples, metrics = _score_windows(setup, w, forecasts, quantiles, levels)
+    return forecasts, quantiles, actuals, insamples, metrics
+
+
+def _calibration(out: Path):
+    """The saved per-level interval factors of a run (None: not calibrated)."""
+    path = Path(out) / "calibration.json"
+    if not path.is_file():
+        return None
+    import json
+    return json.loads(path.read_text())["factors"]
+
+
+def _fit_members(config: Config, setup: _Setup, train_data, val_data, epochs=None, *,
+                 out: Path | None = None, resume: bool = False):
+    """Train ``config.ensemble`` members (seeds ``seed``, ``seed + 1``, ...): with ``out``
+    each in its member directory with checkpoints (member 0 writing config.toml at its start);
+    without, in memory for ``epochs[k]`` epochs each, no validation. Returns ``(models, fits)``,
+    or None when training was interrupted."""
+    from ..train import Trainer, seed_everything
+
+    models, fits = [], []
+    for k in range(config.ensemble):
+        seed = config.seed + k
+        seed_everything(seed)
+        model = setup.model(config)
+        if out is None:
+            tconf = config.train_config(seed=seed, epochs=max(1, int(epochs[k])), patience=0,
+                                        progress=False, tensorboard=False)
+            trainer = Trainer(model, setup.loss(config), tconf, collate=collate)
+            fit = trainer.fit(train_data, None)
+        else:
+            tconf = config.train_config(seed=seed, **({} if val_data is not None
+                                                     else {"patience": 0}))
+            member = _member_dir(out, k)
+            member.mkdir(parents=True, exist_ok=True)
+            # member 0's start writes config.toml (a resumed run: once its checkpoint was checked)
+            trainer = Trainer(model, setup.loss(config), tconf, collate=collate,
+                              out_dir=member, extra=setup.extra_state,
+                              callback=base.config_writer(config, out) if k == 0 else None)
+            again = resume and (k == 0 or trainer.checkpoint_path.is_file())
+            fit = trainer.fit(train_data, val_data, resume=again)
+        if fit["interrupted"]:
+            return None
+        models.append(trainer.model)
+        fits.append(fit)
+    return models, fits
+
+
+def refit_forecasts(config: Config, setup: _Setup, test_w: Windows, test_start, epochs,
+                    transform: str, factors=None):
+    """Forecasts of the test windows (``(forecasts, quantiles or None)``, original scale, in
+    ``test_w``'s order) from models retrained at each origin: for the ``k``-th origin of every
+    series, a scaler fitted on and a fresh ensemble trained for ``epochs[m]`` epochs on the
+    points before it (targets before it; nothing at or after the origin is read), which then
+    forecast from it."""
+    ss, h = setup.ss, setup.horizon
+    done = {}
+    for k in range(setup.backtest):
+        ends = np.asarray(test_start) + k * h
+        scaler = Scaler(config.scaler, value_transform=transform)
+        scaler.fit(ss.series, ends)
+        scaled = [scaler.transform(s[:e + h], i) for i, (s, e) in enumerate(zip(ss.series, ends,
+                                                                            strict=True))]
+        extra = setup.extra(ss)
+        if extra is not None:
+            scaled = [np.concatenate([z, e[:len(z)]], axis=1) for z, e in zip(scaled, extra,
+                                                                              strict=True)]
+        # the targets at and after the origin are not read: NaN there fails loudly if they were
+        cut = [np.where(np.arange(len(z))[:, None] >= e, np.nan, z) for z, e in zip(scaled, ends,
+                                                                                    strict=True)]
+        tr = make_windows(cut, setup.lookback, h, [(0, int(e)) for e in ends], target=ss.target,
+                          min_lookback=setup.min_lookback)
+        te = make_windows(scaled, setup.lookback, h, [(int(e), int(e) + h) for e in ends],
+                          target=ss.target, min_lookback=1)
+        models, _ = _fit_members(config, setup, WindowData(tr, config.strategy, teacher=True,
+                                                          future=setup.future), None, epochs)
+        f, q = _original(setup, models, scaler, te, setup.levels, factors)
+        for j, i in enumerate(te.series):
+            done[(int(i), int(te.start[j]))] = (f[j], None if q is None else q[j])
+    keys = [(int(i), int(t)) for i, t in zip(test_w.series, test_w.start, strict=True)]
+    forecasts = [done[key][0] for key in keys]
+    quantiles = None if setup.levels == [] else [done[key][1] for key in keys]
+    return forecasts, quantiles
 
 
 def _jsonable(d):
@@ -1105,8 +1297,6 @@ def train(config: Config, *, resume: bool = False) -> dict:
     in ``member-1``, ``member-2``... below it)."""
     import time
 
-    from ..train import Trainer, seed_everything
-
     if not isinstance(config, Config):
         raise TypeError(f"config: got {type(config).__name__}, expected forecast.Config")
     ss = _load(config)
@@ -1124,43 +1314,42 @@ def train(config: Config, *, resume: bool = False) -> dict:
                          f"min_lookback, horizon or val_fraction")
     out = base.resolve_out(config, "forecast")
     has_val = val_w is not None and len(val_w) > 0
-    extra = {"scaler": scaler.state(), "data": ss.name, **setup.saved()}
+    setup.extra_state = {"scaler": scaler.state(), "data": ss.name, **setup.saved()}
     train_data = WindowData(train_w, config.strategy, teacher=True, future=setup.future)
     val_data = (WindowData(val_w, config.strategy, teacher=False, future=setup.future)
                 if has_val else None)
-    models, fits = [], []
     t0 = time.perf_counter()
-    for k in range(config.ensemble):
-        seed = config.seed + k
-        seed_everything(seed)
-        model = setup.model(config)
-        tconf = config.train_config(seed=seed, **({} if has_val else {"patience": 0}))
-        member = _member_dir(out, k)
-        member.mkdir(parents=True, exist_ok=True)
-        # member 0's start writes config.toml (a resumed run: once its checkpoint was checked)
-        trainer = Trainer(model, setup.loss(config), tconf, collate=collate, out_dir=member,
-                          extra=extra,
-                          callback=base.config_writer(config, out) if k == 0 else None)
-        again = resume and (k == 0 or trainer.checkpoint_path.is_file())
-        fit = trainer.fit(train_data, val_data, resume=again)
-        if fit["interrupted"]:
-            return {"interrupted": True, "out": str(out)}
-        models.append(trainer.model)
-        fits.append(fit)
-    seconds = time.perf_counter() - t0
+    fitted = _fit_members(config, setup, train_data, val_data, out=out, resume=resume)
+    if fitted is None:
+        return {"interrupted": True, "out": str(out)}
+    models, fits = fitted
     if base.other_rank(out) is not None:
         return base.other_rank(out)
     levels = setup.levels or DEFAULT_LEVELS
-    forecasts, quantiles, actuals, insamples, test = _scored(setup, models, scaler, test_w,
-                                                              setup.levels)
-    validation = None
+    validation, factors = None, None
     if has_val:
         # forecasts from the validation part's origins, horizon apart (counted back from its
         # end): comparable across configurations, for choosing one without the test part
         val_origins = make_windows(scaled, setup.lookback, setup.horizon,
                                    list(zip(val_start, test_start, strict=True)),
                                    target=ss.target, min_lookback=1, stride=setup.horizon)
-        validation = _scored(setup, models, scaler, val_origins, setup.levels)[4]
+        if config.calibrate and setup.levels:
+            _, vq = ensemble_forecast(models, val_origins, setup.levels)
+            factors = interval_factors(vq, val_origins.y, setup.levels)
+        validation = _scored(setup, models, scaler, val_origins, setup.levels, factors)[4]
+    calibration = out / "calibration.json"
+    if factors is not None:
+        base.write_json({"levels": setup.levels, "factors": factors}, calibration)
+    elif calibration.is_file():
+        calibration.unlink()
+    if config.refit:
+        forecasts, quantiles = refit_forecasts(config, setup, test_w, test_start,
+                                               [f["best_epoch"] or f["epochs_run"] for f in fits],
+                                               scaler.value_transform, factors)
+    else:
+        forecasts, quantiles = _original(setup, models, scaler, test_w, setup.levels, factors)
+    seconds = time.perf_counter() - t0
+    actuals, insamples, test = _score_windows(setup, test_w, forecasts, quantiles, setup.levels)
     names = [b for b in config.baselines if b != "none"]
     bl = baseline_forecasts(insamples, setup.horizon, setup.season, names, levels=levels)
     baselines = {}
@@ -1179,10 +1368,13 @@ def train(config: Config, *, resume: bool = False) -> dict:
                   "train_windows": len(train_w), "val_windows": len(val_w) if has_val else 0,
                   "series": len(ss.series), "horizon": setup.horizon, "season": setup.season,
                   "frequency": ss.freq or "unknown", "lookback": setup.lookback,
+                  "transform": scaler.value_transform,
                   "test_origins": setup.backtest, "test_forecasts": len(test_w),
+                  "refit": config.refit,
                   "val_origins": len(val_origins) if has_val else 0,
                   "ensemble": config.ensemble,
                   "best_epochs": [f["best_epoch"] for f in fits],
+                  "interval_factors": factors,
                   "parameters": sum(p.numel() for p in models[0].parameters())},
         "note": "; ".join([n for n in [ss.note, *setup.notes] if n]),
     }
@@ -1245,19 +1437,28 @@ def _check_columns(setup: _Setup, ckpt: dict, data: str, name: str = "data") -> 
 def evaluate(out_dir, data: str | None = None) -> dict:
     """The test metrics of the run in ``out_dir`` (its own data, or ``data``: the test part is
     the last ``backtest * horizon`` points of each series there; the run's scaler is kept for
-    its own data, refitted on the new data's training part otherwise)."""
+    its own data, refitted on the new data's training part otherwise). The saved model is
+    scored: the one trained before the validation part (a ``refit`` run's per-origin models
+    are not kept, so its metrics.json test figures can differ)."""
     config, ckpts = _rebuild(out_dir)
     ss = _load(config, data)
     setup = _Setup(config, ss, saved=_saved(ckpts[0]))
     _check_columns(setup, ckpts[0], data or config.data)
     models = [_restored_model(config, setup, c) for c in ckpts]
-    scaler = Scaler(config.scaler, value_transform=config.value_transform())
+    scaler = _fresh_scaler(config, ckpts[0])
     _, _, _, test_w, _, _ = prepare(ss, setup.horizon, setup.lookback, setup.min_lookback,
                                     scaler, setup.val_fraction, setup.backtest, setup.extra(ss))
     if data is None:
         scaler = Scaler.from_state(ckpts[0]["extra"]["scaler"])
-    *_, test = _scored(setup, models, scaler, test_w, setup.levels)
+    *_, test = _scored(setup, models, scaler, test_w, setup.levels, _calibration(out_dir))
     return {"test": _jsonable(test)}
+
+
+def _fresh_scaler(config: Config, ckpt: dict) -> Scaler:
+    """An unfitted scaler of the run's kind with the value transform the run used (what
+    ``transform="auto"`` chose on its own data, not chosen again on new data)."""
+    saved = Scaler.from_state(ckpt["extra"]["scaler"])
+    return Scaler(config.scaler, value_transform=saved.value_transform)
 
 
 def load_run(out_dir) -> tuple[Config, Forecaster, dict]:
@@ -1333,8 +1534,7 @@ def predict(out_dir, data_path: str | None = None, *, runtime: str = "torch") ->
     if data_path is None:
         scaler = Scaler.from_state(ckpts[0]["extra"]["scaler"])
     else:
-        scaler = Scaler(config.scaler, value_transform=config.value_transform()).fit(
-            ss.series, ss.lengths)
+        scaler = _fresh_scaler(config, ckpts[0]).fit(ss.series, ss.lengths)
     padded = []
     for i, s in enumerate(ss.series):
         fut = np.zeros((h, ss.num_columns))
@@ -1353,7 +1553,7 @@ def predict(out_dir, data_path: str | None = None, *, runtime: str = "torch") ->
         padded = [np.concatenate([z, e], axis=1) for z, e in zip(padded, extra, strict=True)]
     w = make_windows(padded, setup.lookback, h, [(len(s), len(s) + h) for s in ss.series],
                      target=models[0].target, min_lookback=1)
-    z, zq = ensemble_forecast(models, w, setup.levels, run=run)
+    z, zq = ensemble_forecast(models, w, setup.levels, run=run, factors=_calibration(out_dir))
     rows = []
     for k, i in enumerate(w.series):
         pos = [models[0].target.index(c) for c in ss.target]
@@ -1391,7 +1591,7 @@ def explain_inputs(out_dir, data: str | None = None, samples: int = 8):
     setup = _Setup(config, ss, saved=_saved(ckpts[0]))
     _check_columns(setup, ckpts[0], data or config.data)
     model = _restored_model(config, setup, ckpts[0])
-    scaler = Scaler(config.scaler, value_transform=config.value_transform())
+    scaler = _fresh_scaler(config, ckpts[0])
     *_, test_w, _, _ = prepare(ss, setup.horizon, setup.lookback, setup.min_lookback, scaler,
                                setup.val_fraction, setup.backtest, setup.extra(ss))
     wd = WindowData(test_w, "direct", teacher=False, future=setup.future)
