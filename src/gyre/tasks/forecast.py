@@ -528,20 +528,32 @@ class Forecaster(nn.Module):
         return self.season if self.residual == "seasonal" else 1
 
     def stream_unsupported(self) -> str | None:
-        """Why this model cannot be served step by step (None: it can)."""
+        """Why this model cannot be served step by step (None: it can): every reason at once,
+        with the training options that avoid them (a default run has ``center`` and
+        ``calendar`` on, so it is refused for both)."""
         if self.strategy != "direct":
             return "strategy='recursive' is not served; train with strategy='direct'"
+        why, flags = [], []
         if self.center:
-            return ("center=True reads every step relative to the last one, so each new step "
-                    "changes all earlier inputs; serve a run trained with center=False")
+            why.append("center=True reads every step relative to the last one, so each new "
+                       "step changes all earlier inputs")
+            flags.append("--no-center")
         if self.future:
-            return ("the head reads covariates of the forecast steps (calendar features or "
-                    "future_covariates), which a stream of past steps does not carry; serve a "
-                    "run trained with calendar=False and no future_covariates")
+            why.append("the head reads covariates of the forecast steps (calendar features or "
+                       "future_covariates), which a stream of past steps does not carry")
+            flags.append("--no-calendar and no --future-covariates")
         if self.n_ids:
-            return ("id_embedding reads the series number as a column the recurrence does not "
-                    "take, which a stream's steps do not carry; serve a run without id_embedding")
-        return None
+            why.append("id_embedding reads the series number as a column the recurrence does "
+                       "not take, which a stream's steps do not carry")
+            flags.append("--id-embedding 0")
+        if self.distribution == "negbin":
+            why.append("negbin scales each window by its level over all its steps, which "
+                       "changes with every new step")
+            flags.append("no --distribution negbin")
+        if not why:
+            return None
+        return ("; ".join(why) + "; serve a run trained with " + ", ".join(flags)
+                + " (gyre predict forecasts any run)")
 
     def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
         B, T, _ = x.shape
@@ -748,50 +760,48 @@ def forecast_windows(model: Forecaster, w: Windows, batch_size: int = 512, run=N
     return torch.cat(outs).numpy().astype(np.float64)
 
 
-def interval_factors(quantiles: np.ndarray, y: np.ndarray, levels) -> list[float]:
-    """Per level, the factor ``s`` by which a quantile's distance from the median is scaled so
-    that, on these forecasts (``quantiles`` ``(N, h, C, Q)`` of targets ``y`` ``(N, h, C)``, in
-    any units), the share of ``y`` beyond it is the level's tail ``a = min(q, 1 - q)``.
+def interval_offsets(quantiles: np.ndarray, y: np.ndarray, levels) -> list[float]:
+    """Per level, how far to move that quantile outwards (negative: inwards) so that, on these
+    forecasts (``quantiles`` ``(N, h, C, Q)`` of targets ``y`` ``(N, h, C)``, in the model's
+    scaled units), the share of ``y`` beyond it is the level's tail ``a = min(q, 1 - q)``.
 
-    Split-conformal on the ratio ``r = (y - median) / (q - median)`` (``y`` lies beyond the
-    scaled quantile exactly when ``r > s``): ``s`` is the ``ceil((n + 1)(1 - a)) / n`` empirical
-    quantile of ``r`` over the ``n`` finite entries; 1 for the median, and 1 where fewer than 10
-    entries are left (too few to calibrate on)."""
+    Conformalized quantile regression (Romano et al. 2019), one level at a time: with the
+    exceedance ``e = y - q`` above the median (``q - y`` below), the offset is the ``1 - a``
+    empirical quantile of ``e`` over the ``n`` finite entries (not the conservative
+    ``(n + 1)``-corrected rank: the aim is nominal coverage, not a lower bound on it); 0 for the
+    median, and 0 where fewer than 50 entries are given (too few to calibrate on)."""
     lv = [float(q) for q in levels]
     mid = min(range(len(lv)), key=lambda j: abs(lv[j] - 0.5))
     q = np.asarray(quantiles, np.float64)
     y = np.asarray(y, np.float64)
-    med = q[..., mid]
     out = []
     for j, level in enumerate(lv):
-        d = q[..., j] - med
-        ok = np.isfinite(y) & (np.abs(d) > 1e-12)
+        ok = np.isfinite(y)
         n = int(ok.sum())
-        if j == mid or n < 10:
-            out.append(1.0)
+        if j == mid or n < 50:
+            out.append(0.0)
             continue
-        r = (y[ok] - med[ok]) / d[ok]
+        e = (y - q[..., j]) if j > mid else (q[..., j] - y)
         a = min(level, 1.0 - level)
-        rank = min(1.0, math.ceil((n + 1) * (1 - a)) / n)
-        out.append(float(max(np.quantile(r, rank, method="higher"), 1e-3)))
+        out.append(float(np.quantile(e[ok], 1.0 - a)))
     return out
 
 
-def calibrated(quantiles: np.ndarray, factors, levels) -> np.ndarray:
-    """``quantiles`` ``(..., Q)`` with each level's distance from the median scaled by its factor
-    (:func:`interval_factors`), sorted again along the levels so they stay increasing."""
+def calibrated(quantiles: np.ndarray, offsets, levels) -> np.ndarray:
+    """``quantiles`` ``(..., Q)`` with each level moved outwards by its offset
+    (:func:`interval_offsets`: up above the median, down below it), sorted again along the
+    levels so they stay increasing."""
     lv = [float(q) for q in levels]
     mid = min(range(len(lv)), key=lambda j: abs(lv[j] - 0.5))
-    med = quantiles[..., mid:mid + 1]
-    out = med + (quantiles - med) * np.asarray(factors, np.float64)
-    return np.sort(out, axis=-1)
+    side = np.array([-1.0 if j < mid else (1.0 if j > mid else 0.0) for j in range(len(lv))])
+    return np.sort(quantiles + side * np.asarray(offsets, np.float64), axis=-1)
 
 
 def ensemble_forecast(models, w: Windows, levels, run=None, factors=None):
     """``(point (N, h, C_t), quantiles (N, h, C_t, Q) or None)`` in the scaled space: each
     model's median (or point) forecast and quantiles at ``levels``, averaged over the models
-    (quantile averaging; the members share one scaler), then scaled about the median by the
-    per-level ``factors`` when given (:func:`calibrated`). ``run``: what computes the one
+    (quantile averaging; the members share one scaler), then moved by the per-level
+    ``factors`` (offsets, :func:`calibrated`) when given. ``run``: what computes the one
     model's forward (see :func:`forecast_windows`)."""
     if run is not None and len(models) != 1:
         raise ValueError(f"run: computes one model's forward; got {len(models)} models")
@@ -804,6 +814,8 @@ def ensemble_forecast(models, w: Windows, levels, run=None, factors=None):
     q = np.mean(qs, axis=0) if qs else None
     if q is not None and factors is not None:
         q = calibrated(q, factors, levels)
+        if models[0].distribution == "negbin":
+            q = np.maximum(q, 0.0)  # counts
     return np.mean(points, axis=0), q
 
 
@@ -868,7 +880,8 @@ class Config(TaskConfig):
         center: the recurrent stack reads each window relative to its last observed value.
         scaler: ``standard``, ``minmax``, ``mean``, ``diff`` (mean absolute one-step change) or
             ``none``, per series and column, fitted on the training part only.
-        transform: ``none``, ``log`` (positive data) or ``log1p`` (zeros, counts) before
+        transform: ``none``, ``log`` (positive data), ``log1p`` (zeros, counts) or ``auto``
+            (``log`` when every value of every series is positive, else ``none``) before
             scaling.
         log: take logs of the data before scaling (positive data only); the same as
             ``transform="log"``.
@@ -887,10 +900,10 @@ class Config(TaskConfig):
             on all the points before that origin, for the epochs its validation run chose, and
             score the test part with these models; the saved model (evaluate, predict, export)
             stays the one trained before the validation part.
-        calibrate: scale each quantile's distance from the median by the factor that makes the
-            validation origins' share of actuals beyond it nominal (split conformal; saved in
-            ``calibration.json`` and used by evaluate and predict); needs a validation part
-            and a probabilistic model.
+        calibrate: move each quantile (in the scaled units) by the offset that makes the
+            validation origins' share of actuals beyond it nominal (conformalized quantile
+            regression; saved in ``calibration.json`` and used by evaluate and predict); needs
+            a validation part and a probabilistic model.
         ensemble: train this many seeds (``seed``, ``seed + 1``, ...) and average their
             forecasts and quantiles.
         calendar: feed calendar features of the dates (month, quarter, week, day of week, hour:
@@ -1198,12 +1211,12 @@ def _scored(setup: _Setup, models, scaler: Scaler, w: Windows, levels=(), factor
 
 
 def _calibration(out: Path):
-    """The saved per-level interval factors of a run (None: not calibrated)."""
+    """The saved per-level interval offsets of a run (None: not calibrated)."""
     path = Path(out) / "calibration.json"
     if not path.is_file():
         return None
     import json
-    return json.loads(path.read_text())["factors"]
+    return json.loads(path.read_text())["offsets"]
 
 
 def _fit_members(config: Config, setup: _Setup, train_data, val_data, epochs=None, *,
@@ -1335,11 +1348,11 @@ def train(config: Config, *, resume: bool = False) -> dict:
                                    target=ss.target, min_lookback=1, stride=setup.horizon)
         if config.calibrate and setup.levels:
             _, vq = ensemble_forecast(models, val_origins, setup.levels)
-            factors = interval_factors(vq, val_origins.y, setup.levels)
+            factors = interval_offsets(vq, val_origins.y, setup.levels)
         validation = _scored(setup, models, scaler, val_origins, setup.levels, factors)[4]
     calibration = out / "calibration.json"
     if factors is not None:
-        base.write_json({"levels": setup.levels, "factors": factors}, calibration)
+        base.write_json({"levels": setup.levels, "offsets": factors}, calibration)
     elif calibration.is_file():
         calibration.unlink()
     if config.refit:
@@ -1374,7 +1387,7 @@ def train(config: Config, *, resume: bool = False) -> dict:
                   "val_origins": len(val_origins) if has_val else 0,
                   "ensemble": config.ensemble,
                   "best_epochs": [f["best_epoch"] for f in fits],
-                  "interval_factors": factors,
+                  "interval_offsets": factors,
                   "parameters": sum(p.numel() for p in models[0].parameters())},
         "note": "; ".join([n for n in [ss.note, *setup.notes] if n]),
     }
