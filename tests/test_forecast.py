@@ -342,6 +342,9 @@ def test_aeon_csvs_load_as_shipped():
     longley = load_series(_aeon_csv("Longley"))  # "Obs" numbers the rows; YEAR the dates
     assert "Obs" not in longley.columns and "YEAR" not in longley.columns
     assert longley.freq == "yearly"
+    us = load_series(_aeon_csv("Uschange"))  # a pandas index column, quarters as "1970 Q1"
+    assert us.freq == "quarterly" and us.series[0].shape == (187, 5)
+    assert str(us.index[0][1])[:10] == "1970-04-01"
     # a 36-point monthly series: no validation part fits, a shorter lookback does (said so)
     setup = F._Setup(F.Config(data="x"), shampoo)
     assert setup.val_fraction == 0 and setup.lookback == 6 and len(setup.notes) == 2
@@ -590,7 +593,7 @@ def test_negbin_likelihood_quantiles_and_run(tmp_path):
                      stats.nbinom.logpmf(0, r[1].item(), r[1].item() / (r[1].item() + 0.7))])
     assert got.item() == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match="negbin models counts on their own scale"):
-        F.Config(distribution="negbin")
+        F.Config(distribution="negbin", transform="log1p")
     rng = np.random.default_rng(0)
     n = 120
     lam = 2 + 1.5 * np.sin(2 * np.pi * np.arange(n) / 12)
@@ -600,7 +603,7 @@ def test_negbin_likelihood_quantiles_and_run(tmp_path):
     p.write_text("month,sales\n" + "".join(f"{d[:10]},{v}\n" for d, v in zip(
         pd_dates("2000-01-01", n, "MS"), counts, strict=True)))
     m = F.train(F.Config(data=str(p), out=str(tmp_path / "nb"), distribution="negbin",
-                         scaler="none", hidden=4, epochs=3, batch_size=64, horizon=6,
+                         hidden=4, epochs=3, batch_size=64, horizon=6,
                          baselines=["naive"], progress=False, tensorboard=False, device="cpu"))
     assert 0 <= m["test"]["coverage_80"] <= 1 and np.isfinite(m["test"]["scaled_crps"])
     rows = F.predict(tmp_path / "nb")
@@ -609,7 +612,7 @@ def test_negbin_likelihood_quantiles_and_run(tmp_path):
     neg = tmp_path / "neg.csv"
     neg.write_text(p.read_text().replace(f",{counts[5]}\n", ",-1\n", 1))
     with pytest.raises(ValueError, match="negbin models counts >= 0"):
-        F.train(F.Config(data=str(neg), distribution="negbin", scaler="none", progress=False))
+        F.train(F.Config(data=str(neg), distribution="negbin", progress=False))
 
 
 def test_predict_reads_future_covariates_from_the_csv(tmp_path):

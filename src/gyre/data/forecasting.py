@@ -178,6 +178,7 @@ ID_NAMES = ("unique_id", "series_id", "item_id", "series")
 
 _DATE_NAME = re.compile(r"^(ds|dates?|datetime\w*|time(stamp)?|period|month|quarter|week|day|"
                         r"year|years|yr)$", re.IGNORECASE)
+_QUARTER = re.compile(r"^(\d{4})\s*[-/ ]?\s*[Qq]([1-4])$")
 _INDEX_NAME = re.compile(r"^(|unnamed: ?0|index|obs|row|#)$", re.IGNORECASE)
 
 
@@ -221,9 +222,15 @@ def _as_dates(col: pd.Series, name: str):
     if not pd.api.types.is_numeric_dtype(col):
         if col.isna().any():
             return None
+        text = col.astype(str).str.strip()
+        quarters = text.str.extract(_QUARTER)
+        if quarters.notna().all().all():  # 1970 Q1, 1970-Q1, 1970q1: what pandas does not parse
+            return pd.Series(pd.PeriodIndex.from_fields(
+                year=quarters[0].astype(int).to_numpy(),
+                quarter=quarters[1].astype(int).to_numpy(), freq="Q").to_timestamp())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            parsed = pd.to_datetime(col.astype(str), errors="coerce", format="mixed")
+            parsed = pd.to_datetime(text, errors="coerce", format="mixed")
         if not parsed.notna().all():
             return None
         if getattr(parsed.dt, "tz", None) is not None:

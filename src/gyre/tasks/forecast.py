@@ -888,9 +888,10 @@ class Config(TaskConfig):
         loss: ``mse``, ``mae`` or ``huber`` on the scaled values (point forecasts).
         quantiles: levels to forecast, e.g. ``0.1,0.5,0.9`` (pinball loss, increasing by
             construction; 0.5 is added when missing: it is the point forecast).
-        distribution: ``normal``, ``studentt`` or ``negbin`` (counts: needs ``scaler="none"``
-            and no transform, the model scales each window by its level itself): forecast a
-            distribution (likelihood loss), scored at ``quantiles`` (default 0.1, 0.5, 0.9).
+        distribution: ``normal``, ``studentt`` or ``negbin`` (counts >= 0, read as they
+            are: ``scaler`` does not apply and ``transform`` must be ``none`` or ``auto``; the
+            model scales each window by its level itself): forecast a distribution
+            (likelihood loss), scored at ``quantiles`` (default 0.1, 0.5, 0.9).
         backtest: test origins (rolling origin, expanding window, ``horizon`` apart): the test
             part is the last ``backtest * horizon`` points; every baseline is refitted at every
             origin on the points before it; the model is trained once before the validation
@@ -976,12 +977,10 @@ class Config(TaskConfig):
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution: got {self.distribution!r}, expected one of "
                              f"{', '.join(DISTRIBUTIONS)}")
-        if self.distribution == "negbin" and (self.scaler != "none"
-                                              or self.value_transform() != "none"):
+        if self.distribution == "negbin" and self.value_transform() not in ("none", "auto"):
             raise ValueError(f"distribution: negbin models counts on their own scale (each "
-                             f"window is scaled by its level inside the model); got scaler "
-                             f"{self.scaler!r} and transform {self.value_transform()!r}, "
-                             "expected scaler 'none' and transform 'none'")
+                             f"window is scaled by its level inside the model); got transform "
+                             f"{self.value_transform()!r}, expected 'none' (or 'auto')")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout: got {self.layout!r}, expected one of {', '.join(LAYOUTS)}")
         self.levels()  # validates quantiles
@@ -1012,6 +1011,13 @@ class Config(TaskConfig):
 
     def value_transform(self) -> str:
         return "log" if self.log else self.transform
+
+    def data_scaler(self) -> Scaler:
+        """The unfitted per-series scaler (negbin reads counts as they are: none, no
+        transform)."""
+        if self.distribution == "negbin":
+            return Scaler("none")
+        return Scaler(self.scaler, value_transform=self.value_transform())
 
     def levels(self) -> list[float]:
         """The quantile levels forecast (sorted, 0.5 included); the default 0.1, 0.5, 0.9 for a
@@ -1266,7 +1272,7 @@ def refit_forecasts(config: Config, setup: _Setup, test_w: Windows, test_start, 
     done = {}
     for k in range(setup.backtest):
         ends = np.asarray(test_start) + k * h
-        scaler = Scaler(config.scaler, value_transform=transform)
+        scaler = Scaler(config.data_scaler().kind, value_transform=transform)
         scaler.fit(ss.series, ends)
         scaled = [scaler.transform(s[:e + h], i) for i, (s, e) in enumerate(zip(ss.series, ends,
                                                                             strict=True))]
@@ -1316,7 +1322,7 @@ def train(config: Config, *, resume: bool = False) -> dict:
     setup = _Setup(config, ss)
     if resume:
         base.check_resume(config, config.out)
-    scaler = Scaler(config.scaler, value_transform=config.value_transform())
+    scaler = config.data_scaler()
     scaled, train_w, val_w, test_w, val_start, test_start = prepare(
         ss, setup.horizon, setup.lookback, setup.min_lookback, scaler, setup.val_fraction,
         setup.backtest, setup.extra(ss))
@@ -1471,7 +1477,7 @@ def _fresh_scaler(config: Config, ckpt: dict) -> Scaler:
     """An unfitted scaler of the run's kind with the value transform the run used (what
     ``transform="auto"`` chose on its own data, not chosen again on new data)."""
     saved = Scaler.from_state(ckpt["extra"]["scaler"])
-    return Scaler(config.scaler, value_transform=saved.value_transform)
+    return Scaler(saved.kind, value_transform=saved.value_transform)
 
 
 def load_run(out_dir) -> tuple[Config, Forecaster, dict]:
