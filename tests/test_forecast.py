@@ -213,7 +213,7 @@ def test_datasets_load_offline():
 
 def test_airline_training_beats_last_value(tmp_path):
     cfg = F.Config(data="airline", out=str(tmp_path / "run"), hidden=32, epochs=40,
-                   val_fraction=0.0, log=True, baselines=["naive"], progress=False,
+                   val_fraction=0.0, log=True, ensemble=1, refit=False, baselines=["naive"], progress=False,
                    tensorboard=False, device="cpu", seed=0)
     m = F.train(cfg)
     naive = m["baselines"]["naive"]
@@ -234,8 +234,8 @@ def test_validation_score_is_the_test_score_of_the_series_cut_before_its_test_pa
     validation part of exactly ``horizon`` points and no fitted scaling, it equals what ``evaluate``
     (a separate path: the last ``horizon`` points as test) scores on the series cut there."""
     cfg = F.Config(data="airline", out=str(tmp_path / "run"), hidden=8, epochs=3, patience=0,
-                   val_fraction=0.05, scaler="none", log=True, baselines=["naive"],
-                   progress=False, tensorboard=False, device="cpu", seed=0)
+                   val_fraction=0.05, scaler="none", log=True, quantiles=["none"], ensemble=1,
+                   baselines=["naive"], progress=False, tensorboard=False, device="cpu", seed=0)
     m = F.train(cfg)
     air = load_series("airline").series[0][:, 0]
     cut = tmp_path / "airline_to_1958.csv"  # validation: the 12 months before the test year
@@ -254,6 +254,7 @@ def test_multivariate_recursive_and_cli(tmp_path):
 
     out = tmp_path / "us"
     rc = main(["train", "forecast", "--data", "uschange", "--strategy", "recursive",
+               "--ensemble", "1", "--no-refit",
                "--epochs", "2", "--hidden", "8", "--baselines", "naive,seasonal_naive",
                "--out", str(out), "--no-progress", "--no-tensorboard", "--device", "cpu"])
     assert rc == 0
@@ -436,6 +437,7 @@ def test_quantile_coverage_near_nominal_on_known_noise(tmp_path):
     cfg = F.Config(data=str(p), out=str(tmp_path / "run"), horizon=3, season=12, lookback=24,
                    hidden=8, epochs=8, patience=0, lr=1e-2, batch_size=64, backtest=30,
                    quantiles=["0.1", "0.9"], residual="seasonal", val_fraction=0.1,
+                   ensemble=1, refit=False, transform="none", scaler="standard",
                    baselines=["naive"], calendar=False, progress=False, tensorboard=False,
                    device="cpu")
     m = F.train(cfg)
@@ -504,7 +506,7 @@ def test_ensemble_resume_writes_config_at_start_and_refuses_changes(tmp_path, ca
     from gyre.train import load_checkpoint
     out = tmp_path / "ens"
     args = ["train", "forecast", "--data", "airline", "--hidden", "4", "--epochs", "1",
-            "--ensemble", "2", "--baselines", "naive", "--no-progress", "--no-tensorboard",
+            "--ensemble", "2", "--no-refit", "--baselines", "naive", "--no-progress", "--no-tensorboard",
             "--device", "cpu", "--out", str(out)]
     assert main(args) == 0
     cfg = (out / "config.toml").read_text()
@@ -526,8 +528,8 @@ def test_refit_origins_see_only_their_own_past():
     changing anything at or after an origin leaves that origin's forecast as it was; the
     baselines' in-samples end at their origin too."""
     air = load_series("airline")
-    cfg = F.Config(data="airline", backtest=2, refit=True, hidden=4, epochs=2, batch_size=64,
-                   quantiles=["0.1", "0.9"], calendar=False, progress=False, tensorboard=False,
+    cfg = F.Config(data="airline", backtest=2, refit=True, ensemble=1, hidden=4, epochs=2,
+                   batch_size=64, quantiles=["0.1", "0.9"], calendar=False, progress=False, tensorboard=False,
                    device="cpu")
 
     def forecasts(ss):
@@ -603,7 +605,7 @@ def test_negbin_likelihood_quantiles_and_run(tmp_path):
     p.write_text("month,sales\n" + "".join(f"{d[:10]},{v}\n" for d, v in zip(
         pd_dates("2000-01-01", n, "MS"), counts, strict=True)))
     m = F.train(F.Config(data=str(p), out=str(tmp_path / "nb"), distribution="negbin",
-                         hidden=4, epochs=3, batch_size=64, horizon=6,
+                         ensemble=1, hidden=4, epochs=3, batch_size=64, horizon=6,
                          baselines=["naive"], progress=False, tensorboard=False, device="cpu"))
     assert 0 <= m["test"]["coverage_80"] <= 1 and np.isfinite(m["test"]["scaled_crps"])
     rows = F.predict(tmp_path / "nb")
@@ -628,6 +630,7 @@ def test_predict_reads_future_covariates_from_the_csv(tmp_path):
         dates[:n], y[:n], promo[:n], strict=True)))
     cfg = F.Config(data=str(p), out=str(tmp_path / "run"), target=["y"], horizon=h,
                    future_covariates=["promo"], calendar=False, hidden=8, epochs=25, lr=1e-2,
+                   ensemble=1, refit=False,
                    batch_size=64, baselines=["naive"], progress=False, tensorboard=False,
                    device="cpu")
     F.train(cfg)
