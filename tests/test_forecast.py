@@ -649,3 +649,25 @@ def test_predict_reads_future_covariates_from_the_csv(tmp_path):
     blank.write_text(p.read_text() + "".join(f"{d[:10]},,\n" for d in dates[n:]))
     with pytest.raises(ValueError, match="leaves a future value of promo blank"):
         F.predict(tmp_path / "run", str(blank))
+
+
+def test_negbin_head_exports_and_default_runs_are_refused_by_serve_with_every_reason(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from gyre.export import OnnxModel, onnx
+    from gyre.serve import Streamer
+
+    torch.manual_seed(0)
+    m = F.Forecaster("lstm", 2, [0], 3, 8, distribution="negbin", center=True, future=[1]).eval()
+    x = torch.rand(4, 9, 2) * 20
+    lengths = torch.tensor([6, 4, 6, 2])
+    with torch.no_grad():
+        y, _ = m(x, lengths=lengths)
+        xr, _ = m.export_pre(x, lengths)
+        assert torch.equal(m.export_head(m.rnn(xr, lengths=lengths)[0], x, lengths), y)
+    assert y.shape == (4, 3, 1, 2) and (y > 0).all()
+    y_ort, _ = OnnxModel(onnx(m, tmp_path / "nb.onnx"))(x, lengths=lengths)
+    torch.testing.assert_close(y_ort, y, atol=1e-4, rtol=1e-4)
+    # a default run's model: centered windows and calendar covariates, both named at once
+    with pytest.raises(ValueError, match="center=True.*calendar features.*--no-center, "
+                                         "--no-calendar"):
+        Streamer(F.Forecaster("lstm", 3, [0], 2, 4, center=True, future=[1, 2]))

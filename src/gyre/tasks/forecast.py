@@ -977,7 +977,7 @@ class Config(TaskConfig):
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform: got {self.transform!r}, expected one of "
                              f"{', '.join(TRANSFORMS)}")
-        if self.log and self.transform not in ("none", "log"):
+        if self.log and self.transform not in ("none", "log", "auto"):
             raise ValueError(f"log: --log means transform 'log'; got transform "
                              f"{self.transform!r} too")
         if self.loss not in LOSSES:
