@@ -1511,12 +1511,16 @@ def load_run(out_dir) -> tuple[Config, Forecaster, dict]:
         raise FileNotFoundError(f"out_dir: {str(out)!r} has no config.toml; expected a directory "
                                 "written by gyre train forecast")
     config, ckpts = _rebuild(out_dir)
-    if len(ckpts) > 1:
-        raise ValueError(f"out_dir: {str(out)!r} is an ensemble of {len(ckpts)} models, which "
-                         "export and serving (one model) do not cover; train with ensemble=1")
     extra = _saved(ckpts[0])
     setup = _Setup(config, _load(config), saved=extra)
-    return config, _restored_model(config, setup, ckpts[0]), extra
+    model = _restored_model(config, setup, ckpts[0])
+    if len(ckpts) > 1:
+        stream = model.stream_unsupported()
+        raise ValueError(f"out_dir: {str(out)!r} is an ensemble of {len(ckpts)} models, which "
+                         "export and serving (one model) do not cover; train with ensemble=1 "
+                         "(--ensemble 1)" + (f"; gyre serve also needs a model it can step: "
+                                             f"{stream}" if stream else ""))
+    return config, model, extra
 
 
 def stream_io(model: Forecaster, extra: dict):
