@@ -575,6 +575,10 @@ def test_interval_offsets_calibrate_to_nominal():
     wide = F.calibrated(q * 8, F.interval_offsets(q * 8, y, [0.1, 0.5, 0.9]), [0.1, 0.5, 0.9])
     assert np.allclose(wide[..., 0, 2], c[..., 0, 2], atol=0.15)  # too wide: moved inwards
     assert (np.diff(wide, axis=-1) >= 0).all()
+    low = F.interval_offsets(q - 1.0, y, [0.1, 0.5, 0.9], median=True)  # forecasts 1 too low
+    assert low[1] == pytest.approx(1.0, abs=0.15)
+    shifted = F.calibrated(q - 1.0, low, [0.1, 0.5, 0.9])
+    assert abs(np.median(y[..., 0] - shifted[..., 0, 1])) < 0.05
 
 
 def test_transform_auto_takes_logs_of_positive_data_only():

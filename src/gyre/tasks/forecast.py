@@ -760,7 +760,8 @@ def forecast_windows(model: Forecaster, w: Windows, batch_size: int = 512, run=N
     return torch.cat(outs).numpy().astype(np.float64)
 
 
-def interval_offsets(quantiles: np.ndarray, y: np.ndarray, levels) -> list[float]:
+def interval_offsets(quantiles: np.ndarray, y: np.ndarray, levels, *,
+                     median: bool = False) -> list[float]:
     """Per level, how far to move that quantile outwards (negative: inwards) so that, on these
     forecasts (``quantiles`` ``(N, h, C, Q)`` of targets ``y`` ``(N, h, C)``, in the model's
     scaled units), the share of ``y`` beyond it is the level's tail ``a = min(q, 1 - q)``.
@@ -768,8 +769,9 @@ def interval_offsets(quantiles: np.ndarray, y: np.ndarray, levels) -> list[float
     Conformalized quantile regression (Romano et al. 2019), one level at a time: with the
     exceedance ``e = y - q`` above the median (``q - y`` below), the offset is the ``1 - a``
     empirical quantile of ``e`` over the ``n`` finite entries (not the conservative
-    ``(n + 1)``-corrected rank: the aim is nominal coverage, not a lower bound on it); 0 for the
-    median, and 0 where fewer than 50 entries are given (too few to calibrate on)."""
+    ``(n + 1)``-corrected rank: the aim is nominal coverage, not a lower bound on it); for the
+    median 0, or with ``median`` the median of ``y - q`` (a shift that removes the forecasts'
+    median bias); all 0 where fewer than 50 entries are given (too few to calibrate on)."""
     lv = [float(q) for q in levels]
     mid = min(range(len(lv)), key=lambda j: abs(lv[j] - 0.5))
     q = np.asarray(quantiles, np.float64)
@@ -778,8 +780,11 @@ def interval_offsets(quantiles: np.ndarray, y: np.ndarray, levels) -> list[float
     for j, level in enumerate(lv):
         ok = np.isfinite(y)
         n = int(ok.sum())
-        if j == mid or n < 50:
+        if n < 50 or (j == mid and not median):
             out.append(0.0)
+            continue
+        if j == mid:
+            out.append(float(np.median(y[ok] - q[..., j][ok])))
             continue
         e = (y - q[..., j]) if j > mid else (q[..., j] - y)
         a = min(level, 1.0 - level)
@@ -789,11 +794,11 @@ def interval_offsets(quantiles: np.ndarray, y: np.ndarray, levels) -> list[float
 
 def calibrated(quantiles: np.ndarray, offsets, levels) -> np.ndarray:
     """``quantiles`` ``(..., Q)`` with each level moved outwards by its offset
-    (:func:`interval_offsets`: up above the median, down below it), sorted again along the
-    levels so they stay increasing."""
+    (:func:`interval_offsets`: up above the median, down below it; the median shifted by its
+    own), sorted again along the levels so they stay increasing."""
     lv = [float(q) for q in levels]
     mid = min(range(len(lv)), key=lambda j: abs(lv[j] - 0.5))
-    side = np.array([-1.0 if j < mid else (1.0 if j > mid else 0.0) for j in range(len(lv))])
+    side = np.array([-1.0 if j < mid else 1.0 for j in range(len(lv))])
     return np.sort(quantiles + side * np.asarray(offsets, np.float64), axis=-1)
 
 
@@ -812,11 +817,14 @@ def ensemble_forecast(models, w: Windows, levels, run=None, factors=None):
         if model.probabilistic:
             qs.append(output_quantiles(model, out, levels))
     q = np.mean(qs, axis=0) if qs else None
+    point = np.mean(points, axis=0)
     if q is not None and factors is not None:
+        mid = min(range(len(levels)), key=lambda j: abs(float(levels[j]) - 0.5))
+        point = point + factors[mid]  # the median's shift (0 unless debiased)
         q = calibrated(q, factors, levels)
         if models[0].distribution == "negbin":
             q = np.maximum(q, 0.0)  # counts
-    return np.mean(points, axis=0), q
+    return point, q
 
 
 def prepare(ss: SeriesSet, horizon: int, lookback: int, min_lookback: int, scaler: Scaler,
@@ -913,6 +921,8 @@ class Config(TaskConfig):
             validation origins' share of actuals beyond it nominal (conformalized quantile
             regression; saved in ``calibration.json`` and used by evaluate and predict); needs
             a validation part and a probabilistic model.
+        debias: with ``calibrate``, shift the median (the point forecast) by the median of
+            the validation origins' errors too.
         ensemble: train this many seeds (``seed``, ``seed + 1``, ...) and average their
             forecasts and quantiles (1: one model, which export and serving need).
         calendar: feed calendar features of the dates (month, quarter, week, day of week, hour:
@@ -955,6 +965,7 @@ class Config(TaskConfig):
     backtest: int = 1
     refit: bool = True
     calibrate: bool = True
+    debias: bool = False
     ensemble: int = 3
     calendar: bool = True
     future_covariates: list[str] = field(default_factory=list)
@@ -1377,7 +1388,8 @@ def train(config: Config, *, resume: bool = False) -> dict:
                                    target=ss.target, min_lookback=1, stride=setup.horizon)
         if config.calibrate and setup.levels:
             _, vq = ensemble_forecast(models, val_origins, setup.levels)
-            factors = interval_offsets(vq, val_origins.y, setup.levels)
+            factors = interval_offsets(vq, val_origins.y, setup.levels,
+                                       median=config.debias)
         validation = _scored(setup, models, scaler, val_origins, setup.levels, factors)[4]
     calibration = out / "calibration.json"
     if factors is not None:
