@@ -68,7 +68,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(task, italy64, tmp_p
                 "--batch-size", "8", "--accumulate", "2", *COMMON]
     else:  # 70 training windows of the airline series at lookback 25
         args = ["forecast", "--data", "airline", "--lookback", "25", "--baselines", "none",
-                "--batch-size", "10", "--accumulate", "2", "--patience", "0", *COMMON]
+                "--batch-size", "10", "--accumulate", "2", "--patience", "0", "--ensemble", "1",
+                "--no-refit", *COMMON]
     resume = task == "classify"
     if not resume:
         args[args.index("--epochs") + 1] = "2"

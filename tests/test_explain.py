@@ -120,7 +120,8 @@ def test_deletion_curve_on_a_real_classification_run(tmp_path, capsys):
 def test_forecast_explain_with_occlusion_and_lime(tmp_path, capsys):
     out = tmp_path / "f"
     assert main(["train", "forecast", "--data", "airline", "--hidden", "4", "--epochs", "1",
-                 "--baselines", "none", "--patience", "0", "--out", str(out), *FAST]) == 0
+                 "--baselines", "none", "--patience", "0", "--ensemble", "1", "--no-refit",
+                 "--out", str(out), *FAST]) == 0
     for method in ("occlusion", "lime"):
         assert main(["explain", str(out), "--method", method]) == 0
         a = np.load(out / "explain" / f"{method}.npz")["attributions"]

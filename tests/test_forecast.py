@@ -213,7 +213,7 @@ def test_datasets_load_offline():
 
 def test_airline_training_beats_last_value(tmp_path):
     cfg = F.Config(data="airline", out=str(tmp_path / "run"), hidden=32, epochs=40,
-                   val_fraction=0.0, log=True, baselines=["naive"], progress=False,
+                   val_fraction=0.0, log=True, ensemble=1, refit=False, baselines=["naive"], progress=False,
                    tensorboard=False, device="cpu", seed=0)
     m = F.train(cfg)
     naive = m["baselines"]["naive"]
@@ -234,8 +234,8 @@ def test_validation_score_is_the_test_score_of_the_series_cut_before_its_test_pa
     validation part of exactly ``horizon`` points and no fitted scaling, it equals what ``evaluate``
     (a separate path: the last ``horizon`` points as test) scores on the series cut there."""
     cfg = F.Config(data="airline", out=str(tmp_path / "run"), hidden=8, epochs=3, patience=0,
-                   val_fraction=0.05, scaler="none", log=True, baselines=["naive"],
-                   progress=False, tensorboard=False, device="cpu", seed=0)
+                   val_fraction=0.05, scaler="none", log=True, quantiles=["none"], ensemble=1,
+                   baselines=["naive"], progress=False, tensorboard=False, device="cpu", seed=0)
     m = F.train(cfg)
     air = load_series("airline").series[0][:, 0]
     cut = tmp_path / "airline_to_1958.csv"  # validation: the 12 months before the test year
@@ -254,6 +254,7 @@ def test_multivariate_recursive_and_cli(tmp_path):
 
     out = tmp_path / "us"
     rc = main(["train", "forecast", "--data", "uschange", "--strategy", "recursive",
+               "--ensemble", "1", "--no-refit",
                "--epochs", "2", "--hidden", "8", "--baselines", "naive,seasonal_naive",
                "--out", str(out), "--no-progress", "--no-tensorboard", "--device", "cpu"])
     assert rc == 0
@@ -342,6 +343,9 @@ def test_aeon_csvs_load_as_shipped():
     longley = load_series(_aeon_csv("Longley"))  # "Obs" numbers the rows; YEAR the dates
     assert "Obs" not in longley.columns and "YEAR" not in longley.columns
     assert longley.freq == "yearly"
+    us = load_series(_aeon_csv("Uschange"))  # a pandas index column, quarters as "1970 Q1"
+    assert us.freq == "quarterly" and us.series[0].shape == (187, 5)
+    assert str(us.index[0][1])[:10] == "1970-04-01"
     # a 36-point monthly series: no validation part fits, a shorter lookback does (said so)
     setup = F._Setup(F.Config(data="x"), shampoo)
     assert setup.val_fraction == 0 and setup.lookback == 6 and len(setup.notes) == 2
@@ -433,6 +437,7 @@ def test_quantile_coverage_near_nominal_on_known_noise(tmp_path):
     cfg = F.Config(data=str(p), out=str(tmp_path / "run"), horizon=3, season=12, lookback=24,
                    hidden=8, epochs=8, patience=0, lr=1e-2, batch_size=64, backtest=30,
                    quantiles=["0.1", "0.9"], residual="seasonal", val_fraction=0.1,
+                   ensemble=1, refit=False, transform="none", scaler="standard",
                    baselines=["naive"], calendar=False, progress=False, tensorboard=False,
                    device="cpu")
     m = F.train(cfg)
@@ -501,7 +506,7 @@ def test_ensemble_resume_writes_config_at_start_and_refuses_changes(tmp_path, ca
     from gyre.train import load_checkpoint
     out = tmp_path / "ens"
     args = ["train", "forecast", "--data", "airline", "--hidden", "4", "--epochs", "1",
-            "--ensemble", "2", "--baselines", "naive", "--no-progress", "--no-tensorboard",
+            "--ensemble", "2", "--no-refit", "--baselines", "naive", "--no-progress", "--no-tensorboard",
             "--device", "cpu", "--out", str(out)]
     assert main(args) == 0
     cfg = (out / "config.toml").read_text()
@@ -513,5 +518,162 @@ def test_ensemble_resume_writes_config_at_start_and_refuses_changes(tmp_path, ca
     for d in (out, out / "member-1"):
         assert load_checkpoint(d / "checkpoint")["epoch"] == 2
     assert "epochs = 2" in (out / "config.toml").read_text()
-    with pytest.raises(ValueError, match="ensemble of 2"):
+    # export and serve take one model; a default run is refused with everything serve needs
+    with pytest.raises(ValueError, match="ensemble of 2.*--ensemble 1.*--no-center, "
+                                         "--no-calendar"):
         F.load_run(out)
+
+
+# -- refitting at every origin, calibration, negbin, future covariates in predict ---------------
+def test_refit_origins_see_only_their_own_past():
+    """--refit: the k-th origin's model (and scaler) is trained on the points before it, so
+    changing anything at or after an origin leaves that origin's forecast as it was; the
+    baselines' in-samples end at their origin too."""
+    air = load_series("airline")
+    cfg = F.Config(data="airline", backtest=2, refit=True, ensemble=1, hidden=4, epochs=2,
+                   batch_size=64, quantiles=["0.1", "0.9"], calendar=False, progress=False, tensorboard=False,
+                   device="cpu")
+
+    def forecasts(ss):
+        setup = F._Setup(cfg, ss)
+        _, _, _, te, _, test_start = F.prepare(ss, 12, setup.lookback, setup.min_lookback,
+                                               Scaler("standard"), setup.val_fraction, 2)
+        assert te.start.tolist() == [120, 132]
+        f, q = F.refit_forecasts(cfg, setup, te, test_start, [2], "none")
+        actuals, insamples, _ = F._score_windows(setup, te, f, q, setup.levels)
+        assert [len(x) for x in insamples] == [120, 132]
+        assert all((np.diff(x, axis=-1) >= 0).all() for x in q)
+        return f
+
+    def changed(after):
+        s = air.series[0].copy()
+        s[after:] *= 3.0
+        return F.SeriesSet(air.name, (s,), air.index, air.columns, air.target, 12, 12, air.ids,
+                           "", air.freq)
+
+    base = forecasts(air)
+    same = forecasts(changed(132))  # the last origin's own targets: seen by no model
+    np.testing.assert_allclose(same[0], base[0])
+    np.testing.assert_allclose(same[1], base[1])
+    later = forecasts(changed(120))  # origin 0's future: origin 1's model trains on it
+    np.testing.assert_allclose(later[0], base[0])
+    assert not np.allclose(later[1], base[1])
+
+
+def test_interval_offsets_calibrate_to_nominal():
+    rng = np.random.default_rng(0)
+    y = rng.normal(0, 1, (400, 3, 1))
+    q = np.broadcast_to(np.array([-0.5, 0.0, 0.5]), (400, 3, 1, 3)).copy()  # far too narrow
+    off = F.interval_offsets(q, y, [0.1, 0.5, 0.9])
+    assert off[1] == 0.0
+    assert off[0] == pytest.approx(1.2816 - 0.5, abs=0.12)
+    assert off[2] == pytest.approx(1.2816 - 0.5, abs=0.12)
+    c = F.calibrated(q, off, [0.1, 0.5, 0.9])
+    inside = (y[..., 0] >= c[..., 0, 0]) & (y[..., 0] <= c[..., 0, 2])
+    assert 0.78 <= inside.mean() <= 0.84
+    assert F.interval_offsets(q[:16], y[:16], [0.1, 0.5, 0.9]) == [0.0, 0.0, 0.0]  # 48: too few
+    wide = F.calibrated(q * 8, F.interval_offsets(q * 8, y, [0.1, 0.5, 0.9]), [0.1, 0.5, 0.9])
+    assert np.allclose(wide[..., 0, 2], c[..., 0, 2], atol=0.15)  # too wide: moved inwards
+    assert (np.diff(wide, axis=-1) >= 0).all()
+    low = F.interval_offsets(q - 1.0, y, [0.1, 0.5, 0.9], median=True)  # forecasts 1 too low
+    assert low[1] == pytest.approx(1.0, abs=0.15)
+    shifted = F.calibrated(q - 1.0, low, [0.1, 0.5, 0.9])
+    assert abs(np.median(y[..., 0] - shifted[..., 0, 1])) < 0.05
+
+
+def test_transform_auto_takes_logs_of_positive_data_only():
+    pos = [np.array([[1.0], [2.0], [4.0]])]
+    s = Scaler("none", value_transform="auto").fit(pos, [3])
+    assert s.value_transform == "log" and s.state()["transform"] == "log"
+    np.testing.assert_allclose(s.transform(pos[0], 0), np.log(pos[0]))
+    zero = [np.array([[0.0], [2.0], [4.0]])]
+    assert Scaler("none", value_transform="auto").fit(zero, [3]).value_transform == "none"
+
+
+def test_negbin_likelihood_quantiles_and_run(tmp_path):
+    from scipy import stats
+
+    out = torch.tensor([[[[3.0, 0.5]]], [[[0.7, 2.0]]]])  # (mean, dispersion) per entry
+    y = torch.tensor([[[4.0]], [[0.0]]])
+    got = F.nll_loss("negbin")(out, y)
+    r = 1 / out[..., 1]
+    want = -np.mean([stats.nbinom.logpmf(4, r[0].item(), r[0].item() / (r[0].item() + 3.0)),
+                     stats.nbinom.logpmf(0, r[1].item(), r[1].item() / (r[1].item() + 0.7))])
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="negbin models counts on their own scale"):
+        F.Config(distribution="negbin", transform="log1p")
+    rng = np.random.default_rng(0)
+    n = 120
+    lam = 2 + 1.5 * np.sin(2 * np.pi * np.arange(n) / 12)
+    counts = rng.negative_binomial(2, 2 / (2 + lam))
+    assert (counts == 0).any()
+    p = tmp_path / "counts.csv"
+    p.write_text("month,sales\n" + "".join(f"{d[:10]},{v}\n" for d, v in zip(
+        pd_dates("2000-01-01", n, "MS"), counts, strict=True)))
+    m = F.train(F.Config(data=str(p), out=str(tmp_path / "nb"), distribution="negbin",
+                         ensemble=1, hidden=4, epochs=3, batch_size=64, horizon=6,
+                         baselines=["naive"], progress=False, tensorboard=False, device="cpu"))
+    assert 0 <= m["test"]["coverage_80"] <= 1 and np.isfinite(m["test"]["scaled_crps"])
+    rows = F.predict(tmp_path / "nb")
+    assert len(rows) == 6 and all(0 <= r["q0.1"] <= r["q0.5"] <= r["q0.9"] for r in rows)
+    assert all(r["forecast"] > 0 for r in rows)
+    neg = tmp_path / "neg.csv"
+    neg.write_text(p.read_text().replace(f",{counts[5]}\n", ",-1\n", 1))
+    with pytest.raises(ValueError, match="negbin models counts >= 0"):
+        F.train(F.Config(data=str(neg), distribution="negbin", progress=False))
+
+
+def test_predict_reads_future_covariates_from_the_csv(tmp_path):
+    """A column marked future-known is read at the forecast steps: predict takes its values
+    from the CSV's last horizon rows (targets blank there), and the forecast follows them."""
+    rng = np.random.default_rng(1)
+    n, h = 240, 4
+    promo = (rng.random(n + h) < 0.4).astype(int)
+    y = 10 + 6 * promo + rng.normal(0, 0.3, n + h)
+    dates = pd_dates("2000-01-03", n + h, "D")
+    p = tmp_path / "sales.csv"
+    p.write_text("ds,y,promo\n" + "".join(f"{d[:10]},{v:.3f},{c}\n" for d, v, c in zip(
+        dates[:n], y[:n], promo[:n], strict=True)))
+    cfg = F.Config(data=str(p), out=str(tmp_path / "run"), target=["y"], horizon=h,
+                   future_covariates=["promo"], calendar=False, hidden=8, epochs=25, lr=1e-2,
+                   ensemble=1, refit=False,
+                   batch_size=64, baselines=["naive"], progress=False, tensorboard=False,
+                   device="cpu")
+    F.train(cfg)
+    with pytest.raises(ValueError, match="give a CSV whose last 4 rows"):
+        F.predict(tmp_path / "run")
+    fut = tmp_path / "next.csv"
+    plan = [1, 0, 1, 0]
+    fut.write_text(p.read_text() + "".join(f"{d[:10]},,{c}\n" for d, c in zip(
+        dates[n:], plan, strict=True)))
+    rows = F.predict(tmp_path / "run", str(fut))
+    assert [r["date"][:10] for r in rows] == [d[:10] for d in dates[n:]]
+    f = [r["forecast"] for r in rows]
+    # the planned promotions (an effect of 6): without reading them no forecast could differ
+    assert min(f[0], f[2]) > max(f[1], f[3]) + 3, f
+    blank = tmp_path / "blank.csv"
+    blank.write_text(p.read_text() + "".join(f"{d[:10]},,\n" for d in dates[n:]))
+    with pytest.raises(ValueError, match="leaves a future value of promo blank"):
+        F.predict(tmp_path / "run", str(blank))
+
+
+def test_negbin_head_exports_and_default_runs_are_refused_by_serve_with_every_reason(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from gyre.export import OnnxModel, onnx
+    from gyre.serve import Streamer
+
+    torch.manual_seed(0)
+    m = F.Forecaster("lstm", 2, [0], 3, 8, distribution="negbin", center=True, future=[1]).eval()
+    x = torch.rand(4, 9, 2) * 20
+    lengths = torch.tensor([6, 4, 6, 2])
+    with torch.no_grad():
+        y, _ = m(x, lengths=lengths)
+        xr, _ = m.export_pre(x, lengths)
+        assert torch.equal(m.export_head(m.rnn(xr, lengths=lengths)[0], x, lengths), y)
+    assert y.shape == (4, 3, 1, 2) and (y > 0).all()
+    y_ort, _ = OnnxModel(onnx(m, tmp_path / "nb.onnx"))(x, lengths=lengths)
+    torch.testing.assert_close(y_ort, y, atol=1e-4, rtol=1e-4)
+    # a default run's model: centered windows and calendar covariates, both named at once
+    with pytest.raises(ValueError, match="center=True.*calendar features.*--no-center, "
+                                         "--no-calendar"):
+        Streamer(F.Forecaster("lstm", 3, [0], 2, 4, center=True, future=[1, 2]))

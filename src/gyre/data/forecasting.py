@@ -178,6 +178,7 @@ ID_NAMES = ("unique_id", "series_id", "item_id", "series")
 
 _DATE_NAME = re.compile(r"^(ds|dates?|datetime\w*|time(stamp)?|period|month|quarter|week|day|"
                         r"year|years|yr)$", re.IGNORECASE)
+_QUARTER = re.compile(r"^(\d{4})\s*[-/ ]?\s*[Qq]([1-4])$")
 _INDEX_NAME = re.compile(r"^(|unnamed: ?0|index|obs|row|#)$", re.IGNORECASE)
 
 
@@ -221,9 +222,15 @@ def _as_dates(col: pd.Series, name: str):
     if not pd.api.types.is_numeric_dtype(col):
         if col.isna().any():
             return None
+        text = col.astype(str).str.strip()
+        quarters = text.str.extract(_QUARTER)
+        if quarters.notna().all().all():  # 1970 Q1, 1970-Q1, 1970q1: what pandas does not parse
+            return pd.Series(pd.PeriodIndex.from_fields(
+                year=quarters[0].astype(int).to_numpy(),
+                quarter=quarters[1].astype(int).to_numpy(), freq="Q").to_timestamp())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            parsed = pd.to_datetime(col.astype(str), errors="coerce", format="mixed")
+            parsed = pd.to_datetime(text, errors="coerce", format="mixed")
         if not parsed.notna().all():
             return None
         if getattr(parsed.dt, "tz", None) is not None:
@@ -518,8 +525,9 @@ def split_points(lengths, horizon: int, val_fraction: float = 0.0, backtest: int
 
 SCALERS = ("standard", "minmax", "mean", "diff", "none")
 #: value transforms applied before scaling: ``log`` (positive data), ``log1p`` (``log(1 + x)``:
-#: zeros and intermittent counts, values > -1)
-TRANSFORMS = ("none", "log", "log1p")
+#: zeros and intermittent counts, values > -1); ``auto``: ``log`` when every value of every series
+#: given to :meth:`Scaler.fit` is positive, else ``none`` (resolved there and saved as such)
+TRANSFORMS = ("none", "log", "log1p", "auto")
 
 
 @dataclass
@@ -531,7 +539,8 @@ class Scaler:
     absolute one-step change (the MASE denominator with m=1, so an MAE loss on the scaled values
     is a MASE); ``none``: identity. ``value_transform`` is applied first: ``log`` (every value must be
     positive; ``log=True`` is the same), ``log1p`` (``log(1 + x)``, for zeros and intermittent
-    series; values must exceed -1).
+    series; values must exceed -1), ``auto`` (``log`` when every value of every series passed to
+    :meth:`fit` is positive, else ``none``; :meth:`fit` replaces it by what it chose).
     A column constant on the training part gets scale 1, so nothing divides by zero.
     """
 
@@ -573,7 +582,12 @@ class Scaler:
         return x
 
     def fit(self, series, train_ends) -> Scaler:
-        """Fit on ``series[i][:train_ends[i]]`` for each series ``i``."""
+        """Fit on ``series[i][:train_ends[i]]`` for each series ``i`` (``transform="auto"``
+        looks at the signs of the whole series, not at their values' sizes)."""
+        if self.value_transform == "auto":
+            positive = all(bool((np.asarray(s, dtype=np.float64) > 0).all()) for s in series)
+            self.value_transform = "log" if positive else "none"
+            self.log = positive
         locs, scales = [], []
         for s, end in zip(series, train_ends, strict=True):
             part = np.asarray(s[: int(end)], dtype=np.float64)

@@ -321,8 +321,8 @@ def baseline_forecasts(insamples, horizon: int, season: int, names=BASELINES, le
 
 # -- the model ----------------------------------------------------------------------------------
 
-DISTRIBUTIONS = ("none", "normal", "studentt")
-_DIST_PARAMS = {"normal": 2, "studentt": 3}
+DISTRIBUTIONS = ("none", "normal", "studentt", "negbin")
+_DIST_PARAMS = {"normal": 2, "studentt": 3, "negbin": 2}
 
 
 class Forecaster(nn.Module):
@@ -362,6 +362,11 @@ class Forecaster(nn.Module):
     * ``distribution`` ``normal`` or ``studentt``: ``output`` ``(B, horizon, C_t, P)`` the
       location (residual base added), the scale (softplus, > 0) and for ``studentt`` the degrees
       of freedom (``2 + softplus``, so the variance is finite).
+    * ``distribution="negbin"`` (counts, read unscaled): each window is divided by its level
+      ``v = 1 + mean |x|`` over its input steps (per column) before the recurrence, and
+      ``output`` ``(B, horizon, C_t, 2)`` is the mean ``mu = v softplus(.)`` and the dispersion
+      ``alpha = softplus(.) / sqrt(v)`` (variance ``mu + alpha mu^2``), as DeepAR scales counts;
+      ``residual`` does not apply.
     """
 
     def __init__(self, cell, n_inputs: int, target: list[int], horizon: int, hidden: int = 64,
@@ -429,11 +434,24 @@ class Forecaster(nn.Module):
     # the export hook (gyre.export.onnx), direct strategy: forward is
     # export_head(rnn(*export_pre(x, lengths))[0], x, lengths); lengths (B,) int64, always given.
     # Both use torch ops only (traced into the ONNX graph), no Python branch on tensor values.
+    def _level(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """``(B, n_inputs)``: ``1 + mean |x|`` over each row's input steps (negbin's scale)."""
+        xin = x[:, :, :self.n_inputs]
+        steps = torch.arange(x.shape[1], device=x.device)[None]
+        valid = (steps < lengths[:, None].to(x.device)).to(x.dtype)[..., None]
+        n = lengths.to(x.device, x.dtype).clamp(min=1)[:, None]
+        return 1.0 + (xin.abs() * valid).sum(1) / n
+
     def export_pre(self, x: Tensor, lengths: Tensor):
         """The recurrence's input: ``x``'s first ``n_inputs`` columns (not the series number),
-        relative to its last observed value with ``center`` (known-in-advance columns as they
-        are). Steps after ``lengths`` (the future covariates' horizon) are padding to it."""
+        divided by the window's level for ``negbin``, relative to its last observed value with
+        ``center`` (known-in-advance columns as they are). Steps after ``lengths`` (the future
+        covariates' horizon) are padding to it."""
         xin = x[:, :, :self.n_inputs]
+        if self.distribution == "negbin":
+            v = self._level(x, lengths)
+            div = v * self.center_mask + (1.0 - self.center_mask)  # future columns unscaled
+            xin = xin / div[:, None]
         if not self.center:
             return xin, lengths
         rows = torch.arange(x.shape[0])
@@ -476,6 +494,11 @@ class Forecaster(nn.Module):
             pred = h.view(B, self.horizon, C_t)
             return pred + base if base is not None else pred
         raw = h.view(B, self.horizon, C_t, self.n_params)
+        if self.distribution == "negbin":
+            v = self._level(x, lengths)[:, self.target][:, None]  # (B, 1, C_t)
+            mu = v * nn.functional.softplus(raw[..., 0]) + 1e-4
+            alpha = nn.functional.softplus(raw[..., 1]) / v.sqrt() + 1e-4
+            return torch.stack([mu, alpha], dim=-1)
         if self.quantiles:
             mid = min(range(len(self.quantiles)), key=lambda j: abs(self.quantiles[j] - 0.5))
             center = raw[..., mid:mid + 1]
@@ -505,20 +528,32 @@ class Forecaster(nn.Module):
         return self.season if self.residual == "seasonal" else 1
 
     def stream_unsupported(self) -> str | None:
-        """Why this model cannot be served step by step (None: it can)."""
+        """Why this model cannot be served step by step (None: it can): every reason at once,
+        with the training options that avoid them (a default run has ``center`` and
+        ``calendar`` on, so it is refused for both)."""
         if self.strategy != "direct":
             return "strategy='recursive' is not served; train with strategy='direct'"
+        why, flags = [], []
         if self.center:
-            return ("center=True reads every step relative to the last one, so each new step "
-                    "changes all earlier inputs; serve a run trained with center=False")
+            why.append("center=True reads every step relative to the last one, so each new "
+                       "step changes all earlier inputs")
+            flags.append("--no-center")
         if self.future:
-            return ("the head reads covariates of the forecast steps (calendar features or "
-                    "future_covariates), which a stream of past steps does not carry; serve a "
-                    "run trained with calendar=False and no future_covariates")
+            why.append("the head reads covariates of the forecast steps (calendar features or "
+                       "future_covariates), which a stream of past steps does not carry")
+            flags.append("--no-calendar and no --future-covariates")
         if self.n_ids:
-            return ("id_embedding reads the series number as a column the recurrence does not "
-                    "take, which a stream's steps do not carry; serve a run without id_embedding")
-        return None
+            why.append("id_embedding reads the series number as a column the recurrence does "
+                       "not take, which a stream's steps do not carry")
+            flags.append("--id-embedding 0")
+        if self.distribution == "negbin":
+            why.append("negbin scales each window by its level over all its steps, which "
+                       "changes with every new step")
+            flags.append("no --distribution negbin")
+        if not why:
+            return None
+        return ("; ".join(why) + "; serve a run trained with " + ", ".join(flags)
+                + " (gyre predict forecasts any run)")
 
     def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
         B, T, _ = x.shape
@@ -580,12 +615,16 @@ def pinball_loss(quantiles):
 
 def nll_loss(distribution: str):
     """``loss(output (B, h, C, P), y)``: the mean negative log-likelihood of the finite targets
-    under the predicted normal or Student-t distributions."""
+    under the predicted normal, Student-t or negative binomial distributions."""
     def loss(output: Tensor, y: Tensor) -> Tensor:
         mask = torch.isfinite(y)
         p = output[mask]
         if distribution == "normal":
             d = torch.distributions.Normal(p[:, 0], p[:, 1])
+        elif distribution == "negbin":  # mean mu, dispersion alpha: r = 1 / alpha
+            r = 1.0 / p[:, 1]
+            d = torch.distributions.NegativeBinomial(r, logits=p[:, 0].log() - r.log(),
+                                                     validate_args=False)
         else:
             d = torch.distributions.StudentT(p[:, 2], p[:, 0], p[:, 1])
         return -d.log_prob(y[mask]).mean()
@@ -603,6 +642,9 @@ def output_quantiles(model: Forecaster, out: np.ndarray, levels) -> np.ndarray:
     lv = np.asarray(levels, np.float64)
     if model.distribution == "normal":
         return out[..., :1] + out[..., 1:2] * stats.norm.ppf(lv)
+    if model.distribution == "negbin":
+        r = 1.0 / out[..., 1:2]
+        return stats.nbinom.ppf(lv, r, r / (r + out[..., :1]))
     return out[..., :1] + out[..., 1:2] * stats.t.ppf(lv, out[..., 2:3])
 
 
@@ -718,11 +760,54 @@ def forecast_windows(model: Forecaster, w: Windows, batch_size: int = 512, run=N
     return torch.cat(outs).numpy().astype(np.float64)
 
 
-def ensemble_forecast(models, w: Windows, levels, run=None):
+def interval_offsets(quantiles: np.ndarray, y: np.ndarray, levels, *,
+                     median: bool = False) -> list[float]:
+    """Per level, how far to move that quantile outwards (negative: inwards) so that, on these
+    forecasts (``quantiles`` ``(N, h, C, Q)`` of targets ``y`` ``(N, h, C)``, in the model's
+    scaled units), the share of ``y`` beyond it is the level's tail ``a = min(q, 1 - q)``.
+
+    Conformalized quantile regression (Romano et al. 2019), one level at a time: with the
+    exceedance ``e = y - q`` above the median (``q - y`` below), the offset is the ``1 - a``
+    empirical quantile of ``e`` over the ``n`` finite entries (not the conservative
+    ``(n + 1)``-corrected rank: the aim is nominal coverage, not a lower bound on it); for the
+    median 0, or with ``median`` the median of ``y - q`` (a shift that removes the forecasts'
+    median bias); all 0 where fewer than 50 entries are given (too few to calibrate on)."""
+    lv = [float(q) for q in levels]
+    mid = min(range(len(lv)), key=lambda j: abs(lv[j] - 0.5))
+    q = np.asarray(quantiles, np.float64)
+    y = np.asarray(y, np.float64)
+    out = []
+    for j, level in enumerate(lv):
+        ok = np.isfinite(y)
+        n = int(ok.sum())
+        if n < 50 or (j == mid and not median):
+            out.append(0.0)
+            continue
+        if j == mid:
+            out.append(float(np.median(y[ok] - q[..., j][ok])))
+            continue
+        e = (y - q[..., j]) if j > mid else (q[..., j] - y)
+        a = min(level, 1.0 - level)
+        out.append(float(np.quantile(e[ok], 1.0 - a)))
+    return out
+
+
+def calibrated(quantiles: np.ndarray, offsets, levels) -> np.ndarray:
+    """``quantiles`` ``(..., Q)`` with each level moved outwards by its offset
+    (:func:`interval_offsets`: up above the median, down below it; the median shifted by its
+    own), sorted again along the levels so they stay increasing."""
+    lv = [float(q) for q in levels]
+    mid = min(range(len(lv)), key=lambda j: abs(lv[j] - 0.5))
+    side = np.array([-1.0 if j < mid else 1.0 for j in range(len(lv))])
+    return np.sort(quantiles + side * np.asarray(offsets, np.float64), axis=-1)
+
+
+def ensemble_forecast(models, w: Windows, levels, run=None, factors=None):
     """``(point (N, h, C_t), quantiles (N, h, C_t, Q) or None)`` in the scaled space: each
     model's median (or point) forecast and quantiles at ``levels``, averaged over the models
-    (quantile averaging; the members share one scaler). ``run``: what computes the one model's
-    forward (see :func:`forecast_windows`)."""
+    (quantile averaging; the members share one scaler), then moved by the per-level
+    ``factors`` (offsets, :func:`calibrated`) when given. ``run``: what computes the one
+    model's forward (see :func:`forecast_windows`)."""
     if run is not None and len(models) != 1:
         raise ValueError(f"run: computes one model's forward; got {len(models)} models")
     points, qs = [], []
@@ -732,7 +817,14 @@ def ensemble_forecast(models, w: Windows, levels, run=None):
         if model.probabilistic:
             qs.append(output_quantiles(model, out, levels))
     q = np.mean(qs, axis=0) if qs else None
-    return np.mean(points, axis=0), q
+    point = np.mean(points, axis=0)
+    if q is not None and factors is not None:
+        mid = min(range(len(levels)), key=lambda j: abs(float(levels[j]) - 0.5))
+        point = point + factors[mid]  # the median's shift (0 unless debiased)
+        q = calibrated(q, factors, levels)
+        if models[0].distribution == "negbin":
+            q = np.maximum(q, 0.0)  # counts
+    return point, q
 
 
 def prepare(ss: SeriesSet, horizon: int, lookback: int, min_lookback: int, scaler: Scaler,
@@ -769,6 +861,12 @@ def prepare(ss: SeriesSet, horizon: int, lookback: int, min_lookback: int, scale
 class Config(TaskConfig):
     """``gyre train forecast`` options, beside the common ones (:class:`TaskConfig`).
 
+    The defaults are the recipe chosen on validation origins over the development series
+    (airline, M1 yearly, co2, sunspots, uschange; RESULTS.md): a direct LSTM 1x64 on windows
+    relative to their last value, logs of positive data, per-series ``diff`` scaling, quantiles
+    0.1/0.5/0.9 calibrated on the validation origins, an ensemble of 3 seeds, each retrained at
+    the test origin on all the points before it for the epochs its validation chose.
+
     Attributes:
         data: a built-in data set (``airline``, ``m1_yearly``, ``co2``, ``sunspots``,
             ``uschange``) or a CSV path (see :func:`gyre.data.forecasting.load_series`: a date
@@ -796,21 +894,37 @@ class Config(TaskConfig):
         center: the recurrent stack reads each window relative to its last observed value.
         scaler: ``standard``, ``minmax``, ``mean``, ``diff`` (mean absolute one-step change) or
             ``none``, per series and column, fitted on the training part only.
-        transform: ``none``, ``log`` (positive data) or ``log1p`` (zeros, counts) before
+        transform: ``none``, ``log`` (positive data), ``log1p`` (zeros, counts) or ``auto``
+            (``log`` when every value of every series is positive, else ``none``) before
             scaling.
         log: take logs of the data before scaling (positive data only); the same as
             ``transform="log"``.
         loss: ``mse``, ``mae`` or ``huber`` on the scaled values (point forecasts).
         quantiles: levels to forecast, e.g. ``0.1,0.5,0.9`` (pinball loss, increasing by
-            construction; 0.5 is added when missing: it is the point forecast).
-        distribution: ``normal`` or ``studentt``: forecast a distribution (likelihood loss),
-            scored at ``quantiles`` (default 0.1, 0.5, 0.9).
+            construction; 0.5 is added when missing: it is the point forecast); ``auto``:
+            0.1, 0.5, 0.9 for a direct model without a distribution, a point forecast
+            otherwise; ``none``: a point forecast (``loss``).
+        distribution: ``normal``, ``studentt`` or ``negbin`` (counts >= 0, read as they
+            are: ``scaler`` does not apply and ``transform`` must be ``none`` or ``auto``; the
+            model scales each window by its level itself): forecast a distribution
+            (likelihood loss), scored at ``quantiles`` (default 0.1, 0.5, 0.9).
         backtest: test origins (rolling origin, expanding window, ``horizon`` apart): the test
-            part is the last ``backtest * horizon`` points; the model is trained once before
-            it (each origin forecasts from the actual points before it), every baseline is
-            refitted at every origin.
+            part is the last ``backtest * horizon`` points; every baseline is refitted at every
+            origin on the points before it; the model is trained once before the validation
+            part (each origin forecasts from the actual points before it), or with ``refit``
+            retrained at every origin.
+        refit: retrain the model (every ensemble member, its scaler too) at every test origin
+            on all the points before that origin, for the epochs its validation run chose, and
+            score the test part with these models; the saved model (evaluate, predict, export)
+            stays the one trained before the validation part.
+        calibrate: move each quantile (in the scaled units) by the offset that makes the
+            validation origins' share of actuals beyond it nominal (conformalized quantile
+            regression; saved in ``calibration.json`` and used by evaluate and predict); needs
+            a validation part and a probabilistic model.
+        debias: with ``calibrate``, shift the median (the point forecast) by the median of
+            the validation origins' errors too.
         ensemble: train this many seeds (``seed``, ``seed + 1``, ...) and average their
-            forecasts and quantiles.
+            forecasts and quantiles (1: one model, which export and serving need).
         calendar: feed calendar features of the dates (month, quarter, week, day of week, hour:
             sine and cosine), known for the forecast steps too (direct strategy).
         future_covariates: input columns whose future values are known and read for the
@@ -828,8 +942,8 @@ class Config(TaskConfig):
     """
 
     data: str = "airline"
-    epochs: int = 150
-    patience: int = 30
+    epochs: int = 60
+    patience: int = 15
     lr: float = 3e-3
     target: list[str] = field(default_factory=list)
     date_column: str = ""
@@ -842,14 +956,17 @@ class Config(TaskConfig):
     strategy: str = "direct"
     residual: str = "last"
     center: bool = True
-    scaler: str = "standard"
+    scaler: str = "diff"
     log: bool = False
-    transform: str = "none"
+    transform: str = "auto"
     loss: str = "mse"
-    quantiles: list[str] = field(default_factory=list)
+    quantiles: list[str] = field(default_factory=lambda: ["auto"])
     distribution: str = "none"
     backtest: int = 1
-    ensemble: int = 1
+    refit: bool = True
+    calibrate: bool = True
+    debias: bool = False
+    ensemble: int = 3
     calendar: bool = True
     future_covariates: list[str] = field(default_factory=list)
     id_embedding: int = 0
@@ -871,7 +988,7 @@ class Config(TaskConfig):
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform: got {self.transform!r}, expected one of "
                              f"{', '.join(TRANSFORMS)}")
-        if self.log and self.transform not in ("none", "log"):
+        if self.log and self.transform not in ("none", "log", "auto"):
             raise ValueError(f"log: --log means transform 'log'; got transform "
                              f"{self.transform!r} too")
         if self.loss not in LOSSES:
@@ -879,13 +996,17 @@ class Config(TaskConfig):
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution: got {self.distribution!r}, expected one of "
                              f"{', '.join(DISTRIBUTIONS)}")
+        if self.distribution == "negbin" and self.value_transform() not in ("none", "auto"):
+            raise ValueError(f"distribution: negbin models counts on their own scale (each "
+                             f"window is scaled by its level inside the model); got transform "
+                             f"{self.value_transform()!r}, expected 'none' (or 'auto')")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout: got {self.layout!r}, expected one of {', '.join(LAYOUTS)}")
         self.levels()  # validates quantiles
-        if self.quantiles and self.distribution != "none":
+        if self._given_quantiles() and self.distribution != "none":
             raise ValueError("quantiles: give quantiles or a distribution, not both (a "
                              "distribution is scored at quantiles 0.1, 0.5, 0.9)")
-        if (self.quantiles or self.distribution != "none" or self.future_covariates
+        if (self._given_quantiles() or self.distribution != "none" or self.future_covariates
                 or self.id_embedding) and self.strategy == "recursive":
             raise ValueError("strategy: quantiles, distributions, future_covariates and "
                              "id_embedding need strategy 'direct'")
@@ -910,11 +1031,31 @@ class Config(TaskConfig):
     def value_transform(self) -> str:
         return "log" if self.log else self.transform
 
+    def data_scaler(self) -> Scaler:
+        """The unfitted per-series scaler (negbin reads counts as they are: none, no
+        transform)."""
+        if self.distribution == "negbin":
+            return Scaler("none")
+        return Scaler(self.scaler, value_transform=self.value_transform())
+
+    def _given_quantiles(self) -> list[str]:
+        """The levels given as numbers (not ``auto`` / ``none`` / empty)."""
+        q = [str(v).strip().lower() for v in self.quantiles]
+        return [] if q in ([], ["auto"], ["none"]) else list(self.quantiles)
+
+    def quantile_head(self) -> bool:
+        """Whether the model forecasts quantiles: levels given, or ``auto`` for a direct model
+        without a distribution."""
+        auto = [str(v).strip().lower() for v in self.quantiles] == ["auto"]
+        return bool(self._given_quantiles()) or (auto and self.strategy == "direct"
+                                                 and self.distribution == "none")
+
     def levels(self) -> list[float]:
-        """The quantile levels forecast (sorted, 0.5 included); the default 0.1, 0.5, 0.9 for a
-        distribution; empty for a point forecaster."""
-        if not self.quantiles:
-            return [0.1, 0.5, 0.9] if self.distribution != "none" else []
+        """The quantile levels forecast (sorted, 0.5 included): the given ones, 0.1, 0.5, 0.9
+        for ``auto`` (a direct model) or a distribution; empty for a point forecaster."""
+        if not self._given_quantiles():
+            return [0.1, 0.5, 0.9] if (self.quantile_head() or
+                                       self.distribution != "none") else []
         try:
             lv = sorted({float(q) for q in self.quantiles} | {0.5})
         except ValueError:
@@ -997,6 +1138,12 @@ class _Setup:
         self.n_ids = (len(self.train_ids) if config.id_embedding and
                       (len(self.train_ids) > 1) else 0)
         self.levels = config.levels()
+        if config.distribution == "negbin":
+            for sid, x in zip(ss.ids, ss.series, strict=True):
+                if (x[:, list(ss.target)] < 0).any():
+                    raise ValueError(f"distribution: negbin models counts >= 0; series {sid!r} "
+                                     f"of {ss.name} has a negative target value")
+        self.extra_state: dict | None = None  # what train saves in every checkpoint
 
     def extra(self, ss: SeriesSet, future_steps: int = 0):
         """Per series the unscaled columns after the data's: calendar features of its dates
@@ -1025,11 +1172,11 @@ class _Setup:
                           config.hidden, config.layers, config.dropout, config.bidirectional,
                           config.strategy, config.residual, self.season, config.center,
                           future=self.future, n_ids=self.n_ids, id_dim=config.id_embedding,
-                          quantiles=self.levels if config.quantiles else (),
+                          quantiles=self.levels if config.quantile_head() else (),
                           distribution=config.distribution)
 
     def loss(self, config: Config):
-        if config.quantiles:
+        if config.quantile_head():
             return pinball_loss(self.levels)
         if config.distribution != "none":
             return nll_loss(config.distribution)
@@ -1042,7 +1189,7 @@ class _Setup:
 
     def describe(self, config: Config) -> str:
         extras = []
-        if config.quantiles:
+        if config.quantile_head():
             extras.append("quantiles " + ",".join(f"{q:g}" for q in self.levels))
         elif config.distribution != "none":
             extras.append(config.distribution)
@@ -1065,26 +1212,124 @@ def _load(config: Config, data: str | None = None, future_rows: int = 0) -> Seri
                        future_rows=future_rows)
 
 
-def _scored(setup: _Setup, models, scaler: Scaler, w: Windows, levels=()):
-    """Forecasts of the windows on the original scale (one per series and origin ``w.start``),
-    their quantiles (or None), actuals, in-samples (everything before each origin) and the
-    metrics (plus the probabilistic ones for a probabilistic model)."""
-    ss = setup.ss
-    z, zq = ensemble_forecast(models, w, levels)
-    cols = list(ss.target)
+def _original(setup: _Setup, models, scaler: Scaler, w: Windows, levels=(), factors=None):
+    """``(forecasts, quantiles or None)`` of the windows on the original scale, one per window
+    (series ``w.series``, origin ``w.start``)."""
+    z, zq = ensemble_forecast(models, w, levels, factors=factors)
+    cols = list(setup.ss.target)
     pos = [models[0].target.index(c) for c in cols]
-    forecasts, quantiles, actuals, insamples = [], [], [], []
+    forecasts = [scaler.inverse(z[k][:, pos], i, cols) for k, i in enumerate(w.series)]
+    quantiles = (None if zq is None else
+                 [scaler.inverse(zq[k][:, pos], i, cols) for k, i in enumerate(w.series)])
+    return forecasts, quantiles
+
+
+def _score_windows(setup: _Setup, w: Windows, forecasts, quantiles, levels=()):
+    """``(actuals, in-samples (everything before each origin), metrics)`` of forecasts of the
+    windows (plus the probabilistic metrics when ``quantiles`` is not None)."""
+    ss, cols = setup.ss, list(setup.ss.target)
+    actuals, insamples = [], []
     for k, i in enumerate(w.series):
         t = int(w.start[k])
-        forecasts.append(scaler.inverse(z[k][:, pos], i, cols))
-        if zq is not None:
-            quantiles.append(scaler.inverse(zq[k][:, pos], i, cols))
         actuals.append(ss.series[i][t:t + setup.horizon][:, cols])
         insamples.append(ss.series[i][:t][:, cols])
     metrics = score(actuals, forecasts, insamples, setup.season)
-    if zq is not None:
+    if quantiles is not None:
         metrics.update(prob_score(actuals, quantiles, insamples, setup.season, levels))
-    return forecasts, (quantiles if zq is not None else None), actuals, insamples, metrics
+    return actuals, insamples, metrics
+
+
+def _scored(setup: _Setup, models, scaler: Scaler, w: Windows, levels=(), factors=None):
+    """Forecasts of the windows on the original scale (one per series and origin ``w.start``),
+    their quantiles (or None), actuals, in-samples (everything before each origin) and the
+    metrics (plus the probabilistic ones for a probabilistic model)."""
+    forecasts, quantiles = _original(setup, models, scaler, w, levels, factors)
+    actuals, insamples, metrics = _score_windows(setup, w, forecasts, quantiles, levels)
+    return forecasts, quantiles, actuals, insamples, metrics
+
+
+def _calibration(out: Path):
+    """The saved per-level interval offsets of a run (None: not calibrated)."""
+    path = Path(out) / "calibration.json"
+    if not path.is_file():
+        return None
+    import json
+    return json.loads(path.read_text())["offsets"]
+
+
+def _fit_members(config: Config, setup: _Setup, train_data, val_data, epochs=None, *,
+                 out: Path | None = None, resume: bool = False):
+    """Train ``config.ensemble`` members (seeds ``seed``, ``seed + 1``, ...): with ``out``
+    each in its member directory with checkpoints (member 0 writing config.toml at its start);
+    without, in memory for ``epochs[k]`` epochs each, no validation. Returns ``(models, fits)``,
+    or None when training was interrupted."""
+    from ..train import Trainer, seed_everything
+
+    models, fits = [], []
+    for k in range(config.ensemble):
+        seed = config.seed + k
+        seed_everything(seed)
+        model = setup.model(config)
+        if out is None:
+            tconf = config.train_config(seed=seed, epochs=max(1, int(epochs[k])), patience=0,
+                                        progress=False, tensorboard=False)
+            # rank 0 alone (the other processes of a distributed run have returned by now)
+            trainer = Trainer(model, setup.loss(config), tconf, collate=collate,
+                              distributed=False)
+            fit = trainer.fit(train_data, None)
+        else:
+            tconf = config.train_config(seed=seed, **({} if val_data is not None
+                                                     else {"patience": 0}))
+            member = _member_dir(out, k)
+            member.mkdir(parents=True, exist_ok=True)
+            # member 0's start writes config.toml (a resumed run: once its checkpoint was checked)
+            trainer = Trainer(model, setup.loss(config), tconf, collate=collate,
+                              out_dir=member, extra=setup.extra_state,
+                              callback=base.config_writer(config, out) if k == 0 else None)
+            again = resume and (k == 0 or trainer.checkpoint_path.is_file())
+            fit = trainer.fit(train_data, val_data, resume=again)
+        if fit["interrupted"]:
+            return None
+        models.append(trainer.model)
+        fits.append(fit)
+    return models, fits
+
+
+def refit_forecasts(config: Config, setup: _Setup, test_w: Windows, test_start, epochs,
+                    transform: str, factors=None):
+    """Forecasts of the test windows (``(forecasts, quantiles or None)``, original scale, in
+    ``test_w``'s order) from models retrained at each origin: for the ``k``-th origin of every
+    series, a scaler fitted on and a fresh ensemble trained for ``epochs[m]`` epochs on the
+    points before it (targets before it; nothing at or after the origin is read), which then
+    forecast from it."""
+    ss, h = setup.ss, setup.horizon
+    done = {}
+    for k in range(setup.backtest):
+        ends = np.asarray(test_start) + k * h
+        scaler = Scaler(config.data_scaler().kind, value_transform=transform)
+        scaler.fit(ss.series, ends)
+        scaled = [scaler.transform(s[:e + h], i) for i, (s, e) in enumerate(zip(ss.series, ends,
+                                                                            strict=True))]
+        extra = setup.extra(ss)
+        if extra is not None:
+            scaled = [np.concatenate([z, e[:len(z)]], axis=1) for z, e in zip(scaled, extra,
+                                                                              strict=True)]
+        # the targets at and after the origin are not read: NaN there fails loudly if they were
+        cut = [np.where(np.arange(len(z))[:, None] >= e, np.nan, z) for z, e in zip(scaled, ends,
+                                                                                    strict=True)]
+        tr = make_windows(cut, setup.lookback, h, [(0, int(e)) for e in ends], target=ss.target,
+                          min_lookback=setup.min_lookback)
+        te = make_windows(scaled, setup.lookback, h, [(int(e), int(e) + h) for e in ends],
+                          target=ss.target, min_lookback=1)
+        models, _ = _fit_members(config, setup, WindowData(tr, config.strategy, teacher=True,
+                                                          future=setup.future), None, epochs)
+        f, q = _original(setup, models, scaler, te, setup.levels, factors)
+        for j, i in enumerate(te.series):
+            done[(int(i), int(te.start[j]))] = (f[j], None if q is None else q[j])
+    keys = [(int(i), int(t)) for i, t in zip(test_w.series, test_w.start, strict=True)]
+    forecasts = [done[key][0] for key in keys]
+    quantiles = None if setup.levels == [] else [done[key][1] for key in keys]
+    return forecasts, quantiles
 
 
 def _jsonable(d):
@@ -1105,15 +1350,13 @@ def train(config: Config, *, resume: bool = False) -> dict:
     in ``member-1``, ``member-2``... below it)."""
     import time
 
-    from ..train import Trainer, seed_everything
-
     if not isinstance(config, Config):
         raise TypeError(f"config: got {type(config).__name__}, expected forecast.Config")
     ss = _load(config)
     setup = _Setup(config, ss)
     if resume:
         base.check_resume(config, config.out)
-    scaler = Scaler(config.scaler, value_transform=config.value_transform())
+    scaler = config.data_scaler()
     scaled, train_w, val_w, test_w, val_start, test_start = prepare(
         ss, setup.horizon, setup.lookback, setup.min_lookback, scaler, setup.val_fraction,
         setup.backtest, setup.extra(ss))
@@ -1124,43 +1367,43 @@ def train(config: Config, *, resume: bool = False) -> dict:
                          f"min_lookback, horizon or val_fraction")
     out = base.resolve_out(config, "forecast")
     has_val = val_w is not None and len(val_w) > 0
-    extra = {"scaler": scaler.state(), "data": ss.name, **setup.saved()}
+    setup.extra_state = {"scaler": scaler.state(), "data": ss.name, **setup.saved()}
     train_data = WindowData(train_w, config.strategy, teacher=True, future=setup.future)
     val_data = (WindowData(val_w, config.strategy, teacher=False, future=setup.future)
                 if has_val else None)
-    models, fits = [], []
     t0 = time.perf_counter()
-    for k in range(config.ensemble):
-        seed = config.seed + k
-        seed_everything(seed)
-        model = setup.model(config)
-        tconf = config.train_config(seed=seed, **({} if has_val else {"patience": 0}))
-        member = _member_dir(out, k)
-        member.mkdir(parents=True, exist_ok=True)
-        # member 0's start writes config.toml (a resumed run: once its checkpoint was checked)
-        trainer = Trainer(model, setup.loss(config), tconf, collate=collate, out_dir=member,
-                          extra=extra,
-                          callback=base.config_writer(config, out) if k == 0 else None)
-        again = resume and (k == 0 or trainer.checkpoint_path.is_file())
-        fit = trainer.fit(train_data, val_data, resume=again)
-        if fit["interrupted"]:
-            return {"interrupted": True, "out": str(out)}
-        models.append(trainer.model)
-        fits.append(fit)
-    seconds = time.perf_counter() - t0
+    fitted = _fit_members(config, setup, train_data, val_data, out=out, resume=resume)
+    if fitted is None:
+        return {"interrupted": True, "out": str(out)}
+    models, fits = fitted
     if base.other_rank(out) is not None:
         return base.other_rank(out)
     levels = setup.levels or DEFAULT_LEVELS
-    forecasts, quantiles, actuals, insamples, test = _scored(setup, models, scaler, test_w,
-                                                              setup.levels)
-    validation = None
+    validation, factors = None, None
     if has_val:
         # forecasts from the validation part's origins, horizon apart (counted back from its
         # end): comparable across configurations, for choosing one without the test part
         val_origins = make_windows(scaled, setup.lookback, setup.horizon,
                                    list(zip(val_start, test_start, strict=True)),
                                    target=ss.target, min_lookback=1, stride=setup.horizon)
-        validation = _scored(setup, models, scaler, val_origins, setup.levels)[4]
+        if config.calibrate and setup.levels:
+            _, vq = ensemble_forecast(models, val_origins, setup.levels)
+            factors = interval_offsets(vq, val_origins.y, setup.levels,
+                                       median=config.debias)
+        validation = _scored(setup, models, scaler, val_origins, setup.levels, factors)[4]
+    calibration = out / "calibration.json"
+    if factors is not None:
+        base.write_json({"levels": setup.levels, "offsets": factors}, calibration)
+    elif calibration.is_file():
+        calibration.unlink()
+    if config.refit:
+        forecasts, quantiles = refit_forecasts(config, setup, test_w, test_start,
+                                               [f["best_epoch"] or f["epochs_run"] for f in fits],
+                                               scaler.value_transform, factors)
+    else:
+        forecasts, quantiles = _original(setup, models, scaler, test_w, setup.levels, factors)
+    seconds = time.perf_counter() - t0
+    actuals, insamples, test = _score_windows(setup, test_w, forecasts, quantiles, setup.levels)
     names = [b for b in config.baselines if b != "none"]
     bl = baseline_forecasts(insamples, setup.horizon, setup.season, names, levels=levels)
     baselines = {}
@@ -1179,10 +1422,13 @@ def train(config: Config, *, resume: bool = False) -> dict:
                   "train_windows": len(train_w), "val_windows": len(val_w) if has_val else 0,
                   "series": len(ss.series), "horizon": setup.horizon, "season": setup.season,
                   "frequency": ss.freq or "unknown", "lookback": setup.lookback,
+                  "transform": scaler.value_transform,
                   "test_origins": setup.backtest, "test_forecasts": len(test_w),
+                  "refit": config.refit,
                   "val_origins": len(val_origins) if has_val else 0,
                   "ensemble": config.ensemble,
                   "best_epochs": [f["best_epoch"] for f in fits],
+                  "interval_offsets": factors,
                   "parameters": sum(p.numel() for p in models[0].parameters())},
         "note": "; ".join([n for n in [ss.note, *setup.notes] if n]),
     }
@@ -1245,19 +1491,28 @@ def _check_columns(setup: _Setup, ckpt: dict, data: str, name: str = "data") -> 
 def evaluate(out_dir, data: str | None = None) -> dict:
     """The test metrics of the run in ``out_dir`` (its own data, or ``data``: the test part is
     the last ``backtest * horizon`` points of each series there; the run's scaler is kept for
-    its own data, refitted on the new data's training part otherwise)."""
+    its own data, refitted on the new data's training part otherwise). The saved model is
+    scored: the one trained before the validation part (a ``refit`` run's per-origin models
+    are not kept, so its metrics.json test figures can differ)."""
     config, ckpts = _rebuild(out_dir)
     ss = _load(config, data)
     setup = _Setup(config, ss, saved=_saved(ckpts[0]))
     _check_columns(setup, ckpts[0], data or config.data)
     models = [_restored_model(config, setup, c) for c in ckpts]
-    scaler = Scaler(config.scaler, value_transform=config.value_transform())
+    scaler = _fresh_scaler(config, ckpts[0])
     _, _, _, test_w, _, _ = prepare(ss, setup.horizon, setup.lookback, setup.min_lookback,
                                     scaler, setup.val_fraction, setup.backtest, setup.extra(ss))
     if data is None:
         scaler = Scaler.from_state(ckpts[0]["extra"]["scaler"])
-    *_, test = _scored(setup, models, scaler, test_w, setup.levels)
+    *_, test = _scored(setup, models, scaler, test_w, setup.levels, _calibration(out_dir))
     return {"test": _jsonable(test)}
+
+
+def _fresh_scaler(config: Config, ckpt: dict) -> Scaler:
+    """An unfitted scaler of the run's kind with the value transform the run used (what
+    ``transform="auto"`` chose on its own data, not chosen again on new data)."""
+    saved = Scaler.from_state(ckpt["extra"]["scaler"])
+    return Scaler(saved.kind, value_transform=saved.value_transform)
 
 
 def load_run(out_dir) -> tuple[Config, Forecaster, dict]:
@@ -1268,12 +1523,16 @@ def load_run(out_dir) -> tuple[Config, Forecaster, dict]:
         raise FileNotFoundError(f"out_dir: {str(out)!r} has no config.toml; expected a directory "
                                 "written by gyre train forecast")
     config, ckpts = _rebuild(out_dir)
-    if len(ckpts) > 1:
-        raise ValueError(f"out_dir: {str(out)!r} is an ensemble of {len(ckpts)} models, which "
-                         "export and serving (one model) do not cover; train with ensemble=1")
     extra = _saved(ckpts[0])
     setup = _Setup(config, _load(config), saved=extra)
-    return config, _restored_model(config, setup, ckpts[0]), extra
+    model = _restored_model(config, setup, ckpts[0])
+    if len(ckpts) > 1:
+        stream = model.stream_unsupported()
+        raise ValueError(f"out_dir: {str(out)!r} is an ensemble of {len(ckpts)} models, which "
+                         "export and serving (one model) do not cover; train with ensemble=1 "
+                         "(--ensemble 1)" + (f"; gyre serve also needs a model it can step: "
+                                             f"{stream}" if stream else ""))
+    return config, model, extra
 
 
 def stream_io(model: Forecaster, extra: dict):
@@ -1333,8 +1592,7 @@ def predict(out_dir, data_path: str | None = None, *, runtime: str = "torch") ->
     if data_path is None:
         scaler = Scaler.from_state(ckpts[0]["extra"]["scaler"])
     else:
-        scaler = Scaler(config.scaler, value_transform=config.value_transform()).fit(
-            ss.series, ss.lengths)
+        scaler = _fresh_scaler(config, ckpts[0]).fit(ss.series, ss.lengths)
     padded = []
     for i, s in enumerate(ss.series):
         fut = np.zeros((h, ss.num_columns))
@@ -1353,7 +1611,7 @@ def predict(out_dir, data_path: str | None = None, *, runtime: str = "torch") ->
         padded = [np.concatenate([z, e], axis=1) for z, e in zip(padded, extra, strict=True)]
     w = make_windows(padded, setup.lookback, h, [(len(s), len(s) + h) for s in ss.series],
                      target=models[0].target, min_lookback=1)
-    z, zq = ensemble_forecast(models, w, setup.levels, run=run)
+    z, zq = ensemble_forecast(models, w, setup.levels, run=run, factors=_calibration(out_dir))
     rows = []
     for k, i in enumerate(w.series):
         pos = [models[0].target.index(c) for c in ss.target]
@@ -1391,7 +1649,7 @@ def explain_inputs(out_dir, data: str | None = None, samples: int = 8):
     setup = _Setup(config, ss, saved=_saved(ckpts[0]))
     _check_columns(setup, ckpts[0], data or config.data)
     model = _restored_model(config, setup, ckpts[0])
-    scaler = Scaler(config.scaler, value_transform=config.value_transform())
+    scaler = _fresh_scaler(config, ckpts[0])
     *_, test_w, _, _ = prepare(ss, setup.horizon, setup.lookback, setup.min_lookback, scaler,
                                setup.val_fraction, setup.backtest, setup.extra(ss))
     wd = WindowData(test_w, "direct", teacher=False, future=setup.future)
