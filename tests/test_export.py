@@ -194,3 +194,35 @@ def test_forecaster_extras_follow_the_hook_and_export(kw, tmp_path):
     assert y.shape == ((5, 4, 1, 3) if m.probabilistic else (5, 4, 1))
     y_ort, _ = OnnxModel(onnx(m, tmp_path / "m.onnx"))(x, lengths=lengths)
     torch.testing.assert_close(y_ort, y, atol=1e-5, rtol=1e-5)
+
+
+def test_text_runs_export_and_predict_the_same_in_onnxruntime(tmp_path):
+    """sentiment and lm runs: the graph takes token ids (B, T) int64; gyre predict --runtime
+    onnxruntime gives what torch gives."""
+    from gyre.data import text as td
+    from gyre.tasks import lm, sentiment
+    quick = dict(progress=False, tensorboard=False, device="cpu", epochs=1, hidden=8, embed=8,
+                 tokenizer="word", vocab_size=300)
+    run = tmp_path / "sent"
+    sentiment.train(sentiment.Config(out=str(run), max_tokens=32, batch_size=128, **quick))
+    assert main(["export", str(run)]) == 0
+    texts = tmp_path / "few.txt"
+    texts.write_text("\n".join(td.load_sentiment("fine_food").test_texts[:6]))
+    a = sentiment.predict(run, str(texts))
+    b = sentiment.predict(run, str(texts), runtime="onnxruntime")
+    assert [r["label"] for r in a] == [r["label"] for r in b] and len(a) == 6
+    assert max(abs(ra[k] - rb[k]) for ra, rb in zip(a, b, strict=True) for k in ra
+               if k.startswith("prob_")) < 1e-5
+    plays = tmp_path / "play.txt"
+    plays.write_text(td.shakespeare_plays()["macbeth"][:20000])
+    run = tmp_path / "lm"
+    lm.train(lm.Config(data=str(plays), out=str(run), tbptt=40, batch_size=8, ngram_order=0,
+                       **quick))
+    assert main(["export", str(run)]) == 0
+    lines = tmp_path / "lines.txt"
+    lines.write_text("Fair is foul, and foul is fair:\nHover through the fog and filthy air.\n")
+    a = lm.predict(run, str(lines))
+    b = lm.predict(run, str(lines), runtime="onnxruntime")
+    assert len(a) == 2 and [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        assert abs(ra["bits_per_char"] - rb["bits_per_char"]) < 1e-4

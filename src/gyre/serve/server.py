@@ -170,9 +170,7 @@ class StreamServer:
     async def _evictor(self) -> None:
         while True:
             await asyncio.sleep(self.evict_every)
-            for sid in self.s.evict_idle():
-                if sid in self.pending:
-                    self._fail_stream(sid, StreamError(f"stream: {sid!r} was evicted", 404))
+            for _ in self.s.evict_idle(busy=self.pending):  # a stream with steps queued stays
                 self.counts["evicted"] += 1
 
     # -- one request's steps, for both transports ---------------------------------------------

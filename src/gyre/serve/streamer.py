@@ -94,7 +94,10 @@ class Streamer:
         self.rnn: Recurrent = model if isinstance(model, Recurrent) else model.rnn
         self.head = None if model is self.rnn else model.export_head
         self.window = 1 if self.head is None else getattr(model, "stream_window", None)
-        self.input_size = self.rnn.input_size
+        # a model of token ids (export_tokens): a step is one id, embedded by its export_pre
+        self.tokens = self.head is not None and bool(getattr(model, "export_tokens", False))
+        self.vocab = model.embedding.weight.shape[0] if self.tokens else None
+        self.input_size = 1 if self.tokens else self.rnn.input_size
         self.max_streams, self.max_batch, self.max_steps = max_streams, max_batch, max_steps
         self.idle_timeout = float(idle_timeout)
         self.transform_in, self.transform_out = input, output
@@ -136,11 +139,13 @@ class Streamer:
                               f"{self.idle_timeout:g} s idle, or never opened)", 404)
         return st
 
-    def evict_idle(self, now: float | None = None) -> list[str]:
-        """Close every stream idle for longer than ``idle_timeout``; returns their ids."""
+    def evict_idle(self, now: float | None = None, busy=()) -> list[str]:
+        """Close every stream idle for longer than ``idle_timeout`` (its last step or checked
+        request), except those in ``busy`` (steps still queued for them); returns their ids."""
         now = time.monotonic() if now is None else now
         with self.lock:
-            old = [sid for sid, st in self.streams.items() if now - st.last > self.idle_timeout]
+            old = [sid for sid, st in self.streams.items()
+                   if now - st.last > self.idle_timeout and sid not in busy]
             for sid in old:
                 self.free.append(self.streams.pop(sid).slot)
         return old
@@ -173,6 +178,10 @@ class Streamer:
                               f"{self.input_size}", 422)
         if not np.isfinite(t).all():
             raise StreamError("x: got a value that is not a finite number", 422)
+        if self.tokens and ((t != np.floor(t)).any() or t.min() < 0 or t.max() >= self.vocab):
+            raise StreamError(f"x: expected token ids, integers from 0 to {self.vocab - 1} (one "
+                              "per step: [[id], ...])", 422)
+        st.last = time.monotonic()  # a request is activity, even before its steps run
         if self.window is None and st.steps + t.shape[0] > self.max_steps:
             raise StreamError(f"x: the stream would exceed max_steps={self.max_steps} steps "
                               "(the head pools every step so far); open a new stream", 413)
@@ -195,6 +204,8 @@ class Streamer:
             if len(set(idx.tolist())) != len(sts):
                 raise StreamError("step: a stream appears twice in one batch")
             x_in = x if self.transform_in is None else self.transform_in(x)
+            if self.tokens:
+                x_in = self.model.export_pre(x_in.long().view(-1, 1), None)[0][:, 0]
             state = tuple(s.index_select(1, idx) for s in self.states)
             y, new = self.rnn.step(x_in, state[0] if len(state) == 1 else state)
             new = (new,) if isinstance(new, Tensor) else new
