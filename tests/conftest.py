@@ -24,3 +24,15 @@ def _static_backend_choice(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def italy_run(tmp_path_factory):
+    """One small trained classify run (italy_power_demand, 1-layer LSTM of 16, forward only)
+    that the deployment tests (export, prune, quantize) copy instead of each training its own."""
+    from gyre.tasks import classify
+    out = tmp_path_factory.mktemp("italy") / "run"
+    classify.train(classify.Config(data="italy_power_demand", out=str(out), epochs=2, hidden=16,
+                                   bidirectional=False, cell="lstm", dtw=False, progress=False,
+                                   tensorboard=False, device="cpu"))
+    return out

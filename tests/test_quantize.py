@@ -4,6 +4,7 @@ measures metric and time before and after and saves them with the run; bad input
 from __future__ import annotations
 
 import json
+import shutil
 
 import onnx
 import pytest
@@ -12,13 +13,12 @@ pytest.importorskip("onnxruntime")
 
 from gyre import quantize  # noqa: E402
 from gyre.cli import main  # noqa: E402
-from gyre.tasks import classify, forecast  # noqa: E402
+from gyre.tasks import forecast  # noqa: E402
 
 
-def test_gyre_quantize_on_a_classify_run(tmp_path, capsys):
-    cfg = classify.Config(data="italy_power_demand", out=str(tmp_path / "run"), epochs=2,
-                          hidden=16, dtw=False, progress=False, tensorboard=False, device="cpu")
-    m = classify.train(cfg)
+def test_gyre_quantize_on_a_classify_run(italy_run, tmp_path, capsys):
+    shutil.copytree(italy_run, tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert main(["quantize", str(tmp_path / "run"), "--threads", "1"]) == 0
     res = json.loads((tmp_path / "run" / "quantize.json").read_text())
     rows = res["rows"]

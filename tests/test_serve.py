@@ -367,7 +367,7 @@ def test_the_server_killed_under_load_exits_and_frees_its_port():
 
     try:
         answered = asyncio.run(load())
-        assert proc.wait(15) == 0
+        assert proc.wait(60) == 0  # its shutdown bound is 2 s; the rest is leaving Python
     finally:
         if proc.poll() is None:
             proc.kill()
