@@ -33,6 +33,7 @@ def italy_run(tmp_path_factory):
     from gyre.tasks import classify
     out = tmp_path_factory.mktemp("italy") / "run"
     classify.train(classify.Config(data="italy_power_demand", out=str(out), epochs=2, hidden=16,
-                                   bidirectional=False, cell="lstm", dtw=False, progress=False,
+                                   bidirectional=False, cell="lstm", dtw=False, minirocket=False,
+                                   progress=False,
                                    tensorboard=False, device="cpu"))
     return out
