@@ -37,3 +37,15 @@ def italy_run(tmp_path_factory):
                                    progress=False,
                                    tensorboard=False, device="cpu"))
     return out
+
+
+@pytest.fixture(scope="session")
+def airline_run(tmp_path_factory):
+    """One small trained forecast run (airline, LSTM of 8, seasonal residual, the naive baseline
+    only) that the deployment tests (export, quantize) copy."""
+    from gyre.tasks import forecast
+    out = tmp_path_factory.mktemp("airline") / "run"
+    forecast.train(forecast.Config(data="airline", out=str(out), hidden=8, epochs=2, patience=0,
+                                   residual="seasonal", baselines=["naive"], progress=False,
+                                   tensorboard=False, device="cpu"))
+    return out

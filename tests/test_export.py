@@ -167,11 +167,8 @@ def test_classify_run_exports_and_predicts_the_same_in_onnxruntime(italy_run, tm
     assert "gyre: error: opset: got 3" in capsys.readouterr().err
 
 
-def test_forecast_run_exports_with_its_head(tmp_path):
-    cfg = F.Config(data="airline", out=str(tmp_path / "run"), hidden=8, epochs=2, patience=0,
-                   residual="seasonal", baselines=["naive"], progress=False, tensorboard=False,
-                   device="cpu")
-    F.train(cfg)
+def test_forecast_run_exports_with_its_head(airline_run, tmp_path):
+    shutil.copytree(airline_run, tmp_path / "run")
     assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "run" / "model.onnx")]) == 0
     a = F.predict(tmp_path / "run")
     b = F.predict(tmp_path / "run", runtime="onnxruntime")

@@ -22,6 +22,7 @@ reports them):
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1065,12 +1066,13 @@ def _load(config: Config, data: str | None = None, future_rows: int = 0) -> Seri
                        future_rows=future_rows)
 
 
-def _scored(setup: _Setup, models, scaler: Scaler, w: Windows, levels=()):
+def _scored(setup: _Setup, models, scaler: Scaler, w: Windows, levels=(), run=None):
     """Forecasts of the windows on the original scale (one per series and origin ``w.start``),
     their quantiles (or None), actuals, in-samples (everything before each origin) and the
-    metrics (plus the probabilistic ones for a probabilistic model)."""
+    metrics (plus the probabilistic ones for a probabilistic model). ``run``: see
+    :func:`ensemble_forecast`."""
     ss = setup.ss
-    z, zq = ensemble_forecast(models, w, levels)
+    z, zq = ensemble_forecast(models, w, levels, run=run)
     cols = list(ss.target)
     pos = [models[0].target.index(c) for c in cols]
     forecasts, quantiles, actuals, insamples = [], [], [], []
@@ -1258,6 +1260,25 @@ def evaluate(out_dir, data: str | None = None) -> dict:
         scaler = Scaler.from_state(ckpts[0]["extra"]["scaler"])
     *_, test = _scored(setup, models, scaler, test_w, setup.levels)
     return {"test": _jsonable(test)}
+
+
+def score_test(out_dir, run=None) -> tuple[dict, float]:
+    """``(test metrics, seconds of the forward over the test windows)`` of a one-model run, as
+    :func:`evaluate` scores it (``gyre quantize``); ``run``: what computes the model's forward
+    instead (e.g. an :class:`gyre.export.OnnxModel` of its export)."""
+    config, model, extra = load_run(out_dir)
+    setup = _Setup(config, _load(config), saved=extra)
+    scaler = Scaler(config.scaler, value_transform=config.value_transform())
+    _, _, _, test_w, _, _ = prepare(setup.ss, setup.horizon, setup.lookback, setup.min_lookback,
+                                    scaler, setup.val_fraction, setup.backtest,
+                                    setup.extra(setup.ss))
+    forecast_windows(model, test_w, run=run)  # warm-up (a compiled kernel's first call)
+    start = time.perf_counter()
+    forecast_windows(model, test_w, run=run)
+    seconds = time.perf_counter() - start
+    *_, test = _scored(setup, [model], Scaler.from_state(extra["scaler"]), test_w, setup.levels,
+                       run=run)
+    return _jsonable(test), seconds
 
 
 def load_run(out_dir) -> tuple[Config, Forecaster, dict]:
