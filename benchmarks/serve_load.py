@@ -23,7 +23,8 @@ no open stream, nothing queued and no socket (killed streams are evicted after 2
 Only answered requests (200) count as steps; any other answer is listed under ``errors``.
 ``--server-kill``: at the end, the server gets SIGTERM under load (256 streams): it must exit
 within its 5 s shutdown bound, every client must get an answer or an error (none hangs), and
-the port must be free again.
+the port must be free again. ``PROFILE=FILE`` in the environment runs the server under cProfile
+(its stats written to FILE when the server stops).
 """
 
 from __future__ import annotations

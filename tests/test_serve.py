@@ -345,34 +345,36 @@ def test_the_server_killed_under_load_exits_and_frees_its_port():
                     break
                 except aiohttp.ClientError:
                     await asyncio.sleep(0.1)
-            answered = []
+            answered, ended = [0] * 24, []
 
-            async def one():
+            async def one(i):
                 sid = (await (await http.post("/streams")).json())["id"]
-                n = 0
                 try:
                     while True:
                         async with http.post(f"/streams/{sid}/steps",
                                              json={"x": [[0.1, 0.2, 0.3]]}) as r:
                             assert r.status in (200, 503), r.status
-                            n += r.status == 200
+                            answered[i] += r.status == 200
                 except aiohttp.ClientError:
-                    answered.append(n)
+                    ended.append(i)
 
-            clients = [asyncio.ensure_future(one()) for _ in range(24)]
-            await asyncio.sleep(1.0)
+            clients = [asyncio.ensure_future(one(i)) for i in range(24)]
+            for _ in range(600):  # every stream is under way
+                if min(answered) > 0:
+                    break
+                await asyncio.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(asyncio.gather(*clients), 30)
-            return answered
+            return answered, ended
 
     try:
-        answered = asyncio.run(load())
+        answered, ended = asyncio.run(load())
         assert proc.wait(60) == 0  # its shutdown bound is 2 s; the rest is leaving Python
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert len(answered) == 24 and min(answered) > 0
+    assert sorted(ended) == list(range(24)) and min(answered) > 0
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
