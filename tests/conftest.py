@@ -32,10 +32,11 @@ def italy_run(tmp_path_factory):
     that the deployment tests (export, prune, quantize) copy instead of each training its own."""
     from gyre.tasks import classify
     out = tmp_path_factory.mktemp("italy") / "run"
-    classify.train(classify.Config(data="italy_power_demand", out=str(out), epochs=2, hidden=16,
-                                   bidirectional=False, cell="lstm", dtw=False, minirocket=False,
-                                   progress=False,
-                                   tensorboard=False, device="cpu"))
+    with _one_thread():
+        classify.train(classify.Config(data="italy_power_demand", out=str(out), epochs=2, hidden=16,
+                                       bidirectional=False, cell="lstm", dtw=False,
+                                       minirocket=False, progress=False, tensorboard=False,
+                                       device="cpu"))
     return out
 
 
@@ -45,7 +46,20 @@ def airline_run(tmp_path_factory):
     only) that the deployment tests (export, quantize) copy."""
     from gyre.tasks import forecast
     out = tmp_path_factory.mktemp("airline") / "run"
-    forecast.train(forecast.Config(data="airline", out=str(out), hidden=8, epochs=2, patience=0,
-                                   residual="seasonal", baselines=["naive"], progress=False,
-                                   tensorboard=False, device="cpu"))
+    with _one_thread():
+        forecast.train(forecast.Config(data="airline", out=str(out), hidden=8, epochs=2,
+                                       patience=0, residual="seasonal", baselines=["naive"],
+                                       progress=False, tensorboard=False, device="cpu"))
     return out
+
+
+class _one_thread:
+    """Train the shared runs on one torch thread (two threads on two busy cores wait on each
+    other far longer than they compute)."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)

@@ -157,10 +157,15 @@ def prune_run(task, out_dir, sparsities, *, structured_units: bool = False, epoc
     from .tasks import base
     if not hasattr(task, "finetune"):
         raise ValueError(f"prune: task {task.__name__.rsplit('.', 1)[-1]!r} has no finetune(); "
-                         "pruning is available for classify runs")
+                         "pruning is available for classify runs (and forecast runs, per weight)")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs: got {epochs!r}, expected an int >= 1 (fine-tune epochs)")
     sparsities = [_check_sparsity(s) for s in sparsities]
+    name = task.__name__.rsplit(".", 1)[-1]
+    if structured_units and name == "forecast":
+        raise ValueError("structured: a forecast run's head reads the recurrence's output beside "
+                         "its other inputs, which structured pruning does not map yet; prune "
+                         "forecast runs per weight (without --structured)")
     config, model, extra = task.load_run(out_dir)
     if not isinstance(getattr(model, "rnn", None), Recurrent):
         raise ValueError(f"prune: the run's model is {type(model).__name__}, which has no "
@@ -197,8 +202,9 @@ def prune_run(task, out_dir, sparsities, *, structured_units: bool = False, epoc
                      "speedup": round(base_s / seconds, 3), "run": str(sub)})
     dest.mkdir(parents=True, exist_ok=True)
     base.write_json(rows, dest / f"prune-{kind}.json")
-    metric = next(k for k in rows[0] if k not in ("kind", "sparsity", "hidden", "weight_sparsity",
-                                                  "parameters", "run", "test_seconds", "speedup"))
+    metric = "mase" if "mase" in rows[0] else next(
+        k for k in rows[0] if k not in ("kind", "sparsity", "hidden", "weight_sparsity",
+                                        "parameters", "run", "test_seconds", "speedup"))
     plot(rows, metric, dest / f"prune-{kind}.png", f"{kind} pruning: test {metric} vs sparsity")
     cols = ["sparsity", "hidden", "weight_sparsity", "parameters", metric, "test_seconds",
             "speedup"]

@@ -1281,6 +1281,31 @@ def score_test(out_dir, run=None) -> tuple[dict, float]:
     return _jsonable(test), seconds
 
 
+def finetune(model: Forecaster, config: Config, extra: dict) -> None:
+    """Train ``model`` (e.g. a pruned one) for ``config.epochs`` on the run's training windows
+    into the new run directory ``config.out`` (config.toml and checkpoint, as gyre train writes
+    them), keeping ``extra`` (scaler, shapes); validation as the run had it."""
+    from ..train import Trainer, seed_everything
+    ss = _load(config)
+    setup = _Setup(config, ss, saved=extra)
+    scaler = Scaler(config.scaler, value_transform=config.value_transform())
+    _, train_w, val_w, *_ = prepare(ss, setup.horizon, setup.lookback, setup.min_lookback,
+                                    scaler, setup.val_fraction, setup.backtest, setup.extra(ss))
+    has_val = val_w is not None and len(val_w) > 0
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base.write_config(config, out / "config.toml")
+    seed_everything(config.seed)
+    trainer = Trainer(model, setup.loss(config),
+                      config.train_config(seed=config.seed, **({} if has_val else {"patience": 0})),
+                      collate=collate, out_dir=out, extra=extra)
+    fit = trainer.fit(WindowData(train_w, config.strategy, teacher=True, future=setup.future),
+                      WindowData(val_w, config.strategy, teacher=False, future=setup.future)
+                      if has_val else None)
+    if fit["interrupted"]:
+        raise KeyboardInterrupt
+
+
 def load_run(out_dir) -> tuple[Config, Forecaster, dict]:
     """``(config, model with the restored weights, checkpoint extra)`` from a run directory
     (export and serving take one model: an ensemble run is refused)."""
