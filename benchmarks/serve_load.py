@@ -1,94 +1,193 @@
-"""Load test of ``gyre serve``'s server: N concurrent HTTP clients on 127.0.0.1, each one stream
-sending one step per request, beside the same model stepped one stream at a time in process.
+"""Load test of ``gyre serve``'s server: N concurrent streams on 127.0.0.1, each a client sending
+k steps per request over HTTP (``POST /streams/{id}/steps``) or WebSocket (``/streams/{id}/ws``),
+beside the same model stepped one stream at a time in process.
 
-    .venv/bin/python benchmarks/serve_load.py [--clients 1,16,256,1024] [--seconds 10]
-                                              [--hidden 128] [--input 16] [--json FILE]
+    .venv/bin/python benchmarks/serve_load.py [--clients 1,16,256,1024] [--seconds 8]
+        [--steps 1,8] [--transport http,ws] [--rate 0] [--client-procs 2]
+        [--hidden 128] [--input 16] [--json FILE] [--server-kill]
 
-The server (a 1-layer LSTM, seeded, in its own process with ``torch.set_num_threads(1)``) is the
-same :class:`gyre.serve.StreamServer` that ``gyre serve`` runs. Per N it reports stream-steps
-per second, request latency p50/p99 and the server's mean batch size. In every round a tenth of
-the clients (at least one when N > 1) are killed mid-stream (their connection dropped while a
-request is pending); every surviving stream's outputs are then checked against running its
-whole sequence offline, and the server must end with no open streams (all closed or evicted).
+The server (a 1-layer LSTM, seeded, ``torch.set_num_threads(1)``) is the same
+:class:`gyre.serve.StreamServer` that ``gyre serve`` runs, in its own process; the clients run in
+``--client-procs`` other processes (aiohttp client, uvloop), each holding its share of the
+streams, so the load generator's own cost is apart from the server's and measured (CPU seconds
+of each side per round). ``--rate 0``: closed loop, each stream sends its next request when the
+answer came; ``--rate R``: each stream offers R steps per second (a request of k steps every
+k/R s, random phase; a late stream sends at once and does not catch up), latency measured from
+the moment the request is sent.
+
+Per round: stream-steps per second, request latency p50/p99, the server's mean batch size and
+the load average. In every round with N > 1 a tenth of the streams run in one more client
+process that is killed (SIGKILL) mid-round; a sample of the surviving streams' outputs is then
+checked against running their whole sequences offline, and the server must end the round with
+no open stream, nothing queued and no socket (killed streams are evicted after 20 s idle).
+Only answered requests (200) count as steps; any other answer is listed under ``errors``.
+``--server-kill``: at the end, the server gets SIGTERM under load (256 streams): it must exit
+within its 5 s shutdown bound, every client must get an answer or an error (none hangs), and
+the port must be free again. ``PROFILE=FILE`` in the environment runs the server under cProfile
+(its stats written to FILE when the server stops).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import multiprocessing as mp
+import os
 import random
 import resource
+import signal
 import socket
 import sys
 import time
 import urllib.request
 
-import torch
+import numpy as np
+
+SAMPLE = 16  # streams per client process whose steps are kept for the offline check
+IDLE = 20.0  # the server's idle timeout: longer than opening 1024 streams takes on a busy machine
 
 
 def _model(input_size: int, hidden: int):
+    import torch
+
     from gyre.nn import LSTM
     torch.manual_seed(0)
     return LSTM(input_size, hidden).eval()
 
 
+def _orphan_guard() -> None:
+    """Exit when the parent (the benchmark) is gone, however it ended."""
+    import threading
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _server(port: int, input_size: int, hidden: int, ready) -> None:
+    _orphan_guard()
+    import torch
     torch.set_num_threads(1)
     from gyre.serve import Streamer, StreamServer, serve
-    s = Streamer(_model(input_size, hidden), max_streams=4096, max_batch=1024, idle_timeout=5.0)
+    s = Streamer(_model(input_size, hidden), max_streams=4096, max_batch=1024, idle_timeout=IDLE)
     warm = s.open()  # the first step compiles the streaming kernel (minutes when not cached)
     s.step({warm: torch.zeros(1, input_size)})
     s.close(warm)
     server = StreamServer(s, max_wait=0.002, max_queue=1 << 20, evict_every=0.5)
     ready.set()
+    if os.environ.get("PROFILE"):
+        import cProfile
+        cProfile.runctx("serve(server, '127.0.0.1', port)", globals(), locals(),
+                        os.environ["PROFILE"])
+        return
     serve(server, "127.0.0.1", port)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _round(url: str, n: int, seconds: float, input_size: int, seed: int):
+async def _clients(url, n, seconds, k, rate, transport, input_size, seed, keep, ready, go):
+    """``n`` streams; each opens, tells ``ready``, waits for ``go``, then runs ``seconds``."""
     import aiohttp
+    import orjson
     rng = random.Random(seed)
     lat: list[float] = []
-    kept: list[tuple[torch.Tensor, list]] = []
-    n_kill = 0 if n == 1 else max(1, n // 10)
-    stop = time.perf_counter() + seconds
-    conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(url, connector=conn) as http:
-        async def client(i: int):
-            sid = (await (await http.post("/streams")).json())["id"]
-            xs, ys = [], []
-            kill_at = rng.randint(2, 20) if i < n_kill else None
-            while time.perf_counter() < stop:
-                x = [rng.gauss(0, 1) for _ in range(input_size)]
-                t0 = time.perf_counter()
-                if kill_at is not None and len(xs) == kill_at:
-                    # drop the connection while the request is pending: the server must carry on
-                    task = asyncio.ensure_future(http.post(f"/streams/{sid}/steps", json={"x": [x]}))
-                    await asyncio.sleep(0.001)
-                    task.cancel()
-                    return
-                async with http.post(f"/streams/{sid}/steps", json={"x": [x]}) as r:
-                    body = await r.json()
-                    if r.status != 200:
-                        raise RuntimeError(f"status {r.status}: {body}")
-                lat.append(time.perf_counter() - t0)
-                xs.append(x)
-                ys.append(body["y"][0])
-            await http.delete(f"/streams/{sid}")
-            kept.append((torch.tensor(xs), ys))
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
+    errors = collections.Counter()
+    loop = asyncio.get_running_loop()
+    started = loop.create_future()
+    stop = [0.0]
+    opened = [0]
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(i) for i in range(n)), return_exceptions=False)
-        wall = time.perf_counter() - t0
-        metrics = await (await http.get("/metrics")).json()
-    return lat, kept, wall, metrics
+    async def begin():
+        await loop.run_in_executor(None, go.wait)
+        stop[0] = time.perf_counter() + seconds
+        started.set_result(None)
+
+    async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=0)) as http:
+        async def one(i: int):
+            try:
+                async with http.post("/streams") as r:
+                    sid = (await r.json())["id"]
+                ws = await http.ws_connect(f"/streams/{sid}/ws") if transport == "ws" else None
+            except (TimeoutError, aiohttp.ClientError, ConnectionError) as e:
+                errors[type(e).__name__] += 1
+                sid = ws = None
+            opened[0] += 1
+            if opened[0] == n:
+                ready.put(n)
+            await started
+            if sid is None:
+                return
+            xs, ys = [], []
+            period = k / rate if rate else 0.0
+            due = time.perf_counter() + rng.random() * period
+            try:
+                while time.perf_counter() < stop[0]:
+                    if period:
+                        now = time.perf_counter()
+                        if due > now:
+                            await asyncio.sleep(due - now)
+                        due = max(due + period, time.perf_counter())
+                        if time.perf_counter() >= stop[0]:
+                            break
+                    x = [[rng.gauss(0, 1) for _ in range(input_size)] for _ in range(k)]
+                    body = orjson.dumps({"x": x})
+                    t0 = time.perf_counter()
+                    if ws is None:
+                        async with http.post(f"/streams/{sid}/steps", data=body,
+                                             headers={"Content-Type": "application/json"}) as r:
+                            out = orjson.loads(await r.read())
+                            status = r.status
+                    else:
+                        await ws.send_bytes(body)
+                        msg = await ws.receive()
+                        if msg.type != aiohttp.WSMsgType.TEXT:
+                            raise ConnectionError(f"socket: got {msg.type.name}")
+                        out = orjson.loads(msg.data)
+                        status = out.get("status", 200)
+                    if status != 200:
+                        errors[status] += 1
+                        continue
+                    lat.append(time.perf_counter() - t0)
+                    if i < keep:
+                        xs += x
+                        ys += out["y"]
+            except (TimeoutError, aiohttp.ClientError, ConnectionError) as e:
+                errors[type(e).__name__] += 1
+                return
+            if ws is not None:
+                await ws.close()
+            async with http.delete(f"/streams/{sid}"):
+                pass
+            if xs:
+                kept.append((np.array(xs, np.float32), np.array(ys, np.float32)))
+
+        await asyncio.gather(begin(), *(one(i) for i in range(n)))
+    return lat, kept, dict(errors)
+
+
+def _client_proc(args, out) -> None:
+    _orphan_guard()
+    try:
+        import uvloop
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    t0 = resource.getrusage(resource.RUSAGE_SELF)
+    res = loop.run_until_complete(_clients(*args))
+    t1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = t1.ru_utime + t1.ru_stime - t0.ru_utime - t0.ru_stime
+    out.put((res[0], res[1], res[2], cpu))
 
 
 def _quantile(v, q):
@@ -96,10 +195,106 @@ def _quantile(v, q):
     return v[min(len(v) - 1, int(q * len(v)))] if v else float("nan")
 
 
+def _round(ctx, url, server_pid, n, a, k, rate, transport, model):
+    import torch
+    procs = min(a.client_procs, n)
+    n_kill = 0 if n == 1 else max(1, n // 10)
+    n_live = n - n_kill
+    q, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    shares = [n_live // procs + (i < n_live % procs) for i in range(procs)]
+    ps = [ctx.Process(target=_client_proc, args=((url, m, a.seconds, k, rate, transport,
+                                                  a.input, 1000 * n + i, SAMPLE, ready, go), q))
+          for i, m in enumerate(shares)]
+    victim = None
+    if n_kill:
+        victim = ctx.Process(target=_client_proc, args=((url, n_kill, a.seconds, k, rate,
+                                                         transport, a.input, 7, 0, ready, go), q))
+        ps.append(victim)
+    for p in ps:
+        p.start()
+    for _ in ps:  # every stream is open (and its socket connected) before the clock starts
+        ready.get(timeout=300)
+    load0 = os.getloadavg()[0]
+    cpu0 = _cpu(server_pid)
+    go.set()
+    start = time.time()
+    if victim is not None:
+        time.sleep(a.seconds * random.Random(n).uniform(0.3, 0.6))
+        victim.kill()  # a client killed mid-stream: its connections drop, requests pending
+    results = [q.get(timeout=a.seconds + 120) for _ in range(len(ps) - (victim is not None))]
+    wall = time.time() - start
+    cpu_server = _cpu(server_pid) - cpu0
+    for p in ps:
+        p.join(30)
+    lat = [t for r in results for t in r[0]]
+    errors: dict = {}
+    for r in results:
+        for e, c in r[2].items():
+            errors[e] = errors.get(e, 0) + c
+    worst = 0.0
+    for r in results:
+        for xs, ys in r[1]:
+            with torch.no_grad():
+                want = model(torch.from_numpy(xs)[:, None])[0][:, 0].numpy()
+            worst = max(worst, float(np.abs(ys - want).max()))
+    for _ in range(int(IDLE * 2) + 20):  # the killed streams are evicted after IDLE s idle
+        with urllib.request.urlopen(url + "/metrics") as r:
+            m = json.loads(r.read())
+        if not m["active_streams"]:
+            break
+        time.sleep(0.5)
+    row = {"transport": transport, "clients": n, "steps_per_request": k,
+           "offered_steps_per_s_per_stream": rate or "closed loop",
+           "steps_per_s": round(len(lat) * k / wall), "p50_ms": round(1000 * _quantile(lat, 0.5), 2),
+           "p99_ms": round(1000 * _quantile(lat, 0.99), 2), "requests": len(lat),
+           "killed_streams": n_kill, "errors": errors, "server_cpu_s": round(cpu_server, 2),
+           "client_cpu_s": round(sum(r[3] for r in results), 2), "seconds": round(wall, 2),
+           "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
+           "checked_streams": sum(len(r[1]) for r in results), "max_abs_err_vs_offline": worst,
+           "after": {key: m[key] for key in ("active_streams", "queued_steps",
+                                             "pending_streams", "sockets")}}
+    return row
+
+
+def _server_kill(ctx, url, proc, a) -> dict:
+    """SIGTERM under load: the server exits within its shutdown bound and frees the port;
+    every client ends with an answer or an error."""
+    n = 256
+    q, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    ps = [ctx.Process(target=_client_proc, args=((url, n // 2, 30.0, 1, 0, "http", a.input,
+                                                  i, 0, ready, go), q)) for i in range(2)]
+    for p in ps:
+        p.start()
+    for _ in ps:
+        ready.get(timeout=300)
+    go.set()
+    time.sleep(2.0)
+    t0 = time.time()
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(15)
+    exit_s = time.time() - t0
+    results = [q.get(timeout=60) for _ in ps]
+    for p in ps:
+        p.join(10)
+    port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as sock:  # a new server can listen there (raises if not)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+    errors: dict = {}
+    for r in results:
+        for e, c in r[2].items():
+            errors[e] = errors.get(e, 0) + c
+    return {"server_exit_s": round(exit_s, 2), "exitcode": proc.exitcode,
+            "answered_before": sum(len(r[0]) for r in results), "client_errors": errors,
+            "clients_all_returned": all(not p.is_alive() for p in ps), "port_free": True}
+
+
 def _one_at_a_time(input_size: int, hidden: int, seconds: float) -> float:
     """Stream-steps per second of the same model, one stream stepped at a time (B=1)."""
+    import torch
+
     from gyre.serve import Streamer
-    torch.set_num_threads(1)
     s = Streamer(_model(input_size, hidden))
     sid = s.open()
     x = torch.randn(1, input_size)
@@ -113,8 +308,9 @@ def _one_at_a_time(input_size: int, hidden: int, seconds: float) -> float:
 
 
 def _in_process_batched(input_size: int, hidden: int, streams: int, seconds: float) -> float:
+    import torch
+
     from gyre.serve import Streamer
-    torch.set_num_threads(1)
     s = Streamer(_model(input_size, hidden), max_streams=streams, max_batch=streams)
     ids = [s.open() for _ in range(streams)]
     x = torch.randn(streams, input_size)
@@ -130,20 +326,27 @@ def _in_process_batched(input_size: int, hidden: int, streams: int, seconds: flo
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clients", default="1,16,256,1024")
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--steps", default="1,8", help="steps per request, comma separated")
+    p.add_argument("--transport", default="http,ws")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="steps per second each stream offers (0: closed loop)")
+    p.add_argument("--client-procs", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--input", type=int, default=16)
     p.add_argument("--json", default=None)
+    p.add_argument("--server-kill", action="store_true")
     a = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(1)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    counts = [int(c) for c in a.clients.split(",")]
     port = _free_port()
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
     proc = ctx.Process(target=_server, args=(port, a.input, a.hidden, ready), daemon=True)
     proc.start()
-    rows = []
+    rows, kill = [], None
     try:
         ready.wait(600)
         url = f"http://127.0.0.1:{port}"
@@ -154,34 +357,21 @@ def main(argv=None) -> int:
             except OSError:
                 time.sleep(0.1)
         model = _model(a.input, a.hidden)
-        prev = {"batches": 0, "steps": 0}
-        for n in counts:
-            lat, kept, wall, m = asyncio.run(_round(url, n, a.seconds, a.input, n))
-            worst = 0.0
-            for xs, ys in kept:
-                if len(ys):
-                    with torch.no_grad():
-                        want = model(xs[:, None])[0][:, 0]
-                    worst = max(worst, float((torch.tensor(ys) - want).abs().max()))
-            steps = len(lat)
-            batches = m["batches"] - prev["batches"]
-            served = m["steps"] - prev["steps"]
-            prev = m
-            time.sleep(6.0)  # the killed streams are evicted after 5 s idle
-            with urllib.request.urlopen(url + "/metrics") as r:
-                after = json.loads(r.read())
-            row = {"clients": n, "seconds": round(wall, 2), "steps_per_s": round(steps / wall),
-                   "p50_ms": round(1000 * _quantile(lat, 0.5), 2),
-                   "p99_ms": round(1000 * _quantile(lat, 0.99), 2),
-                   "mean_batch": round(served / batches, 1) if batches else None,
-                   "killed": 0 if n == 1 else max(1, n // 10),
-                   "max_abs_err_vs_offline": worst, "open_streams_after": after["active_streams"]}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            assert worst < 1e-4, "a surviving stream's outputs differ from running it offline"
-            assert after["active_streams"] == 0, "streams leaked"
+        for transport in a.transport.split(","):
+            for k in (int(v) for v in a.steps.split(",")):
+                for n in (int(c) for c in a.clients.split(",")):
+                    row = _round(ctx, url, proc.pid, n, a, k, a.rate, transport, model)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    assert row["max_abs_err_vs_offline"] < 1e-4, \
+                        "a surviving stream's outputs differ from running it offline"
+                    assert not any(row["after"].values()), "streams or requests leaked"
+        if a.server_kill:
+            kill = _server_kill(ctx, url, proc, a)
+            print(json.dumps({"server_kill": kill}), flush=True)
     finally:
-        proc.terminate()
+        if proc.is_alive():
+            proc.terminate()
         proc.join(10)
     single = _one_at_a_time(a.input, a.hidden, min(a.seconds, 5))
     batched = _in_process_batched(a.input, a.hidden, 1024, min(a.seconds, 5))
@@ -190,8 +380,15 @@ def main(argv=None) -> int:
     print(json.dumps(extra))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"rows": rows, **extra, "hidden": a.hidden, "input": a.input}, f, indent=2)
+            json.dump({"rows": rows, "server_kill": kill, **extra, "hidden": a.hidden,
+                       "input": a.input, "argv": sys.argv[1:]}, f, indent=2)
     return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import pathlib
+import shutil
 
 import pytest
 import torch
@@ -48,8 +49,10 @@ def test_every_cell_exports_and_matches_onnxruntime(name, tmp_path):
     torch.manual_seed(0)
     cell = user_cell.MIRNN() if name.startswith("user:") else name
     for layers, bi, lens, batch_first in ((1, False, False, False), (2, True, True, True)):
+        # gyre's side on the reference loop: no fused kernel to compile per cell here (the
+        # backends' equality is test_fused's and test_cells')
         m = Recurrent(cell, 3, 5, layers, bidirectional=bi, batch_first=batch_first,
-                      residual=layers > 1).eval()
+                      residual=layers > 1, backend="reference").eval()
         path = onnx(m, tmp_path / f"{layers}{bi}.onnx", lengths=lens)
         ops = _ops(path)
         if name in NATIVE:
@@ -130,37 +133,42 @@ def _wide_csv(path, rows):
             w.writerow(["?"] + [f"{v:.6f}" for v in r])
 
 
-def test_classify_run_exports_and_predicts_the_same_in_onnxruntime(tmp_path, capsys):
+def test_framed_classifier_exports_with_its_head(tmp_path):
+    """frame=5: export_pre's framing (and its lengths) is in the graph."""
+    m = classify.RecurrentClassifier("lstm", 2, 3, 8, 1, False, head="last+mean", frame=5).eval()
+    x, n = torch.randn(4, 23, 2), torch.tensor([23, 5, 11, 1])
+    with torch.no_grad():
+        want = m(x, lengths=n)[0]
+    torch.testing.assert_close(OnnxModel(onnx(m, tmp_path / "m.onnx"))(x, lengths=n)[0], want,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_classify_run_exports_and_predicts_the_same_in_onnxruntime(italy_run, tmp_path, capsys):
     from gyre.data import classification as cd
-    cfg = classify.Config(data="italy_power_demand", out=str(tmp_path / "run"), epochs=1, hidden=8,
-                          dtw=False, progress=False, tensorboard=False, device="cpu",
-                          cell="lstm", frame=5)
-    classify.train(cfg)
-    assert main(["export", str(tmp_path / "run")]) == 0
-    assert (tmp_path / "run" / "model.onnx").is_file()
+    run = tmp_path / "run"
+    shutil.copytree(italy_run, run)
+    assert main(["export", str(run)]) == 0
+    assert (run / "model.onnx").is_file()
     d = cd.load("italy_power_demand")
     data = tmp_path / "some.csv"
     _wide_csv(data, [x[:, 0] for x in d.X_test[:20]])
-    a = classify.predict(tmp_path / "run", str(data))
-    b = classify.predict(tmp_path / "run", str(data), runtime="onnxruntime")
+    a = classify.predict(run, str(data))
+    b = classify.predict(run, str(data), runtime="onnxruntime")
     assert [r["label"] for r in a] == [r["label"] for r in b]
     for ra, rb in zip(a, b, strict=True):
         for k in ra:
             if k.startswith("prob_"):
                 assert abs(ra[k] - rb[k]) < 1e-5
     capsys.readouterr()
-    assert main(["predict", str(tmp_path / "run"), str(data), "--runtime", "onnxruntime"]) == 0
+    assert main(["predict", str(run), str(data), "--runtime", "onnxruntime"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 21 and out[1].split(",")[1] == a[0]["label"]
-    assert main(["export", str(tmp_path / "run"), "--opset", "3"]) == 2
+    assert main(["export", str(run), "--opset", "3"]) == 2
     assert "gyre: error: opset: got 3" in capsys.readouterr().err
 
 
-def test_forecast_run_exports_with_its_head(tmp_path):
-    cfg = F.Config(data="airline", out=str(tmp_path / "run"), hidden=8, epochs=2, patience=0,
-                   residual="seasonal", ensemble=1, refit=False, progress=False,
-                   tensorboard=False, device="cpu")
-    F.train(cfg)
+def test_forecast_run_exports_with_its_head(airline_run, tmp_path):
+    shutil.copytree(airline_run, tmp_path / "run")
     assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "run" / "model.onnx")]) == 0
     a = F.predict(tmp_path / "run")
     b = F.predict(tmp_path / "run", runtime="onnxruntime")
@@ -195,3 +203,43 @@ def test_forecaster_extras_follow_the_hook_and_export(kw, tmp_path):
     assert y.shape == ((5, 4, 1, 3) if m.probabilistic else (5, 4, 1))
     y_ort, _ = OnnxModel(onnx(m, tmp_path / "m.onnx"))(x, lengths=lengths)
     torch.testing.assert_close(y_ort, y, atol=1e-5, rtol=1e-5)
+
+
+def test_text_runs_export_and_predict_the_same_in_onnxruntime(tmp_path):
+    """sentiment and lm runs: the graph takes token ids (B, T) int64; gyre predict --runtime
+    onnxruntime gives what torch gives."""
+    from gyre.data import text as td
+    from gyre.tasks import lm, sentiment
+    quick = dict(progress=False, tensorboard=False, device="cpu", epochs=1, hidden=8, embed=8,
+                 tokenizer="word", vocab_size=300)
+    food = td.load_sentiment("fine_food")
+    small = tmp_path / "food.csv"
+    with open(small, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["review", "score"])
+        w.writerows([t, food.classes[y]] for t, y in zip(food.train_texts[:240],
+                                                         food.y_train[:240], strict=True))
+    run = tmp_path / "sent"
+    sentiment.train(sentiment.Config(data=str(small), out=str(run), max_tokens=32,
+                                     batch_size=64, **quick))
+    assert main(["export", str(run)]) == 0
+    texts = tmp_path / "few.txt"
+    texts.write_text("\n".join(food.test_texts[:6]))
+    a = sentiment.predict(run, str(texts))
+    b = sentiment.predict(run, str(texts), runtime="onnxruntime")
+    assert [r["label"] for r in a] == [r["label"] for r in b] and len(a) == 6
+    assert max(abs(ra[k] - rb[k]) for ra, rb in zip(a, b, strict=True) for k in ra
+               if k.startswith("prob_")) < 1e-5
+    plays = tmp_path / "play.txt"
+    plays.write_text(td.shakespeare_plays()["macbeth"][:6000])
+    run = tmp_path / "lm"
+    lm.train(lm.Config(data=str(plays), out=str(run), tbptt=40, batch_size=8, ngram_order=0,
+                       **quick))
+    assert main(["export", str(run)]) == 0
+    lines = tmp_path / "lines.txt"
+    lines.write_text("Fair is foul, and foul is fair:\nHover through the fog and filthy air.\n")
+    a = lm.predict(run, str(lines))
+    b = lm.predict(run, str(lines), runtime="onnxruntime")
+    assert len(a) == 2 and [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        assert abs(ra["bits_per_char"] - rb["bits_per_char"]) < 1e-4

@@ -267,8 +267,8 @@ def _load_run(out_dir: str):
     module = _tasks.get(task)
     if not hasattr(module, "load_run"):
         raise ValueError(f"task {task!r} has no load_run(out_dir); its runs cannot be exported")
-    config, model, extra = module.load_run(out_dir)
-    return task, config, model, extra
+    config, model, *rest = module.load_run(out_dir)  # lm: (.., tokenizer); sentiment: (.., extra)
+    return task, config, model, rest[-1] if rest else {}
 
 
 def _cmd_export(args) -> int:

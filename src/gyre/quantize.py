@@ -35,7 +35,7 @@ def quantize_run(task, out_dir, *, threads: int | None = 1, repeats: int = 3) ->
     from .tasks import base
     if not hasattr(task, "score_test"):
         raise ValueError(f"quantize: task {task.__name__.rsplit('.', 1)[-1]!r} has no "
-                         "score_test(); quantization is available for classify runs")
+                         "score_test(); quantization is available for classify and forecast runs")
     out = Path(out_dir)
     _, model, _ = task.load_run(out)
     fp32 = out / "model.onnx"

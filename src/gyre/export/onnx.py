@@ -27,7 +27,9 @@ A task model exports whole through one hook: it has a ``rnn`` attribute (a
 ``export_head(out (B, T, D*O), x (B, T, C), lengths (B,)) -> y``, and optionally
 ``export_pre(x, lengths) -> (x_rnn, lengths_rnn)``, such that its ``forward(x, lengths=...)`` is
 ``export_head(rnn(*export_pre(x, lengths))[0], x, lengths)``. Both are traced like the cell's
-pieces, so they must use only torch ops (no Python branches on tensor values).
+pieces, so they must use only torch ops (no Python branches on tensor values). A model whose
+input is token ids sets ``export_tokens = True``: its graph's ``x`` is then ``(B, T)`` int64
+(``export_pre`` embeds it) instead of ``(B, T, C)`` float.
 """
 
 from __future__ import annotations
@@ -416,13 +418,15 @@ def onnx(model, path: str | os.PathLike, *, lengths: bool = False,
     comps = rnn.cell.state_names
     D = 2 if rnn.bidirectional else 1
     K = rnn.num_layers * D
+    tokens = whole and bool(getattr(model, "export_tokens", False))
     if whole:
         n_feat = _raw_features(rnn, pre)
-        x_shape = ["B", "T", n_feat]
+        x_shape = ["B", "T"] if tokens else ["B", "T", n_feat]
     else:
         n_feat = rnn.input_size
         x_shape = ["B", "T", n_feat] if rnn.batch_first else ["T", "B", n_feat]
-    g_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)]
+    x_type = TensorProto.INT64 if tokens else TensorProto.FLOAT
+    g_inputs = [helper.make_tensor_value_info("x", x_type, x_shape)]
     if lengths:
         g_inputs.append(helper.make_tensor_value_info("lengths", TensorProto.INT64, ["B"]))
     for c, s in zip(comps, rnn.state_sizes, strict=True):
@@ -434,8 +438,9 @@ def onnx(model, path: str | os.PathLike, *, lengths: bool = False,
     model.eval()
     try:
         with torch.no_grad():
+            ex_x = torch.zeros(2, 5, dtype=torch.int64) if tokens else torch.zeros(2, 5, n_feat)
             if pre is not None:
-                ex = (torch.zeros(2, 5, n_feat), torch.tensor([5, 3]))
+                ex = (ex_x, torch.tensor([5, 3]))
                 x, lens = b.trace(lambda q, v, n: pre(v, n), {}, ex, [x, lens],
                                   {"x": {0: "B", 1: "T"}, "n": {0: "B"}}, 2, owner=model)
             if whole or rnn.batch_first:
@@ -444,8 +449,7 @@ def onnx(model, path: str | os.PathLike, *, lengths: bool = False,
             if whole or rnn.batch_first:
                 out = b.op("Transpose", [out], perm=[1, 0, 2])[0]
             if whole:
-                ex = (torch.zeros(2, 5, D * rnn.output_size), torch.zeros(2, 5, n_feat),
-                      torch.tensor([5, 3]))
+                ex = (torch.zeros(2, 5, D * rnn.output_size), ex_x, torch.tensor([5, 3]))
                 out = b.trace(lambda q, o, v, n: head(o, v, n), {}, ex, [out, "x", "lengths"],
                               {"o": {0: "B", 1: "T"}, "v": {0: "B", 1: "T"}, "n": {0: "B"}}, 1,
                               owner=model)[0]
@@ -504,10 +508,19 @@ class OnnxModel:
         self.state_inputs = [n for n in ins if n not in ("x", "lengths")]
         self.state_shapes = [ins[n].shape for n in self.state_inputs]
         self.x_shape = ins["x"].shape
+        self.tokens = ins["x"].type == "tensor(int64)"  # token ids (export_tokens)
+
+    training = False
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise ValueError("mode: an exported model runs in evaluation mode only; got True")
+        return self
 
     def __call__(self, x: Tensor, state=None, *, lengths=None):
         import numpy as np
-        xs = x.detach().cpu().float().numpy()
+        xs = x.detach().cpu()
+        xs = xs.long().numpy() if self.tokens else xs.float().numpy()
         batch_axis = 0 if self.x_shape[0] == "B" else 1
         B, T = xs.shape[batch_axis], xs.shape[1 - batch_axis]
         feed = {"x": xs}

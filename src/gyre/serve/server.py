@@ -1,32 +1,70 @@
-"""The HTTP streaming server (aiohttp): a :class:`Streamer` behind JSON endpoints.
+"""The streaming server (aiohttp): a :class:`Streamer` behind JSON endpoints.
 
 * ``POST /streams`` -> ``{"id": "..."}``
 * ``POST /streams/{id}/steps`` with ``{"x": [[f1, f2, ...], ...]}`` -> ``{"y": [...]}``, one
   output per step, in order
+* ``GET /streams/{id}/ws``: a WebSocket on the same stream; each text message is a body as for
+  ``/steps`` and is answered by one message as ``/steps`` answers (``{"y": [...]}``, or
+  ``{"error": "...", "status": 4xx}`` with the socket kept open). Messages on one socket are
+  answered in order. Closing the socket leaves the stream open (``DELETE`` it, or it is evicted
+  when idle), as a dropped HTTP client does.
 * ``DELETE /streams/{id}`` -> ``{"closed": id}``
 * ``GET /health`` -> ``{"status": "ok", ...}``; ``GET /metrics`` -> counters, batch sizes and
   latency quantiles (JSON)
 
 Requests only queue their steps; one batcher task runs the queue: it waits until a step is
-pending, then up to ``max_wait`` seconds (or until ``max_batch`` streams have a step), takes the
-next step of each waiting stream (a stream's steps stay in order) and runs them as one batched
-step in a worker thread, so the event loop keeps taking requests meanwhile. The queue holds at
-most ``max_queue`` steps: a request that would overflow it gets 503 and nothing is queued.
-Errors are JSON ``{"error": "..."}`` with a 4xx status naming the problem.
+pending, then up to ``max_wait`` seconds more unless ``max_batch`` streams, or every open
+stream, already have a step pending (a lone stream is not kept waiting for others), takes up
+to ``round_steps`` next steps of each waiting stream's oldest request (a stream's steps stay in
+order) and runs them as batched steps (step ``t`` of every stream in one call) on the event
+loop's own thread: requests arriving meanwhile wait in the socket buffers. (A worker thread
+would let the loop parse them meanwhile, but then the step and the loop take turns on the GIL
+at every torch call, each turn up to the interpreter's 5 ms switch interval when both are busy:
+measured, 200 ms a round.) The queue holds at most ``max_queue``
+steps: a request that would overflow it gets 503 and nothing is queued. Errors are JSON
+``{"error": "..."}`` with a 4xx status naming the problem.
+
+Per request the server does little in Python: orjson parses the body and writes the answer
+(numpy rows straight to JSON, no Python floats), numpy checks it, the access log is off, and
+:func:`serve` runs on uvloop. The stdlib ``json`` and asyncio's loop stand in when those are
+not installed (same answers, slower).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
+import itertools
 import json
 import time
 
+import numpy as np
 import torch
 
 from ..extras import need
 from .streamer import Streamer, StreamError
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - orjson is in the deploy extra
+    orjson = None
+
+
+def _loads(data: bytes):
+    if orjson is not None:
+        return orjson.loads(data)
+    return json.loads(data)
+
+
+def _dumps(obj) -> bytes:
+    """JSON bytes; numpy arrays are written as nested lists."""
+    if orjson is not None:
+        return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+    return json.dumps(obj, default=lambda a: a.tolist()).encode()
+
+
+_BAD_JSON = (ValueError, UnicodeDecodeError) if orjson is None else \
+    (orjson.JSONDecodeError, ValueError, UnicodeDecodeError)
 
 
 class _Request:
@@ -38,76 +76,90 @@ class _Request:
 
 
 class StreamServer:
-    """The aiohttp application around ``streamer``; :meth:`app` builds it, :func:`serve` runs it."""
+    """The aiohttp application around ``streamer``; :meth:`app` builds it, :func:`serve` runs it.
+
+    ``max_wait``: seconds a batch waits for more streams once a step is pending (0: run at
+    once); ``max_queue``: steps pending at most (beyond: 503); ``max_request_steps``: steps in
+    one request at most (beyond: 413); ``round_steps``: steps of one stream run per batch round
+    (a long request then shares rounds with the others instead of holding one);
+    ``evict_every``: seconds between idle-stream sweeps."""
 
     def __init__(self, streamer: Streamer, *, max_wait: float = 0.002, max_queue: int = 65536,
-                 max_request_steps: int = 4096, evict_every: float = 1.0) -> None:
+                 max_request_steps: int = 4096, round_steps: int = 16,
+                 evict_every: float = 1.0) -> None:
         if not max_wait >= 0:
             raise ValueError(f"max_wait: got {max_wait!r}, expected seconds >= 0")
-        for name, v in (("max_queue", max_queue), ("max_request_steps", max_request_steps)):
+        for name, v in (("max_queue", max_queue), ("max_request_steps", max_request_steps),
+                        ("round_steps", round_steps)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: got {v!r}, expected an int >= 1")
         self.s = streamer
         self.max_wait = float(max_wait)
         self.max_queue = max_queue
         self.max_request_steps = max_request_steps
+        self.round_steps = round_steps
         self.evict_every = evict_every
         self.pending: dict[str, collections.deque[_Request]] = {}  # per stream, FIFO
         self.queued = 0
-        self.wake: asyncio.Event | None = None
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gyre-step")
+        self.wake: asyncio.Event | None = None  # a step is pending
+        self.full: asyncio.Event | None = None  # no reason to wait for more
         self.latency = collections.deque(maxlen=10_000)
         self.counts = collections.Counter()
+        self.round_sizes = collections.Counter()  # streams per batch round
         self.tasks: list[asyncio.Task] = []
+        self.sockets: set = set()
 
     # -- the batcher ------------------------------------------------------------------------
     async def _batcher(self) -> None:
-        loop = asyncio.get_running_loop()
+        max_batch = self.s.max_batch
         while True:
             await self.wake.wait()
-            if self.max_wait and len(self.pending) < self.s.max_batch:
-                await asyncio.sleep(self.max_wait)
-            self.wake.clear()
-            while self.pending:
-                sids = list(self.pending)[: self.s.max_batch]
-                x = torch.stack([self._head_of(sid) for sid in sids])
+            if self.max_wait and not self.full.is_set():
                 try:
-                    ys = await loop.run_in_executor(self.pool, self._run, sids, x)
+                    await asyncio.wait_for(self.full.wait(), self.max_wait)
+                except TimeoutError:
+                    pass
+            self.wake.clear()
+            self.full.clear()
+            while self.pending:
+                sids = list(itertools.islice(self.pending, max_batch))
+                reqs = [self.pending[sid][0] for sid in sids]
+                xs = [r.x[r.next:r.next + self.round_steps] for r in reqs]
+                try:
+                    ys = self._run(sids, xs)
                 except StreamError:
-                    ys = None  # a stream vanished (evicted/closed) mid-way: answer each alone
-                for k, sid in enumerate(sids):
+                    ys = None  # a stream vanished (evicted/closed) mid-way: run each alone
+                self.round_sizes[len(sids)] += 1
+                for k, (sid, req) in enumerate(zip(sids, reqs, strict=True)):
                     q = self.pending.get(sid)
-                    if not q:
-                        continue
-                    req = q[0]
+                    if not q or q[0] is not req:
+                        continue  # closed or evicted meanwhile: its requests were answered
                     if ys is None:
                         try:
-                            y = (await loop.run_in_executor(self.pool, self._run, [sid],
-                                                            x[k:k + 1]))[0]
+                            y = self._run([sid], xs[k:k + 1])[0]
                         except StreamError as e:
                             self._fail_stream(sid, e)
                             continue
                     else:
                         y = ys[k]
                     req.outs.append(y)
-                    req.next += 1
-                    self.queued -= 1
+                    req.next += len(y)
+                    self.queued -= len(y)
                     if req.next == len(req.x):
                         q.popleft()
                         if not q:
                             del self.pending[sid]
                         if not req.future.done():
                             req.future.set_result(req.outs)
-                if self.max_wait and len(self.pending) < self.s.max_batch:
+                if self.max_wait and len(self.pending) < max_batch:
                     await asyncio.sleep(0)  # let new requests join the next batch
 
-    def _head_of(self, sid: str):
-        req = self.pending[sid][0]
-        return req.x[req.next]
-
-    def _run(self, sids, x) -> list:
-        """The batched step, its outputs as Python lists (one conversion for the whole batch)."""
-        return self.s.step_rows(sids, x).tolist()
+    def _run(self, sids, xs) -> list[np.ndarray]:
+        """The batched steps, each stream's outputs as a numpy array (written to JSON as is)."""
+        if all(len(x) == 1 for x in xs):  # one step each: one call, one conversion
+            y = self.s.step_rows(sids, torch.cat(xs) if len(xs) > 1 else xs[0]).numpy()
+            return [y[b:b + 1] for b in range(len(sids))]
+        return [y.numpy() for y in self.s.run(sids, xs)]
 
     def _fail_stream(self, sid: str, err: Exception) -> None:
         for req in self.pending.pop(sid, ()):
@@ -118,59 +170,87 @@ class StreamServer:
     async def _evictor(self) -> None:
         while True:
             await asyncio.sleep(self.evict_every)
-            for sid in self.s.evict_idle():
-                if sid in self.pending:
-                    self._fail_stream(sid, StreamError(f"stream: {sid!r} was evicted", 404))
+            for _ in self.s.evict_idle(busy=self.pending):  # a stream with steps queued stays
                 self.counts["evicted"] += 1
 
-    # -- handlers -----------------------------------------------------------------------------
-    def _error(self, web, e: StreamError):
-        self.counts[f"status_{e.status}"] += 1
-        return web.json_response({"error": str(e)}, status=e.status)
-
-    def app(self):
-        need("deploy", "aiohttp", feature="gyre serve")
-        from aiohttp import web
-
-        async def open_stream(request):
-            self.counts["requests"] += 1
+    # -- one request's steps, for both transports ---------------------------------------------
+    async def _steps(self, sid: str, data: bytes) -> tuple[int, bytes]:
+        """``(status, JSON body)`` for a ``/steps`` body ``data`` of stream ``sid``."""
+        self.counts["requests"] += 1
+        try:
             try:
-                return web.json_response({"id": self.s.open()})
-            except StreamError as e:
-                return self._error(web, e)
-
-        async def steps(request):
-            self.counts["requests"] += 1
-            sid = request.match_info["sid"]
-            try:
-                try:
-                    body = await request.json()
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise StreamError("body: not valid JSON; expected {\"x\": [[f1, ...], ...]}") \
-                        from None
-                if not isinstance(body, dict) or "x" not in body:
-                    raise StreamError("body: expected a JSON object with key \"x\" (a list of "
-                                      "steps, each a list of features)")
-                x = self.s.check_steps(sid, body["x"])
-                if x.shape[0] > self.max_request_steps:
-                    raise StreamError(f"x: got {x.shape[0]} steps, at most "
-                                      f"{self.max_request_steps} per request", 413)
-                if self.queued + x.shape[0] > self.max_queue:
-                    raise StreamError(f"queue: full ({self.queued} steps pending, at most "
-                                      f"{self.max_queue}); retry later", 503)
-            except StreamError as e:
-                return self._error(web, e)
+                body = _loads(data)
+            except _BAD_JSON:
+                raise StreamError("body: not valid JSON; expected {\"x\": [[f1, ...], ...]}") \
+                    from None
+            if not isinstance(body, dict) or "x" not in body:
+                raise StreamError("body: expected a JSON object with key \"x\" (a list of "
+                                  "steps, each a list of features)")
+            x = self.s.check_steps(sid, body["x"])
+            if x.shape[0] > self.max_request_steps:
+                raise StreamError(f"x: got {x.shape[0]} steps, at most "
+                                  f"{self.max_request_steps} per request", 413)
+            if self.queued + x.shape[0] > self.max_queue:
+                raise StreamError(f"queue: full ({self.queued} steps pending, at most "
+                                  f"{self.max_queue}); retry later", 503)
             req = _Request(sid, x, asyncio.get_running_loop().create_future())
             self.pending.setdefault(sid, collections.deque()).append(req)
             self.queued += x.shape[0]
             self.wake.set()
+            if len(self.pending) >= min(self.s.max_batch, self.s.active):
+                self.full.set()
+            outs = await req.future
+        except StreamError as e:
+            self.counts[f"status_{e.status}"] += 1
+            return e.status, _dumps({"error": str(e)})
+        self.latency.append(time.perf_counter() - req.start)
+        self.counts["steps"] += len(x)
+        return 200, _dumps({"y": outs[0] if len(outs) == 1 else np.concatenate(outs)})
+
+    # -- handlers -----------------------------------------------------------------------------
+    def app(self):
+        need("deploy", "aiohttp", feature="gyre serve")
+        from aiohttp import WSMsgType, web
+
+        def reply(status: int, body: bytes):
+            return web.Response(body=body, status=status, content_type="application/json")
+
+        def error(e: StreamError):
+            self.counts[f"status_{e.status}"] += 1
+            return reply(e.status, _dumps({"error": str(e)}))
+
+        async def open_stream(request):
+            self.counts["requests"] += 1
             try:
-                outs = await req.future
+                return reply(200, _dumps({"id": self.s.open()}))
             except StreamError as e:
-                return self._error(web, e)
-            self.latency.append(time.perf_counter() - req.start)
-            self.counts["steps"] += len(outs)
-            return web.json_response({"y": outs})
+                return error(e)
+
+        async def steps(request):
+            return reply(*await self._steps(request.match_info["sid"], await request.read()))
+
+        async def socket(request):
+            sid = request.match_info["sid"]
+            try:
+                self.s._known(sid)
+            except StreamError as e:
+                return error(e)
+            ws = web.WebSocketResponse(max_msg_size=16 * 1024 * 1024)
+            await ws.prepare(request)
+            self.sockets.add(ws)
+            try:
+                async for msg in ws:
+                    if msg.type == WSMsgType.TEXT or msg.type == WSMsgType.BINARY:
+                        data = msg.data if isinstance(msg.data, bytes) else msg.data.encode()
+                        status, body = await self._steps(sid, data)
+                        if status != 200:  # the status inside the message, the socket stays
+                            body = body[:-1] + b',"status":' + str(status).encode() + b"}"
+                        await ws.send_str(body.decode())
+            except ConnectionResetError:
+                self.counts["dropped_sockets"] += 1  # the client went away mid-answer
+            finally:
+                self.sockets.discard(ws)
+            return ws
 
         async def close_stream(request):
             self.counts["requests"] += 1
@@ -178,20 +258,24 @@ class StreamServer:
             try:
                 self.s.close(sid)
             except StreamError as e:
-                return self._error(web, e)
+                return error(e)
             self._fail_stream(sid, StreamError(f"stream: {sid!r} was closed", 404))
-            return web.json_response({"closed": sid})
+            return reply(200, _dumps({"closed": sid}))
 
         async def health(request):
-            return web.json_response({"status": "ok", "active_streams": self.s.active})
+            return reply(200, _dumps({"status": "ok", "active_streams": self.s.active}))
 
         async def metrics(request):
-            return web.json_response(self.metrics())
+            return reply(200, _dumps(self.metrics()))
 
         async def on_startup(app):
-            self.wake = asyncio.Event()
+            self.wake, self.full = asyncio.Event(), asyncio.Event()
             self.tasks = [asyncio.create_task(self._batcher()),
                           asyncio.create_task(self._evictor())]
+
+        async def on_shutdown(app):
+            for ws in list(self.sockets):  # open sockets would hold the shutdown
+                await ws.close(code=1001, message=b"server shutting down")
 
         async def on_cleanup(app):
             for t in self.tasks:
@@ -201,7 +285,8 @@ class StreamServer:
                     await t
                 except asyncio.CancelledError:
                     pass
-            self.pool.shutdown(wait=True)
+            for sid in list(self.pending):
+                self._fail_stream(sid, StreamError("server: shutting down", 503))
 
         @web.middleware
         async def errors(request, handler):
@@ -210,17 +295,19 @@ class StreamServer:
             except web.HTTPException as e:
                 if e.status >= 400:
                     self.counts[f"status_{e.status}"] += 1
-                    return web.json_response({"error": f"{e.reason}: {request.method} "
-                                              f"{request.path}"}, status=e.status)
+                    return reply(e.status, _dumps({"error": f"{e.reason}: {request.method} "
+                                                   f"{request.path}"}))
                 raise
 
         app = web.Application(middlewares=[errors], client_max_size=16 * 1024 * 1024)
         app.router.add_post("/streams", open_stream)
         app.router.add_post("/streams/{sid}/steps", steps)
+        app.router.add_get("/streams/{sid}/ws", socket)
         app.router.add_delete("/streams/{sid}", close_stream)
         app.router.add_get("/health", health)
         app.router.add_get("/metrics", metrics)
         app.on_startup.append(on_startup)
+        app.on_shutdown.append(on_shutdown)
         app.on_cleanup.append(on_cleanup)
         return app
 
@@ -232,19 +319,34 @@ class StreamServer:
 
         sizes = self.s.batch_sizes
         calls = sum(sizes.values())
+        rounds = sum(self.round_sizes.values())
         return {
             "requests": self.counts["requests"], "steps": self.counts["steps"],
             "active_streams": self.s.active, "queued_steps": self.queued,
+            "pending_streams": len(self.pending), "sockets": len(self.sockets),
             "evicted": self.counts["evicted"],
             "errors": {k: v for k, v in self.counts.items() if k.startswith("status_")},
             "batches": calls,
             "batch_size": {"mean": round(sum(k * v for k, v in sizes.items()) / calls, 3)
                            if calls else None, "max": max(sizes) if sizes else None},
+            "rounds": rounds,
             "latency_ms": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "n": len(lat)},
         }
 
 
-def serve(server: StreamServer, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Run until interrupted."""
+def event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop: uvloop's where installed (the deploy extra), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is in the deploy extra where it builds
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def serve(server: StreamServer, host: str = "127.0.0.1", port: int = 8080, *,
+          shutdown_timeout: float = 5.0) -> None:
+    """Run until interrupted (SIGINT/SIGTERM): then stop taking connections, answer what is
+    queued (at most ``shutdown_timeout`` seconds), close sockets and the worker thread."""
     from aiohttp import web
-    web.run_app(server.app(), host=host, port=port, print=None, access_log=None)
+    web.run_app(server.app(), host=host, port=port, print=None, access_log=None,
+                shutdown_timeout=shutdown_timeout, loop=event_loop())

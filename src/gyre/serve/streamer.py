@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -93,12 +94,16 @@ class Streamer:
         self.rnn: Recurrent = model if isinstance(model, Recurrent) else model.rnn
         self.head = None if model is self.rnn else model.export_head
         self.window = 1 if self.head is None else getattr(model, "stream_window", None)
-        self.input_size = self.rnn.input_size
+        # a model of token ids (export_tokens): a step is one id, embedded by its export_pre
+        self.tokens = self.head is not None and bool(getattr(model, "export_tokens", False))
+        self.vocab = model.embedding.weight.shape[0] if self.tokens else None
+        self.input_size = 1 if self.tokens else self.rnn.input_size
         self.max_streams, self.max_batch, self.max_steps = max_streams, max_batch, max_steps
         self.idle_timeout = float(idle_timeout)
         self.transform_in, self.transform_out = input, output
         p = next(self.rnn.parameters())
         self.dtype = p.dtype
+        self.np_dtype = torch.empty(0, dtype=p.dtype).numpy().dtype
         L = self.rnn.num_layers
         # slot-major state: one row per stream slot, per component (L, max_streams, S)
         self.states = [torch.zeros(L, max_streams, s, dtype=p.dtype)
@@ -134,11 +139,13 @@ class Streamer:
                               f"{self.idle_timeout:g} s idle, or never opened)", 404)
         return st
 
-    def evict_idle(self, now: float | None = None) -> list[str]:
-        """Close every stream idle for longer than ``idle_timeout``; returns their ids."""
+    def evict_idle(self, now: float | None = None, busy=()) -> list[str]:
+        """Close every stream idle for longer than ``idle_timeout`` (its last step or checked
+        request), except those in ``busy`` (steps still queued for them); returns their ids."""
         now = time.monotonic() if now is None else now
         with self.lock:
-            old = [sid for sid, st in self.streams.items() if now - st.last > self.idle_timeout]
+            old = [sid for sid, st in self.streams.items()
+                   if now - st.last > self.idle_timeout and sid not in busy]
             for sid in old:
                 self.free.append(self.streams.pop(sid).slot)
         return old
@@ -148,30 +155,37 @@ class Streamer:
         return len(self.streams)
 
     def check_steps(self, sid: str, x) -> Tensor:
-        """``x`` as a ``(n, input_size)`` tensor, or a :class:`StreamError` naming the problem."""
+        """``x`` as a ``(n, input_size)`` tensor, or a :class:`StreamError` naming the problem.
+
+        Lists go through numpy (a few microseconds per request, against tens through
+        ``torch.tensor``: this runs once per HTTP request)."""
         st = self._known(sid)
         if isinstance(x, Tensor):
-            t = x.to(self.dtype)
+            t = x.detach().to(self.dtype).numpy(force=True)
         else:
             try:
-                t = torch.tensor(x, dtype=self.dtype)
-            except (TypeError, ValueError, RuntimeError):
+                t = np.asarray(x, dtype=self.np_dtype)
+            except (TypeError, ValueError, OverflowError):
                 raise StreamError("x: expected a list of steps, each a list of numbers "
                                   "([[f1, f2, ...], ...])") from None
-        if t.dim() == 1 and t.numel() == self.input_size:
+        if t.ndim == 1 and t.size == self.input_size:
             t = t[None]
-        if t.dim() != 2 or t.shape[0] == 0:
+        if t.ndim != 2 or t.shape[0] == 0:
             raise StreamError(f"x: got shape {list(t.shape)}, expected [steps >= 1, "
                               f"{self.input_size}] (one row of features per step)")
         if t.shape[1] != self.input_size:
             raise StreamError(f"x: got {t.shape[1]} features per step, expected "
                               f"{self.input_size}", 422)
-        if not torch.isfinite(t).all():
+        if not np.isfinite(t).all():
             raise StreamError("x: got a value that is not a finite number", 422)
+        if self.tokens and ((t != np.floor(t)).any() or t.min() < 0 or t.max() >= self.vocab):
+            raise StreamError(f"x: expected token ids, integers from 0 to {self.vocab - 1} (one "
+                              "per step: [[id], ...])", 422)
+        st.last = time.monotonic()  # a request is activity, even before its steps run
         if self.window is None and st.steps + t.shape[0] > self.max_steps:
             raise StreamError(f"x: the stream would exceed max_steps={self.max_steps} steps "
                               "(the head pools every step so far); open a new stream", 413)
-        return t
+        return torch.from_numpy(np.ascontiguousarray(t))
 
     # -- stepping -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -190,6 +204,8 @@ class Streamer:
             if len(set(idx.tolist())) != len(sts):
                 raise StreamError("step: a stream appears twice in one batch")
             x_in = x if self.transform_in is None else self.transform_in(x)
+            if self.tokens:
+                x_in = self.model.export_pre(x_in.long().view(-1, 1), None)[0][:, 0]
             state = tuple(s.index_select(1, idx) for s in self.states)
             y, new = self.rnn.step(x_in, state[0] if len(state) == 1 else state)
             new = (new,) if isinstance(new, Tensor) else new
@@ -222,17 +238,29 @@ class Streamer:
             xs[b, :k] = torch.stack(tuple(st.hist_x))
         return self.head(outs, xs, n)
 
+    def run(self, sids: list[str], xs: list[Tensor]) -> list[Tensor]:
+        """The next steps of each stream in ``sids`` (distinct): ``xs[b]`` ``(n_b, input_size)``
+        for ``sids[b]``, checked (:meth:`check_steps`). Step ``t`` of every stream that has one
+        runs in one batched call, so ``max(n_b)`` calls in all. Returns each stream's outputs
+        ``(n_b, ...)``, in order."""
+        if all(x.shape[0] == 1 for x in xs):  # the common case: one step each, one call
+            ys = self.step_rows(sids, torch.cat(xs) if len(xs) > 1 else xs[0])
+            return list(ys.split(1))
+        outs: list[list[Tensor]] = [[] for _ in sids]
+        for t in range(max(x.shape[0] for x in xs)):
+            ready = [b for b, x in enumerate(xs) if t < x.shape[0]]
+            ys = self.step_rows([sids[b] for b in ready], torch.stack([xs[b][t] for b in ready]))
+            for b, y in zip(ready, ys.unbind(0), strict=True):
+                outs[b].append(y)
+        return [torch.stack(o) for o in outs]
+
     def step(self, steps: Mapping[str, Tensor | list]) -> dict[str, Tensor]:
         """Run every stream's steps (``{id: x (n, input_size)}``), batched across streams (at most
         ``max_batch`` per call); returns ``{id: outputs (n, ...)}``."""
         xs = {sid: self.check_steps(sid, x) for sid, x in steps.items()}
-        outs: dict[str, list[Tensor]] = {sid: [] for sid in xs}
-        longest = max((x.shape[0] for x in xs.values()), default=0)
-        for t in range(longest):
-            ready = [sid for sid, x in xs.items() if t < x.shape[0]]
-            for i in range(0, len(ready), self.max_batch):
-                chunk = ready[i:i + self.max_batch]
-                ys = self.step_rows(chunk, torch.stack([xs[sid][t] for sid in chunk]))
-                for sid, y in zip(chunk, ys.unbind(0), strict=True):
-                    outs[sid].append(y)
-        return {sid: torch.stack(v) for sid, v in outs.items()}
+        sids = list(xs)
+        out: dict[str, Tensor] = {}
+        for i in range(0, len(sids), self.max_batch):
+            chunk = sids[i:i + self.max_batch]
+            out.update(zip(chunk, self.run(chunk, [xs[sid] for sid in chunk]), strict=True))
+        return out

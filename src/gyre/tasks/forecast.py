@@ -22,6 +22,7 @@ reports them):
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1212,10 +1213,11 @@ def _load(config: Config, data: str | None = None, future_rows: int = 0) -> Seri
                        future_rows=future_rows)
 
 
-def _original(setup: _Setup, models, scaler: Scaler, w: Windows, levels=(), factors=None):
+def _original(setup: _Setup, models, scaler: Scaler, w: Windows, levels=(), factors=None,
+              run=None):
     """``(forecasts, quantiles or None)`` of the windows on the original scale, one per window
-    (series ``w.series``, origin ``w.start``)."""
-    z, zq = ensemble_forecast(models, w, levels, factors=factors)
+    (series ``w.series``, origin ``w.start``). ``run``: see :func:`ensemble_forecast`."""
+    z, zq = ensemble_forecast(models, w, levels, run=run, factors=factors)
     cols = list(setup.ss.target)
     pos = [models[0].target.index(c) for c in cols]
     forecasts = [scaler.inverse(z[k][:, pos], i, cols) for k, i in enumerate(w.series)]
@@ -1239,11 +1241,12 @@ def _score_windows(setup: _Setup, w: Windows, forecasts, quantiles, levels=()):
     return actuals, insamples, metrics
 
 
-def _scored(setup: _Setup, models, scaler: Scaler, w: Windows, levels=(), factors=None):
+def _scored(setup: _Setup, models, scaler: Scaler, w: Windows, levels=(), factors=None,
+            run=None):
     """Forecasts of the windows on the original scale (one per series and origin ``w.start``),
     their quantiles (or None), actuals, in-samples (everything before each origin) and the
     metrics (plus the probabilistic ones for a probabilistic model)."""
-    forecasts, quantiles = _original(setup, models, scaler, w, levels, factors)
+    forecasts, quantiles = _original(setup, models, scaler, w, levels, factors, run)
     actuals, insamples, metrics = _score_windows(setup, w, forecasts, quantiles, levels)
     return forecasts, quantiles, actuals, insamples, metrics
 
@@ -1499,7 +1502,7 @@ def evaluate(out_dir, data: str | None = None) -> dict:
     setup = _Setup(config, ss, saved=_saved(ckpts[0]))
     _check_columns(setup, ckpts[0], data or config.data)
     models = [_restored_model(config, setup, c) for c in ckpts]
-    scaler = _fresh_scaler(config, ckpts[0])
+    scaler = _fresh_scaler(ckpts[0]["extra"])
     _, _, _, test_w, _, _ = prepare(ss, setup.horizon, setup.lookback, setup.min_lookback,
                                     scaler, setup.val_fraction, setup.backtest, setup.extra(ss))
     if data is None:
@@ -1508,11 +1511,55 @@ def evaluate(out_dir, data: str | None = None) -> dict:
     return {"test": _jsonable(test)}
 
 
-def _fresh_scaler(config: Config, ckpt: dict) -> Scaler:
+def _fresh_scaler(extra: dict) -> Scaler:
     """An unfitted scaler of the run's kind with the value transform the run used (what
     ``transform="auto"`` chose on its own data, not chosen again on new data)."""
-    saved = Scaler.from_state(ckpt["extra"]["scaler"])
+    saved = Scaler.from_state(extra["scaler"])
     return Scaler(saved.kind, value_transform=saved.value_transform)
+
+
+def score_test(out_dir, run=None) -> tuple[dict, float]:
+    """``(test metrics, seconds of the forward over the test windows)`` of a one-model run, as
+    :func:`evaluate` scores it (``gyre quantize``); ``run``: what computes the model's forward
+    instead (e.g. an :class:`gyre.export.OnnxModel` of its export)."""
+    config, model, extra = load_run(out_dir)
+    setup = _Setup(config, _load(config), saved=extra)
+    scaler = _fresh_scaler(extra)
+    _, _, _, test_w, _, _ = prepare(setup.ss, setup.horizon, setup.lookback, setup.min_lookback,
+                                    scaler, setup.val_fraction, setup.backtest,
+                                    setup.extra(setup.ss))
+    forecast_windows(model, test_w, run=run)  # warm-up (a compiled kernel's first call)
+    start = time.perf_counter()
+    forecast_windows(model, test_w, run=run)
+    seconds = time.perf_counter() - start
+    *_, test = _scored(setup, [model], Scaler.from_state(extra["scaler"]), test_w, setup.levels,
+                       _calibration(Path(out_dir)), run)
+    return _jsonable(test), seconds
+
+
+def finetune(model: Forecaster, config: Config, extra: dict) -> None:
+    """Train ``model`` (e.g. a pruned one) for ``config.epochs`` on the run's training windows
+    into the new run directory ``config.out`` (config.toml and checkpoint, as gyre train writes
+    them), keeping ``extra`` (scaler, shapes); validation as the run had it."""
+    from ..train import Trainer, seed_everything
+    ss = _load(config)
+    setup = _Setup(config, ss, saved=extra)
+    scaler = _fresh_scaler(extra)
+    _, train_w, val_w, *_ = prepare(ss, setup.horizon, setup.lookback, setup.min_lookback,
+                                    scaler, setup.val_fraction, setup.backtest, setup.extra(ss))
+    has_val = val_w is not None and len(val_w) > 0
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base.write_config(config, out / "config.toml")
+    seed_everything(config.seed)
+    trainer = Trainer(model, setup.loss(config),
+                      config.train_config(seed=config.seed, **({} if has_val else {"patience": 0})),
+                      collate=collate, out_dir=out, extra=extra)
+    fit = trainer.fit(WindowData(train_w, config.strategy, teacher=True, future=setup.future),
+                      WindowData(val_w, config.strategy, teacher=False, future=setup.future)
+                      if has_val else None)
+    if fit["interrupted"]:
+        raise KeyboardInterrupt
 
 
 def load_run(out_dir) -> tuple[Config, Forecaster, dict]:
@@ -1592,7 +1639,7 @@ def predict(out_dir, data_path: str | None = None, *, runtime: str = "torch") ->
     if data_path is None:
         scaler = Scaler.from_state(ckpts[0]["extra"]["scaler"])
     else:
-        scaler = _fresh_scaler(config, ckpts[0]).fit(ss.series, ss.lengths)
+        scaler = _fresh_scaler(ckpts[0]["extra"]).fit(ss.series, ss.lengths)
     padded = []
     for i, s in enumerate(ss.series):
         fut = np.zeros((h, ss.num_columns))
@@ -1649,7 +1696,7 @@ def explain_inputs(out_dir, data: str | None = None, samples: int = 8):
     setup = _Setup(config, ss, saved=_saved(ckpts[0]))
     _check_columns(setup, ckpts[0], data or config.data)
     model = _restored_model(config, setup, ckpts[0])
-    scaler = _fresh_scaler(config, ckpts[0])
+    scaler = _fresh_scaler(ckpts[0]["extra"])
     *_, test_w, _, _ = prepare(ss, setup.horizon, setup.lookback, setup.min_lookback, scaler,
                                setup.val_fraction, setup.backtest, setup.extra(ss))
     wd = WindowData(test_w, "direct", teacher=False, future=setup.future)

@@ -117,6 +117,16 @@ class LanguageModel(nn.Module):
         y, state = self.rnn.step(self.embedding(ids), state)
         return self.head(self.drop(y)), state
 
+    # the export hook (gyre.export.onnx, gyre.serve): forward is export_head(rnn(export_pre(..)))
+    export_tokens = True  # the exported graph's x: token ids (B, T) int64
+    stream_window = 1  # a step's logits read that step's output only
+
+    def export_pre(self, ids: Tensor, lengths: Tensor | None):
+        return self.embedding(ids), lengths
+
+    def export_head(self, out: Tensor, ids: Tensor, lengths: Tensor | None) -> Tensor:
+        return self.head(self.drop(out))
+
 
 def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
     """Mean cross-entropy over every target token (``PAD`` targets ignored)."""
@@ -292,10 +302,12 @@ def evaluate(out_dir, data: str | None = None) -> dict:
             config.data, "n_chars": s.chars}
 
 
-def predict(out_dir, data_path: str) -> list[dict]:
+def predict(out_dir, data_path: str, *, runtime: str = "torch") -> list[dict]:
     """Per line of a text file: its characters, tokens and bits per character, each line
-    scored from a zero state after ``BOS``."""
+    scored from a zero state after ``BOS``. ``runtime="onnxruntime"`` runs the run's exported
+    ``model.onnx`` (``gyre export``)."""
     _, model, tok = load_run(out_dir)
+    model = base.runtime_model(out_dir, runtime) or model
     rows = []
     for i, line in enumerate(tdata.read_text_file(data_path).split("\n")):
         if not line:
@@ -306,6 +318,16 @@ def predict(out_dir, data_path: str) -> list[dict]:
         rows.append({"line": i + 1, "chars": len(line), "tokens": len(ids),
                      "bits_per_char": round(nats / len(line) / LN2, 6)})
     return rows
+
+
+def stream_io(model: LanguageModel, extra, top_k: int = 5):
+    """``(input, output)`` transforms for serving a run token by token (``gyre serve``; each
+    step is one token id, ``[[id]]``, which the model embeds): none on the input; each output
+    the next token's ``top_k`` ``[id, probability]`` pairs, most probable first."""
+    def output(logits: Tensor) -> Tensor:
+        p, ids = torch.softmax(logits[:, -1].float(), -1).topk(min(top_k, logits.shape[-1]))
+        return torch.stack([ids.float(), p], -1)
+    return None, output
 
 
 # -- generation -------------------------------------------------------------------------------------

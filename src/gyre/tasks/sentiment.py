@@ -111,6 +111,21 @@ class TextClassifier(nn.Module):
         logits = self.fc(self.drop(self.pool(out, lengths)))
         return (logits.squeeze(-1) if self.binary else logits), h_n
 
+    # the export hook (gyre.export.onnx, gyre.serve): forward is export_head(rnn(export_pre(..)))
+    export_tokens = True  # the exported graph's x: token ids (B, T) int64
+
+    def export_pre(self, ids: Tensor, lengths: Tensor | None):
+        return self.embedding(ids), lengths
+
+    def export_head(self, out: Tensor, ids: Tensor, lengths: Tensor | None) -> Tensor:
+        logits = self.fc(self.drop(self.pool(out, lengths)))
+        return logits.squeeze(-1) if self.binary else logits
+
+    @property
+    def stream_window(self) -> int | None:
+        """Steps of output the head reads at the latest step (every step so far when pooled)."""
+        return 1 if self.pool.parts == ["last"] else None
+
 
 def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
     if logits.dim() == 1:
@@ -298,10 +313,12 @@ def evaluate(out_dir, data: str | None = None) -> dict:
     return {"test": scores(prob, y), "data": ds.name, "n_test": len(y)}
 
 
-def predict(out_dir, data_path: str) -> list[dict]:
+def predict(out_dir, data_path: str, *, runtime: str = "torch") -> list[dict]:
     """Label and class probabilities for every text of ``data_path`` (a CSV with the run's
-    ``text_column``, or a .txt with one text per line)."""
+    ``text_column``, or a .txt with one text per line). ``runtime="onnxruntime"`` runs the
+    run's exported ``model.onnx`` (``gyre export``)."""
     config, model, tok, extra = load_run(out_dir)
+    model = base.runtime_model(out_dir, runtime) or model
     texts = tdata.read_texts(data_path, config.text_column)
     prob = _probs(model, encode(tok, texts, config.max_tokens, config.truncate, "data"))
     classes = list(extra["classes"])
@@ -311,6 +328,13 @@ def predict(out_dir, data_path: str) -> list[dict]:
         row.update({f"prob_{c}": round(float(v), 6) for c, v in zip(classes, p, strict=True)})
         rows.append(row)
     return rows
+
+
+def stream_io(model: TextClassifier, extra: dict):
+    """``(input, output)`` transforms for serving a run token by token (``gyre serve``; each
+    step is one token id, ``[[id]]``, which the model embeds): none on the input; each output
+    the class probabilities, in the order of ``extra["classes"]``."""
+    return None, lambda logits: torch.from_numpy(probabilities(logits))
 
 
 __all__ = ["Config", "TASK", "TextClassifier", "train", "evaluate", "predict", "load_run",
