@@ -249,9 +249,13 @@ def _cmd_explain(args) -> int:
     from .explain import explain_run
     _set_threads(args.threads)
     summary = explain_run(args.dir, method=args.method, samples=args.samples, data=args.data)
-    share = ", ".join(f"{c} {v:.2f}" for c, v in list(summary["channel_share"].items())[:8])
+    if "channel_share" in summary:
+        share = ", ".join(f"{c} {v:.2f}" for c, v in list(summary["channel_share"].items())[:8])
+        what = f"share per channel: {share}"
+    else:
+        what = "most attributed token: " + ", ".join(repr(t) for t in summary["top_tokens"][:8])
     print(f"{summary['method']} attributions of {summary['sequences']} sequences "
-          f"({summary.get('explained', '')}); share per channel: {share}")
+          f"({summary.get('explained', '')}); {what}")
     if "deletion" in summary:
         d = summary["deletion"]
         print("deletion curve (accuracy): " + "; ".join(

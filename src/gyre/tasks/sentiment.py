@@ -317,5 +317,12 @@ def predict(out_dir, data_path: str) -> list[dict]:
     return rows
 
 
+def explain_inputs(out_dir, data: str | None = None, samples: int = 8):
+    """The explain seam (:mod:`gyre.explain`): per-token attributions of the first ``samples``
+    test texts (:func:`gyre.explain.text.sentiment_inputs`)."""
+    from ..explain.text import sentiment_inputs
+    return sentiment_inputs(out_dir, data, samples)
+
+
 __all__ = ["Config", "TASK", "TextClassifier", "train", "evaluate", "predict", "load_run",
-           "build_model", "baselines", "scores"]
+           "build_model", "baselines", "scores", "explain_inputs"]
