@@ -142,6 +142,11 @@ def test_broken_checkpoints_and_paths_give_one_line(run, tmp_path, capsys):
     _one_line_error(capsys, str(r / CHECKPOINT), "lacks model")
     assert main(["train", "classify", "--out", str(r), "--resume", "--no-progress"]) == 2
     _one_line_error(capsys, "lacks")
+    good = (run / CHECKPOINT).read_bytes()
+    for broken in (good[:len(good) // 2], b"garbage", b""):  # cut short, or another kind of file
+        (r / CHECKPOINT).write_bytes(broken)
+        assert main(["eval", str(r)]) == 2
+        _one_line_error(capsys, str(r / CHECKPOINT), "truncated or not a torch checkpoint")
     planted = tmp_path / "code-ran"
     torch.save({"format": "gyre-checkpoint-1", "x": _Planted(str(planted))}, r / CHECKPOINT)
     assert main(["eval", str(r)]) == 2
