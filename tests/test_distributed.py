@@ -1,6 +1,7 @@
 """Data parallel training: 2 processes (torchrun's launcher, gloo on 127.0.0.1) end with the
 weights of one process trained on the same global batches, resume included."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -153,3 +154,43 @@ def test_two_processes_equal_one_with_the_same_global_batch(italy64, tmp_path):
         d = tmp_path / f"d_{task}"
         assert (d / "metrics.json").is_file(), task
         assert not [f for f in d.iterdir() if ".tmp-" in f.name], task
+
+
+class _CountingDDP(torch.nn.Module):
+    """Stands in for DistributedDataParallel: records, per forward, whether it ran inside
+    ``no_sync`` (where DDP skips the gradient all-reduce of the backward that follows)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.synced, self._off = module, [], False
+
+    def forward(self, *args, **kwargs):
+        self.synced.append(not self._off)
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self._off = True
+        try:
+            yield
+        finally:
+            self._off = False
+
+
+@pytest.mark.parametrize("tbptt, want", [
+    (0, [False, True, False, True, True]),  # 5 batches, accumulate 2: the last flushes alone
+    (2, [False, True] * 3),  # 2 batches of 3 chunks: the accumulation runs across batches
+])
+def test_gradients_sync_only_on_the_last_micro_step(tbptt, want):
+    from test_train import SeqModel, _data
+
+    from gyre.train import TrainConfig, Trainer
+    data, _, _ = _data(n=10 if not tbptt else 8, T=6)
+    t = Trainer(SeqModel(), torch.nn.functional.mse_loss,
+                TrainConfig(epochs=1, batch_size=2 if not tbptt else 4, accumulate=2, tbptt=tbptt,
+                            shuffle=False, progress=False, tensorboard=False, csv=False,
+                            device="cpu"))
+    t._net = _CountingDDP(t.model)
+    t.fit(data)
+    assert t._net.synced == want
+    assert t.global_step == sum(want)
