@@ -151,6 +151,8 @@ def _planted_text_model(vocab=16, planted=5, E=6):
         for name, p in m.rnn.named_parameters():
             if name.startswith("weight_ih_l0"):
                 p[:, 3:] = 0.0
+                p[:, :3] *= 3.0
+        m.fc.weight *= 10.0  # a clear effect of the planted token on the output
     return m.eval()
 
 
@@ -170,9 +172,17 @@ def test_planted_token_gets_the_attribution(method):
         where.append(k)
     tokens = [[PLANTED if t == 5 else f"w{t}" for t in s] for s in ids]
     inputs = classifier_inputs(_planted_text_model(), ids, tokens, "planted")
-    a = np.abs(attribute(inputs, method, n_samples=300).sum(-1))  # (N, T) per token
+    per_token = attribute(inputs, method, n_samples=300).sum(-1)  # (N, T)
+    a = np.abs(per_token)
     on = sum(a[i, k] for i, k in enumerate(where))
     assert on / a.sum() >= 0.9, (on / a.sum(), a.round(3))
+    # completeness: a text's token attributions add up to f(text) - f(all padding)
+    with torch.no_grad():
+        rows = torch.arange(len(ids))
+        gap = (inputs.forward(inputs.x, inputs.lengths)[rows, inputs.target]
+               - inputs.forward(torch.zeros_like(inputs.x), inputs.lengths)[rows, inputs.target])
+    assert gap.abs().min() > 0.02  # the planted token moves every text's output
+    np.testing.assert_allclose(per_token.sum(1), gap.numpy(), rtol=0.03, atol=1e-3)
     assert all(int(np.argmax(a[i])) == k for i, k in enumerate(where))
     assert all((a[i, len(s):] == 0).all() for i, s in enumerate(ids))
 

@@ -111,7 +111,13 @@ def _integrated_gradients(attr, inputs: Inputs, ig_steps: int) -> Tensor:
 def attribute(inputs: Inputs, method: str = "ig", *, n_samples: int = 200, seed: int = 0,
               ig_steps: int = 32) -> np.ndarray:
     """``(N, T, C)`` attributions of ``inputs.forward`` to every input step and channel (0 at
-    padded steps). ``n_samples``: perturbed evaluations per sequence for SHAP and LIME."""
+    padded steps). ``n_samples``: perturbed evaluations per sequence for SHAP and LIME.
+
+    SHAP, LIME and Occlusion attribute features (:func:`feature_mask`: a window of steps of one
+    channel), and every step of a window carries the window's attribution (captum's
+    convention). For text (``inputs.tokens``) a token's value is shared evenly over its
+    embedding dimensions, so that for every method the sum over them is the token's
+    attribution (for Integrated Gradients, it is the sum of the per-dimension ones)."""
     if method not in METHODS:
         raise ValueError(f"method: got {method!r}, expected one of {', '.join(METHODS)}")
     attr = _captum()
@@ -150,6 +156,8 @@ def attribute(inputs: Inputs, method: str = "ig", *, n_samples: int = 200, seed:
                                                   strides=window, baselines=0.0,
                                                   perturbations_per_eval=50, **kw)
             a = a.detach().float()
+            if text:  # captum gives every value of a feature the feature's attribution: share it
+                a = a / C
             if a.shape[1] < T:
                 a = torch.cat([a, a.new_zeros(1, T - a.shape[1], C)], 1)
             a[:, n:] = 0.0
