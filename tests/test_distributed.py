@@ -194,3 +194,13 @@ def test_gradients_sync_only_on_the_last_micro_step(tbptt, want):
     t.fit(data)
     assert t._net.synced == want
     assert t.global_step == sum(want)
+
+
+def test_nproc_refuses_a_batch_that_does_not_split_before_starting(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "lm", "--data", "t.txt", "--batch-size", "3", "--nproc", "2",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("gyre: error: --batch-size: 3 does not split evenly over --nproc 2 processes; "
+                   "the global batch must be a multiple of the process count")
+    assert not out.exists()

@@ -171,7 +171,12 @@ def _cmd_train(task: str, argv: list[str]) -> int:
     launch: dict = {}
     config, resume = _build_config(task, module, argv, launch)
     if launch["nproc"] and launch["nproc"] > 1 and distributed.env_world_size() <= 1:
-        return _launch(task, argv, launch["nproc"], launch["threads"])
+        n = launch["nproc"]
+        if config.batch_size % n:  # refused here, once, instead of by every process
+            raise ValueError(f"--batch-size: {config.batch_size} does not split evenly over "
+                             f"--nproc {n} processes; the global batch must be a multiple of "
+                             "the process count")
+        return _launch(task, argv, n, launch["threads"])
     if distributed.init_from_env(config.device):
         try:
             metrics = module.train(config, resume=resume)
