@@ -16,7 +16,7 @@ from torch import nn
 from gyre.cli import main
 from gyre.train import CHECKPOINT, TrainConfig, Trainer, load_checkpoint
 
-FAST = ["--data", "italy_power_demand", "--hidden", "4", "--no-dtw", "--no-progress",
+FAST = ["--data", "italy_power_demand", "--hidden", "4", "--no-dtw", "--no-minirocket", "--no-progress",
         "--no-tensorboard", "--device", "cpu", "--batch-size", "32", "--threads", "1"]
 
 
@@ -142,6 +142,11 @@ def test_broken_checkpoints_and_paths_give_one_line(run, tmp_path, capsys):
     _one_line_error(capsys, str(r / CHECKPOINT), "lacks model")
     assert main(["train", "classify", "--out", str(r), "--resume", "--no-progress"]) == 2
     _one_line_error(capsys, "lacks")
+    good = (run / CHECKPOINT).read_bytes()
+    for broken in (good[:len(good) // 2], b"garbage", b""):  # cut short, or another kind of file
+        (r / CHECKPOINT).write_bytes(broken)
+        assert main(["eval", str(r)]) == 2
+        _one_line_error(capsys, str(r / CHECKPOINT), "truncated or not a torch checkpoint")
     planted = tmp_path / "code-ran"
     torch.save({"format": "gyre-checkpoint-1", "x": _Planted(str(planted))}, r / CHECKPOINT)
     assert main(["eval", str(r)]) == 2
@@ -211,3 +216,84 @@ def test_kill_9_during_checkpoint_write_loses_nothing(tmp_path):
     assert not [f for f in out.iterdir() if ".tmp-" in f.name]
     for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+# -- the text tasks: the same resume rules through the same checks -----------------------------------
+def planted_texts(path, n=240, seed=0, word="great"):
+    """A CSV of ``n`` texts of 5-10 random neutral words; half hold ``word`` at a random place and
+    are labelled ``pos``, the others ``neg``: the planted word alone decides the label."""
+    rng = np.random.default_rng(seed)
+    rows = ["text,label"]
+    for i in range(n):
+        words = [f"w{k}" for k in rng.integers(0, 12, rng.integers(5, 11))]
+        if i % 2:
+            words.insert(int(rng.integers(0, len(words) + 1)), word)
+        rows.append(f"{' '.join(words)},{'pos' if i % 2 else 'neg'}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+TEXT_FAST = ["--hidden", "4", "--embed", "4", "--no-progress", "--no-tensorboard", "--device",
+             "cpu", "--threads", "1", "--epochs", "1"]
+
+
+def _text_args(task, folder):
+    if task == "sentiment":
+        return ["--data", str(planted_texts(folder / "p.csv", n=60)), "--tokenizer", "word",
+                "--text-column", "text", "--label-column", "label"]
+    if task == "lm":
+        text = "".join(f"line {i} of a small text to model.\n" for i in range(80))
+        (folder / "t.txt").write_text(text)
+        return ["--data", str(folder / "t.txt"), "--batch-size", "4", "--tbptt", "20",
+                "--ngram-order", "0", "--eval-tracks", "2"]
+    pairs = "".join(f"the {w} number {i}\tle {w} numero {i}\n" for i in range(12)
+                    for w in ("cat", "dog"))
+    (folder / "p.tsv").write_text(pairs)
+    return ["--data", str(folder / "p.tsv"), "--tokenizer", "word", "--beam", "1",
+            "--batch-size", "8"]
+
+
+#: per text task: a refused change, then changes a resumed run makes (with the key they set)
+TEXT_CASES = {
+    "sentiment": (["--max-tokens", "8"], ["--lr", "0.5"], ("lr", 0.5)),
+    "lm": (["--tbptt", "10"], ["--lr", "0.5", "--eval-tracks", "3"], ("eval_tracks", 3)),
+    "translate": (["--attention", "luong"], ["--lr", "0.5", "--beam", "2"], ("beam", 2)),
+}
+
+
+@pytest.fixture(scope="module")
+def text_runs(tmp_path_factory):
+    """One finished 1-epoch run of each text task on a tiny file."""
+    pytest.importorskip("sklearn")
+    runs = {}
+    for task in TEXT_CASES:
+        folder = tmp_path_factory.mktemp(task)
+        args = _text_args(task, folder)
+        assert main(["train", task, *args, *TEXT_FAST, "--out", str(folder / "r")]) == 0
+        runs[task] = folder / "r"
+    return runs
+
+
+@pytest.mark.parametrize("task", list(TEXT_CASES))
+def test_text_task_resume_refuses_then_honours(task, text_runs, tmp_path, capsys):
+    """sentiment / lm / translate: a changed data or architecture flag is refused in one line
+    with nothing written; the resumable flags (and the task's evaluation settings) take effect,
+    config.toml is rewritten at the resumed start, and a stale temporary checkpoint goes."""
+    import shutil
+    import tomllib
+    refused, allowed, (key, value) = TEXT_CASES[task]
+    r = tmp_path / "r"
+    shutil.copytree(text_runs[task], r)
+    before = {p.name: p.read_bytes() for p in r.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", task, "--out", str(r), "--resume", *refused]) == 2
+    _one_line_error(capsys, "resume:", "cannot change", refused[0])
+    assert {p.name: p.read_bytes() for p in r.iterdir() if p.is_file()} == before
+    (r / ".checkpoint.tmp-999999").write_bytes(b"partial")
+    assert main(["train", task, "--out", str(r), "--resume", "--epochs", "2", *allowed,
+                 "--no-progress", "--threads", "1"]) == 0
+    ckpt = load_checkpoint(r)
+    assert ckpt["epoch"] == 2 and ckpt["config"]["lr"] == 0.5
+    saved = tomllib.loads((r / "config.toml").read_text())
+    assert saved["epochs"] == 2 and saved["lr"] == 0.5 and saved[key] == value
+    assert not [f for f in r.iterdir() if ".tmp-" in f.name]

@@ -171,7 +171,12 @@ def _cmd_train(task: str, argv: list[str]) -> int:
     launch: dict = {}
     config, resume = _build_config(task, module, argv, launch)
     if launch["nproc"] and launch["nproc"] > 1 and distributed.env_world_size() <= 1:
-        return _launch(task, argv, launch["nproc"], launch["threads"])
+        n = launch["nproc"]
+        if config.batch_size % n:  # refused here, once, instead of by every process
+            raise ValueError(f"--batch-size: {config.batch_size} does not split evenly over "
+                             f"--nproc {n} processes; the global batch must be a multiple of "
+                             "the process count")
+        return _launch(task, argv, n, launch["threads"])
     if distributed.init_from_env(config.device):
         try:
             metrics = module.train(config, resume=resume)
@@ -249,9 +254,13 @@ def _cmd_explain(args) -> int:
     from .explain import explain_run
     _set_threads(args.threads)
     summary = explain_run(args.dir, method=args.method, samples=args.samples, data=args.data)
-    share = ", ".join(f"{c} {v:.2f}" for c, v in list(summary["channel_share"].items())[:8])
+    if "channel_share" in summary:
+        share = ", ".join(f"{c} {v:.2f}" for c, v in list(summary["channel_share"].items())[:8])
+        what = f"share per channel: {share}"
+    else:
+        what = "most attributed token: " + ", ".join(repr(t) for t in summary["top_tokens"][:8])
     print(f"{summary['method']} attributions of {summary['sequences']} sequences "
-          f"({summary.get('explained', '')}); share per channel: {share}")
+          f"({summary.get('explained', '')}); {what}")
     if "deletion" in summary:
         d = summary["deletion"]
         print("deletion curve (accuracy): " + "; ".join(

@@ -240,24 +240,26 @@ def task_of_run(out_dir: str | os.PathLike) -> str | None:
 RESUMABLE = ("out", "epochs", "lr", "patience", "progress", "tensorboard", "device")
 
 
-def check_resume(config, out: str | os.PathLike) -> None:
+def check_resume(config, out: str | os.PathLike, also: tuple[str, ...] = ()) -> None:
     """Refuse, before anything is written, a resumed ``config`` that changes a field outside
-    :data:`RESUMABLE` from the run's own ``out/config.toml``: one error naming the flags."""
+    :data:`RESUMABLE` (and a task's own ``also``: fields read only after training, such as an
+    evaluation setting) from the run's own ``out/config.toml``: one error naming the flags."""
+    resumable = RESUMABLE + tuple(also)
     if not str(out) or not config.out:
         raise ValueError("resume: needs out, the run directory to continue")
     out = Path(out)
     if not (out / "checkpoint").is_file():
         raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} to resume from")
     saved = load_config(type(config), out / "config.toml")
-    changed = [f.name for f in dataclasses.fields(config) if f.name not in RESUMABLE
+    changed = [f.name for f in dataclasses.fields(config) if f.name not in resumable
                and getattr(config, f.name) != getattr(saved, f.name)]
     if changed:
         what = ", ".join(f"--{n.replace('_', '-')} {getattr(saved, n)!r} -> "
                          f"{getattr(config, n)!r}" for n in changed)
+        can = ", ".join("--" + n.replace("_", "-") for n in resumable if n != "out")
         raise ValueError(f"resume: {what}: a resumed run cannot change its architecture, "
-                         "optimizer or data (its checkpoint holds them); it can change only "
-                         f"{', '.join('--' + n for n in RESUMABLE if n != 'out')}. Start a new "
-                         "run with another --out instead")
+                         f"optimizer or data (its checkpoint holds them); it can change only "
+                         f"{can}. Start a new run with another --out instead")
 
 
 def config_writer(config, out: str | os.PathLike):
@@ -284,6 +286,16 @@ def other_rank(out: Path) -> dict | None:
     from ..train import distributed
     ctx = distributed.context()
     return None if ctx.main else {"out": str(out), "rank": ctx.rank}
+
+
+def same_tokenizer(tok):
+    """``tok`` as rank 0 fitted it, on every process of a distributed run (``tok`` itself
+    otherwise): every process then feeds its model the same token ids."""
+    from ..train import distributed
+    if not distributed.context().active:
+        return tok
+    from ..text import tokenizer_from_state
+    return tokenizer_from_state(distributed.broadcast(tok.state()))
 
 
 def resolve_out(config, task: str) -> Path:

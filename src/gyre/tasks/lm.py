@@ -31,6 +31,8 @@ from .classify import set_forget_bias
 
 TASK = "lm"
 LN2 = math.log(2)
+#: fields a resumed run may change beyond :data:`gyre.tasks.base.RESUMABLE` (read after training)
+RESUMABLE = ("ngram_order", "eval_tracks")
 
 
 @dataclass
@@ -236,25 +238,30 @@ def train(config: Config, *, resume: bool = False) -> dict:
     if not isinstance(config, Config):
         raise TypeError(f"config: got {type(config).__name__}, expected gyre.tasks.lm.Config")
     data = tdata.load_stream(config.data)
+    if resume:  # before anything is written: a refused resume leaves the run as it was
+        base.check_resume(config, config.out, also=RESUMABLE)
     out = base.resolve_out(config, TASK)
     if resume and not (out / CHECKPOINT).is_file():
         raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} to resume from")
-    tok = _tokenizer(config, out, data.train, resume)
+    tok = base.same_tokenizer(_tokenizer(config, out, data.train, resume))
     train_ids, val_ids, test_ids = (tok.encode(t) for t in (data.train, data.val, data.test))
     train_ds = training_stream(train_ids, config.batch_size)
     val_ds = Stream(val_ids, config.eval_tracks, len(data.val)) if data.val else None
     test_ds = Stream(test_ids, config.eval_tracks, len(data.test))
-    base.write_config(config, out / "config.toml")
     seed_everything(config.seed)
     model = build_model(config, tok.vocab_size)
     extra = {"tokenizer": tok.state(), "vocab_size": tok.vocab_size}
-    tc = config.train_config(progress=config.progress, shuffle=False, **(
+    # distributed: each process carries the state of its own contiguous block of tracks
+    tc = config.train_config(progress=config.progress, shuffle=False, shard="contiguous", **(
         {"scheduler_interval": "step"} if config.scheduler.lower() in ("onecycle", "onecyclelr")
         else {}))
-    trainer = LMTrainer(model, loss_fn, tc, out_dir=out, extra=extra)
+    trainer = LMTrainer(model, loss_fn, tc, out_dir=out, extra=extra,
+                        callback=base.config_writer(config, out))
     start = time.perf_counter()
     result = trainer.fit(train_ds, val_ds, resume=resume)
     seconds = time.perf_counter() - start
+    if base.other_rank(out) is not None:
+        return base.other_rank(out)
     if result["interrupted"]:
         return {"interrupted": True, "out": str(out)}
     nats = stream_nats(trainer.model, test_ds, device=trainer.device)

@@ -230,6 +230,8 @@ def train(config: Config, *, resume: bool = False) -> dict:
                                 config.test, config.seed)
     tr, va = validation_split(data.y_train, config.val_fraction, config.seed)
     fit_texts = [data.train_texts[i] for i in tr]
+    if resume:  # before anything is written: a refused resume leaves the run as it was
+        base.check_resume(config, config.out)
     out = base.resolve_out(config, TASK)
     if resume and not (out / CHECKPOINT).is_file():
         raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} to resume from")
@@ -237,11 +239,11 @@ def train(config: Config, *, resume: bool = False) -> dict:
         tok = gtext.tokenizer_from_state(load_checkpoint(out / CHECKPOINT)["extra"]["tokenizer"])
     else:
         tok = gtext.fit_tokenizer(config.tokenizer, fit_texts, vocab_size=config.vocab_size)
+    tok = base.same_tokenizer(tok)  # distributed: every process uses rank 0's
     enc = lambda texts, who: encode(tok, texts, config.max_tokens, config.truncate, who)  # noqa: E731
     train_ds = TokenDataset(enc(fit_texts, "data"), data.y_train[tr])
     val_ds = TokenDataset(enc([data.train_texts[i] for i in va], "data"), data.y_train[va])
     test_ds = TokenDataset(enc(data.test_texts, "test"), data.y_test)
-    base.write_config(config, out / "config.toml")
     seed_everything(config.seed)
     model = build_model(config, tok.vocab_size, len(data.classes))
     extra = {"classes": list(data.classes), "tokenizer": tok.state(),
@@ -250,10 +252,12 @@ def train(config: Config, *, resume: bool = False) -> dict:
         {"scheduler_interval": "step"} if config.scheduler.lower() in ("onecycle", "onecyclelr")
         else {}))
     trainer = Trainer(model, loss_fn, tc, collate=collate, metrics=accuracy, out_dir=out,
-                      extra=extra)
+                      extra=extra, callback=base.config_writer(config, out))
     start = time.perf_counter()
     result = trainer.fit(train_ds, val_ds if len(val_ds) else None, resume=resume)
     seconds = time.perf_counter() - start
+    if base.other_rank(out) is not None:
+        return base.other_rank(out)
     if result["interrupted"]:
         return {"interrupted": True, "out": str(out)}
     logits, y = trainer.predict(test_ds)
@@ -337,5 +341,12 @@ def stream_io(model: TextClassifier, extra: dict):
     return None, lambda logits: torch.from_numpy(probabilities(logits))
 
 
+def explain_inputs(out_dir, data: str | None = None, samples: int = 8):
+    """The explain seam (:mod:`gyre.explain`): per-token attributions of the first ``samples``
+    test texts (:func:`gyre.explain.text.sentiment_inputs`)."""
+    from ..explain.text import sentiment_inputs
+    return sentiment_inputs(out_dir, data, samples)
+
+
 __all__ = ["Config", "TASK", "TextClassifier", "train", "evaluate", "predict", "load_run",
-           "build_model", "baselines", "scores"]
+           "build_model", "baselines", "scores", "explain_inputs"]

@@ -23,6 +23,8 @@ from ..train import CHECKPOINT, Trainer, load_checkpoint, seed_everything
 from . import base
 
 TASK = "translate"
+#: fields a resumed run may change beyond :data:`gyre.tasks.base.RESUMABLE` (read after training)
+RESUMABLE = ("beam", "length_penalty")
 ATTENTION = ("bahdanau", "luong", "none")
 
 
@@ -391,6 +393,8 @@ def train(config: Config, *, resume: bool = False) -> dict:
     if not isinstance(config, Config):
         raise TypeError(f"config: got {type(config).__name__}, expected gyre.tasks.translate.Config")
     data = tdata.load_pairs(config.data, config.seed)
+    if resume:  # before anything is written: a refused resume leaves the run as it was
+        base.check_resume(config, config.out, also=RESUMABLE)
     out = base.resolve_out(config, TASK)
     if resume and not (out / CHECKPOINT).is_file():
         raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} to resume from")
@@ -403,20 +407,23 @@ def train(config: Config, *, resume: bool = False) -> dict:
                                       vocab_size=config.vocab_size)
         tgt_tok = gtext.fit_tokenizer(config.tokenizer, [t for _, t in data.train],
                                       vocab_size=config.vocab_size)
+    src_tok, tgt_tok = base.same_tokenizer(src_tok), base.same_tokenizer(tgt_tok)
     enc = lambda pairs: PairDataset(  # noqa: E731
         encode_sources(src_tok, [s for s, _ in pairs], config.max_tokens, "data"),
         [tgt_tok.encode(t) for _, t in pairs])
     train_ds, val_ds = enc(data.train), enc(data.val)
-    base.write_config(config, out / "config.toml")
     seed_everything(config.seed)
     model = build_model(config, src_tok.vocab_size, tgt_tok.vocab_size)
     extra = {"src_tokenizer": src_tok.state(), "tgt_tokenizer": tgt_tok.state(),
              "src_vocab": src_tok.vocab_size, "tgt_vocab": tgt_tok.vocab_size}
     trainer = PairTrainer(model, loss_fn, config.train_config(progress=config.progress),
-                      collate=collate, out_dir=out, extra=extra)
+                      collate=collate, out_dir=out, extra=extra,
+                      callback=base.config_writer(config, out))
     start = time.perf_counter()
     result = trainer.fit(train_ds, val_ds if len(val_ds) else None, resume=resume)
     seconds = time.perf_counter() - start
+    if base.other_rank(out) is not None:
+        return base.other_rank(out)
     if result["interrupted"]:
         return {"interrupted": True, "out": str(out)}
     model.eval()

@@ -119,6 +119,10 @@ def _load_failure(e: Exception) -> str:
     """torch.load's error, reduced to what applies: its advice to retry with
     ``weights_only=False`` would run any code the file carries, so it is never repeated."""
     text = str(e)
+    if "Unsupported operand" in text or isinstance(e, EOFError) or (
+            isinstance(e, OSError) and not isinstance(e, PermissionError)):
+        return ("it is truncated or not a torch checkpoint at all: a file of another kind, or "
+                "one cut short")
     if "weights_only" in text or isinstance(e, pickle.UnpicklingError):
         return ("it holds Python objects other than tensors and plain data; gyre loads "
                 "checkpoints with weights_only=True and never runs code from one")
