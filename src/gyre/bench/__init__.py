@@ -26,12 +26,14 @@ import datetime as _dt
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from .. import engine
+from ..engine import autotune
 from ..engine.fused import stream as fused_stream
 from . import cases, harness, report
 from .cases import CELLS, LONG_LENGTHS, MODES, SHAPES, STACKS, STREAM_SHAPE
@@ -65,6 +67,7 @@ def run(
     gemm: bool = True,
     wait_quiet: float = 0.0,
     notes: str = "",
+    autotune_on: bool = True,
     log=print,
 ) -> dict:
     """Run the benchmark; returns the JSON-ready record (see the module docstring).
@@ -77,6 +80,10 @@ def run(
     ``check``: compare every timed gyre layer with torch / the eager loop (same weights).
     ``wait_quiet``: before each group of cases wait up to this many seconds for the rest of the
     machine to go idle (each case records the CPU share other processes took while it ran).
+    ``autotune_on``: ``auto`` as gyre's default runs it, autotuned, its choices measured afresh in
+    this run (a private autotune cache for the run, so choices another run or process made are
+    not reused); the "auto runs" column shows what it chose. Off: the static rule
+    (``GYRE_AUTOTUNE=0``).
     """
     timing = timing or Timing()
     cells, shapes, modes, backends = _validate(cells, shapes, modes, backends, threads,
@@ -96,7 +103,13 @@ def run(
                                    "layers and directions of a stack; train 3x fwd"}},
         "gemm": [], "results": [], "long": [], "errors": [],
     }
+    record["meta"]["autotune"] = bool(autotune_on)
     noise = harness.CpuNoise()
+    saved_env = {k: os.environ.get(k) for k in ("GYRE_AUTOTUNE", "GYRE_CACHE_DIR")}
+    cache_dir = tempfile.TemporaryDirectory(prefix="gyre-bench-autotune-")
+    os.environ["GYRE_AUTOTUNE"] = "1" if autotune_on else "0"
+    os.environ["GYRE_CACHE_DIR"] = cache_dir.name
+    autotune.forget()
     try:
         if wait_quiet:
             harness.wait_quiet(wait_quiet, log=log)
@@ -124,6 +137,13 @@ def run(
             _run_long(record, long_lengths, long_shape, timing, wait_quiet, log)
     finally:
         torch.set_num_threads(prev_threads)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        autotune.forget()
+        cache_dir.cleanup()
     record["noise"] = noise.result()
     try:
         record["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
@@ -162,7 +182,13 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
                 rec.update(torch_cache[key][0])
                 base_fn = torch_cache[key][1]
             else:
-                backend = cases.gyre_backend(cell, impl, mode, B, H)
+                m = None
+                if impl == "auto":  # what auto runs: autotune's choice, made by this first call
+                    m = cases.build(cell, impl, I, H, layers=layers, bidirectional=bidir)
+                    backend = cases.auto_backend(m, mode, x)
+                    rec["chosen_by"] = "autotune" if autotune.enabled() else "static rule"
+                else:
+                    backend = cases.gyre_backend(cell, impl, mode, B, H)
                 if backend is None:
                     continue  # this backend cannot run this cell: nothing to time
                 rec["backend"] = backend
@@ -175,7 +201,8 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
                                 if k in same})
                     rec["same_as"] = same["impl"]
                 else:
-                    m = cases.build(cell, impl, I, H, layers=layers, bidirectional=bidir)
+                    if m is None:
+                        m = cases.build(cell, impl, I, H, layers=layers, bidirectional=bidir)
                     if check and (cell in cases.TORCH_EXACT or backend != "reference"):
                         rec["check"] = cases.check(cell, m, mode, x)
                     elif check:  # the eager loop of a cell torch lacks is itself the reference
@@ -206,15 +233,16 @@ def _run_long(record, lengths, shape, timing, wait_quiet, log) -> None:
             try:
                 if impl == "torch":
                     rec["layer"] = "torch.nn.LSTM"
-                else:
-                    backend = cases.gyre_backend(cell, impl, "train", B, H)
+                m = cases.build(cell, impl, I, H)
+                if impl != "torch":
+                    backend = cases.auto_backend(m, "train", x) if impl == "auto" else \
+                        cases.gyre_backend(cell, impl, "train", B, H)
                     if backend is None:
                         continue
                     rec["backend"] = backend
                     rec["layer"] = f"gyre.nn.Recurrent({cell!r}, backend={backend!r})"
                 if wait_quiet:
                     harness.wait_quiet(wait_quiet, log=log)
-                m = cases.build(cell, impl, I, H)
                 fn = cases.make_fn(m, "train", x)
                 rec["peak_bytes"] = harness.peak_memory(fn)
                 noise = harness.CpuNoise()
@@ -389,6 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="stop timing a case after this once 3 samples exist (default 6)")
     ap.add_argument("--no-check", action="store_true", help="skip the numerics checks")
     ap.add_argument("--no-gemm", action="store_true", help="skip the sgemm ceiling")
+    ap.add_argument("--no-autotune", action="store_true",
+                    help="auto on the static rule (GYRE_AUTOTUNE=0); by default auto is "
+                         "autotuned, its choices measured afresh in the run")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                     help="before each group of cases, wait up to SECONDS for other processes "
                          "to go idle (default: do not wait)")
@@ -432,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      stacks=() if args.no_stacks else STACKS, long_lengths=lengths,
                      long_shape=QUICK_LONG[1] if args.quick else cases.LONG_SHAPE,
                      stream_steps=steps, timing=timing, check=not args.no_check,
-                     gemm=not args.no_gemm, wait_quiet=args.wait_quiet, notes=args.notes)
+                     gemm=not args.no_gemm, wait_quiet=args.wait_quiet, notes=args.notes,
+                     autotune_on=not args.no_autotune)
     except ValueError as e:
         ap.error(str(e))
     text = report.markdown(record)

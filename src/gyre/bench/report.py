@@ -149,7 +149,11 @@ def _times(record) -> str:
              f"the one before it; `!` a timing during which other processes used more than "
              f"{100 * NOISY:.0f}% of the machine's CPU (suspect)."
              + (" Each gyre ratio is to the torch layer timed in alternation with it (the `torch` "
-                "column is the torch layer timed alone)." if _any_paired(record) else ""), "",
+                "column is the torch layer timed alone)." if _any_paired(record) else "")
+             + (" `auto runs`: the backend auto ran, as autotune chose it in this run (measured "
+                "on the case's first call)." if record["meta"].get("autotune")
+                else " `auto runs`: the backend auto ran, by the static rule (autotune off)."
+                if record["meta"].get("autotune") is False else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in keys:
         mode, shape, cell = key

@@ -21,8 +21,12 @@ import torch
 from .codegen import CSRC, module_source, runtime_text
 
 # -fopenmp: ATen's parallel_for is a header template that runs serially without it (it then
-# links the libgomp torch already loaded)
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fno-math-errno", "-w"]
+# links the libgomp torch already loaded). -mprefer-vector-width=512: GCC vectorizes for 256-bit
+# registers on AVX-512 CPUs unless asked, and the pointwise loops (their exp and tanh from
+# libmvec included) then run at half width (measured: LSTM training at (100,32,64,128) 7% faster,
+# one thread); without AVX-512 the flag changes nothing.
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp",
+         "-fno-math-errno", "-w"]
 
 _lock = threading.RLock()
 _loaded: dict[str, str] = {}  # module name -> namespace (loaded in this process)
