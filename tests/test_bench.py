@@ -13,7 +13,7 @@ import torch
 from gyre import bench
 from gyre.bench import cases
 
-TINY = ["--quick", "--shapes", "5,2,3,4", "--stream-steps", "3", "--threads", "1",
+TINY = ["--quick", "--shapes", "5,2,3,4", "--stream-steps", "3", "--threads", "1", "--clock", "cpu",
         "--min-window", "0", "--max-case-seconds", "0.05", "--long-lengths", "8,16"]
 
 
@@ -81,6 +81,7 @@ def test_quick_run_json_structure(quick_run):
             assert r["backend"] in ("reference", "native", "scan", "fused")
             # timed in alternation with the case's torch layer: its time from the same window
             assert r["torch_paired_min_s"] > 0
+    assert meta["spec"]["timing"]["clock"] == "cpu"
     assert meta["autotune"] is True  # auto as users run it: autotuned, choices made in the run
     assert all(r["chosen_by"] == "autotune" for r in rec["results"] if r["impl"] == "auto")
     auto = {r["cell"]: r["backend"] for r in rec["results"] if r["impl"] == "auto"}
@@ -238,6 +239,23 @@ def test_bad_arguments():
         bench.run(cells=["lstm"], modes=["slow"])
     with pytest.raises(SystemExit):
         bench.main(["--shapes", "1,2,x,4", "--no-json"])
+    with pytest.raises(ValueError, match=r"clock: 'cpu' .* needs threads=1; got threads=2"):
+        bench.run(cells=["lstm"], threads=2, timing=bench.Timing(clock="cpu"))
+
+
+def test_cpu_clock_counts_the_calls_cpu_not_waiting():
+    """--clock cpu (one thread): a call that sleeps costs almost nothing, one that computes
+    costs its CPU time; the wall clock charges both."""
+    import time
+
+    from gyre.bench import harness
+
+    def waits():
+        time.sleep(0.02)
+
+    cpu = harness.time_fn(waits, bench.Timing(warmup=1, reps=3, min_window_s=0, clock="cpu"))
+    wall = harness.time_fn(waits, bench.Timing(warmup=1, reps=3, min_window_s=0))
+    assert cpu["min_s"] < 0.005 and wall["min_s"] >= 0.02
 
 
 def test_python_dash_m_help():

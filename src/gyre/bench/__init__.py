@@ -87,7 +87,7 @@ def run(
     """
     timing = timing or Timing()
     cells, shapes, modes, backends = _validate(cells, shapes, modes, backends, threads,
-                                               stream_steps)
+                                               stream_steps, timing)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     impls = ["torch", "eager", "auto", *backends]
@@ -225,7 +225,7 @@ def _run_long(record, lengths, shape, timing, wait_quiet, log) -> None:
     from the cell's parameter specs, :func:`~gyre.bench.cases.flops_params`)."""
     B, I, H = shape
     long_timing = Timing(warmup=1, reps=min(timing.reps, 3), min_window_s=0.0,
-                         max_case_s=timing.max_case_s, min_reps=1)
+                         max_case_s=timing.max_case_s, min_reps=1, clock=timing.clock)
     for T in lengths:
         x = cases.inputs(T, B, I)
         for cell, impl in cases.LONG_IMPLS:
@@ -295,7 +295,7 @@ def _line(rec) -> str:
             f" {who:>18}: {unit}{same}  {rec['gflops_per_s']:.1f} GFLOP/s{extra}")
 
 
-def _validate(cells, shapes, modes, backends, threads, stream_steps):
+def _validate(cells, shapes, modes, backends, threads, stream_steps, timing):
     cells = list(cells)
     bad = [c for c in cells if c not in CELLS]
     if bad or not cells:
@@ -316,6 +316,9 @@ def _validate(cells, shapes, modes, backends, threads, stream_steps):
         raise ValueError(f"backends: got {bad}, expected some of {', '.join(known)}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads: got {threads!r}, expected an int >= 1")
+    if timing.clock == "cpu" and threads != 1:
+        raise ValueError(f"clock: 'cpu' times the calling thread only, so it needs threads=1; "
+                         f"got threads={threads}")
     if isinstance(stream_steps, bool) or not isinstance(stream_steps, int) or stream_steps < 1:
         raise ValueError(f"stream_steps: got {stream_steps!r}, expected an int >= 1")
     return cells, shapes, modes, backends
@@ -415,6 +418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="seconds of timed calls at least, per case (default 0.5)")
     ap.add_argument("--max-case-seconds", type=float, default=None,
                     help="stop timing a case after this once 3 samples exist (default 6)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="a call's time: elapsed (default), or the calling thread's CPU time "
+                         "(needs --threads 1; for a machine other processes share: time spent "
+                         "descheduled is not counted)")
     ap.add_argument("--no-check", action="store_true", help="skip the numerics checks")
     ap.add_argument("--no-gemm", action="store_true", help="skip the sgemm ceiling")
     ap.add_argument("--no-autotune", action="store_true",
@@ -450,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_case_s=(args.max_case_seconds if args.max_case_seconds is not None
                     else base.max_case_s),
         min_reps=base.min_reps,
+        clock=args.clock,
     )
     shapes = args.shapes if args.shapes is not None else (QUICK_SHAPES if args.quick else SHAPES)
     steps = args.stream_steps if args.stream_steps is not None else (20 if args.quick else 1000)
