@@ -262,3 +262,11 @@ def test_python_dash_m_help():
     r = subprocess.run([sys.executable, "-m", "gyre.bench", "--help"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "--backends" in r.stdout and "--quick" in r.stdout
+
+
+def test_no_eager_leaves_the_eager_column_out():
+    rec = bench.run(cells=["rnn"], shapes=[(3, 2, 3, 4)], modes=["fwd"], threads=1, eager=False,
+                    gemm=False, check=False, stacks=(), timing=bench.Timing.quick(),
+                    log=lambda *a: None)
+    assert rec["meta"]["spec"]["impls"] == ["torch", "auto"]
+    assert {r["impl"] for r in rec["results"]} == {"torch", "auto"}

@@ -68,6 +68,7 @@ def run(
     wait_quiet: float = 0.0,
     notes: str = "",
     autotune_on: bool = True,
+    eager: bool = True,
     log=print,
 ) -> dict:
     """Run the benchmark; returns the JSON-ready record (see the module docstring).
@@ -80,6 +81,7 @@ def run(
     ``check``: compare every timed gyre layer with torch / the eager loop (same weights).
     ``wait_quiet``: before each group of cases wait up to this many seconds for the rest of the
     machine to go idle (each case records the CPU share other processes took while it ran).
+    ``eager``: also time the eager loop (the slowest column; off to save a run's time).
     ``autotune_on``: ``auto`` as gyre's default runs it, autotuned, its choices measured afresh in
     this run (a private autotune cache for the run, so choices another run or process made are
     not reused); the "auto runs" column shows what it chose. Off: the static rule
@@ -90,7 +92,7 @@ def run(
                                                stream_steps, timing)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    impls = ["torch", "eager", "auto", *backends]
+    impls = ["torch", *(["eager"] if eager else []), "auto", *backends]
     record = {
         "meta": {**harness.machine_info(threads), "argv": sys.argv, "notes": notes,
                  "spec": {"cells": list(cells), "shapes": [list(s) for s in shapes],
@@ -422,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="a call's time: elapsed (default), or the calling thread's CPU time "
                          "(needs --threads 1; for a machine other processes share: time spent "
                          "descheduled is not counted)")
+    ap.add_argument("--no-eager", action="store_true",
+                    help="do not time the eager loop (the slowest column)")
     ap.add_argument("--no-check", action="store_true", help="skip the numerics checks")
     ap.add_argument("--no-gemm", action="store_true", help="skip the sgemm ceiling")
     ap.add_argument("--no-autotune", action="store_true",
@@ -472,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      long_shape=QUICK_LONG[1] if args.quick else cases.LONG_SHAPE,
                      stream_steps=steps, timing=timing, check=not args.no_check,
                      gemm=not args.no_gemm, wait_quiet=args.wait_quiet, notes=args.notes,
-                     autotune_on=not args.no_autotune)
+                     autotune_on=not args.no_autotune, eager=not args.no_eager)
     except ValueError as e:
         ap.error(str(e))
     text = report.markdown(record)
