@@ -184,3 +184,51 @@ def test_a_slow_backend_is_not_timed_further():
         autotune.clock = old
         autotune.forget()
     assert seen.count("b") == 1 and 2 <= seen.count("a") <= 1 + autotune.CALLS
+
+
+def test_timed_calls_alternate_between_backends(monkeypatch, tmp_path):
+    """After each backend's untimed first call, the timed ones go round by round, the order
+    reversed each round, so a drift in the machine's speed weighs on every backend alike."""
+    monkeypatch.setenv("GYRE_CACHE_DIR", str(tmp_path))
+    now = [0.0]
+    seen = []
+    cost = {"a": 0.1, "b": 0.15}  # within BUDGET_S: every round runs
+
+    def measure(b):
+        seen.append(b)
+        now[0] += cost[b]
+
+    monkeypatch.setattr(autotune, "clock", lambda: now[0])
+    autotune.forget()
+    try:
+        assert autotune.choose("k-alternate", ["a", "b"], measure) == "a"
+    finally:
+        autotune.forget()
+    assert seen[:2] == ["a", "b"]
+    rounds = [seen[2 + 2 * r:4 + 2 * r] for r in range(autotune.CALLS)]
+    assert rounds == [["a", "b"] if r % 2 == 0 else ["b", "a"] for r in range(autotune.CALLS)]
+
+
+def test_one_thread_measures_cpu_time_not_waiting(monkeypatch, tmp_path):
+    """With one torch thread the default clock is the thread's CPU time: time the process spends
+    descheduled (here: asleep) is not charged to the backend running."""
+    monkeypatch.setenv("GYRE_CACHE_DIR", str(tmp_path))
+    import time
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    autotune.forget()
+
+    def measure(b):
+        if b == "waits":
+            time.sleep(0.02)  # wall time, almost no CPU
+        else:
+            t0 = time.thread_time()
+            while time.thread_time() - t0 < 0.005:
+                pass
+
+    try:
+        assert autotune.choose("k-cpu-clock", ["busy", "waits"], measure) == "waits"
+    finally:
+        torch.set_num_threads(threads)
+        autotune.forget()

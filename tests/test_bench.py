@@ -13,7 +13,7 @@ import torch
 from gyre import bench
 from gyre.bench import cases
 
-TINY = ["--quick", "--shapes", "5,2,3,4", "--stream-steps", "3", "--threads", "1",
+TINY = ["--quick", "--shapes", "5,2,3,4", "--stream-steps", "3", "--threads", "1", "--clock", "cpu",
         "--min-window", "0", "--max-case-seconds", "0.05", "--long-lengths", "8,16"]
 
 
@@ -81,6 +81,9 @@ def test_quick_run_json_structure(quick_run):
             assert r["backend"] in ("reference", "native", "scan", "fused")
             # timed in alternation with the case's torch layer: its time from the same window
             assert r["torch_paired_min_s"] > 0
+    assert meta["spec"]["timing"]["clock"] == "cpu"
+    assert meta["autotune"] is True  # auto as users run it: autotuned, choices made in the run
+    assert all(r["chosen_by"] == "autotune" for r in rec["results"] if r["impl"] == "auto")
     auto = {r["cell"]: r["backend"] for r in rec["results"] if r["impl"] == "auto"}
     assert auto["mingru"] in ("scan", "fused")
     assert auto["lstm"] != "reference"
@@ -133,6 +136,34 @@ def test_train_mode_computes_the_input_gradient():
         twin.weight_ih_l0[0, 0] += 0.5
         twin.bias_ih_l0[0] -= 0.5  # changes the input gradient; the weight's only through it
     assert cases.check("lstm", twin, "train", x)["grad_max_rel_err"] > 1e-3
+
+
+def test_auto_column_is_what_autotune_chose(monkeypatch, tmp_path):
+    """The bench reports the backend auto ran: autotune's choice where autotune chooses (here
+    made to pick the static rule's last candidate), the static rule where it is off."""
+    from gyre import engine
+    from gyre.engine import autotune, fused
+
+    monkeypatch.setenv("GYRE_CACHE_DIR", str(tmp_path))
+    x = cases.inputs(5, 2, 3)
+    m = cases.build("lstm", "auto", 3, 4)
+    static = engine.select_backend(m.cell, "auto", size=(2, 4), grad=True)
+    assert static == "native"
+    assert cases.auto_backend(m, "train", x) == "native"  # GYRE_AUTOTUNE=0 in the suite
+    monkeypatch.setenv("GYRE_AUTOTUNE", "1")
+    asked = []
+
+    def last(key, candidates, measure):
+        asked.append(list(candidates))
+        return candidates[-1]
+
+    monkeypatch.setattr(autotune, "choose", last)
+    ran = []
+    run_layer = fused.run_layer
+    monkeypatch.setattr(fused, "run_layer", lambda *a, **k: ran.append(1) or run_layer(*a, **k))
+    assert cases.auto_backend(m, "train", x) == asked[-1][-1] == "fused"
+    assert asked[-1][0] == "native" and ran  # the call it made ran fused
+    assert autotune.choose is last  # the spy is removed again
 
 
 def test_peak_memory_sees_a_big_allocation():
@@ -208,9 +239,34 @@ def test_bad_arguments():
         bench.run(cells=["lstm"], modes=["slow"])
     with pytest.raises(SystemExit):
         bench.main(["--shapes", "1,2,x,4", "--no-json"])
+    with pytest.raises(ValueError, match=r"clock: 'cpu' .* needs threads=1; got threads=2"):
+        bench.run(cells=["lstm"], threads=2, timing=bench.Timing(clock="cpu"))
+
+
+def test_cpu_clock_counts_the_calls_cpu_not_waiting():
+    """--clock cpu (one thread): a call that sleeps costs almost nothing, one that computes
+    costs its CPU time; the wall clock charges both."""
+    import time
+
+    from gyre.bench import harness
+
+    def waits():
+        time.sleep(0.02)
+
+    cpu = harness.time_fn(waits, bench.Timing(warmup=1, reps=3, min_window_s=0, clock="cpu"))
+    wall = harness.time_fn(waits, bench.Timing(warmup=1, reps=3, min_window_s=0))
+    assert cpu["min_s"] < 0.005 and wall["min_s"] >= 0.02
 
 
 def test_python_dash_m_help():
     r = subprocess.run([sys.executable, "-m", "gyre.bench", "--help"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "--backends" in r.stdout and "--quick" in r.stdout
+
+
+def test_no_eager_leaves_the_eager_column_out():
+    rec = bench.run(cells=["rnn"], shapes=[(3, 2, 3, 4)], modes=["fwd"], threads=1, eager=False,
+                    gemm=False, check=False, stacks=(), timing=bench.Timing.quick(),
+                    log=lambda *a: None)
+    assert rec["meta"]["spec"]["impls"] == ["torch", "auto"]
+    assert {r["impl"] for r in rec["results"]} == {"torch", "auto"}

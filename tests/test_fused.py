@@ -481,3 +481,25 @@ def test_saturated_gates_stay_finite_float32(name):
     tol = 6e-3 if name in ("mingru", "minlstm") else 1e-3
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(b, a, atol=tol * max(1.0, a.abs().max().item()), rtol=0)
+
+
+def test_runtime_files_ship_and_are_part_of_the_module_hash(monkeypatch):
+    """The C++ runtime lives in files under ``csrc/``: the generated source includes them, the
+    module's name hashes their contents (a changed header builds a new module), and the package
+    data ships them."""
+    import tomllib
+    from pathlib import Path
+
+    from gyre.engine.fused import build, codegen
+
+    progs = {"pnothing": "// no kernels"}
+    src = codegen.module_source("NS", progs)
+    for name in codegen.RUNTIME_FILES:
+        assert (codegen.CSRC / name).is_file()
+        assert f'#include "{name}"' in src
+    name = build.module_name(progs)
+    assert build.module_name(progs) == name
+    monkeypatch.setattr(build, "runtime_text", lambda: codegen.runtime_text() + "// edited\n")
+    assert build.module_name(progs) != name
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "csrc/*.h" in pyproject["tool"]["setuptools"]["package-data"]["gyre.engine.fused"]

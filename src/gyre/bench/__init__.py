@@ -26,12 +26,14 @@ import datetime as _dt
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from .. import engine
+from ..engine import autotune
 from . import cases, harness, report
 from .cases import CELLS, LONG_LENGTHS, MODES, SHAPES, STACKS, STREAM_SHAPE
 from .harness import Timing
@@ -64,6 +66,8 @@ def run(
     gemm: bool = True,
     wait_quiet: float = 0.0,
     notes: str = "",
+    autotune_on: bool = True,
+    eager: bool = True,
     log=print,
 ) -> dict:
     """Run the benchmark; returns the JSON-ready record (see the module docstring).
@@ -76,13 +80,18 @@ def run(
     ``check``: compare every timed gyre layer with torch / the eager loop (same weights).
     ``wait_quiet``: before each group of cases wait up to this many seconds for the rest of the
     machine to go idle (each case records the CPU share other processes took while it ran).
+    ``eager``: also time the eager loop (the slowest column; off to save a run's time).
+    ``autotune_on``: ``auto`` as gyre's default runs it, autotuned, its choices measured afresh in
+    this run (a private autotune cache for the run, so choices another run or process made are
+    not reused); the "auto runs" column shows what it chose. Off: the static rule
+    (``GYRE_AUTOTUNE=0``).
     """
     timing = timing or Timing()
     cells, shapes, modes, backends = _validate(cells, shapes, modes, backends, threads,
-                                               stream_steps)
+                                               stream_steps, timing)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    impls = ["torch", "eager", "auto", *backends]
+    impls = ["torch", *(["eager"] if eager else []), "auto", *backends]
     record = {
         "meta": {**harness.machine_info(threads), "argv": sys.argv, "notes": notes,
                  "spec": {"cells": list(cells), "shapes": [list(s) for s in shapes],
@@ -95,7 +104,13 @@ def run(
                                    "layers and directions of a stack; train 3x fwd"}},
         "gemm": [], "results": [], "long": [], "errors": [],
     }
+    record["meta"]["autotune"] = bool(autotune_on)
     noise = harness.CpuNoise()
+    saved_env = {k: os.environ.get(k) for k in ("GYRE_AUTOTUNE", "GYRE_CACHE_DIR")}
+    cache_dir = tempfile.TemporaryDirectory(prefix="gyre-bench-autotune-")
+    os.environ["GYRE_AUTOTUNE"] = "1" if autotune_on else "0"
+    os.environ["GYRE_CACHE_DIR"] = cache_dir.name
+    autotune.forget()
     try:
         if wait_quiet:
             harness.wait_quiet(wait_quiet, log=log)
@@ -123,6 +138,13 @@ def run(
             _run_long(record, long_lengths, long_shape, timing, wait_quiet, log)
     finally:
         torch.set_num_threads(prev_threads)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        autotune.forget()
+        cache_dir.cleanup()
     record["noise"] = noise.result()
     try:
         record["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
@@ -161,7 +183,13 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
                 rec.update(torch_cache[key][0])
                 base_fn = torch_cache[key][1]
             else:
-                backend = cases.gyre_backend(cell, impl, mode, B, H)
+                m = None
+                if impl == "auto":  # what auto runs: autotune's choice, made by this first call
+                    m = cases.build(cell, impl, I, H, layers=layers, bidirectional=bidir)
+                    backend = cases.auto_backend(m, mode, x)
+                    rec["chosen_by"] = "autotune" if autotune.enabled() else "static rule"
+                else:
+                    backend = cases.gyre_backend(cell, impl, mode, B, H)
                 if backend is None:
                     continue  # this backend cannot run this cell: nothing to time
                 rec["backend"] = backend
@@ -174,7 +202,8 @@ def _run_case(record, torch_cache, cell, mode, shape, impls, timing, stream_step
                                 if k in same})
                     rec["same_as"] = same["impl"]
                 else:
-                    m = cases.build(cell, impl, I, H, layers=layers, bidirectional=bidir)
+                    if m is None:
+                        m = cases.build(cell, impl, I, H, layers=layers, bidirectional=bidir)
                     if check and (cell in cases.TORCH_EXACT or backend != "reference"):
                         rec["check"] = cases.check(cell, m, mode, x)
                     elif check:  # the eager loop of a cell torch lacks is itself the reference
@@ -197,7 +226,7 @@ def _run_long(record, lengths, shape, timing, wait_quiet, log) -> None:
     from the cell's parameter specs, :func:`~gyre.bench.cases.flops_params`)."""
     B, I, H = shape
     long_timing = Timing(warmup=1, reps=min(timing.reps, 3), min_window_s=0.0,
-                         max_case_s=timing.max_case_s, min_reps=1)
+                         max_case_s=timing.max_case_s, min_reps=1, clock=timing.clock)
     for T in lengths:
         x = cases.inputs(T, B, I)
         for cell, impl in cases.LONG_IMPLS:
@@ -205,15 +234,16 @@ def _run_long(record, lengths, shape, timing, wait_quiet, log) -> None:
             try:
                 if impl == "torch":
                     rec["layer"] = "torch.nn.LSTM"
-                else:
-                    backend = cases.gyre_backend(cell, impl, "train", B, H)
+                m = cases.build(cell, impl, I, H)
+                if impl != "torch":
+                    backend = cases.auto_backend(m, "train", x) if impl == "auto" else \
+                        cases.gyre_backend(cell, impl, "train", B, H)
                     if backend is None:
                         continue
                     rec["backend"] = backend
                     rec["layer"] = f"gyre.nn.Recurrent({cell!r}, backend={backend!r})"
                 if wait_quiet:
                     harness.wait_quiet(wait_quiet, log=log)
-                m = cases.build(cell, impl, I, H)
                 fn = cases.make_fn(m, "train", x)
                 rec["peak_bytes"] = harness.peak_memory(fn)
                 noise = harness.CpuNoise()
@@ -266,7 +296,7 @@ def _line(rec) -> str:
             f" {who:>18}: {unit}{same}  {rec['gflops_per_s']:.1f} GFLOP/s{extra}")
 
 
-def _validate(cells, shapes, modes, backends, threads, stream_steps):
+def _validate(cells, shapes, modes, backends, threads, stream_steps, timing):
     cells = list(cells)
     bad = [c for c in cells if c not in CELLS]
     if bad or not cells:
@@ -287,6 +317,9 @@ def _validate(cells, shapes, modes, backends, threads, stream_steps):
         raise ValueError(f"backends: got {bad}, expected some of {', '.join(known)}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads: got {threads!r}, expected an int >= 1")
+    if timing.clock == "cpu" and threads != 1:
+        raise ValueError(f"clock: 'cpu' times the calling thread only, so it needs threads=1; "
+                         f"got threads={threads}")
     if isinstance(stream_steps, bool) or not isinstance(stream_steps, int) or stream_steps < 1:
         raise ValueError(f"stream_steps: got {stream_steps!r}, expected an int >= 1")
     return cells, shapes, modes, backends
@@ -386,8 +419,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="seconds of timed calls at least, per case (default 0.5)")
     ap.add_argument("--max-case-seconds", type=float, default=None,
                     help="stop timing a case after this once 3 samples exist (default 6)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="a call's time: elapsed (default), or the calling thread's CPU time "
+                         "(needs --threads 1; for a machine other processes share: time spent "
+                         "descheduled is not counted)")
+    ap.add_argument("--no-eager", action="store_true",
+                    help="do not time the eager loop (the slowest column)")
     ap.add_argument("--no-check", action="store_true", help="skip the numerics checks")
     ap.add_argument("--no-gemm", action="store_true", help="skip the sgemm ceiling")
+    ap.add_argument("--no-autotune", action="store_true",
+                    help="auto on the static rule (GYRE_AUTOTUNE=0); by default auto is "
+                         "autotuned, its choices measured afresh in the run")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                     help="before each group of cases, wait up to SECONDS for other processes "
                          "to go idle (default: do not wait)")
@@ -418,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_case_s=(args.max_case_seconds if args.max_case_seconds is not None
                     else base.max_case_s),
         min_reps=base.min_reps,
+        clock=args.clock,
     )
     shapes = args.shapes if args.shapes is not None else (QUICK_SHAPES if args.quick else SHAPES)
     steps = args.stream_steps if args.stream_steps is not None else (20 if args.quick else 1000)
@@ -431,7 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      stacks=() if args.no_stacks else STACKS, long_lengths=lengths,
                      long_shape=QUICK_LONG[1] if args.quick else cases.LONG_SHAPE,
                      stream_steps=steps, timing=timing, check=not args.no_check,
-                     gemm=not args.no_gemm, wait_quiet=args.wait_quiet, notes=args.notes)
+                     gemm=not args.no_gemm, wait_quiet=args.wait_quiet, notes=args.notes,
+                     autotune_on=not args.no_autotune, eager=not args.no_eager)
     except ValueError as e:
         ap.error(str(e))
     text = report.markdown(record)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .. import cells as _cells
 from .. import engine
+from ..engine import autotune
 from ..nn import Recurrent
 
 #: the cells the benchmark knows, in table order
@@ -85,9 +86,33 @@ def gyre_backend(cell: str, impl: str, mode: str = "fwd", B: int = 1, H: int = 1
     backend = "reference" if impl == "eager" else impl
     try:
         return engine.select_backend(_cells.get(cell), backend, size=(B, H),
-                                     grad=mode == "train")
+                                     grad=mode in TRAIN_MODES)
     except ValueError:
         return None
+
+
+def auto_backend(m: Recurrent, mode: str, x: Tensor) -> str:
+    """The backend ``m`` (built with ``backend="auto"``) runs in ``mode`` on ``x``: one call of
+    :func:`make_fn`'s callable, and the choice :func:`gyre.engine.autotune.choose` made for it
+    (measured now, or found in its cache); where autotune made none (it is off, or one backend
+    is eligible, or the mode runs ``step``), the static rule's."""
+    seen: list[str] = []
+    choose = autotune.choose
+
+    def spy(key, candidates, measure):
+        winner = choose(key, candidates, measure)
+        seen.append(winner)
+        return winner
+
+    autotune.choose = spy
+    try:
+        make_fn(m, mode, x)()
+    finally:
+        autotune.choose = choose
+    if seen:
+        return seen[-1]
+    return engine.select_backend(m.cell, "auto", size=(x.shape[1], m.hidden_size),
+                                 grad=mode in TRAIN_MODES)
 
 
 def build(cell: str, impl: str, I: int, H: int, seed: int = 0, layers: int = 1,

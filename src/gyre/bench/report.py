@@ -51,6 +51,9 @@ def _machine(record) -> str:
              f"wall {noise.get('wall_s')} s) |",
              f"| timing | min of N >= {t.get('reps')} calls and >= {t.get('min_window_s')} s after "
              f"{t.get('warmup')} warm-up calls (stop after {t.get('max_case_s')} s), fp32"
+             + ("; a call's time is the calling thread's CPU time (1 thread; time spent "
+                "descheduled while other processes ran is not counted)"
+                if t.get("clock") == "cpu" else "")
              + ("; each gyre layer timed in alternation with the torch layer of its case (calls "
                 "interleaved, order swapped each round), its ratio to torch the ratio of the two "
                 "minima from that window |" if _any_paired(record) else " |"),
@@ -149,7 +152,11 @@ def _times(record) -> str:
              f"the one before it; `!` a timing during which other processes used more than "
              f"{100 * NOISY:.0f}% of the machine's CPU (suspect)."
              + (" Each gyre ratio is to the torch layer timed in alternation with it (the `torch` "
-                "column is the torch layer timed alone)." if _any_paired(record) else ""), "",
+                "column is the torch layer timed alone)." if _any_paired(record) else "")
+             + (" `auto runs`: the backend auto ran, as autotune chose it in this run (measured "
+                "on the case's first call)." if record["meta"].get("autotune")
+                else " `auto runs`: the backend auto ran, by the static rule (autotune off)."
+                if record["meta"].get("autotune") is False else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in keys:
         mode, shape, cell = key

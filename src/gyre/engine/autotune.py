@@ -13,6 +13,11 @@ for a few calls each and the fastest is kept, in memory and in an on-disk cache 
 * Cost is bounded: per backend one untimed call and at most :data:`CALLS` timed ones, fewer once
   a backend has used :data:`BUDGET_S` seconds, and a backend whose first call takes more than
   :data:`GIVE_UP` times the best one's is not timed further.
+* The timed calls alternate between the backends (round by round, the order reversed each
+  round), so a change in the machine's speed meanwhile (other processes) weighs on every backend
+  alike, and each backend's best call counts. With one torch thread the clock is the thread's CPU
+  time (what the call itself used, not the time other processes held the core); with more, wall
+  time.
 * ``GYRE_AUTOTUNE=0`` keeps the static rule (:func:`gyre.engine.select_backend`); a forced
   ``backend=`` is never measured.
 * Each choice is logged once at INFO level (logger ``gyre.engine``).
@@ -38,8 +43,16 @@ CALLS = 3
 BUDGET_S = 2.0
 GIVE_UP = 3.0
 
+
+
+def _default_clock() -> float:
+    import torch
+
+    return time.thread_time() if torch.get_num_threads() == 1 else time.perf_counter()
+
+
 #: the clock measurements read (a test replaces it)
-clock: Callable[[], float] = time.perf_counter
+clock: Callable[[], float] = _default_clock
 
 _lock = threading.RLock()
 _memory: dict[str, str] = {}
@@ -128,7 +141,8 @@ def choose(key: str, candidates: Sequence[str], measure: Callable[[str], None]) 
         if found in candidates:
             _memory[key] = found
             return found
-        times = {}
+        times: dict[str, float] = {}
+        spent: dict[str, float] = {}
         for backend in candidates:
             try:
                 t0 = clock()
@@ -138,18 +152,17 @@ def choose(key: str, candidates: Sequence[str], measure: Callable[[str], None]) 
                 log.debug("gyre autotune: %s failed on %s (%s)", backend, key, e)
                 continue
             best_so_far = min(times.values(), default=None)
-            if best_so_far is not None and first > GIVE_UP * max(best_so_far, 1e-9):
-                times[backend] = first
-                continue
-            best, spent = first, first
-            for _ in range(CALLS):
-                if spent > BUDGET_S:
-                    break
+            times[backend] = first
+            if best_so_far is None or first <= GIVE_UP * max(best_so_far, 1e-9):
+                spent[backend] = first
+        for r in range(CALLS):
+            timed = [b for b in spent if spent[b] <= BUDGET_S]
+            for backend in timed if r % 2 == 0 else timed[::-1]:
                 t0 = clock()
                 measure(backend)
                 dt = clock() - t0
-                best, spent = min(best, dt), spent + dt
-            times[backend] = best
+                times[backend] = min(times[backend], dt)
+                spent[backend] += dt
         if not times:
             return candidates[0]
         winner = min(candidates, key=lambda b: (times.get(b, float("inf")),
