@@ -75,8 +75,9 @@ class SequenceModelConfig(base.TaskConfig):
             keep their own initialisation.
         conv_channels: width of each front-end block (``conv-rnn``).
         conv_stride: stride of the first front-end block (``conv-rnn``); 0 = automatic,
-            ``ceil(median training length / 512)``, so the convolutions run on at most about
-            512 steps.
+            ``ceil(median training length / conv_steps)``, so the convolutions run on at most
+            about ``conv_steps`` steps.
+        conv_steps: the front-end's target number of steps when ``conv_stride`` is automatic.
         fuse: (``conv-rnn``) the masked mean of the front-end's feature maps joins the pooled
             recurrent features before the linear layer.
         minirocket: also run aeon's MiniRocket as a baseline (multivariate form for several
@@ -102,6 +103,7 @@ class SequenceModelConfig(base.TaskConfig):
     forget_bias: float = 1.0
     conv_channels: int = 64
     conv_stride: int = 0
+    conv_steps: int = 512
     fuse: bool = True
     minirocket: bool = True
 
@@ -110,7 +112,7 @@ class SequenceModelConfig(base.TaskConfig):
         head_parts(self.head)
         if self.model not in MODELS:
             raise ValueError(f"model: got {self.model!r}, expected one of {', '.join(MODELS)}")
-        for name in ("steps", "conv_channels"):
+        for name in ("steps", "conv_channels", "conv_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= 1")
         if self.conv_stride < 0:
@@ -342,8 +344,6 @@ def build_model(config: SequenceModelConfig, n_channels: int, n_classes: int, fr
 
 #: the recurrence's default target number of steps when ``frame`` is automatic (``frame=0``)
 FRAME_STEPS = 16
-#: the automatic first-block stride of ``conv-rnn`` keeps the convolutions to about this many steps
-CONV_STEPS = 512
 
 
 def auto_frame(X: list[np.ndarray], steps: int = FRAME_STEPS, stride: int = 1) -> int:
@@ -360,7 +360,7 @@ def resolve_shape(config: SequenceModelConfig, X: list[np.ndarray]) -> tuple[int
     stride = 1
     if config.model == "conv-rnn":
         med = float(np.median([len(x) for x in X]))
-        stride = config.conv_stride or max(1, math.ceil(med / CONV_STEPS))
+        stride = config.conv_stride or max(1, math.ceil(med / config.conv_steps))
     frame = config.frame or auto_frame(X, config.steps, stride)
     return frame, stride
 
@@ -388,14 +388,17 @@ def _scores(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
 
 # -- running ----------------------------------------------------------------------------------------
-def _prepare(config: Config, data: cdata.ClassificationData):
+def _prepare(config: SequenceModelConfig, data, target=None, dtype=np.int64):
+    """``(train, val, test datasets, input scaler)``: ``val_fraction`` of the training split
+    held out, inputs standardised on the rest, targets mapped by ``target`` (None: as they
+    are) and stored as ``dtype``."""
     tr, va = cdata.validation_split(data.y_train, config.val_fraction, config.seed)
     X_fit = [data.X_train[i] for i in tr]
     scaler = cdata.Standardizer.fit(X_fit)
-    train = cdata.SequenceDataset(scaler(X_fit), data.y_train[tr])
-    val = cdata.SequenceDataset(scaler([data.X_train[i] for i in va]), data.y_train[va])
-    test = cdata.SequenceDataset(scaler(data.X_test), data.y_test)
-    return train, val, test, scaler
+    t = target or (lambda y: y)
+    ds = lambda X, y: cdata.SequenceDataset(scaler(X), t(y), dtype)  # noqa: E731
+    return (ds(X_fit, data.y_train[tr]), ds([data.X_train[i] for i in va], data.y_train[va]),
+            ds(data.X_test, data.y_test), scaler)
 
 
 def _fit(model: nn.Module, config: SequenceModelConfig, out: Path, train, val, extra,
@@ -412,13 +415,16 @@ def _fit(model: nn.Module, config: SequenceModelConfig, out: Path, train, val, e
     return trainer, result
 
 
-def train(config: Config, *, resume: bool = False) -> dict:
+def train(config: Config, *, resume: bool = False,
+          data: cdata.ClassificationData | None = None) -> dict:
     """Train, evaluate beside the baselines, write config.toml, checkpoint, metrics.json and
-    plots into ``config.out``; returns the metrics (see :mod:`gyre.tasks`)."""
+    plots into ``config.out``; returns the metrics (see :mod:`gyre.tasks`). ``data``: train and
+    score on these splits instead of loading ``config.data`` (cross-validation folds)."""
     if not isinstance(config, Config):
         raise TypeError(f"config: got {type(config).__name__}, expected gyre.tasks.classify.Config")
     # the data first: a bad --data must not leave a run directory behind
-    data = cdata.load(config.data, seed=config.seed)
+    if data is None:
+        data = cdata.load(config.data, seed=config.seed)
     if resume:
         base.check_resume(config, config.out)
     out = base.resolve_out(config, TASK)
@@ -464,18 +470,27 @@ def train(config: Config, *, resume: bool = False) -> dict:
     metrics = {
         "task": TASK, "data": data.name, "out": str(out), "model": name,
         "test": test, "baselines": baselines,
-        "train": {"epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
-                  "stopped_early": result["stopped_early"], "seconds": round(seconds, 2),
-                  "n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds), "frame": k,
-                  "stride": stride, "final_train_loss": result["history"][-1].get("train_loss")
-                  if result["history"] else None,
-                  "parameters": sum(p.numel() for p in model.parameters())},
+        "train": train_summary(result, seconds, model, (train_ds, val_ds, test_ds), k, stride),
         "classes": list(data.classes),
     }
     if data.name in PUBLISHED:
         metrics["published"] = {f"{k} accuracy": v for k, v in PUBLISHED[data.name].items()}
     base.write_json(metrics, out / "metrics.json")
     return metrics
+
+
+def train_summary(result: dict, seconds: float, model: nn.Module, splits, frame: int,
+                  stride: int) -> dict:
+    """metrics.json's ``train`` entry: the Trainer's ``result`` of a fit that took ``seconds``,
+    the sizes of the ``(train, val, test)`` datasets, the resolved frame and stride."""
+    history = result["history"]
+    n_train, n_val, n_test = map(len, splits)
+    return {"epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
+            "stopped_early": result["stopped_early"], "seconds": round(seconds, 2),
+            "n_train": n_train, "n_val": n_val, "n_test": n_test, "frame": frame,
+            "stride": stride,
+            "final_train_loss": history[-1].get("train_loss") if history else None,
+            "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def dtw_baseline(data: cdata.ClassificationData) -> dict[str, float]:
@@ -526,22 +541,29 @@ def plot_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], path, ti
 
 
 # -- reloading ------------------------------------------------------------------------------------
-def load_run(out_dir) -> tuple[Config, nn.Module, dict]:
-    """``(config, model with the final weights, checkpoint extra)`` from a run directory."""
+def restore(out_dir, config_cls: type, task: str, n_outputs) -> tuple:
+    """``(config, model in eval mode with the run's weights, checkpoint extra)`` of a run of
+    ``task`` whose model :func:`build_model` makes with ``n_outputs(extra)`` outputs (the
+    best epoch's weights where the run kept them, else the final ones)."""
     out = Path(out_dir)
     if not (out / "config.toml").is_file():
         raise FileNotFoundError(f"out_dir: {str(out)!r} has no config.toml; expected a directory "
-                                "written by gyre train classify")
-    config = base.load_config(Config, out / "config.toml")
+                                f"written by gyre train {task}")
+    config = base.load_config(config_cls, out / "config.toml")
     ckpt = load_checkpoint(out / CHECKPOINT)
     extra = ckpt["extra"]
-    model = build_model(config, extra["n_channels"], len(extra["classes"]), extra.get("frame"),
+    model = build_model(config, extra["n_channels"], n_outputs(extra), extra.get("frame"),
                         extra.get("stride"))
     best = ckpt["best"]["model"]
     use_best = best is not None and ckpt["config"].get("restore_best", True)
     model.load_state_dict(best if use_best else ckpt["model"])
     model.eval()
     return config, model, extra
+
+
+def load_run(out_dir) -> tuple[Config, nn.Module, dict]:
+    """``(config, model with the final weights, checkpoint extra)`` from a run directory."""
+    return restore(out_dir, Config, TASK, lambda extra: len(extra["classes"]))
 
 
 def finetune(model: nn.Module, config: Config, extra: dict) -> None:
