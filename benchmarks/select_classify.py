@@ -33,6 +33,8 @@ CANDIDATES: dict[str, dict] = {
     "conv_b8": {"model": "conv-rnn", "batch_size": 8},
     "conv_b8_lr3": {"model": "conv-rnn", "batch_size": 8, "lr": 3e-3},
     "conv128": {"model": "conv-rnn", "conv_channels": 128},
+    "conv_s128": {"model": "conv-rnn", "conv_steps": 128},
+    "conv_s128_e200": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200},
 }
 #: regression candidates (``gyre train regress``)
 REGRESS: dict[str, dict] = {

@@ -7,6 +7,7 @@ Follows the task contract in :mod:`gyre.tasks`. Data: :mod:`gyre.data.classifica
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -429,18 +430,29 @@ def train(config: Config, *, resume: bool = False,
         base.check_resume(config, config.out)
     out = base.resolve_out(config, TASK)
     train_ds, val_ds, test_ds, scaler = _prepare(config, data)
+    jobs = {}
+    if config.dtw:
+        jobs["1nn_dtw"] = (dtw_baseline, (data,))
+    if config.minirocket:
+        jobs["minirocket"] = (minirocket_baseline, (data, config.seed))
+    beside = run_beside(jobs)
     seed_everything(config.seed)
     k, stride = resolve_shape(config, data.X_train)
     model = build_model(config, data.n_channels, len(data.classes), frame=k, stride=stride)
     extra = {"classes": list(data.classes), "n_channels": data.n_channels,
              "scaler": scaler.state(), "frame": k, "stride": stride}
     start = time.perf_counter()
-    trainer, result = _fit(model, config, out, train_ds, val_ds, extra, resume,
-                           callback=base.config_writer(config, out))
+    try:
+        trainer, result = _fit(model, config, out, train_ds, val_ds, extra, resume,
+                               callback=base.config_writer(config, out))
+    except BaseException:
+        beside.cancel()
+        raise
     seconds = time.perf_counter() - start
     if base.other_rank(out) is not None:
         return base.other_rank(out)
     if result["interrupted"]:
+        beside.cancel()
         return {"interrupted": True, "out": str(out)}
     logits, y = trainer.predict(test_ds)
     pred = logits.argmax(-1).numpy()
@@ -452,10 +464,7 @@ def train(config: Config, *, resume: bool = False,
 
     baselines = {"majority": _scores(np.full_like(data.y_test, np.bincount(data.y_train).argmax()),
                                      data.y_test)}
-    if config.dtw:
-        baselines["1nn_dtw"] = dtw_baseline(data)
-    if config.minirocket:
-        baselines["minirocket"] = minirocket_baseline(data, config.seed)
+    baselines.update(beside())
     for name in config.baselines:
         seed_everything(config.seed)
         net = (FCN(data.n_channels, len(data.classes)) if name == "cnn"
@@ -491,6 +500,46 @@ def train_summary(result: dict, seconds: float, model: nn.Module, splits, frame:
             "stride": stride,
             "final_train_loss": history[-1].get("train_loss") if history else None,
             "parameters": sum(p.numel() for p in model.parameters())}
+
+
+class _Beside:
+    """Jobs running in a worker process: call to wait for ``{name: result}``; ``cancel()``
+    drops what has not started and lets the worker go."""
+
+    def __init__(self, jobs: dict) -> None:
+        self.pool = None
+        self.futures: dict = {}
+        self.jobs = jobs
+        from ..train import distributed
+        if jobs and distributed.is_main() and os.environ.get("RANK", "0") == "0":
+            import concurrent.futures
+            import multiprocessing
+            # spawn, not fork: a forked copy of a process that has started torch's and
+            # numba's threads can deadlock
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"))
+            self.futures = {k: self.pool.submit(fn, *args) for k, (fn, args) in jobs.items()}
+            self.jobs = {}
+
+    def __call__(self) -> dict:
+        try:
+            done = {k: f.result() for k, f in self.futures.items()}
+        finally:
+            self.cancel()
+        return done | {k: fn(*args) for k, (fn, args) in self.jobs.items()}
+
+    def cancel(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
+def run_beside(jobs: dict) -> _Beside:
+    """Start ``jobs`` (name -> ``(function, args)``, picklable) in one spawned worker process,
+    so the baselines run on another core while this process trains; calling the result waits
+    for them. On the other processes of a distributed run they are left to the caller's
+    rank 0 (nothing starts; calling runs them in this process)."""
+    return _Beside(jobs)
 
 
 def dtw_baseline(data: cdata.ClassificationData) -> dict[str, float]:

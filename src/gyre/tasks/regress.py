@@ -80,19 +80,26 @@ def train(config: Config, *, resume: bool = False, data: rdata.RegressionData | 
     y_mean, y_std = float(data.y_train[tr].mean()), float(data.y_train[tr].std()) or 1.0
     norm = lambda y: (np.asarray(y) - y_mean) / y_std  # noqa: E731
     train_ds, val_ds, test_ds, scaler = cls._prepare(config, data, norm, np.float32)
+    beside = cls.run_beside({"minirocket_ridge": (minirocket_baseline, (data, config.seed))}
+                            if config.minirocket else {})
     seed_everything(config.seed)
     k, stride = cls.resolve_shape(config, data.X_train)
     model = cls.build_model(config, data.n_channels, 1, frame=k, stride=stride)
     extra = {"n_channels": data.n_channels, "scaler": scaler.state(), "frame": k,
              "stride": stride, "y_mean": y_mean, "y_std": y_std}
     start = time.perf_counter()
-    trainer, result = cls._fit(model, config, out, train_ds, val_ds, extra, resume,
-                               loss=mse_loss, metrics=_rmse_metric(y_std),
-                               callback=base.config_writer(config, out))
+    try:
+        trainer, result = cls._fit(model, config, out, train_ds, val_ds, extra, resume,
+                                   loss=mse_loss, metrics=_rmse_metric(y_std),
+                                   callback=base.config_writer(config, out))
+    except BaseException:
+        beside.cancel()
+        raise
     seconds = time.perf_counter() - start
     if base.other_rank(out) is not None:
         return base.other_rank(out)
     if result["interrupted"]:
+        beside.cancel()
         return {"interrupted": True, "out": str(out)}
     pred = trainer.predict(test_ds)[0][:, 0].numpy().astype(np.float64) * y_std + y_mean
     test = scores(pred, data.y_test)
@@ -102,8 +109,7 @@ def train(config: Config, *, resume: bool = False, data: rdata.RegressionData | 
                      f"{name}: RMSE {test['rmse']:.4g}")
     baselines = {"train_mean": scores(np.full(len(data.y_test), data.y_train[tr].mean()),
                                       data.y_test)}
-    if config.minirocket:
-        baselines["minirocket_ridge"] = minirocket_baseline(data, config.seed)
+    baselines.update(beside())
     metrics = {
         "task": TASK, "data": data.name, "out": str(out), "model": name, "test": test,
         "baselines": baselines,
