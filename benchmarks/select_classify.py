@@ -131,8 +131,11 @@ def run(task: str, datasets, candidates, k: int, seed: int, fit: bool, jsonl: Pa
 
 def table(jsonl: Path, seed: int) -> str:
     rows: dict[tuple, list] = {}
+    last = {}  # two selections run side by side may both score a baseline's fold
     for line in jsonl.read_text().splitlines():
         r = json.loads(line)
+        last[(r["data"], r["candidate"], r["fold"], r["seed"], r.get("epochs"))] = r
+    for r in last.values():
         if r["seed"] != seed:
             continue
         cand = r["candidate"] + ("" if not r.get("epochs") else f"@{r['epochs']}")

@@ -140,3 +140,22 @@ def test_minirocket_baseline_runs_beside_the_model(tmp_path):
     # aeon's MiniRocket on ItalyPowerDemand, seed 0, computed by aeon directly: 0.9631
     assert m["baselines"]["minirocket"]["accuracy"] == pytest.approx(0.9631, abs=0.005)
     assert set(m["baselines"]) == {"majority", "minirocket"}
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_conv_rnn_exports_to_onnx_and_onnxruntime_gives_its_logits(tmp_path, fuse):
+    """Through the export hook, at lengths and batch sizes other than the trace's."""
+    pytest.importorskip("onnxruntime")
+    from gyre.export import OnnxModel, onnx
+    torch.manual_seed(0)
+    model = classify.ConvRecurrentClassifier("lstm", 2, 3, hidden=4, channels=5, stride=3,
+                                             frame=2, fuse=fuse)
+    model(torch.randn(4, 30, 2))  # batch-norm running statistics away from their start
+    model.eval()
+    run = OnnxModel(onnx(model, tmp_path / "m.onnx"))
+    x = torch.randn(3, 23, 2)
+    lengths = torch.tensor([23, 4, 11])
+    with torch.no_grad():
+        want = model(x, lengths=lengths)[0]
+    torch.testing.assert_close(run(x, lengths=lengths)[0], want, atol=1e-5, rtol=1e-4)
+    assert model.stream_unsupported() and "conv-rnn" in model.stream_unsupported()

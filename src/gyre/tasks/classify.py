@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .. import cells
 from ..data import classification as cdata
 from ..nn import Recurrent
-from ..nn.conv import ConvFrontEnd, pool_frames
+from ..nn.conv import ConvFrontEnd, conv_lengths, pool_frames
 from ..nn.heads import HEADS, SequencePool, head_parts, pool, valid_mask
 from ..train import CHECKPOINT, Trainer, load_checkpoint, seed_everything
 from . import base
@@ -257,6 +257,7 @@ class ConvRecurrentClassifier(nn.Module):
         if isinstance(frame, bool) or not isinstance(frame, int) or frame < 1:
             raise ValueError(f"frame: got {frame!r}, expected an int >= 1")
         self.front = ConvFrontEnd(n_channels, (channels,) * 3, (8, 5, 3), stride=stride)
+        self.export_features = n_channels  # x's columns, for gyre.export.onnx
         self.frame = frame
         self.fuse = fuse
         self.dirs = 2 if bidirectional else 1
@@ -271,13 +272,36 @@ class ConvRecurrentClassifier(nn.Module):
         self.fc = nn.Linear(width + (self.front.out_channels if fuse else 0), n_classes)
 
     def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
-        h, lengths = self.front(x, lengths)  # (B, ceil(T/stride), F)
-        z, zlen = pool_frames(h, lengths, self.frame)
+        h, hlen = self.front(x, lengths)  # (B, ceil(T/stride), F)
+        z, zlen = pool_frames(h, hlen, self.frame)
         out, h_n = self.rnn(z, state, lengths=zlen)
-        feats = self.pool(out, zlen)
+        return self._head(out, h, hlen), h_n
+
+    def _head(self, out: Tensor, h: Tensor, hlen: Tensor | None) -> Tensor:
+        feats = self.pool(out, conv_lengths(hlen, self.frame))
         if self.fuse:
-            feats = torch.cat([feats, pool(h, lengths, "mean")], dim=1)
-        return self.fc(self.drop(feats)), h_n
+            feats = torch.cat([feats, pool(h, hlen, "mean")], dim=1)
+        return self.fc(self.drop(feats))
+
+    # the export hook (gyre.export.onnx): forward is export_head(rnn(export_pre(...)))
+    def export_pre(self, x: Tensor, lengths: Tensor | None):
+        """The recurrence's input: the front-end's feature maps averaged over frames, and
+        their lengths."""
+        return pool_frames(*self.front(x, lengths), self.frame)
+
+    def export_head(self, out: Tensor, x: Tensor, lengths: Tensor | None) -> Tensor:
+        """Class logits from the recurrence's output; the front-end runs again for the fused
+        mean of its feature maps (the hook hands the head only the input)."""
+        h, hlen = self.front(x, lengths) if self.fuse else (None, conv_lengths(
+            lengths, self.front.stride))
+        return self._head(out, h, hlen)
+
+    stream_window = None
+
+    def stream_unsupported(self) -> str | None:
+        """Why this model cannot be served step by step (None: it can)."""
+        return ("model=conv-rnn: the convolutional front-end reads a window of steps around "
+                "each step; serving steps one by one needs a run with model=rnn and frame=1")
 
 
 class FCN(nn.Module):
