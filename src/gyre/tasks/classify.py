@@ -6,6 +6,7 @@ Follows the task contract in :mod:`gyre.tasks`. Data: :mod:`gyre.data.classifica
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -81,6 +82,9 @@ class SequenceModelConfig(base.TaskConfig):
         conv_steps: the front-end's target number of steps when ``conv_stride`` is automatic.
         fuse: (``conv-rnn``) the masked mean of the front-end's feature maps joins the pooled
             recurrent features before the linear layer.
+        ensemble: train this many copies of the model (each its own initialisation, the
+            same batches, each by its own loss) and predict with their average (of class
+            probabilities for classify, of outputs for regress).
         minirocket: also run aeon's MiniRocket as a baseline (multivariate form for several
             channels; series zero-padded to the longest).
 
@@ -106,6 +110,7 @@ class SequenceModelConfig(base.TaskConfig):
     conv_stride: int = 0
     conv_steps: int = 512
     fuse: bool = True
+    ensemble: int = 1
     minirocket: bool = True
 
     def __post_init__(self) -> None:
@@ -113,7 +118,7 @@ class SequenceModelConfig(base.TaskConfig):
         head_parts(self.head)
         if self.model not in MODELS:
             raise ValueError(f"model: got {self.model!r}, expected one of {', '.join(MODELS)}")
-        for name in ("steps", "conv_channels", "conv_steps"):
+        for name in ("steps", "conv_channels", "conv_steps", "ensemble"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= 1")
         if self.conv_stride < 0:
@@ -304,6 +309,42 @@ class ConvRecurrentClassifier(nn.Module):
                 "each step; serving steps one by one needs a run with model=rnn and frame=1")
 
 
+class Ensemble(nn.Module):
+    """Members trained side by side: in training mode ``forward`` gives every member's output
+    ``(B, n, K)`` (:func:`member_loss` scores each against the targets), in evaluation mode
+    their average ``(B, K)``: of the class probabilities, as log-probabilities (``probs=True``;
+    cross-entropy of those is the ensemble's negative log-likelihood), or of the outputs."""
+
+    def __init__(self, members: list[nn.Module], probs: bool = True) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.probs = probs
+
+    def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
+        z = torch.stack([m(x, lengths=lengths)[0] for m in self.members], 1)
+        if self.training:
+            return z, None
+        if self.probs:
+            return torch.logsumexp(torch.log_softmax(z, -1), 1) - math.log(z.shape[1]), None
+        return z.mean(1), None
+
+    def export_unsupported(self) -> str:
+        return f"ensemble={len(self.members)}: export needs a single model (ensemble=1)"
+
+    def stream_unsupported(self) -> str:
+        return self.export_unsupported().replace("export", "serving step by step")
+
+
+def member_loss(loss):
+    """``loss(out, y)`` that scores an :class:`Ensemble`'s ``(B, n, K)`` training output as the
+    mean of its members' losses."""
+    def f(out: Tensor, y: Tensor) -> Tensor:
+        if out.dim() == 3:
+            return loss(out.reshape(-1, out.shape[2]), y.repeat_interleave(out.shape[1]))
+        return loss(out, y)
+    return f
+
+
 class FCN(nn.Module):
     """Fully convolutional baseline (Wang, Yan & Oates 2017): three Conv1d-BatchNorm-ReLU blocks
     (128x8, 256x5, 128x3, 'same' padding), global average pooling over valid steps, linear."""
@@ -354,6 +395,10 @@ def build_model(config: SequenceModelConfig, n_channels: int, n_classes: int, fr
                 stride: int | None = None) -> nn.Module:
     """The model ``config.model`` describes with ``n_classes`` outputs (``frame``, ``stride``:
     the resolved values when ``config.frame`` / ``config.conv_stride`` are 0, automatic)."""
+    if config.ensemble > 1:
+        one = dataclasses.replace(config, ensemble=1)
+        return Ensemble([build_model(one, n_channels, n_classes, frame, stride)
+                         for _ in range(config.ensemble)], probs=n_classes > 1)
     frame = frame or config.frame or 1
     if config.model == "conv-rnn":
         return ConvRecurrentClassifier(
@@ -396,9 +441,9 @@ def describe(config: SequenceModelConfig, frame: int | None = None, stride: int 
            f"({config.head} head{f', frame {k}' if k and k > 1 else ''}")
     if config.model == "conv-rnn":
         s = stride or config.conv_stride or 1
-        return (f"conv{config.conv_channels}x3{f'/{s}' if s > 1 else ''} + {rec}"
-                f"{', fused' if config.fuse else ''})")
-    return rec + ")"
+        rec = (f"conv{config.conv_channels}x3{f'/{s}' if s > 1 else ''} + {rec}"
+               f"{', fused' if config.fuse else ''}")
+    return rec + (f", ensemble of {config.ensemble})" if config.ensemble > 1 else ")")
 
 
 # -- metrics --------------------------------------------------------------------------------------
@@ -434,7 +479,8 @@ def _fit(model: nn.Module, config: SequenceModelConfig, out: Path, train, val, e
     if config.scheduler.lower() in ("onecycle", "onecyclelr"):
         over["scheduler_interval"] = "step"  # OneCycleLR changes the rate every step
     tc = config.train_config(**over)
-    trainer = Trainer(model, loss, tc, collate=cdata.collate, metrics=metrics, out_dir=out,
+    trainer = Trainer(model, member_loss(loss), tc, collate=cdata.collate, metrics=metrics,
+                      out_dir=out,
                       extra=extra, callback=callback, distributed=distributed)
     result = trainer.fit(train, val if len(val) else None, resume=resume)
     return trainer, result
