@@ -40,10 +40,7 @@ CANDIDATES: dict[str, dict] = {
 REGRESS: dict[str, dict] = {
     "rnn": {"model": "rnn"},
     "rnn_val": {"model": "rnn", "val_fraction": 0.2},
-    "rnn_ens5": {"model": "rnn", "ensemble": 5},
-    "rnn_val_ens5": {"model": "rnn", "val_fraction": 0.2, "ensemble": 5},
-    "rnn_wd": {"model": "rnn", "optimizer": "adamw", "weight_decay": 0.1, "head_dropout": 0.5},
-    "conv_val": {"model": "conv-rnn", "conv_steps": 128, "val_fraction": 0.2},
+    "rnn_val_ens3": {"model": "rnn", "val_fraction": 0.2, "ensemble": 3},
 }
 REGRESS_DATASETS = ("covid_3month", "cardano_sentiment")
 DATASETS = ("italy_power_demand", "gunpoint", "japanese_vowels", "basic_motions", "arrow_head",

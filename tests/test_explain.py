@@ -95,7 +95,7 @@ def test_state_and_gate_maps_follow_the_cell_formula():
     assert {"r", "z", "n", "h"} <= names
 
 
-FAST = ["--no-progress", "--no-tensorboard", "--device", "cpu", "--threads", "1"]
+FAST = ["--model", "rnn", "--no-progress", "--no-tensorboard", "--device", "cpu", "--threads", "1"]
 
 
 def test_deletion_curve_on_a_real_classification_run(tmp_path, capsys):

@@ -133,6 +133,7 @@ def _wide_csv(path, rows):
 def test_classify_run_exports_and_predicts_the_same_in_onnxruntime(tmp_path, capsys):
     from gyre.data import classification as cd
     cfg = classify.Config(data="italy_power_demand", out=str(tmp_path / "run"), epochs=1, hidden=8,
+                          model="rnn",
                           dtw=False, progress=False, tensorboard=False, device="cpu",
                           cell="lstm", frame=5)
     classify.train(cfg)

@@ -54,6 +54,7 @@ def test_unstructured_zeroes_each_weight_and_the_zeros_survive_training():
 
 def test_gyre_prune_on_a_classify_run(tmp_path, capsys):
     cfg = classify.Config(data="italy_power_demand", out=str(tmp_path / "run"), epochs=2, hidden=8,
+                          model="rnn",
                           dtw=False, progress=False, tensorboard=False, device="cpu",
                           bidirectional=False)
     classify.train(cfg)

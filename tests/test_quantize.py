@@ -16,7 +16,7 @@ from gyre.tasks import classify, forecast  # noqa: E402
 
 
 def test_gyre_quantize_on_a_classify_run(tmp_path, capsys):
-    cfg = classify.Config(data="italy_power_demand", out=str(tmp_path / "run"), epochs=2,
+    cfg = classify.Config(data="italy_power_demand", out=str(tmp_path / "run"), epochs=2, model="rnn",
                           hidden=16, dtw=False, progress=False, tensorboard=False, device="cpu")
     m = classify.train(cfg)
     assert main(["quantize", str(tmp_path / "run"), "--threads", "1"]) == 0

@@ -48,12 +48,12 @@ class SequenceModelConfig(base.TaskConfig):
     Beyond :class:`gyre.tasks.base.TaskConfig`:
 
     The defaults are one recipe for every dataset, chosen on held-out parts of the training
-    splits, never on a test split (RESULTS.md, "Sequence classification", says how): a
-    bidirectional LSTM over frames of about 1/16 of the median sequence, last-state and
-    mean-pooled features, forget-gate bias 1, Adam with a one-cycle learning rate (warm-up to
-    ``lr``, then cosine decay) for 100 epochs on the whole training split
-    (``val_fraction=0``), keeping the final weights. With ``val_fraction > 0`` that share is
-    held out and the epoch with the lowest validation loss is restored.
+    splits, never on a test split (RESULTS.md says how): a bidirectional LSTM (over frames of
+    about 1/16 of the median sequence for ``rnn``), last-state and mean-pooled features,
+    forget-gate bias 1, Adam with a one-cycle learning rate (warm-up to ``lr``, then cosine
+    decay) on the whole training split (``val_fraction=0``), keeping the final weights; each
+    task's ``Config`` sets its model and length of training. With ``val_fraction > 0`` that
+    share is held out and the epoch with the lowest validation loss is restored.
 
     Attributes:
         model: ``rnn`` (the recurrent stack over frames of the raw series) or ``conv-rnn``
@@ -134,6 +134,11 @@ class SequenceModelConfig(base.TaskConfig):
 class Config(SequenceModelConfig):
     """Classification run: the fields of :class:`SequenceModelConfig`, and
 
+    The default recipe, chosen by stratified cross-validation on the training splits (RESULTS.md,
+    "Issue 15"), is ``model="conv-rnn"`` with the front-end on at most about 128 steps
+    (``conv_steps=128``) and 200 epochs; the other fields keep :class:`SequenceModelConfig`'s
+    values.
+
     Attributes:
         baselines: extra trained baselines, any of ``cnn`` (FCN, Wang et al. 2017) and
             ``transformer`` (``torch.nn.TransformerEncoder``); majority class always runs.
@@ -141,6 +146,9 @@ class Config(SequenceModelConfig):
     """
 
     data: str = "japanese_vowels"
+    model: str = "conv-rnn"
+    epochs: int = 200
+    conv_steps: int = 128
     baselines: list[str] = field(default_factory=list)
     dtw: bool = True
 
