@@ -50,6 +50,12 @@ def run(task: str, datasets, seeds: int, jsonl: Path, extra: list[str]) -> None:
             args = list(extra) + (["--no-dtw"] if task == "classify" and seed else [])
             if (task, name, seed, tuple(args)) in done:
                 continue
+            # a claim per run, so two tables run side by side (--reverse) never repeat one
+            claim = jsonl.parent / f".claim-{task}-{name}-{seed}-{'_'.join(args)}"
+            try:
+                claim.open("x").close()
+            except FileExistsError:
+                continue
             with tempfile.TemporaryDirectory() as tmp:
                 argv = ["--data", name, "--seed", str(seed), "--out", str(Path(tmp) / "run"),
                         "--no-progress", "--threads", "1", *args]
@@ -130,13 +136,14 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--jsonl", type=Path, default=JSONL)
     p.add_argument("--table", action="store_true")
+    p.add_argument("--reverse", action="store_true", help="datasets in reverse order")
     a, extra = p.parse_known_args(argv)
     if a.table:
         print(table(a.jsonl, a.task, extra))
         return 0
     sets = [d for d in a.datasets.split(",") if d] or list(
         CLASSIFY if a.task == "classify" else REGRESS)
-    run(a.task, sets, a.seeds, a.jsonl, extra)
+    run(a.task, sets[::-1] if a.reverse else sets, a.seeds, a.jsonl, extra)
     return 0
 
 
