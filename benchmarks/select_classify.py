@@ -42,6 +42,9 @@ REGRESS: dict[str, dict] = {
     "rnn_val": {"model": "rnn", "val_fraction": 0.2},
     "rnn_val_ens3": {"model": "rnn", "val_fraction": 0.2, "ensemble": 3},
 }
+#: the CLI flags of each regression candidate (for the test table of the chosen one)
+REGRESS_FLAGS = {"rnn": [], "rnn_val": ["--val-fraction", "0.2"],
+                 "rnn_val_ens3": ["--val-fraction", "0.2", "--ensemble", "3"]}
 REGRESS_DATASETS = ("covid_3month", "cardano_sentiment")
 DATASETS = ("italy_power_demand", "gunpoint", "japanese_vowels", "basic_motions", "arrow_head",
             "pickup_gesture_wiimoteZ", "osuleaf", "acsf1")
@@ -179,6 +182,23 @@ def table(jsonl: Path, seed: int) -> str:
     return "\n".join(out)
 
 
+def best_regress(jsonl: Path, seed: int) -> str:
+    """The regression candidate whose CV RMSE relative to the training mean's on the same
+    folds, averaged over the regression sets, is lowest (candidates scored on every fold)."""
+    rs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    rs = [r for r in rs if r["seed"] == seed and r["data"] in REGRESS_DATASETS and "rmse" in r]
+    mean = {(r["data"], r["fold"]): r["rmse"] for r in rs if r["candidate"] == "train_mean"}
+    rel: dict[str, dict] = {}
+    for r in rs:
+        if r["candidate"] in REGRESS and (r["data"], r["fold"]) in mean:
+            rel.setdefault(r["candidate"], {})[(r["data"], r["fold"])] = (
+                r["rmse"] / mean[(r["data"], r["fold"])])
+    full = {c: float(np.mean(list(v.values()))) for c, v in rel.items() if len(v) == len(mean)}
+    if not full:
+        raise SystemExit("no regression candidate has been scored on every fold")
+    return min(full, key=full.get)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=("classify", "regress"), default="classify")
@@ -190,9 +210,15 @@ def main(argv=None) -> int:
     p.add_argument("--fit", action="store_true")
     p.add_argument("--jsonl", type=Path, default=JSONL)
     p.add_argument("--table", action="store_true")
+    p.add_argument("--best-regress", action="store_true",
+                   help="print the CLI flags of the regression candidate with the lowest mean "
+                   "over datasets of its CV RMSE relative to the training mean's")
     a = p.parse_args(argv)
     if a.table:
         print(table(a.jsonl, a.seed))
+        return 0
+    if a.best_regress:
+        print(" ".join(REGRESS_FLAGS[best_regress(a.jsonl, a.seed)]))
         return 0
     known = REGRESS if a.task == "regress" else CANDIDATES
     cands = [c for c in a.candidates.split(",") if c] or list(known)
