@@ -95,14 +95,14 @@ def test_state_and_gate_maps_follow_the_cell_formula():
     assert {"r", "z", "n", "h"} <= names
 
 
-FAST = ["--model", "rnn", "--no-progress", "--no-tensorboard", "--device", "cpu", "--threads", "1"]
+FAST = ["--no-progress", "--no-tensorboard", "--device", "cpu", "--threads", "1"]
 
 
 def test_deletion_curve_on_a_real_classification_run(tmp_path, capsys):
     """ItalyPowerDemand: deleting (setting to the training mean) the steps IG ranks highest
     lowers test accuracy more than deleting as many random steps."""
     out = tmp_path / "r"
-    assert main(["train", "classify", "--data", "italy_power_demand", "--hidden", "16",
+    assert main(["train", "classify", "--data", "italy_power_demand", "--model", "rnn", "--hidden", "16",
                  "--epochs", "15", "--no-dtw", "--frame", "1", "--out", str(out), *FAST]) == 0
     capsys.readouterr()
     assert main(["explain", str(out), "--samples", "120", "--threads", "1"]) == 0
