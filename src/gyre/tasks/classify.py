@@ -494,6 +494,28 @@ def _fit(model: nn.Module, config: SequenceModelConfig, out: Path, train, val, e
     return trainer, result
 
 
+def fit_beside(beside, model: nn.Module, config: SequenceModelConfig, out: Path, train, val,
+               extra: dict, resume: bool, **kw) -> tuple:
+    """:func:`_fit` (writing config.toml at the start) while the baselines ``beside`` run:
+    ``(trainer, result, seconds of training, early)``, ``early`` being what ``train`` returns
+    on a distributed run's other processes or after an interrupt (None otherwise); the
+    baselines are cancelled when this process will not score them."""
+    start = time.perf_counter()
+    try:
+        trainer, result = _fit(model, config, out, train, val, extra, resume,
+                               callback=base.config_writer(config, out), **kw)
+    except BaseException:
+        beside.cancel()
+        raise
+    seconds = time.perf_counter() - start
+    early = base.other_rank(out)
+    if early is None and result["interrupted"]:
+        early = {"interrupted": True, "out": str(out)}
+    if early is not None:
+        beside.cancel()
+    return trainer, result, seconds, early
+
+
 def train(config: Config, *, resume: bool = False,
           data: cdata.ClassificationData | None = None) -> dict:
     """Train, evaluate beside the baselines, write config.toml, checkpoint, metrics.json and
@@ -519,19 +541,10 @@ def train(config: Config, *, resume: bool = False,
     model = build_model(config, data.n_channels, len(data.classes), frame=k, stride=stride)
     extra = {"classes": list(data.classes), "n_channels": data.n_channels,
              "scaler": scaler.state(), "frame": k, "stride": stride}
-    start = time.perf_counter()
-    try:
-        trainer, result = _fit(model, config, out, train_ds, val_ds, extra, resume,
-                               callback=base.config_writer(config, out))
-    except BaseException:
-        beside.cancel()
-        raise
-    seconds = time.perf_counter() - start
-    if base.other_rank(out) is not None:
-        return base.other_rank(out)
-    if result["interrupted"]:
-        beside.cancel()
-        return {"interrupted": True, "out": str(out)}
+    trainer, result, seconds, early = fit_beside(beside, model, config, out, train_ds, val_ds,
+                                                 extra, resume)
+    if early is not None:
+        return early
     logits, y = trainer.predict(test_ds)
     pred = logits.argmax(-1).numpy()
     test = _scores(pred, y.numpy())

@@ -9,7 +9,6 @@ RMSE, MAE and R^2 on the original scale of the target.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,20 +92,11 @@ def train(config: Config, *, resume: bool = False, data: rdata.RegressionData | 
     model = cls.build_model(config, data.n_channels, 1, frame=k, stride=stride)
     extra = {"n_channels": data.n_channels, "scaler": scaler.state(), "frame": k,
              "stride": stride, "y_mean": y_mean, "y_std": y_std}
-    start = time.perf_counter()
-    try:
-        trainer, result = cls._fit(model, config, out, train_ds, val_ds, extra, resume,
-                                   loss=mse_loss, metrics=_rmse_metric(y_std),
-                                   callback=base.config_writer(config, out))
-    except BaseException:
-        beside.cancel()
-        raise
-    seconds = time.perf_counter() - start
-    if base.other_rank(out) is not None:
-        return base.other_rank(out)
-    if result["interrupted"]:
-        beside.cancel()
-        return {"interrupted": True, "out": str(out)}
+    trainer, result, seconds, early = cls.fit_beside(
+        beside, model, config, out, train_ds, val_ds, extra, resume, loss=mse_loss,
+        metrics=_rmse_metric(y_std))
+    if early is not None:
+        return early
     pred = trainer.predict(test_ds)[0][:, 0].numpy().astype(np.float64) * y_std + y_mean
     test = scores(pred, data.y_test)
     name = cls.describe(config, k, stride)
