@@ -34,7 +34,7 @@ def italy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("italy") / "run"
     with _one_thread():
         classify.train(classify.Config(data="italy_power_demand", out=str(out), epochs=2, hidden=16,
-                                       bidirectional=False, cell="lstm", dtw=False,
+                                       model="rnn", bidirectional=False, cell="lstm", dtw=False,
                                        minirocket=False, progress=False, tensorboard=False,
                                        device="cpu"))
     return out

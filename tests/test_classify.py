@@ -14,7 +14,7 @@ from gyre.tasks import base, classify
 
 def _quick(tmp_path, **kw):
     opts = dict(out=str(tmp_path / "run"), epochs=3, hidden=32, dtw=False, minirocket=False,
-                progress=False, tensorboard=False, device="cpu")
+                progress=False, tensorboard=False, device="cpu", model="rnn")
     opts.update(kw)
     return classify.Config(**opts)
 
@@ -131,7 +131,7 @@ def test_forget_bias_is_set_on_lstm_family_cells_only():
     assert not classify.set_forget_bias(gru, 1.0)
 
 
-def test_arrow_head_learns_with_the_default_recipe(tmp_path):
+def test_arrow_head_learns_with_the_rnn_recipe(tmp_path):
     """Regression: a long (251 steps) univariate series with 36 training examples. The old
     defaults (mean-pooled head over every raw step) left the training loss at ln 3 and the test
     accuracy below the majority class."""

@@ -25,7 +25,7 @@ def italy_csv(tmp_path_factory):
     return path
 
 
-FAST = ["--hidden", "8", "--no-dtw", "--no-minirocket", "--no-progress", "--no-tensorboard",
+FAST = ["--model", "rnn", "--hidden", "8", "--no-dtw", "--no-minirocket", "--no-progress", "--no-tensorboard",
         "--device", "cpu"]
 
 

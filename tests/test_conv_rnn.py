@@ -140,3 +140,42 @@ def test_minirocket_baseline_runs_beside_the_model(tmp_path):
     # aeon's MiniRocket on ItalyPowerDemand, seed 0, computed by aeon directly: 0.9631
     assert m["baselines"]["minirocket"]["accuracy"] == pytest.approx(0.9631, abs=0.005)
     assert set(m["baselines"]) == {"majority", "minirocket"}
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_conv_rnn_exports_to_onnx_and_onnxruntime_gives_its_logits(tmp_path, fuse):
+    """Through the export hook, at lengths and batch sizes other than the trace's."""
+    pytest.importorskip("onnxruntime")
+    from gyre.export import OnnxModel, onnx
+    torch.manual_seed(0)
+    model = classify.ConvRecurrentClassifier("lstm", 2, 3, hidden=4, channels=5, stride=3,
+                                             frame=2, fuse=fuse)
+    model(torch.randn(4, 30, 2))  # batch-norm running statistics away from their start
+    model.eval()
+    run = OnnxModel(onnx(model, tmp_path / "m.onnx"))
+    x = torch.randn(3, 23, 2)
+    lengths = torch.tensor([23, 4, 11])
+    with torch.no_grad():
+        want = model(x, lengths=lengths)[0]
+    torch.testing.assert_close(run(x, lengths=lengths)[0], want, atol=1e-5, rtol=1e-4)
+    assert model.stream_unsupported() and "conv-rnn" in model.stream_unsupported()
+
+
+def test_ensemble_trains_members_by_their_own_loss_and_averages_probabilities():
+    torch.manual_seed(0)
+    cfg = classify.Config(model="conv-rnn", hidden=4, conv_channels=5, ensemble=3, dtw=False,
+                          minirocket=False)
+    ens = classify.build_model(cfg, 2, 3, frame=2, stride=1)
+    assert isinstance(ens, classify.Ensemble) and len(ens.members) == 3
+    x, y = torch.randn(4, 9, 2), torch.tensor([0, 1, 2, 1])
+    lengths = torch.tensor([9, 5, 7, 2])
+    z, _ = ens(x, lengths=lengths)
+    assert z.shape == (4, 3, 3)
+    loss = classify.member_loss(torch.nn.functional.cross_entropy)(z, y)
+    want = torch.stack([torch.nn.functional.cross_entropy(z[:, i], y) for i in range(3)]).mean()
+    torch.testing.assert_close(loss, want)
+    ens.eval()
+    with torch.no_grad():
+        probs = torch.stack([torch.softmax(m(x, lengths=lengths)[0], -1) for m in ens.members])
+        torch.testing.assert_close(ens(x, lengths=lengths)[0].exp(), probs.mean(0))
+    assert "ensemble=3" in ens.export_unsupported()

@@ -88,6 +88,8 @@ def _single(args):
 
 
 COMMON = ["--no-progress", "--no-tensorboard", "--device", "cpu", "--epochs", "1", "--hidden", "8"]
+# classify: the recurrent model; conv-rnn's batch statistics are per process under DDP
+CLASSIFY = ["--model", "rnn"]
 
 
 def _lm_text(folder):
@@ -102,7 +104,7 @@ def _cases(italy64, folder):
     from test_resume import planted_texts
     return {
         "classify": (["--data", str(italy64), "--head-dropout", "0", "--no-dtw", "--no-minirocket",
-                      "--batch-size", "8", "--accumulate", "2", *COMMON], True),
+                      "--batch-size", "8", "--accumulate", "2", *CLASSIFY, *COMMON], True),
         # 70 training windows of the airline series at lookback 25
         "forecast": (["--data", "airline", "--lookback", "25", "--baselines", "none",
                       "--batch-size", "10", "--accumulate", "2", "--patience", "0", "--ensemble", "1",

@@ -102,9 +102,9 @@ def test_deletion_curve_on_a_real_classification_run(tmp_path, capsys):
     """ItalyPowerDemand: deleting (setting to the training mean) the steps IG ranks highest
     lowers test accuracy more than deleting as many random steps."""
     out = tmp_path / "r"
-    assert main(["train", "classify", "--data", "italy_power_demand", "--hidden", "16",
-                 "--epochs", "15", "--no-dtw", "--no-minirocket", "--frame", "1", "--out", str(out),
-                 *FAST]) == 0
+    assert main(["train", "classify", "--data", "italy_power_demand", "--model", "rnn",
+                 "--hidden", "16", "--epochs", "15", "--no-dtw", "--no-minirocket", "--frame", "1",
+                 "--out", str(out), *FAST]) == 0
     capsys.readouterr()
     assert main(["explain", str(out), "--samples", "120", "--threads", "1"]) == 0
     assert "deletion curve" in capsys.readouterr().out

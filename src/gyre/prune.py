@@ -98,6 +98,10 @@ def structured(model: nn.Module, small: nn.Module, sparsity: float) -> nn.Module
     size ``round(H * (1 - sparsity))``) and return it."""
     rnn, srnn = model.rnn, small.rnn
     H, Hs = rnn.hidden_size, srnn.hidden_size
+    if getattr(model, "fuse", False):
+        raise ValueError("structured: this conv-rnn model joins its front-end's channels to the "
+                         "recurrent features in its head (fuse=True), so the head's columns are "
+                         "not all hidden units; prune it unstructured, or train with --no-fuse")
     if getattr(rnn.cell, "proj_size", 0):
         raise ValueError("structured: a projected LSTM's state is proj_size wide, not hidden_size; "
                          "prune it unstructured")
@@ -181,7 +185,8 @@ def prune_run(task, out_dir, sparsities, *, structured_units: bool = False, epoc
         if structured_units:
             hidden = max(1, round(config.hidden * (1 - s)))
             small = task.build_model(dataclasses.replace(config, hidden=hidden),
-                                     extra["n_channels"], len(extra["classes"]), extra.get("frame"))
+                                     extra["n_channels"], len(extra["classes"]), extra.get("frame"),
+                                     extra.get("stride"))
             model = structured(model, small, s)
         else:
             hooks = unstructured(model, s)

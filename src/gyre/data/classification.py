@@ -105,16 +105,34 @@ def _natural(s: str):
 
 def load(data: str, seed: int = 0) -> ClassificationData:
     """A named aeon dataset (``catalog()``) or a CSV/NPZ path (module docstring)."""
+    return load_named_or_file(data, seed, AEON, load_aeon, load_file, "dataset")
+
+
+def load_named_or_file(data: str, seed: int, names, load_named, load_path, kind: str):
+    """``load_named(data)`` for a name in ``names``, ``load_path(path, seed=seed)`` for a
+    .csv/.npz path (or any existing file), one error naming ``data`` for anything else;
+    ``kind`` names what ``names`` holds in the error."""
     if not isinstance(data, str) or not data:
-        raise ValueError(f"data: got {data!r}, expected a dataset name ({', '.join(AEON)}) or a "
+        raise ValueError(f"data: got {data!r}, expected a {kind} name ({', '.join(names)}) or a "
                          ".csv/.npz path")
-    if data in AEON:
-        return load_aeon(data)
+    if data in names:
+        return load_named(data)
     path = Path(data)
     if path.suffix.lower() in (".csv", ".npz") or path.exists():
-        return load_file(path, seed=seed)
-    raise ValueError(f"data: got {data!r}, which is neither a known dataset ({', '.join(AEON)}) "
+        return load_path(path, seed=seed)
+    raise ValueError(f"data: got {data!r}, which is neither a known {kind} ({', '.join(names)}) "
                      "nor a .csv/.npz file")
+
+
+def aeon_sequences(X) -> list[np.ndarray]:
+    """aeon's ``(n, C, T)`` array or list of ``(C, T_i)`` arrays as ``(T_i, C)`` float32."""
+    return [np.ascontiguousarray(np.asarray(x, np.float32).T) for x in X]
+
+
+def split_indices(split: list[str]) -> tuple[list[int], list[int]]:
+    """Positions of the ``train`` and of the ``test`` entries of ``split``."""
+    return ([i for i, s in enumerate(split) if s == "train"],
+            [i for i, s in enumerate(split) if s == "test"])
 
 
 def load_aeon(name: str) -> ClassificationData:
@@ -132,9 +150,9 @@ def load_aeon(name: str) -> ClassificationData:
         warnings.simplefilter("ignore", FutureWarning)
         Xtr, ytr = fn(split="train")
         Xte, yte = fn(split="test")
-    seqs = lambda X: [np.ascontiguousarray(np.asarray(x, np.float32).T) for x in X]  # noqa: E731
     y_train, y_test, classes = _encode(ytr, yte, name)
-    return ClassificationData(name, seqs(Xtr), y_train, seqs(Xte), y_test, classes)
+    return ClassificationData(name, aeon_sequences(Xtr), y_train, aeon_sequences(Xte), y_test,
+                              classes)
 
 
 # -- user files ---------------------------------------------------------------------------------
@@ -164,8 +182,7 @@ def load_file(path: str | Path, seed: int = 0) -> ClassificationData:
     path, X, y, split = _read(path, labels=True)
     if split is None:
         split = _stratified_split(y, 0.3, seed, str(path))
-    tr = [i for i, s in enumerate(split) if s == "train"]
-    te = [i for i, s in enumerate(split) if s == "test"]
+    tr, te = split_indices(split)
     if not tr or not te:
         raise ValueError(f"data: {str(path)!r} needs sequences in both splits; got {len(tr)} "
                          f"train and {len(te)} test")

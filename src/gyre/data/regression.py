@@ -54,16 +54,7 @@ class RegressionData:
 
 def load(data: str, seed: int = 0) -> RegressionData:
     """A named aeon regression set (``catalog()``) or a CSV/NPZ path with numeric targets."""
-    if not isinstance(data, str) or not data:
-        raise ValueError(f"data: got {data!r}, expected a dataset name ({', '.join(AEON)}) or a "
-                         ".csv/.npz path")
-    if data in AEON:
-        return load_aeon(data)
-    path = Path(data)
-    if path.suffix.lower() in (".csv", ".npz") or path.exists():
-        return load_file(path, seed=seed)
-    raise ValueError(f"data: got {data!r}, which is neither a known regression dataset "
-                     f"({', '.join(AEON)}) nor a .csv/.npz file")
+    return cdata.load_named_or_file(data, seed, AEON, load_aeon, load_file, "regression dataset")
 
 
 def load_aeon(name: str) -> RegressionData:
@@ -77,9 +68,8 @@ def load_aeon(name: str) -> RegressionData:
         warnings.simplefilter("ignore", FutureWarning)
         Xtr, ytr = load_regression(archive, split="train")
         Xte, yte = load_regression(archive, split="test")
-    seqs = lambda X: [np.ascontiguousarray(np.asarray(x, np.float32).T) for x in X]  # noqa: E731
-    return RegressionData(name, seqs(Xtr), np.asarray(ytr, np.float64), seqs(Xte),
-                          np.asarray(yte, np.float64))
+    return RegressionData(name, cdata.aeon_sequences(Xtr), np.asarray(ytr, np.float64),
+                          cdata.aeon_sequences(Xte), np.asarray(yte, np.float64))
 
 
 def _numeric_targets(y: np.ndarray, source: str) -> np.ndarray:
@@ -108,8 +98,7 @@ def load_file(path: str | Path, seed: int = 0) -> RegressionData:
         rng = np.random.default_rng(seed)
         test = set(rng.permutation(len(y))[: max(1, round(0.3 * len(y)))].tolist())
         split = ["test" if i in test else "train" for i in range(len(y))]
-    tr = [i for i, s in enumerate(split) if s == "train"]
-    te = [i for i, s in enumerate(split) if s == "test"]
+    tr, te = cdata.split_indices(split)
     if len(tr) < 2 or not te:
         raise ValueError(f"data: {str(path)!r} needs at least 2 training and 1 test sequence; "
                          f"got {len(tr)} train and {len(te)} test")

@@ -20,7 +20,9 @@ from .heads import valid_mask
 
 def conv_lengths(lengths: Tensor | None, stride: int) -> Tensor | None:
     """Valid output steps of a stride-``stride`` front-end layer: ``ceil(lengths / stride)``."""
-    return lengths if lengths is None or stride == 1 else -(-lengths // stride)
+    # (v + s - 1) // s, not -(-v // s): ONNX's integer Div truncates, so the latter would not
+    # trace (gyre.export.onnx)
+    return lengths if lengths is None or stride == 1 else (lengths + stride - 1) // stride
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
@@ -105,13 +107,12 @@ def pool_frames(x: Tensor, lengths: Tensor | None, k: int) -> tuple[Tensor, Tens
     if k == 1:
         return x, lengths
     B, T, F = x.shape
-    n = -(-T // k)
+    n = (T + k - 1) // k
     mask = valid_mask(x, lengths)
     m = torch.ones(B, T, 1, dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
-    pad = n * k - T
-    if pad:
-        x = nn.functional.pad(x, (0, 0, 0, pad))
-        m = nn.functional.pad(m, (0, 0, 0, pad))
+    # padded even by 0 steps: no branch on the length, so an ONNX trace keeps T dynamic
+    x = nn.functional.pad(x, (0, 0, 0, n * k - T))
+    m = nn.functional.pad(m, (0, 0, 0, n * k - T))
     s = (x * m).reshape(B, n, k, F).sum(2)
     c = m.reshape(B, n, k, 1).sum(2)
     return s / c.clamp_min(1), conv_lengths(lengths, k)

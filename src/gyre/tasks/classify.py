@@ -6,7 +6,9 @@ Follows the task contract in :mod:`gyre.tasks`. Data: :mod:`gyre.data.classifica
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 from .. import cells
 from ..data import classification as cdata
 from ..nn import Recurrent
-from ..nn.conv import ConvFrontEnd, pool_frames
+from ..nn.conv import ConvFrontEnd, conv_lengths, pool_frames
 from ..nn.heads import HEADS, SequencePool, head_parts, pool, valid_mask
 from ..train import CHECKPOINT, Trainer, load_checkpoint, seed_everything
 from . import base
@@ -46,12 +48,12 @@ class SequenceModelConfig(base.TaskConfig):
     Beyond :class:`gyre.tasks.base.TaskConfig`:
 
     The defaults are one recipe for every dataset, chosen on held-out parts of the training
-    splits, never on a test split (RESULTS.md, "Sequence classification", says how): a
-    bidirectional LSTM over frames of about 1/16 of the median sequence, last-state and
-    mean-pooled features, forget-gate bias 1, Adam with a one-cycle learning rate (warm-up to
-    ``lr``, then cosine decay) for 100 epochs on the whole training split
-    (``val_fraction=0``), keeping the final weights. With ``val_fraction > 0`` that share is
-    held out and the epoch with the lowest validation loss is restored.
+    splits, never on a test split (RESULTS.md says how): a bidirectional LSTM (over frames of
+    about 1/16 of the median sequence for ``rnn``), last-state and mean-pooled features,
+    forget-gate bias 1, Adam with a one-cycle learning rate (warm-up to ``lr``, then cosine
+    decay) on the whole training split (``val_fraction=0``), keeping the final weights; each
+    task's ``Config`` sets its model and length of training. With ``val_fraction > 0`` that
+    share is held out and the epoch with the lowest validation loss is restored.
 
     Attributes:
         model: ``rnn`` (the recurrent stack over frames of the raw series) or ``conv-rnn``
@@ -75,10 +77,14 @@ class SequenceModelConfig(base.TaskConfig):
             keep their own initialisation.
         conv_channels: width of each front-end block (``conv-rnn``).
         conv_stride: stride of the first front-end block (``conv-rnn``); 0 = automatic,
-            ``ceil(median training length / 512)``, so the convolutions run on at most about
-            512 steps.
+            ``ceil(median training length / conv_steps)``, so the convolutions run on at most
+            about ``conv_steps`` steps.
+        conv_steps: the front-end's target number of steps when ``conv_stride`` is automatic.
         fuse: (``conv-rnn``) the masked mean of the front-end's feature maps joins the pooled
             recurrent features before the linear layer.
+        ensemble: train this many copies of the model (each its own initialisation, the
+            same batches, each by its own loss) and predict with their average (of class
+            probabilities for classify, of outputs for regress).
         minirocket: also run aeon's MiniRocket as a baseline (multivariate form for several
             channels; series zero-padded to the longest).
 
@@ -102,7 +108,9 @@ class SequenceModelConfig(base.TaskConfig):
     forget_bias: float = 1.0
     conv_channels: int = 64
     conv_stride: int = 0
+    conv_steps: int = 512
     fuse: bool = True
+    ensemble: int = 1
     minirocket: bool = True
 
     def __post_init__(self) -> None:
@@ -110,7 +118,7 @@ class SequenceModelConfig(base.TaskConfig):
         head_parts(self.head)
         if self.model not in MODELS:
             raise ValueError(f"model: got {self.model!r}, expected one of {', '.join(MODELS)}")
-        for name in ("steps", "conv_channels"):
+        for name in ("steps", "conv_channels", "conv_steps", "ensemble"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= 1")
         if self.conv_stride < 0:
@@ -126,6 +134,11 @@ class SequenceModelConfig(base.TaskConfig):
 class Config(SequenceModelConfig):
     """Classification run: the fields of :class:`SequenceModelConfig`, and
 
+    The default recipe, chosen by stratified cross-validation on the training splits (RESULTS.md,
+    "Issue 15"), is ``model="conv-rnn"`` with the front-end on at most about 128 steps
+    (``conv_steps=128``) and 200 epochs; the other fields keep :class:`SequenceModelConfig`'s
+    values.
+
     Attributes:
         baselines: extra trained baselines, any of ``cnn`` (FCN, Wang et al. 2017) and
             ``transformer`` (``torch.nn.TransformerEncoder``); majority class always runs.
@@ -133,6 +146,9 @@ class Config(SequenceModelConfig):
     """
 
     data: str = "japanese_vowels"
+    model: str = "conv-rnn"
+    epochs: int = 200
+    conv_steps: int = 128
     baselines: list[str] = field(default_factory=list)
     dtw: bool = True
 
@@ -254,6 +270,7 @@ class ConvRecurrentClassifier(nn.Module):
         if isinstance(frame, bool) or not isinstance(frame, int) or frame < 1:
             raise ValueError(f"frame: got {frame!r}, expected an int >= 1")
         self.front = ConvFrontEnd(n_channels, (channels,) * 3, (8, 5, 3), stride=stride)
+        self.export_features = n_channels  # x's columns, for gyre.export.onnx
         self.frame = frame
         self.fuse = fuse
         self.dirs = 2 if bidirectional else 1
@@ -268,13 +285,72 @@ class ConvRecurrentClassifier(nn.Module):
         self.fc = nn.Linear(width + (self.front.out_channels if fuse else 0), n_classes)
 
     def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
-        h, lengths = self.front(x, lengths)  # (B, ceil(T/stride), F)
-        z, zlen = pool_frames(h, lengths, self.frame)
+        h, hlen = self.front(x, lengths)  # (B, ceil(T/stride), F)
+        z, zlen = pool_frames(h, hlen, self.frame)
         out, h_n = self.rnn(z, state, lengths=zlen)
-        feats = self.pool(out, zlen)
+        return self._head(out, h, hlen), h_n
+
+    def _head(self, out: Tensor, h: Tensor, hlen: Tensor | None) -> Tensor:
+        feats = self.pool(out, conv_lengths(hlen, self.frame))
         if self.fuse:
-            feats = torch.cat([feats, pool(h, lengths, "mean")], dim=1)
-        return self.fc(self.drop(feats)), h_n
+            feats = torch.cat([feats, pool(h, hlen, "mean")], dim=1)
+        return self.fc(self.drop(feats))
+
+    # the export hook (gyre.export.onnx): forward is export_head(rnn(export_pre(...)))
+    def export_pre(self, x: Tensor, lengths: Tensor | None):
+        """The recurrence's input: the front-end's feature maps averaged over frames, and
+        their lengths."""
+        return pool_frames(*self.front(x, lengths), self.frame)
+
+    def export_head(self, out: Tensor, x: Tensor, lengths: Tensor | None) -> Tensor:
+        """Class logits from the recurrence's output; the front-end runs again for the fused
+        mean of its feature maps (the hook hands the head only the input)."""
+        h, hlen = self.front(x, lengths) if self.fuse else (None, conv_lengths(
+            lengths, self.front.stride))
+        return self._head(out, h, hlen)
+
+    stream_window = None
+
+    def stream_unsupported(self) -> str | None:
+        """Why this model cannot be served step by step (None: it can)."""
+        return ("model=conv-rnn: the convolutional front-end reads a window of steps around "
+                "each step; serving steps one by one needs a run with model=rnn and frame=1")
+
+
+class Ensemble(nn.Module):
+    """Members trained side by side: in training mode ``forward`` gives every member's output
+    ``(B, n, K)`` (:func:`member_loss` scores each against the targets), in evaluation mode
+    their average ``(B, K)``: of the class probabilities, as log-probabilities (``probs=True``;
+    cross-entropy of those is the ensemble's negative log-likelihood), or of the outputs."""
+
+    def __init__(self, members: list[nn.Module], probs: bool = True) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.probs = probs
+
+    def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
+        z = torch.stack([m(x, lengths=lengths)[0] for m in self.members], 1)
+        if self.training:
+            return z, None
+        if self.probs:
+            return torch.logsumexp(torch.log_softmax(z, -1), 1) - math.log(z.shape[1]), None
+        return z.mean(1), None
+
+    def export_unsupported(self) -> str:
+        return f"ensemble={len(self.members)}: export needs a single model (ensemble=1)"
+
+    def stream_unsupported(self) -> str:
+        return self.export_unsupported().replace("export", "serving step by step")
+
+
+def member_loss(loss):
+    """``loss(out, y)`` that scores an :class:`Ensemble`'s ``(B, n, K)`` training output as the
+    mean of its members' losses."""
+    def f(out: Tensor, y: Tensor) -> Tensor:
+        if out.dim() == 3:
+            return loss(out.reshape(-1, out.shape[2]), y.repeat_interleave(out.shape[1]))
+        return loss(out, y)
+    return f
 
 
 class FCN(nn.Module):
@@ -327,6 +403,10 @@ def build_model(config: SequenceModelConfig, n_channels: int, n_classes: int, fr
                 stride: int | None = None) -> nn.Module:
     """The model ``config.model`` describes with ``n_classes`` outputs (``frame``, ``stride``:
     the resolved values when ``config.frame`` / ``config.conv_stride`` are 0, automatic)."""
+    if config.ensemble > 1:
+        one = dataclasses.replace(config, ensemble=1)
+        return Ensemble([build_model(one, n_channels, n_classes, frame, stride)
+                         for _ in range(config.ensemble)], probs=n_classes > 1)
     frame = frame or config.frame or 1
     if config.model == "conv-rnn":
         return ConvRecurrentClassifier(
@@ -342,8 +422,6 @@ def build_model(config: SequenceModelConfig, n_channels: int, n_classes: int, fr
 
 #: the recurrence's default target number of steps when ``frame`` is automatic (``frame=0``)
 FRAME_STEPS = 16
-#: the automatic first-block stride of ``conv-rnn`` keeps the convolutions to about this many steps
-CONV_STEPS = 512
 
 
 def auto_frame(X: list[np.ndarray], steps: int = FRAME_STEPS, stride: int = 1) -> int:
@@ -360,7 +438,7 @@ def resolve_shape(config: SequenceModelConfig, X: list[np.ndarray]) -> tuple[int
     stride = 1
     if config.model == "conv-rnn":
         med = float(np.median([len(x) for x in X]))
-        stride = config.conv_stride or max(1, math.ceil(med / CONV_STEPS))
+        stride = config.conv_stride or max(1, math.ceil(med / config.conv_steps))
     frame = config.frame or auto_frame(X, config.steps, stride)
     return frame, stride
 
@@ -371,9 +449,9 @@ def describe(config: SequenceModelConfig, frame: int | None = None, stride: int 
            f"({config.head} head{f', frame {k}' if k and k > 1 else ''}")
     if config.model == "conv-rnn":
         s = stride or config.conv_stride or 1
-        return (f"conv{config.conv_channels}x3{f'/{s}' if s > 1 else ''} + {rec}"
-                f"{', fused' if config.fuse else ''})")
-    return rec + ")"
+        rec = (f"conv{config.conv_channels}x3{f'/{s}' if s > 1 else ''} + {rec}"
+               f"{', fused' if config.fuse else ''}")
+    return rec + (f", ensemble of {config.ensemble})" if config.ensemble > 1 else ")")
 
 
 # -- metrics --------------------------------------------------------------------------------------
@@ -388,14 +466,17 @@ def _scores(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
 
 # -- running ----------------------------------------------------------------------------------------
-def _prepare(config: Config, data: cdata.ClassificationData):
+def _prepare(config: SequenceModelConfig, data, target=None, dtype=np.int64):
+    """``(train, val, test datasets, input scaler)``: ``val_fraction`` of the training split
+    held out, inputs standardised on the rest, targets mapped by ``target`` (None: as they
+    are) and stored as ``dtype``."""
     tr, va = cdata.validation_split(data.y_train, config.val_fraction, config.seed)
     X_fit = [data.X_train[i] for i in tr]
     scaler = cdata.Standardizer.fit(X_fit)
-    train = cdata.SequenceDataset(scaler(X_fit), data.y_train[tr])
-    val = cdata.SequenceDataset(scaler([data.X_train[i] for i in va]), data.y_train[va])
-    test = cdata.SequenceDataset(scaler(data.X_test), data.y_test)
-    return train, val, test, scaler
+    t = target or (lambda y: y)
+    ds = lambda X, y: cdata.SequenceDataset(scaler(X), t(y), dtype)  # noqa: E731
+    return (ds(X_fit, data.y_train[tr]), ds([data.X_train[i] for i in va], data.y_train[va]),
+            ds(data.X_test, data.y_test), scaler)
 
 
 def _fit(model: nn.Module, config: SequenceModelConfig, out: Path, train, val, extra,
@@ -406,36 +487,64 @@ def _fit(model: nn.Module, config: SequenceModelConfig, out: Path, train, val, e
     if config.scheduler.lower() in ("onecycle", "onecyclelr"):
         over["scheduler_interval"] = "step"  # OneCycleLR changes the rate every step
     tc = config.train_config(**over)
-    trainer = Trainer(model, loss, tc, collate=cdata.collate, metrics=metrics, out_dir=out,
+    trainer = Trainer(model, member_loss(loss), tc, collate=cdata.collate, metrics=metrics,
+                      out_dir=out,
                       extra=extra, callback=callback, distributed=distributed)
     result = trainer.fit(train, val if len(val) else None, resume=resume)
     return trainer, result
 
 
-def train(config: Config, *, resume: bool = False) -> dict:
+def fit_beside(beside, model: nn.Module, config: SequenceModelConfig, out: Path, train, val,
+               extra: dict, resume: bool, **kw) -> tuple:
+    """:func:`_fit` (writing config.toml at the start) while the baselines ``beside`` run:
+    ``(trainer, result, seconds of training, early)``, ``early`` being what ``train`` returns
+    on a distributed run's other processes or after an interrupt (None otherwise); the
+    baselines are cancelled when this process will not score them."""
+    start = time.perf_counter()
+    try:
+        trainer, result = _fit(model, config, out, train, val, extra, resume,
+                               callback=base.config_writer(config, out), **kw)
+    except BaseException:
+        beside.cancel()
+        raise
+    seconds = time.perf_counter() - start
+    early = base.other_rank(out)
+    if early is None and result["interrupted"]:
+        early = {"interrupted": True, "out": str(out)}
+    if early is not None:
+        beside.cancel()
+    return trainer, result, seconds, early
+
+
+def train(config: Config, *, resume: bool = False,
+          data: cdata.ClassificationData | None = None) -> dict:
     """Train, evaluate beside the baselines, write config.toml, checkpoint, metrics.json and
-    plots into ``config.out``; returns the metrics (see :mod:`gyre.tasks`)."""
+    plots into ``config.out``; returns the metrics (see :mod:`gyre.tasks`). ``data``: train and
+    score on these splits instead of loading ``config.data`` (cross-validation folds)."""
     if not isinstance(config, Config):
         raise TypeError(f"config: got {type(config).__name__}, expected gyre.tasks.classify.Config")
     # the data first: a bad --data must not leave a run directory behind
-    data = cdata.load(config.data, seed=config.seed)
+    if data is None:
+        data = cdata.load(config.data, seed=config.seed)
     if resume:
         base.check_resume(config, config.out)
     out = base.resolve_out(config, TASK)
     train_ds, val_ds, test_ds, scaler = _prepare(config, data)
+    jobs = {}
+    if config.dtw:
+        jobs["1nn_dtw"] = (dtw_baseline, (data,))
+    if config.minirocket:
+        jobs["minirocket"] = (minirocket_baseline, (data, config.seed))
+    beside = run_beside(jobs)
     seed_everything(config.seed)
     k, stride = resolve_shape(config, data.X_train)
     model = build_model(config, data.n_channels, len(data.classes), frame=k, stride=stride)
     extra = {"classes": list(data.classes), "n_channels": data.n_channels,
              "scaler": scaler.state(), "frame": k, "stride": stride}
-    start = time.perf_counter()
-    trainer, result = _fit(model, config, out, train_ds, val_ds, extra, resume,
-                           callback=base.config_writer(config, out))
-    seconds = time.perf_counter() - start
-    if base.other_rank(out) is not None:
-        return base.other_rank(out)
-    if result["interrupted"]:
-        return {"interrupted": True, "out": str(out)}
+    trainer, result, seconds, early = fit_beside(beside, model, config, out, train_ds, val_ds,
+                                                 extra, resume)
+    if early is not None:
+        return early
     logits, y = trainer.predict(test_ds)
     pred = logits.argmax(-1).numpy()
     test = _scores(pred, y.numpy())
@@ -446,10 +555,7 @@ def train(config: Config, *, resume: bool = False) -> dict:
 
     baselines = {"majority": _scores(np.full_like(data.y_test, np.bincount(data.y_train).argmax()),
                                      data.y_test)}
-    if config.dtw:
-        baselines["1nn_dtw"] = dtw_baseline(data)
-    if config.minirocket:
-        baselines["minirocket"] = minirocket_baseline(data, config.seed)
+    baselines.update(beside())
     for name in config.baselines:
         seed_everything(config.seed)
         net = (FCN(data.n_channels, len(data.classes)) if name == "cnn"
@@ -464,18 +570,67 @@ def train(config: Config, *, resume: bool = False) -> dict:
     metrics = {
         "task": TASK, "data": data.name, "out": str(out), "model": name,
         "test": test, "baselines": baselines,
-        "train": {"epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
-                  "stopped_early": result["stopped_early"], "seconds": round(seconds, 2),
-                  "n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds), "frame": k,
-                  "stride": stride, "final_train_loss": result["history"][-1].get("train_loss")
-                  if result["history"] else None,
-                  "parameters": sum(p.numel() for p in model.parameters())},
+        "train": train_summary(result, seconds, model, (train_ds, val_ds, test_ds), k, stride),
         "classes": list(data.classes),
     }
     if data.name in PUBLISHED:
         metrics["published"] = {f"{k} accuracy": v for k, v in PUBLISHED[data.name].items()}
     base.write_json(metrics, out / "metrics.json")
     return metrics
+
+
+def train_summary(result: dict, seconds: float, model: nn.Module, splits, frame: int,
+                  stride: int) -> dict:
+    """metrics.json's ``train`` entry: the Trainer's ``result`` of a fit that took ``seconds``,
+    the sizes of the ``(train, val, test)`` datasets, the resolved frame and stride."""
+    history = result["history"]
+    n_train, n_val, n_test = map(len, splits)
+    return {"epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
+            "stopped_early": result["stopped_early"], "seconds": round(seconds, 2),
+            "n_train": n_train, "n_val": n_val, "n_test": n_test, "frame": frame,
+            "stride": stride,
+            "final_train_loss": history[-1].get("train_loss") if history else None,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+class _Beside:
+    """Jobs running in a worker process: call to wait for ``{name: result}``; ``cancel()``
+    drops what has not started and lets the worker go."""
+
+    def __init__(self, jobs: dict) -> None:
+        self.pool = None
+        self.futures: dict = {}
+        self.jobs = jobs
+        from ..train import distributed
+        if jobs and distributed.is_main() and os.environ.get("RANK", "0") == "0":
+            import concurrent.futures
+            import multiprocessing
+            # spawn, not fork: a forked copy of a process that has started torch's and
+            # numba's threads can deadlock
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"))
+            self.futures = {k: self.pool.submit(fn, *args) for k, (fn, args) in jobs.items()}
+            self.jobs = {}
+
+    def __call__(self) -> dict:
+        try:
+            done = {k: f.result() for k, f in self.futures.items()}
+        finally:
+            self.cancel()
+        return done | {k: fn(*args) for k, (fn, args) in self.jobs.items()}
+
+    def cancel(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
+def run_beside(jobs: dict) -> _Beside:
+    """Start ``jobs`` (name -> ``(function, args)``, picklable) in one spawned worker process,
+    so the baselines run on another core while this process trains; calling the result waits
+    for them. On the other processes of a distributed run they are left to the caller's
+    rank 0 (nothing starts; calling runs them in this process)."""
+    return _Beside(jobs)
 
 
 def dtw_baseline(data: cdata.ClassificationData) -> dict[str, float]:
@@ -526,22 +681,29 @@ def plot_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], path, ti
 
 
 # -- reloading ------------------------------------------------------------------------------------
-def load_run(out_dir) -> tuple[Config, nn.Module, dict]:
-    """``(config, model with the final weights, checkpoint extra)`` from a run directory."""
+def restore(out_dir, config_cls: type, task: str, n_outputs) -> tuple:
+    """``(config, model in eval mode with the run's weights, checkpoint extra)`` of a run of
+    ``task`` whose model :func:`build_model` makes with ``n_outputs(extra)`` outputs (the
+    best epoch's weights where the run kept them, else the final ones)."""
     out = Path(out_dir)
     if not (out / "config.toml").is_file():
         raise FileNotFoundError(f"out_dir: {str(out)!r} has no config.toml; expected a directory "
-                                "written by gyre train classify")
-    config = base.load_config(Config, out / "config.toml")
+                                f"written by gyre train {task}")
+    config = base.load_config(config_cls, out / "config.toml")
     ckpt = load_checkpoint(out / CHECKPOINT)
     extra = ckpt["extra"]
-    model = build_model(config, extra["n_channels"], len(extra["classes"]), extra.get("frame"),
+    model = build_model(config, extra["n_channels"], n_outputs(extra), extra.get("frame"),
                         extra.get("stride"))
     best = ckpt["best"]["model"]
     use_best = best is not None and ckpt["config"].get("restore_best", True)
     model.load_state_dict(best if use_best else ckpt["model"])
     model.eval()
     return config, model, extra
+
+
+def load_run(out_dir) -> tuple[Config, nn.Module, dict]:
+    """``(config, model with the final weights, checkpoint extra)`` from a run directory."""
+    return restore(out_dir, Config, TASK, lambda extra: len(extra["classes"]))
 
 
 def finetune(model: nn.Module, config: Config, extra: dict) -> None:
