@@ -17,7 +17,8 @@ from gyre.cli import main
 from gyre.train import CHECKPOINT, TrainConfig, Trainer, load_checkpoint
 
 FAST = ["--data", "italy_power_demand", "--model", "rnn", "--hidden", "4", "--no-dtw",
-        "--no-minirocket", "--no-progress", "--no-tensorboard", "--device", "cpu", "--batch-size", "32", "--threads", "1"]
+        "--no-minirocket", "--no-progress", "--no-tensorboard", "--device", "cpu", "--batch-size", "32",
+        "--threads", "1"]
 
 
 def _one_line_error(capsys, *needles):
