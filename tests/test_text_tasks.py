@@ -164,17 +164,17 @@ def _tiny_run(task, tmp_path):
             w.writerow(["review", "score"])
             w.writerows(zip(data.train_texts[:240], [data.classes[k] for k in data.y_train[:240]],
                             strict=True))
-        return sentiment, dict(data=str(path), hidden=8, embed=8, tokenizer="word", max_tokens=32,
-                               batch_size=32, cell="gru")
+        return sentiment, dict(data=str(path), hidden=24, embed=24, tokenizer="word",
+                               max_tokens=32, batch_size=32)
     if task == "lm":
         path = tmp_path / "play.txt"
-        path.write_text(td.shakespeare_plays()["macbeth"][:30000])
-        return lm, dict(data=str(path), hidden=16, embed=8, batch_size=8, tbptt=40, lr=1e-2,
+        path.write_text(td.shakespeare_plays()["macbeth"][:20000])
+        return lm, dict(data=str(path), hidden=64, embed=32, batch_size=16, tbptt=50, lr=1e-2,
                         ngram_order=2)
     from gyre.tasks import translate
     path = tmp_path / "pairs.tsv"
     path.write_text("\n".join(f"{a}\t{b}" for a, b in td.load_pairs("gettext_fr").train[::100]))
-    return translate, dict(data=str(path), hidden=8, embed=8, vocab_size=300, beam=2,
+    return translate, dict(data=str(path), hidden=32, embed=32, tokenizer="word", beam=2,
                            batch_size=32)
 
 
