@@ -173,7 +173,7 @@ def _tiny_run(task, tmp_path):
                         ngram_order=2)
     from gyre.tasks import translate
     path = tmp_path / "pairs.tsv"
-    path.write_text("\n".join(f"{a}\t{b}" for a, b in td.load_pairs("gettext_fr").train[::100]))
+    path.write_text("\n".join(f"{a}\t{b}" for a, b in td.load_pairs("gettext_fr").train[::250]))
     return translate, dict(data=str(path), hidden=32, embed=32, tokenizer="word", beam=2,
                            batch_size=32)
 
