@@ -131,6 +131,19 @@ def test_truncated_bptt_matches_manual_detach(accumulate):
                                   atol=1e-7)
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_onecycle_length_counts_tbptt_chunks(accumulate):
+    """A per-step schedule is planned in optimizer steps: under truncated BPTT each batch
+    takes one per chunk (3 chunks of a 10-step batch here), so onecycle ends on the last one."""
+    data, _, _ = _data(n=8, T=10)
+    t = Trainer(SeqModel(), nn.functional.mse_loss,
+                _cfg(epochs=2, tbptt=4, accumulate=accumulate, scheduler="onecycle",
+                     scheduler_interval="step"))
+    t.fit(data)
+    assert t.global_step == 2 * -(-2 * 3 // accumulate)
+    assert t.scheduler.total_steps == t.global_step == t.scheduler.last_epoch
+
+
 def test_tbptt_rejects_per_sequence_targets():
     data, _, _ = _data(per_step=False)
     with pytest.raises(ValueError, match="tbptt"):

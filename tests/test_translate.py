@@ -41,13 +41,15 @@ def test_beam_one_equals_greedy_and_cli_translates(run, capsys):
         ids = src_tok.encode(s)
         assert T.beam_search(model, ids, beam=1) == T.greedy(model, ids)[0]
     assert main(["translate", str(out), "Open the file", "--beam", "2"]) == 0
-    assert capsys.readouterr().out.strip()
+    assert capsys.readouterr().out == T.translate(out, "Open the file", beam=2)[0] + "\n"
     with pytest.raises(ValueError, match="more than the model's max_tokens"):
         T.translate(out, "word " * 300)
 
 
-@pytest.mark.xfail(reason="not met yet: after this brief run chrF was 0.97 against copy-source's "
-                   "37.4 (2026-12-01); a working recipe is still to be found", strict=False)
+@pytest.mark.xfail(reason="not met yet: after this brief run (24 optimizer steps) chrF was 1.4 "
+                   "against copy-source's 35.5 (2026-12-02, copy/shared-vocabulary model); the "
+                   "model learns (benchmarks/translate_curve.py) but far too slowly for a cheap "
+                   "test", strict=False)
 def test_translate_beats_copy_source(run):
     _, m = run
     assert m["test"]["chrf"] > m["baselines"]["copy_source"]["chrf"]

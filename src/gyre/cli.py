@@ -386,7 +386,9 @@ def _cmd_data_list() -> int:
             print(f"  {d.name.ljust(width)}{state.ljust(9)}  {d.description}")
     missing = [d for d in items if not d.available]
     print(f"\n{len(items) - len(missing)} of {len(items)} available offline; files: "
-          "--data PATH.csv|.npz (formats: gyre.data.classification / gyre.data.forecasting)")
+          "--data PATH.csv|.npz (formats: gyre.data.classification / gyre.data.forecasting); "
+          "text (gyre.data.text): sentiment PATH.csv (--text-column, --label-column), "
+          "lm PATH.txt, translate PATH.tsv (source<TAB>target lines)")
     return 0
 
 

@@ -299,7 +299,9 @@ def gettext_pairs(lang: str, min_words: int = 3, max_words: int = 25) -> list[tu
         for k, v in cat.items():
             if not isinstance(k, str) or not k or not v or k == v:
                 continue  # the header entry, plural forms (tuple keys) and untranslated ones
-            src, tgt = _clean_message(k), _clean_message(v)
+            # a message with a context (msgctxt) is keyed "context\x04message"; the context
+            # is a note to translators, not part of the English text
+            src, tgt = _clean_message(k.split("\x04")[-1]), _clean_message(v)
             if src and tgt and min_words <= len(src.split()) <= max_words \
                     and len(tgt.split()) <= 2 * max_words:
                 pairs.add((src, tgt))

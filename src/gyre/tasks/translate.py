@@ -37,7 +37,11 @@ class Config(base.TaskConfig):
         attention: ``bahdanau`` (additive, from the previous decoder state, the context fed
             to the decoder), ``luong`` (general multiplicative, from the current state, with
             input feeding) or ``none`` (the encoder's final state only).
-        tokenizer, vocab_size: one tokeniser per language, fitted on the training pairs.
+        tokenizer, vocab_size: the tokeniser, fitted on the training pairs only.
+        shared_vocab: one tokeniser and embedding for both languages (fitted on sources and
+            targets together); off: one per language.
+        copy: a pointer-generator output that can copy source tokens (needs attention and
+            ``shared_vocab``; ``--no-copy`` for the plain softmax).
         embed: embedding width.
         beam: the beam width of the reported test score (1 is greedy decoding).
         length_penalty: alpha in the ranking of beam hypotheses by log-probability / length**alpha.
@@ -60,6 +64,8 @@ class Config(base.TaskConfig):
     beam: int = 5
     length_penalty: float = 1.0
     max_tokens: int = 200
+    shared_vocab: bool = True
+    copy: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +78,10 @@ class Config(base.TaskConfig):
         for name, low in (("vocab_size", 16), ("embed", 1), ("beam", 1), ("max_tokens", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= {low}")
+        if self.copy and (self.attention == "none" or not self.shared_vocab):
+            raise ValueError(f"copy: copying source tokens needs attention and shared_vocab; got "
+                             f"attention={self.attention!r}, shared_vocab={self.shared_vocab} "
+                             "(set copy=False, --no-copy, for a plain softmax output)")
         if self.length_penalty < 0:
             raise ValueError(f"length_penalty: got {self.length_penalty}, expected >= 0")
 
@@ -84,10 +94,18 @@ class Seq2Seq(nn.Module):
     token's embedding):
 
     * bahdanau: ``a = softmax_j v^T tanh(W s_{t-1} + U h_j)``, ``c = sum_j a_j h_j``,
-      ``s_t = cell([e; c], state)``, logits ``= W_o [s_t; c]``;
+      ``s_t = cell([e; c], state)``, features ``f = [s_t; c; e]``;
     * luong: ``s_t = cell([e; h~_{t-1}], state)``, ``a = softmax_j s_t^T W_a h_j``,
-      ``h~_t = tanh(W_c [c; s_t])``, logits ``= W_o h~_t``;
-    * none: ``s_t = cell(e, state)``, logits ``= W_o s_t``.
+      ``h~_t = tanh(W_c [c; s_t])``, features ``f = [h~_t; e]``;
+    * none: ``s_t = cell(e, state)``, features ``f = [s_t; e]``.
+
+    Every variant scores the vocabulary through the target embedding (Press & Wolf 2017):
+    ``logits = E tanh(W_f f) + b``. ``shared`` (one vocabulary for both languages): the source,
+    decoder input and output share that one embedding. ``copy`` (with attention and ``shared``;
+    See et al. 2017's pointer-generator): ``p(w) = g P_vocab(w) + (1 - g) sum_{j: x_j = w} a_j``
+    with the gate ``g = sigmoid(w_g^T [f; c])``, so a token of the source (a file name, an
+    option) can be copied however rare it is; the model then returns log-probabilities, which
+    ``cross_entropy`` and ``argmax`` treat as logits.
 
     ``forward(x (B, 2, L), state=None, *, lengths) -> (logits (B, L, V), None)``: ``x[:, 0]``
     is the padded source (``lengths`` its lengths), ``x[:, 1]`` the decoder input (``BOS`` +
@@ -95,15 +113,25 @@ class Seq2Seq(nn.Module):
 
     def __init__(self, src_vocab: int, tgt_vocab: int, cell: str = "gru", embed: int = 128,
                  hidden: int = 128, layers: int = 1, bidirectional: bool = True,
-                 dropout: float = 0.0, attention: str = "bahdanau") -> None:
+                 dropout: float = 0.0, attention: str = "bahdanau", shared: bool = False,
+                 copy: bool = False) -> None:
         super().__init__()
         if attention not in ATTENTION:
             raise ValueError(f"attention: got {attention!r}, expected one of {', '.join(ATTENTION)}")
-        self.attention = attention
-        self.src_embed = gtext.TokenEmbedding(src_vocab, embed, dropout)
+        if shared and src_vocab != tgt_vocab:
+            raise ValueError(f"shared: one vocabulary needs src_vocab == tgt_vocab; got "
+                             f"{src_vocab} and {tgt_vocab}")
+        if copy and (attention == "none" or not shared):
+            raise ValueError("copy: pointing at source tokens needs attention (bahdanau or luong) "
+                             f"and one shared vocabulary; got attention={attention!r}, "
+                             f"shared={shared}")
+        self.attention, self.shared, self.copy = attention, bool(shared), bool(copy)
         self.tgt_embed = gtext.TokenEmbedding(tgt_vocab, embed, dropout)
+        self.src_embed = self.tgt_embed if shared else \
+            gtext.TokenEmbedding(src_vocab, embed, dropout)
         self.encoder = Recurrent(cell, embed, hidden, layers, batch_first=True,
-                                 dropout=dropout, bidirectional=bidirectional)
+                                 dropout=dropout if layers > 1 else 0.0,
+                                 bidirectional=bidirectional)
         self.dirs = 2 if bidirectional else 1
         H = self.encoder.output_size
         M = self.dirs * H  # encoder output width
@@ -116,18 +144,20 @@ class Seq2Seq(nn.Module):
             self.W = nn.Linear(H, H, bias=False)
             self.U = nn.Linear(M, H)
             self.v = nn.Linear(H, 1, bias=False)
-            self.out = nn.Linear(H + M, tgt_vocab)
         elif attention == "luong":
             self.Wa = nn.Linear(M, H, bias=False)
             self.Wc = nn.Linear(M + H, H)
-            self.out = nn.Linear(H, tgt_vocab)
-        else:
-            self.out = nn.Linear(H, tgt_vocab)
+        F = {"bahdanau": H + M, "luong": H, "none": H}[attention] + embed
+        self.pre = nn.Linear(F, embed)
+        self.out = nn.Linear(embed, tgt_vocab)
+        self.out.weight = self.tgt_embed.weight
+        if copy:
+            self.gate = nn.Linear(F + M, 1)
 
     # -- encoder ---------------------------------------------------------------------------
     def encode(self, src: Tensor, lengths: Tensor | None):
-        """``src (B, S)`` -> memory ``(enc (B, S, M), keys, mask (B, S))`` and the decoder's
-        initial ``(state, feed)``."""
+        """``src (B, S)`` -> memory ``(enc (B, S, M), keys, mask (B, S), src)`` and the
+        decoder's initial ``(state, feed)``."""
         enc, h_n = self.encoder(self.src_embed(src), lengths=lengths)
         parts = (h_n,) if isinstance(h_n, Tensor) else tuple(h_n)
         init = []
@@ -142,45 +172,72 @@ class Seq2Seq(nn.Module):
         keys = self.U(enc) if self.attention == "bahdanau" else \
             self.Wa(enc) if self.attention == "luong" else None
         feed = enc.new_zeros(B, self.decoder.hidden_size) if self.attention == "luong" else None
-        return (enc, keys, mask), state, feed
+        return (enc, keys, mask, src), state, feed
 
     @staticmethod
     def _top(state) -> Tensor:
         return (state if isinstance(state, Tensor) else state[0])[-1]  # (B, H)
 
-    def decode_step(self, ids: Tensor, state, feed, memory):
-        """One decoder step for ``ids (B,)``: ``(logits (B, V), state, feed, attn (B, S) or
-        None)``. ``memory`` rows may be repeated (beam search) as long as they match ``ids``."""
-        enc, keys, mask = memory
+    def _features(self, ids: Tensor, state, feed, memory):
+        """One decoder step up to the output layer: ``(features, ctx, state, feed, attn)``."""
+        enc, keys, mask, _ = memory
         e = self.tgt_embed(ids)
-        attn = None
+        attn = ctx = None
         if self.attention == "bahdanau":
             score = self.v(torch.tanh(self.W(self._top(state))[:, None] + keys)).squeeze(-1)
             attn = torch.softmax(score.masked_fill(~mask, -math.inf), -1)
             ctx = torch.bmm(attn[:, None], enc)[:, 0]
             y, state = self.decoder.step(torch.cat([e, ctx], -1), state)
-            logits = self.out(self.drop(torch.cat([y, ctx], -1)))
+            feats = torch.cat([y, ctx, e], -1)
         elif self.attention == "luong":
             y, state = self.decoder.step(torch.cat([e, feed], -1), state)
             score = torch.bmm(keys, y[:, :, None]).squeeze(-1)
             attn = torch.softmax(score.masked_fill(~mask, -math.inf), -1)
             ctx = torch.bmm(attn[:, None], enc)[:, 0]
             feed = torch.tanh(self.Wc(torch.cat([ctx, y], -1)))
-            logits = self.out(self.drop(feed))
+            feats = torch.cat([feed, e], -1)
         else:
             y, state = self.decoder.step(e, state)
-            logits = self.out(self.drop(y))
-        return logits, state, feed, attn
+            feats = torch.cat([y, e], -1)
+        return feats, ctx, state, feed, attn
+
+    def _scores(self, feats: Tensor, ctx: Tensor | None, attn: Tensor | None,
+                src: Tensor) -> Tensor:
+        """Logits (or, with ``copy``, log-probabilities) from features ``(..., F)``; with
+        ``copy``, ``ctx (..., M)``, ``attn (..., S)`` and the source ids ``src (B, S)``."""
+        logits = self.out(self.drop(torch.tanh(self.pre(feats))))
+        if not self.copy:
+            return logits
+        g = torch.sigmoid(self.gate(torch.cat([feats, ctx], -1)))
+        p = g * torch.softmax(logits.float(), -1)
+        index = src.reshape(src.shape[0], *([1] * (attn.dim() - 2)), src.shape[1]).expand_as(attn)
+        p = p.scatter_add(-1, index, (1 - g) * attn.float())
+        return torch.log(p.clamp_min(1e-12))
+
+    def decode_step(self, ids: Tensor, state, feed, memory):
+        """One decoder step for ``ids (B,)``: ``(logits (B, V), state, feed, attn (B, S) or
+        None)``. ``memory`` rows may be repeated (beam search) as long as they match ``ids``."""
+        feats, ctx, state, feed, attn = self._features(ids, state, feed, memory)
+        return self._scores(feats, ctx, attn, memory[3]), state, feed, attn
 
     def forward(self, x: Tensor, state=None, *, lengths: Tensor | None = None):
         src, dec_in = x[:, 0], x[:, 1]
         memory, state, feed = self.encode(src, lengths)
         steps = int((dec_in != gtext.PAD).sum(1).max())
-        outs = []
-        for t in range(steps):
-            logits, state, feed, _ = self.decode_step(dec_in[:, t], state, feed, memory)
-            outs.append(logits)
-        logits = torch.stack(outs, 1)
+        ctx = attn = None
+        if self.attention == "none":  # nothing feeds back: the decoder runs as one sequence
+            e = self.tgt_embed(dec_in[:, :steps])
+            y, _ = self.decoder(e, state)
+            feats = torch.cat([y, e], -1)
+        else:
+            outs = [self._features(dec_in[:, 0], state, feed, memory)]
+            for t in range(1, steps):
+                _, _, state, feed, _ = outs[-1]
+                outs.append(self._features(dec_in[:, t], state, feed, memory))
+            feats = torch.stack([o[0] for o in outs], 1)
+            ctx = torch.stack([o[1] for o in outs], 1)
+            attn = torch.stack([o[4] for o in outs], 1)
+        logits = self._scores(feats, ctx, attn, src)  # one product over every step
         pad = x.shape[2] - steps
         if pad:  # positions past every target: PAD targets, ignored by the loss
             logits = torch.cat([logits, logits.new_zeros(x.shape[0], pad, logits.shape[-1])], 1)
@@ -355,7 +412,8 @@ def encode_sources(tok: gtext.Tokenizer, texts: list[str], max_tokens: int, who:
 
 def build_model(config: Config, src_vocab: int, tgt_vocab: int) -> Seq2Seq:
     return Seq2Seq(src_vocab, tgt_vocab, config.cell, config.embed, config.hidden,
-                   config.layers, config.bidirectional, config.dropout, config.attention)
+                   config.layers, config.bidirectional, config.dropout, config.attention,
+                   config.shared_vocab, config.copy)
 
 
 def describe(config: Config) -> str:
@@ -403,11 +461,19 @@ def train(config: Config, *, resume: bool = False) -> dict:
         src_tok = gtext.tokenizer_from_state(extra["src_tokenizer"])
         tgt_tok = gtext.tokenizer_from_state(extra["tgt_tokenizer"])
     else:
-        src_tok = gtext.fit_tokenizer(config.tokenizer, [s for s, _ in data.train],
-                                      vocab_size=config.vocab_size)
-        tgt_tok = gtext.fit_tokenizer(config.tokenizer, [t for _, t in data.train],
-                                      vocab_size=config.vocab_size)
-    src_tok, tgt_tok = base.same_tokenizer(src_tok), base.same_tokenizer(tgt_tok)
+        if config.shared_vocab:
+            src_tok = tgt_tok = gtext.fit_tokenizer(
+                config.tokenizer, [s for s, _ in data.train] + [t for _, t in data.train],
+                vocab_size=config.vocab_size)
+        else:
+            src_tok = gtext.fit_tokenizer(config.tokenizer, [s for s, _ in data.train],
+                                          vocab_size=config.vocab_size)
+            tgt_tok = gtext.fit_tokenizer(config.tokenizer, [t for _, t in data.train],
+                                          vocab_size=config.vocab_size)
+    if src_tok is tgt_tok:  # one shared vocabulary stays one object
+        src_tok = tgt_tok = base.same_tokenizer(src_tok)
+    else:
+        src_tok, tgt_tok = base.same_tokenizer(src_tok), base.same_tokenizer(tgt_tok)
     enc = lambda pairs: PairDataset(  # noqa: E731
         encode_sources(src_tok, [s for s, _ in pairs], config.max_tokens, "data"),
         [tgt_tok.encode(t) for _, t in pairs])

@@ -56,7 +56,9 @@ def build_optimizer(params, config):
 
 def build_scheduler(optimizer, config, n_batches: int):
     """The schedule ``config.scheduler`` names for a run of ``config.epochs`` epochs of
-    ``n_batches`` batches (None for ``"none"``); shorthand defaults derive from that length."""
+    ``n_batches`` micro-steps each (batches, or batches times chunks under truncated BPTT;
+    ``accumulate`` of them make an optimizer step), None for ``"none"``; shorthand defaults
+    derive from that length."""
     cfg = config
     cls = _scheduler_spec(cfg.scheduler)
     if cls is None:

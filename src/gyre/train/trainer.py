@@ -326,7 +326,7 @@ class Trainer:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 remove_stale_temporaries(self.out_dir)
         n_batches = self._n_batches(n)
-        self.scheduler = self._make_scheduler(n_batches)
+        self.scheduler = self._make_scheduler(n_batches * self._chunks_per_batch(train))
 
         loop = _Loop()
         if resume:
@@ -413,6 +413,16 @@ class Trainer:
     def _n_batches(self, n: int) -> int:
         order, bs = self._local_order(list(range(n)))
         return math.ceil(len(order) / bs)
+
+    def _chunks_per_batch(self, train: Sequence) -> int:
+        """Forward/backward passes (micro-steps) per batch: 1, or with ``tbptt`` the chunks of
+        the first batch (a stream's batches all have one length), so a per-step schedule
+        counts one step per chunk."""
+        if not self.config.tbptt:
+            return 1
+        order, bs = self._local_order(list(range(len(train))))
+        x = self.collate([train[i] for i in order[:bs]])["x"]
+        return max(1, math.ceil(x.shape[1] / self.config.tbptt))
 
     # -- one epoch -------------------------------------------------------------------------------
     def _train_epoch(self, train: Sequence, loop: _Loop, n_batches: int, bar) -> bool:
