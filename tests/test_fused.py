@@ -503,3 +503,31 @@ def test_runtime_files_ship_and_are_part_of_the_module_hash(monkeypatch):
     assert build.module_name(progs) != name
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert "csrc/*.h" in pyproject["tool"]["setuptools"]["package-data"]["gyre.engine.fused"]
+
+
+def test_a_lock_file_left_by_a_killed_build_is_not_waited_on():
+    """torch guards a build with a ``lock`` file, which a build killed midway leaves behind
+    (every later load then waited on it forever); gyre's own lock goes with its holder, and
+    whoever holds it removes such a file before loading."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import os
+        import torch
+        from torch.utils import cpp_extension
+        import gyre.nn
+        from gyre.engine.fused import _builtin_programs, build
+        name = build.module_name(_builtin_programs())
+        d = cpp_extension._get_build_directory(name, verbose=False)
+        os.makedirs(d, exist_ok=True)
+        open(os.path.join(d, "lock"), "w").close()  # as a killed build leaves it
+        m = gyre.nn.LSTM(3, 4, backend="fused")
+        with torch.no_grad():
+            y, _ = m(torch.randn(5, 2, 3))
+        assert y.shape == (5, 2, 4)
+        assert not os.path.exists(os.path.join(d, "lock"))
+    """)
+    # bounded: a fresh machine's first build of the built-in module takes minutes
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=1200,
+                   env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})

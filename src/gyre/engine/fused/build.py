@@ -9,6 +9,7 @@ come out the same.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -17,6 +18,11 @@ import sys
 import threading
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock of gyre's own (torch's lock file alone)
+    fcntl = None
 
 from .codegen import CSRC, module_source, runtime_text
 
@@ -56,6 +62,26 @@ def _read(path: str) -> str:
         return f.read()
 
 
+@contextlib.contextmanager
+def _build_lock(build_dir: str):
+    """Held across processes while a module is written and loaded. torch's own guard is a
+    ``lock`` file that a build killed midway (Ctrl-C, a timeout, kill -9) leaves behind, and every
+    later load of that module then waits on it forever. This lock is the kernel's (``flock``):
+    it goes when its holder dies. Every gyre build runs inside it, so a ``lock`` file found by
+    the holder is stale, and is removed."""
+    if fcntl is None:
+        yield
+        return
+    with open(os.path.join(build_dir, "gyre.flock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(build_dir, "lock"))
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def module_name(programs: dict[str, str]) -> str:
     h = hashlib.sha256()
     # torch's location too: the build command names its include directories, so two
@@ -84,17 +110,18 @@ def load(programs: dict[str, str], what: str) -> str:
             parts = 2 if len(programs) > 4 else 1
             sources = []
             os.makedirs(build_dir, exist_ok=True)
-            for part in range(parts):
-                path = os.path.join(build_dir, f"{name}_{part}.cpp")
-                src = module_source(name, programs, part, parts)
-                if not os.path.exists(path) or _read(path) != src:
-                    with open(path + ".tmp", "w", encoding="utf-8") as f:
-                        f.write(src)
-                    os.replace(path + ".tmp", path)
-                sources.append(path)
-            cpp_extension.load(name, sources, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                               extra_include_paths=[str(CSRC)], build_directory=build_dir,
-                               is_python_module=False, verbose=False)
+            with _build_lock(build_dir):
+                for part in range(parts):
+                    path = os.path.join(build_dir, f"{name}_{part}.cpp")
+                    src = module_source(name, programs, part, parts)
+                    if not os.path.exists(path) or _read(path) != src:
+                        with open(path + ".tmp", "w", encoding="utf-8") as f:
+                            f.write(src)
+                        os.replace(path + ".tmp", path)
+                    sources.append(path)
+                cpp_extension.load(name, sources, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                                   extra_include_paths=[str(CSRC)], build_directory=build_dir,
+                                   is_python_module=False, verbose=False)
         except Exception as e:  # no compiler, no ninja, a compile error: fall back
             raise BuildError(f"{type(e).__name__}: {str(e)[-2000:]}") from e
         _loaded[name] = name
