@@ -82,6 +82,15 @@ def _build_lock(build_dir: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _remove_outputs(build_dir: str) -> None:
+    """Everything a build wrote in ``build_dir`` except the sources (objects, library, ninja's
+    state), so that the next build starts from the sources alone."""
+    for entry in os.listdir(build_dir):
+        if entry.endswith((".o", ".so", ".ninja", ".ninja_deps", ".ninja_log")):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(build_dir, entry))
+
+
 def module_name(programs: dict[str, str]) -> str:
     h = hashlib.sha256()
     # torch's location too: the build command names its include directories, so two
@@ -119,9 +128,20 @@ def load(programs: dict[str, str], what: str) -> str:
                             f.write(src)
                         os.replace(path + ".tmp", path)
                     sources.append(path)
-                cpp_extension.load(name, sources, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                                   extra_include_paths=[str(CSRC)], build_directory=build_dir,
-                                   is_python_module=False, verbose=False)
+                compile_ = lambda: cpp_extension.load(  # noqa: E731
+                    name, sources, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                    extra_include_paths=[str(CSRC)], build_directory=build_dir,
+                    is_python_module=False, verbose=False)
+                so = os.path.join(build_dir, f"{name}.so")
+                try:
+                    compile_()
+                except OSError:
+                    if not os.path.exists(so):
+                        raise
+                    # a library that exists and does not load was cut short (a build killed
+                    # while linking): ninja sees it as up to date, so its outputs go first
+                    _remove_outputs(build_dir)
+                    compile_()
         except Exception as e:  # no compiler, no ninja, a compile error: fall back
             raise BuildError(f"{type(e).__name__}: {str(e)[-2000:]}") from e
         _loaded[name] = name
