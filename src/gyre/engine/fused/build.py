@@ -139,8 +139,11 @@ def load(programs: dict[str, str], what: str) -> str:
                     if not os.path.exists(so):
                         raise
                     # a library that exists and does not load was cut short (a build killed
-                    # while linking): ninja sees it as up to date, so its outputs go first
+                    # while linking): ninja sees it as up to date, so its outputs go first, and
+                    # torch, which builds a module once per process, forgets this one
                     _remove_outputs(build_dir)
+                    versions = getattr(cpp_extension, "JIT_EXTENSION_VERSIONER", None)
+                    getattr(versions, "entries", {}).pop(name, None)
                     compile_()
         except Exception as e:  # no compiler, no ninja, a compile error: fall back
             raise BuildError(f"{type(e).__name__}: {str(e)[-2000:]}") from e
