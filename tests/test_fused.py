@@ -531,3 +531,33 @@ def test_a_lock_file_left_by_a_killed_build_is_not_waited_on():
     # bounded: a fresh machine's first build of the built-in module takes minutes
     subprocess.run([sys.executable, "-c", code], check=True, timeout=1200,
                    env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_library_cut_short_is_rebuilt(tmp_path):
+    """A build killed while linking leaves a library that ninja sees as up to date but that does
+    not load; the next load rebuilds it from its sources (fused stays on, no warning)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import sys
+        import warnings
+        warnings.simplefilter("error")  # a fallback to the reference loop fails the check
+        sys.path.insert(0, "examples")
+        import torch
+        from user_cell import MIRNN
+        from gyre.nn import Recurrent
+        m = Recurrent(MIRNN(), 3, 4, backend="fused")
+        with torch.no_grad():
+            assert m(torch.randn(5, 2, 3))[0].shape == (5, 2, 4)
+    """)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = lambda: subprocess.run([sys.executable, "-c", code], check=True, timeout=900,  # noqa: E731
+                                 env=env, cwd=root)
+    run()
+    (lib,) = tmp_path.glob("*/*.so")
+    lib.write_bytes(b"")  # what a link cut short can leave
+    run()
+    assert lib.stat().st_size > 0
