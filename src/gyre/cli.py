@@ -506,26 +506,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"task: got {rest[0]!r}, expected one of {', '.join(_tasks.names())}")
         return _run(parser, lambda: _cmd_train(rest[0], rest[1:]))
     args = parser.parse_args(argv)
-    if args.command == "eval":
-        return _run(parser, lambda: _cmd_eval(args))
-    if args.command == "predict":
-        return _run(parser, lambda: _cmd_predict(args))
-    if args.command == "explain":
-        return _run(parser, lambda: _cmd_explain(args))
-    if args.command == "quantize":
-        return _run(parser, lambda: _cmd_quantize(args))
-    if args.command == "prune":
-        return _run(parser, lambda: _cmd_prune(args))
-    if args.command == "serve":
-        return _run(parser, lambda: _cmd_serve(args))
-    if args.command == "export":
-        return _run(parser, lambda: _cmd_export(args))
-    if args.command == "generate":
-        return _run(parser, lambda: _cmd_generate(args))
-    if args.command == "translate":
-        return _run(parser, lambda: _cmd_translate(args))
-    if args.command == "data":
-        return _run(parser, _cmd_data_list)
+    commands = {"eval": _cmd_eval, "predict": _cmd_predict, "explain": _cmd_explain,
+                "quantize": _cmd_quantize, "prune": _cmd_prune, "serve": _cmd_serve,
+                "export": _cmd_export, "generate": _cmd_generate, "translate": _cmd_translate,
+                "data": lambda _: _cmd_data_list()}
+    if args.command in commands:
+        return _run(parser, lambda: commands[args.command](args))
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -22,6 +22,8 @@ from time import perf_counter
 
 import torch
 
+from ..engine.autotune import cpu_model
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -128,16 +130,6 @@ def gemm_ceiling(shapes: list[tuple[int, int, int, int]], timing: Timing,
                     "gflops_per_s": 2.0 * M * K * N / per / 1e9})
     return out
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> list[str]:

@@ -80,13 +80,14 @@ def cache_path() -> Path:
     except Exception:  # noqa: BLE001 - not installed as a distribution: a source checkout
         gyre_version = "source"
 
-    machine = "|".join((platform.node(), platform.machine(), _cpu_model()))
+    machine = "|".join((platform.node(), platform.machine(), cpu_model()))
     tag = hashlib.sha256(f"{machine}|{torch.__version__}|{gyre_version}".encode()).hexdigest()
     root = Path(os.environ.get("GYRE_CACHE_DIR") or Path.home() / ".cache" / "gyre")
     return root / f"autotune-{tag[:16]}.json"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -94,7 +95,7 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return platform.processor() or platform.machine()
 
 
 def _load_disk() -> dict[str, str]:

@@ -80,9 +80,12 @@ class TaskConfig:
         self.train_config()  # validates the training fields
 
     def train_config(self, **overrides) -> TrainConfig:
-        """The :class:`TrainConfig` these fields describe (``overrides`` win)."""
+        """The :class:`TrainConfig` these fields describe (``overrides`` win); OneCycleLR,
+        which sets the rate of every step, steps per optimizer step."""
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
+        if self.scheduler.lower() in ("onecycle", "onecyclelr"):
+            kw["scheduler_interval"] = "step"
         kw.update(overrides)
         return TrainConfig(**kw)
 
@@ -286,6 +289,16 @@ def other_rank(out: Path) -> dict | None:
     from ..train import distributed
     ctx = distributed.context()
     return None if ctx.main else {"out": str(out), "rank": ctx.rank}
+
+
+def early_exit(out: Path, result: dict) -> dict | None:
+    """What a task's ``train`` returns instead of scoring after ``Trainer.fit``'s ``result``:
+    on a distributed run's other processes (:func:`other_rank`), or for an interrupted run;
+    None when this process goes on to score."""
+    early = other_rank(out)
+    if early is None and result["interrupted"]:
+        early = {"interrupted": True, "out": str(out)}
+    return early
 
 
 def same_tokenizer(tok):

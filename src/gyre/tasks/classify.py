@@ -483,10 +483,7 @@ def _fit(model: nn.Module, config: SequenceModelConfig, out: Path, train, val, e
          resume: bool, progress: bool | None = None, loss=nn.functional.cross_entropy,
          metrics=accuracy, callback=None, distributed: bool | None = None
          ) -> tuple[Trainer, dict]:
-    over = {"progress": config.progress if progress is None else progress}
-    if config.scheduler.lower() in ("onecycle", "onecyclelr"):
-        over["scheduler_interval"] = "step"  # OneCycleLR changes the rate every step
-    tc = config.train_config(**over)
+    tc = config.train_config(progress=config.progress if progress is None else progress)
     trainer = Trainer(model, member_loss(loss), tc, collate=cdata.collate, metrics=metrics,
                       out_dir=out,
                       extra=extra, callback=callback, distributed=distributed)
@@ -508,9 +505,7 @@ def fit_beside(beside, model: nn.Module, config: SequenceModelConfig, out: Path,
         beside.cancel()
         raise
     seconds = time.perf_counter() - start
-    early = base.other_rank(out)
-    if early is None and result["interrupted"]:
-        early = {"interrupted": True, "out": str(out)}
+    early = base.early_exit(out, result)
     if early is not None:
         beside.cancel()
     return trainer, result, seconds, early

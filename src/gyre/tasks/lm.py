@@ -252,18 +252,15 @@ def train(config: Config, *, resume: bool = False) -> dict:
     model = build_model(config, tok.vocab_size)
     extra = {"tokenizer": tok.state(), "vocab_size": tok.vocab_size}
     # distributed: each process carries the state of its own contiguous block of tracks
-    tc = config.train_config(progress=config.progress, shuffle=False, shard="contiguous", **(
-        {"scheduler_interval": "step"} if config.scheduler.lower() in ("onecycle", "onecyclelr")
-        else {}))
+    tc = config.train_config(progress=config.progress, shuffle=False, shard="contiguous")
     trainer = LMTrainer(model, loss_fn, tc, out_dir=out, extra=extra,
                         callback=base.config_writer(config, out))
     start = time.perf_counter()
     result = trainer.fit(train_ds, val_ds, resume=resume)
     seconds = time.perf_counter() - start
-    if base.other_rank(out) is not None:
-        return base.other_rank(out)
-    if result["interrupted"]:
-        return {"interrupted": True, "out": str(out)}
+    early = base.early_exit(out, result)
+    if early is not None:
+        return early
     nats = stream_nats(trainer.model, test_ds, device=trainer.device)
     test = stream_metrics(nats, test_ds.tokens, test_ds.chars)
     base.plot_history(result["history"], out / "loss.png", f"{describe(config)} on {data.name}")

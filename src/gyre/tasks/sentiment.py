@@ -248,18 +248,15 @@ def train(config: Config, *, resume: bool = False) -> dict:
     model = build_model(config, tok.vocab_size, len(data.classes))
     extra = {"classes": list(data.classes), "tokenizer": tok.state(),
              "vocab_size": tok.vocab_size}
-    tc = config.train_config(progress=config.progress, **(
-        {"scheduler_interval": "step"} if config.scheduler.lower() in ("onecycle", "onecyclelr")
-        else {}))
+    tc = config.train_config(progress=config.progress)
     trainer = Trainer(model, loss_fn, tc, collate=collate, metrics=accuracy, out_dir=out,
                       extra=extra, callback=base.config_writer(config, out))
     start = time.perf_counter()
     result = trainer.fit(train_ds, val_ds if len(val_ds) else None, resume=resume)
     seconds = time.perf_counter() - start
-    if base.other_rank(out) is not None:
-        return base.other_rank(out)
-    if result["interrupted"]:
-        return {"interrupted": True, "out": str(out)}
+    early = base.early_exit(out, result)
+    if early is not None:
+        return early
     logits, y = trainer.predict(test_ds)
     test = scores(probabilities(logits), y.numpy())
     base.plot_history(result["history"], out / "loss.png", f"{describe(config)} on {data.name}")

@@ -488,10 +488,9 @@ def train(config: Config, *, resume: bool = False) -> dict:
     start = time.perf_counter()
     result = trainer.fit(train_ds, val_ds if len(val_ds) else None, resume=resume)
     seconds = time.perf_counter() - start
-    if base.other_rank(out) is not None:
-        return base.other_rank(out)
-    if result["interrupted"]:
-        return {"interrupted": True, "out": str(out)}
+    early = base.early_exit(out, result)
+    if early is not None:
+        return early
     model.eval()
     sources, refs = [s for s, _ in data.test], [t for _, t in data.test]
     beams = sorted({1, config.beam})
