@@ -95,6 +95,11 @@ def _val(v) -> torch.Tensor:
     return v.value if isinstance(v, keras.Variable) else v
 
 
+#: Keras's float dtype names -> torch's, for the checks of :meth:`_EngineLoop.call`
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float32": torch.float32, "float64": torch.float64}
+
+
 class _EngineLoop:
     """Mixin for ``keras.layers.RNN`` subclasses: ``inner_loop`` (the part of ``RNN.call`` that
     runs the cell over time) on gyre's engine. A subclass sets ``gyre_cell``, ``gyre_backend``,
@@ -120,6 +125,28 @@ class _EngineLoop:
         if training and 0 < kc.recurrent_dropout < 1:
             rdp = kc.get_recurrent_dropout_mask(h0)
         return dp, rdp
+
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        """Keras's ``RNN.call``, with its common case taken directly: no initial state given,
+        not stateful, no dropout (a Keras cell with dropout draws its masks from its seed
+        generator on every call, training or not, which Keras's ``RNN.call`` does), one dtype
+        for variables, computation and input. There ``RNN.call`` only makes zero states and
+        converts and casts tensors that already have their dtype; this makes the zero states
+        and returns what it returns. Every other call is Keras's own ``RNN.call``."""
+        kc = self.cell
+        dtype = self.compute_dtype
+        if (initial_state is not None or self.stateful or self.unroll
+                or getattr(kc, "dropout", 0) or getattr(kc, "recurrent_dropout", 0)
+                or dtype != self.variable_dtype or not isinstance(sequences, torch.Tensor)
+                or _TORCH_DTYPES.get(dtype) != sequences.dtype):
+            return super().call(sequences, initial_state=initial_state, mask=mask,
+                                training=training)
+        sizes = kc.state_size if isinstance(kc.state_size, list | tuple) else [kc.state_size]
+        B = sequences.shape[0]
+        zeros = [sequences.new_zeros(B, s) for s in sizes]
+        last, outputs, states = self.inner_loop(sequences, zeros, mask, training=training)
+        output = outputs if self.return_sequences else last
+        return (output, *states) if self.return_state else output
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if isinstance(mask, list | tuple):

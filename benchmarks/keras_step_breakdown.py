@@ -1,0 +1,188 @@
+"""Where one training step's time goes: text 003's model (benchmarks/keras_fit.py) in
+gyre.keras's ``model.fit`` against the plain torch.nn loop, in process CPU time on one thread.
+
+Per dataset (a batch of the first 32 training series), each round measures, interleaved:
+
+* gyre.keras: one ``fit`` epoch divided by its steps (the whole step as ``fit`` runs it), and
+  then the parts of Keras's ``TorchTrainer.train_step`` called one by one as it calls them
+  (``model(x, training=True)``, ``zero_grad``, ``_compute_loss`` with the loss tracker,
+  ``backward``, ``optimizer.apply``, ``compute_metrics``); ``fit - train_step`` is Keras's loop
+  around the step (data slicing and conversion, callbacks, logs). The forward is split further
+  by calling the layers one by one: each LSTM's ``__call__`` (Keras's Layer machinery + the
+  layer), its ``call`` (gyre.keras's layer code + engine) and ``engine.run`` alone on the same
+  tensors (gyre's engine; the difference to ``call`` is gyre.keras's own Python around it).
+* the torch loop (benchmarks/keras_fit.py's ``torch.nn`` variant): each LSTM's forward, the
+  head, the loss, ``backward``, ``opt.step`` and its ``.item()`` bookkeeping.
+
+Each figure is the median over rounds of the median of ``--reps`` calls; the parts of one
+column need not add to its total exactly (each is timed on its own).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/keras_step_breakdown.py \
+        [--data japanese_vowels,gunpoint] [--rounds 3] [--reps 5] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from keras_fit import BATCH, TorchModel, data, keras_model  # noqa: E402
+
+clock = time.process_time
+
+
+def _med(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t0 = clock()
+        fn()
+        ts.append(clock() - t0)
+    return statistics.median(ts)
+
+
+def keras_parts(m, X, y, xb, yb, reps: int) -> dict[str, float]:
+    from gyre import engine
+    out = {}
+    steps = -(-len(X) // BATCH)
+
+    class T(__import__("keras").callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = clock()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.s = clock() - self.t0
+
+    t = T()
+    m.fit(X, y, epochs=1, batch_size=BATCH, verbose=0, callbacks=[t])
+    out["fit step (epoch / steps)"] = t.s / steps
+    parts = {k: [] for k in ("forward", "zero_grad", "loss + tracker", "backward", "optimizer",
+                             "metrics", "train_step")}
+    for _ in range(reps):
+        t0 = clock()
+        yp = m(xb, training=True)
+        t1 = clock()
+        m.zero_grad()
+        t2 = clock()
+        loss = m._compute_loss(x=xb, y=yb, y_pred=yp, sample_weight=None, training=True)
+        m._loss_tracker.update_state(loss, sample_weight=xb.shape[0])
+        loss = m.optimizer.scale_loss(loss)
+        t3 = clock()
+        loss.backward()
+        t4 = clock()
+        weights = m.trainable_weights[:]
+        with torch.no_grad():
+            m.optimizer.apply([v.value.grad for v in weights], weights)
+        t5 = clock()
+        m.compute_metrics(xb, yb, yp, sample_weight=None)
+        t6 = clock()
+        for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t6 - t0),
+                        strict=True):
+            parts[k].append(v)
+    out.update({k: statistics.median(v) for k, v in parts.items()})
+    out["fit loop around train_step"] = out["fit step (epoch / steps)"] - out["train_step"]
+    l1, l2, dense = m.layers
+    h1 = l1(xb, training=True)
+    h2 = l2(h1, training=True)
+    for name, layer, inp in (("lstm1", l1, xb), ("lstm2", l2, h1)):
+        z = [inp.new_zeros(inp.shape[0], layer.units) for _ in range(2)]
+        xt = inp.transpose(0, 1)
+        hx = tuple(s.unsqueeze(0) for s in z)
+        out[f"{name} fwd: Layer.__call__"] = _med(lambda: layer(inp, training=True), reps)  # noqa: B023
+        out[f"{name} fwd: gyre call"] = _med(lambda: layer.call(inp, training=True), reps)  # noqa: B023
+        out[f"{name} fwd: engine.run"] = _med(lambda: engine.run(  # noqa: B023
+            layer.gyre_cell, [[layer._gyre_params()]], xt, hx, training=True), reps)  # noqa: B023
+    out["dense fwd: Layer.__call__"] = _med(lambda: dense(h2, training=True), reps)
+    return out
+
+
+def torch_parts(model, opt, xb, yi, reps: int) -> dict[str, float]:
+    parts = {k: [] for k in ("lstm1 fwd", "lstm2 fwd", "head fwd", "loss", "backward",
+                             "optimizer (zero_grad + step)", ".item() bookkeeping", "step")}
+    model.train()
+    for _ in range(reps):
+        t0 = clock()
+        opt.zero_grad()
+        t1 = clock()
+        h, _ = model.l1(xb)
+        t2 = clock()
+        _, (h, _) = model.l2(h)
+        t3 = clock()
+        out = model.head(h[0])
+        t4 = clock()
+        loss = torch.nn.functional.cross_entropy(out, yi)
+        t5 = clock()
+        loss.backward()
+        t6 = clock()
+        opt.step()
+        t7 = clock()
+        _ = loss.item() * len(yi), (out.argmax(1) == yi).sum().item()
+        t8 = clock()
+        for k, v in zip(parts, (t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, (t1 - t0) + (t7 - t6),
+                                t8 - t7, t8 - t0), strict=True):
+            parts[k].append(v)
+    return {k: statistics.median(v) for k, v in parts.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="japanese_vowels")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json", default="benchmarks/results/keras_step_breakdown.json")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    import gyre.keras.layers as gl
+    results = []
+    for name in [d.strip() for d in a.data.split(",") if d.strip()]:
+        X, y = data(name)
+        N, T, dims = X.shape
+        C = y.shape[1]
+        m = keras_model(gl, "relu", (T, dims), C)
+        torch.manual_seed(0)
+        tm = TorchModel(dims, C)
+        opt = torch.optim.Adam(tm.parameters(), 1e-3)
+        xb, yb = torch.from_numpy(X[:BATCH]), torch.from_numpy(y[:BATCH])
+        yi = yb.argmax(1)
+        m.fit(X, y, epochs=1, batch_size=BATCH, verbose=0)  # builds, compiles, warms
+        torch_parts(tm, opt, xb, yi, 2)
+        ks, ts = [], []
+        for r in range(a.rounds):
+            if r % 2:
+                ts.append(torch_parts(tm, opt, xb, yi, a.reps))
+                ks.append(keras_parts(m, X, y, xb, yb, a.reps))
+            else:
+                ks.append(keras_parts(m, X, y, xb, yb, a.reps))
+                ts.append(torch_parts(tm, opt, xb, yi, a.reps))
+        k = {n: statistics.median(d[n] for d in ks) * 1e3 for n in ks[0]}
+        t = {n: statistics.median(d[n] for d in ts) * 1e3 for n in ts[0]}
+        print(f"\n{name}: (N, T, I) = ({N}, {T}, {dims}), batch {BATCH}; CPU ms per step, "
+              f"median of {a.rounds} rounds")
+        print("  gyre.keras (fit)")
+        for n, v in k.items():
+            print(f"    {n:34s} {v:9.2f}")
+        print("  torch.nn loop")
+        for n, v in t.items():
+            print(f"    {n:34s} {v:9.2f}")
+        print(f"  fit step / torch step: {k['fit step (epoch / steps)'] / t['step']:.3f}x "
+              f"(a full batch; an epoch's partial last batch is not in the torch figure)")
+        results.append({"data": name, "shape": [N, T, dims], "gyre_keras_ms": k, "torch_ms": t})
+    if a.json:
+        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump({"rounds": a.rounds, "reps": a.reps, "threads": 1,
+                       "load_average": os.getloadavg(), "results": results}, f, indent=1)
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
