@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed epochs of every variant first")
     p.add_argument("--max-series", type=int, default=None,
                    help="only the first N training series of each dataset")
-    p.add_argument("--variants", default="gyre.keras,torch.nn,keras",
+    p.add_argument("--variants", default="gyre.keras,torch.nn,keras,gyre.nn",
                    help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--flush-denormal", action="store_true",
                    help="torch.set_flush_denormal(True) for every variant")

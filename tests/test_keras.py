@@ -124,6 +124,26 @@ def test_equal_to_keras(kind, kw):
 
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_common_call_skips_rnn_call(kind, monkeypatch):
+    """The common call (no initial state, not stateful, no dropout, one dtype) does not go
+    through Keras's ``RNN.call`` and returns exactly what it returns, masks included; a call
+    with an initial state is ``RNN.call``'s."""
+    _, g = _pair(kind, return_sequences=True, return_state=True)
+    x, mask = torch.from_numpy(_x()), torch.from_numpy(_masks()["gaps"])
+    rnn_call = keras.layers.RNN.call
+    want = [rnn_call(g, x, mask=m, training=True) for m in (None, mask)]
+    calls = []
+    monkeypatch.setattr(keras.layers.RNN, "call",
+                        lambda self, *a, **k: calls.append(1) or rnn_call(self, *a, **k))
+    for m, w in zip((None, mask), want, strict=True):
+        _assert_same(w, g.call(x, mask=m, training=True))
+    assert not calls
+    states = [torch.zeros(B, H, dtype=torch.float64) for _ in range(2 if kind == "lstm" else 1)]
+    _assert_same(want[0], g.call(x, initial_state=states, training=True))
+    assert calls
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
 def test_initial_state_and_stateful(kind):
     """initial_state as a call argument and in the functional API, and stateful=True (states
     carried across calls and across model.predict's batches, reset_states / reset_state), each
