@@ -10,8 +10,10 @@ Per dataset (a batch of the first 32 training series), each round measures, inte
   ``backward``, ``optimizer.apply``, ``compute_metrics``); ``fit - train_step`` is Keras's loop
   around the step (data slicing and conversion, callbacks, logs). The forward is split further
   by calling the layers one by one: each LSTM's ``__call__`` (Keras's Layer machinery + the
-  layer), its ``call`` (gyre.keras's layer code + engine) and ``engine.run`` alone on the same
-  tensors (gyre's engine; the difference to ``call`` is gyre.keras's own Python around it).
+  layer), its ``call`` (gyre.keras's layer code + engine), the same through Keras's
+  ``RNN.call`` (the path gyre's ``call`` takes only for initial states, stateful layers,
+  dropout or mixed dtypes) and ``engine.run`` alone on the same tensors (gyre's engine; the
+  difference to ``call`` is gyre.keras's own Python around it).
 * the torch loop (benchmarks/keras_fit.py's ``torch.nn`` variant): each LSTM's forward, the
   head, the loss, ``backward``, ``opt.step`` and its ``.item()`` bookkeeping.
 
@@ -51,11 +53,13 @@ def _med(fn, reps: int) -> float:
 
 
 def keras_parts(m, X, y, xb, yb, reps: int) -> dict[str, float]:
+    import keras
+
     from gyre import engine
     out = {}
     steps = max(1, len(X) // BATCH)
 
-    class T(__import__("keras").callbacks.Callback):
+    class T(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = clock()
 
@@ -100,6 +104,8 @@ def keras_parts(m, X, y, xb, yb, reps: int) -> dict[str, float]:
         hx = tuple(s.unsqueeze(0) for s in z)
         out[f"{name} fwd: Layer.__call__"] = _med(lambda: layer(inp, training=True), reps)  # noqa: B023
         out[f"{name} fwd: gyre call"] = _med(lambda: layer.call(inp, training=True), reps)  # noqa: B023
+        out[f"{name} fwd: via Keras's RNN.call"] = _med(  # what gyre's call skips
+            lambda: keras.layers.RNN.call(layer, inp, training=True), reps)  # noqa: B023
         out[f"{name} fwd: engine.run"] = _med(lambda: engine.run(  # noqa: B023
             layer.gyre_cell, [[layer._gyre_params()]], xt, hx, training=True), reps)  # noqa: B023
     out["dense fwd: Layer.__call__"] = _med(lambda: dense(h2, training=True), reps)
