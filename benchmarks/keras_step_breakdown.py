@@ -9,11 +9,12 @@ Per dataset (a batch of the first 32 training series), each round measures, inte
   (``model(x, training=True)``, ``zero_grad``, ``_compute_loss`` with the loss tracker,
   ``backward``, ``optimizer.apply``, ``compute_metrics``); ``fit - train_step`` is Keras's loop
   around the step (data slicing and conversion, callbacks, logs). The forward is split further
-  by calling the layers one by one: each LSTM's ``__call__`` (Keras's Layer machinery + the
-  layer), its ``call`` (gyre.keras's layer code + engine), the same through Keras's
-  ``RNN.call`` (the path gyre's ``call`` takes only for initial states, stateful layers,
-  dropout or mixed dtypes) and ``engine.run`` alone on the same tensors (gyre's engine; the
-  difference to ``call`` is gyre.keras's own Python around it).
+  by calling each LSTM four ways on the same tensors, interleaved call by call
+  (``--layer-reps``), each reported as the median of its paired difference to ``engine.run``
+  alone (gyre's engine): its ``call`` (the difference is gyre.keras's own Python around the
+  engine), the same through Keras's ``RNN.call`` (the path gyre's ``call`` now takes only for
+  initial states, stateful layers, dropout or mixed dtypes) and ``__call__`` (Keras's Layer
+  machinery on top).
 * the torch loop (benchmarks/keras_fit.py's ``torch.nn`` variant): each LSTM's forward, the
   head, the loss, ``backward``, ``opt.step`` and its ``.item()`` bookkeeping.
 
@@ -21,7 +22,8 @@ Each figure is the median over rounds of the median of ``--reps`` calls; the par
 column need not add to its total exactly (each is timed on its own).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/keras_step_breakdown.py \
-        [--data japanese_vowels,gunpoint] [--rounds 3] [--reps 5] [--flush-denormal] [--json PATH]
+        [--data japanese_vowels,gunpoint] [--rounds 3] [--reps 5] [--layer-reps 40] \
+        [--flush-denormal] [--json PATH]
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _med(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def keras_parts(m, X, y, xb, yb, reps: int) -> dict[str, float]:
+def keras_parts(m, X, y, xb, yb, reps: int, layer_reps: int) -> dict[str, float]:
     import keras
 
     from gyre import engine
@@ -98,16 +100,28 @@ def keras_parts(m, X, y, xb, yb, reps: int) -> dict[str, float]:
     l1, l2, dense = m.layers
     h1 = l1(xb, training=True)
     h2 = l2(h1, training=True)
-    for name, layer, inp in (("lstm1", l1, xb), ("lstm2", l2, h1)):
+    for name, layer, inp in (("lstm1", l1, xb), ("lstm2", l2, h1.detach())):
         z = [inp.new_zeros(inp.shape[0], layer.units) for _ in range(2)]
         xt = inp.transpose(0, 1)
         hx = tuple(s.unsqueeze(0) for s in z)
-        out[f"{name} fwd: Layer.__call__"] = _med(lambda: layer(inp, training=True), reps)  # noqa: B023
-        out[f"{name} fwd: gyre call"] = _med(lambda: layer.call(inp, training=True), reps)  # noqa: B023
-        out[f"{name} fwd: via Keras's RNN.call"] = _med(  # what gyre's call skips
-            lambda: keras.layers.RNN.call(layer, inp, training=True), reps)  # noqa: B023
-        out[f"{name} fwd: engine.run"] = _med(lambda: engine.run(  # noqa: B023
-            layer.gyre_cell, [[layer._gyre_params()]], xt, hx, training=True), reps)  # noqa: B023
+        fns = {  # each LSTM's forward, four ways, interleaved call by call
+            "engine.run": lambda: engine.run(  # noqa: B023
+                layer.gyre_cell, [[layer._gyre_params()]], xt, hx, training=True),  # noqa: B023
+            "gyre call": lambda: layer.call(inp, training=True),  # noqa: B023
+            "via Keras's RNN.call": lambda: keras.layers.RNN.call(  # what gyre's call skips
+                layer, inp, training=True),  # noqa: B023
+            "Layer.__call__": lambda: layer(inp, training=True),  # noqa: B023
+        }
+        ts = {k: [] for k in fns}
+        for r in range(layer_reps):
+            for k, f in (list(fns.items()) if r % 2 else list(fns.items())[::-1]):
+                t0 = clock()
+                f()
+                ts[k].append(clock() - t0)
+        out[f"{name} fwd: engine.run"] = statistics.median(ts["engine.run"])
+        for k in list(fns)[1:]:  # paired: each call against the engine.run beside it
+            out[f"{name} fwd: {k} - engine.run"] = statistics.median(
+                a - b for a, b in zip(ts[k], ts["engine.run"], strict=True))
     out["dense fwd: Layer.__call__"] = _med(lambda: dense(h2, training=True), reps)
     return out
 
@@ -145,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="japanese_vowels")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--layer-reps", type=int, default=40,
+                   help="interleaved calls per round for each LSTM's forward, four ways")
     p.add_argument("--flush-denormal", action="store_true",
                    help="torch.set_flush_denormal(True) (see benchmarks/keras_fit.py)")
     p.add_argument("--json", default="benchmarks/results/keras_step_breakdown.json")
@@ -170,9 +186,9 @@ def main(argv=None) -> int:
         for r in range(a.rounds):
             if r % 2:
                 ts.append(torch_parts(tm, opt, xb, yi, a.reps))
-                ks.append(keras_parts(m, X, y, xb, yb, a.reps))
+                ks.append(keras_parts(m, X, y, xb, yb, a.reps, a.layer_reps))
             else:
-                ks.append(keras_parts(m, X, y, xb, yb, a.reps))
+                ks.append(keras_parts(m, X, y, xb, yb, a.reps, a.layer_reps))
                 ts.append(torch_parts(tm, opt, xb, yi, a.reps))
         k = {n: statistics.median(d[n] for d in ks) * 1e3 for n in ks[0]}
         t = {n: statistics.median(d[n] for d in ts) * 1e3 for n in ts[0]}
@@ -189,7 +205,7 @@ def main(argv=None) -> int:
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
         with open(a.json, "w") as f:
-            json.dump({"rounds": a.rounds, "reps": a.reps, "threads": 1,
+            json.dump({"rounds": a.rounds, "reps": a.reps, "layer_reps": a.layer_reps, "threads": 1,
                        "flush_denormal": a.flush_denormal,
                        "load_average": os.getloadavg(), "results": results}, f, indent=1)
         print(f"wrote {a.json}")
