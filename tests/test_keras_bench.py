@@ -1,0 +1,60 @@
+"""benchmarks/keras_fit.py and benchmarks/keras_step_breakdown.py run (the quiet-machine
+commands of BENCHMARKS.md's issue 17 section) and write what they report; no timing is checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+pytest.importorskip("keras")
+pytest.importorskip("aeon")
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_keras_fit_writes_every_round(tmp_path):
+    out = tmp_path / "fit.json"
+    variants = ["gyre.keras", "torch.nn", "keras", "gyre.nn"]
+    assert _load("keras_fit").main(
+        ["--data", "italy_power_demand", "--rounds", "2", "--warmup", "0", "--max-series", "8",
+         "--variants", ",".join(variants), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["results"][0]
+    assert res["data"] == "italy_power_demand" and res["shape"] == [8, 24, 1]
+    assert res["steps_per_epoch"] == 1
+    for v in variants:
+        assert len(res["cpu_s"][v]) == len(res["wall_s"][v]) == 2
+        assert all(t > 0 for t in res["cpu_s"][v] + res["wall_s"][v])
+    assert set(res["ratios_cpu"]) == {"gyre.keras / torch.nn", "keras / gyre.keras",
+                                      "gyre.nn / torch.nn", "gyre.keras / gyre.nn"}
+
+
+def test_keras_fit_rejects_unknown_variant(capsys):
+    with pytest.raises(SystemExit):
+        _load("keras_fit").main(["--variants", "gyre.keras,tf", "--json", ""])
+    assert "--variants: got ['tf']" in capsys.readouterr().err
+
+
+def test_keras_step_breakdown_writes_every_part(tmp_path):
+    out = tmp_path / "parts.json"
+    assert _load("keras_step_breakdown").main(
+        ["--data", "italy_power_demand", "--rounds", "1", "--reps", "1", "--layer-reps", "2",
+         "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["results"][0]
+    k, t = res["gyre_keras_ms"], res["torch_ms"]
+    for part in ("fit step (epoch / steps)", "forward", "backward", "optimizer", "train_step",
+                 "lstm1 fwd: engine.run", "lstm2 fwd: via Keras's RNN.call - engine.run"):
+        assert part in k
+    assert k["train_step"] > 0 and k["forward"] > 0
+    assert t["step"] > 0 and set(t) >= {"lstm1 fwd", "backward", ".item() bookkeeping"}
