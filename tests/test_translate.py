@@ -53,3 +53,17 @@ def test_beam_one_equals_greedy_and_cli_translates(run, capsys):
 def test_translate_beats_copy_source(run):
     _, m = run
     assert m["test"]["chrf"] > m["baselines"]["copy_source"]["chrf"]
+
+
+def test_bucket_order_is_a_permutation_of_batches_of_similar_length():
+    import torch
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 60, (1003,))
+    perm = torch.randperm(1003, generator=g)
+    order = T.bucket_order(perm, lengths, 16, g, pool=8)
+    assert sorted(order.tolist()) == list(range(1003))
+    batches = order[:992].view(-1, 16)
+    # each pool of 8 batches is sorted, so a batch's spread is far below the data's
+    spread = (lengths[batches].max(1).values - lengths[batches].min(1).values).float().mean()
+    assert spread < 12 < float(lengths.max() - lengths.min())
+    assert set(order[992:].tolist()) <= set(perm[-(1003 % 128):].tolist())  # the short batch last
