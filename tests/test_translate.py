@@ -67,3 +67,22 @@ def test_bucket_order_is_a_permutation_of_batches_of_similar_length():
     spread = (lengths[batches].max(1).values - lengths[batches].min(1).values).float().mean()
     assert spread < 12 < float(lengths.max() - lengths.min())
     assert set(order[992:].tolist()) <= set(perm[-(1003 % 128):].tolist())  # the short batch last
+
+
+@pytest.mark.parametrize("cell,attention", [("lstm", "luong"), ("mingru", "bahdanau")])
+def test_other_cells_train_decode_and_reload(tmp_path, cell, attention):
+    """A cell with a tuple state (LSTM) and a parallel-scan cell (minGRU), each through a brief
+    run, beam search and the reloaded run."""
+    p = td.load_pairs("gettext_fr")
+    path = tmp_path / "pairs.tsv"
+    path.write_text("\n".join(f"{a}\t{b}" for a, b in p.train[:100]))
+    m = T.train(T.Config(data=str(path), out=str(tmp_path / "run"), cell=cell,
+                         attention=attention, epochs=1, hidden=16, embed=16, vocab_size=400,
+                         beam=2, progress=False, tensorboard=False, device="cpu"))
+    assert set(m["by_beam"]) == {"1", "2"} and cell in m["model"]
+    config, model, src_tok, _ = T.load_run(tmp_path / "run")
+    assert config.cell == cell and model.decoder.cell.name == cell
+    ids = src_tok.encode("Open the file")
+    assert T.beam_search(model, ids, beam=1) == T.greedy(model, ids)[0]
+    assert T.translate(tmp_path / "run", ["Open the file"], beam=2)[0] == \
+        src_tok.decode(T.beam_search(model, ids, beam=2))
