@@ -46,26 +46,30 @@ class Config(base.TaskConfig):
         beam: the beam width of the reported test score (1 is greedy decoding).
         length_penalty: alpha in the ranking of beam hypotheses by log-probability / length**alpha.
         max_tokens: the longest source the model takes (a longer one is an error).
+        bucket: batches of pairs of similar length (:func:`bucket_order`), which cuts the
+            padding the encoder and the decoder loop run over.
     """
 
     data: str = "gettext_fr"
     attention: str = "bahdanau"
     tokenizer: str = "sentencepiece"
-    vocab_size: int = 2000
+    vocab_size: int = 1000
     embed: int = 128
     cell: str = "gru"
     hidden: int = 128
     bidirectional: bool = True
-    epochs: int = 3
+    epochs: int = 8
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 3e-3
+    scheduler: str = "onecycle"
     val_fraction: float = 0.0
-    dropout: float = 0.2
+    dropout: float = 0.1
     beam: int = 5
     length_penalty: float = 1.0
     max_tokens: int = 200
     shared_vocab: bool = True
     copy: bool = True
+    bucket: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -273,9 +277,37 @@ def collate(items) -> dict[str, Tensor]:
     return {"x": torch.stack([s, dec], 1), "lengths": lengths, "y": y}
 
 
+def bucket_order(perm: Tensor, lengths: Tensor, batch_size: int, generator: torch.Generator,
+                 pool: int = 50) -> Tensor:
+    """``perm`` regrouped so that each batch holds pairs of similar length (less padding, and
+    the decoder loop runs only as long as the batch's longest target): every ``pool`` batches
+    of the shuffled order are sorted by length and cut into batches, and the full batches are
+    shuffled; the one short batch, if any, stays last (batch ``b`` is ``[b * batch_size,
+    (b + 1) * batch_size)`` of the order)."""
+    chunks = []
+    for c in perm.split(batch_size * pool):
+        chunks.append(c[torch.sort(lengths[c], stable=True).indices])
+    order = torch.cat(chunks)
+    full = len(order) // batch_size
+    blocks = order[:full * batch_size].view(full, batch_size)
+    blocks = blocks[torch.randperm(full, generator=generator)]
+    return torch.cat([blocks.reshape(-1), order[full * batch_size:]])
+
+
 class PairTrainer(Trainer):
     """The Trainer, scoring validation batch by batch (targets differ in length per batch):
-    ``loss`` is the mean cross-entropy per target token, teacher-forced."""
+    ``loss`` is the mean cross-entropy per target token, teacher-forced. With ``lengths`` (one
+    per training pair) each epoch's batches are bucketed by length (:func:`bucket_order`)."""
+
+    def __init__(self, *args, lengths: Tensor | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lengths = lengths
+
+    def _epoch_order(self, n: int) -> Tensor:
+        perm = super()._epoch_order(n)
+        if self.lengths is None or not self.config.shuffle:
+            return perm
+        return bucket_order(perm, self.lengths, self.config.batch_size, self._loader_gen)
 
     @torch.no_grad()
     def evaluate(self, data) -> dict[str, float]:
@@ -482,9 +514,12 @@ def train(config: Config, *, resume: bool = False) -> dict:
     model = build_model(config, src_tok.vocab_size, tgt_tok.vocab_size)
     extra = {"src_tokenizer": src_tok.state(), "tgt_tokenizer": tgt_tok.state(),
              "src_vocab": src_tok.vocab_size, "tgt_vocab": tgt_tok.vocab_size}
+    lengths = torch.tensor([max(len(a), len(b) + 1) for a, b in zip(train_ds.src, train_ds.tgt,
+                                                                    strict=True)])
     trainer = PairTrainer(model, loss_fn, config.train_config(progress=config.progress),
-                      collate=collate, out_dir=out, extra=extra,
-                      callback=base.config_writer(config, out))
+                          collate=collate, out_dir=out, extra=extra,
+                          callback=base.config_writer(config, out),
+                          lengths=lengths if config.bucket else None)
     start = time.perf_counter()
     result = trainer.fit(train_ds, val_ds if len(val_ds) else None, resume=resume)
     seconds = time.perf_counter() - start
