@@ -230,3 +230,53 @@ def test_text_tasks_train_other_cells(task, cell, tmp_path):
     assert base.load_config(mod.Config, out / "config.toml").cell == cell
     assert m["test"]["bits_per_char"] < m["baselines"]["unigram"]["bits_per_char"] - 0.3
     assert mod.evaluate(out)["test"] == pytest.approx(m["test"], rel=1e-6)
+
+
+class _FixedNext(torch.nn.Module):
+    """A model whose next-token log-probabilities are ``table[previous token]`` (one row for
+    every input, or a single row for all): no state, so any cut into tracks scores alike."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids, state=None, *, lengths=None):
+        rows = self.table[0].expand(*ids.shape, -1) if len(self.table) == 1 else self.table[ids]
+        return rows, state
+
+
+def test_bits_per_char_is_all_tokens_nats_over_the_original_characters():
+    """By hand: "to be or not" is 7 word tokens and 12 characters; with p(" ") = 1/2 and 1/8 for
+    each word, -log2 p of the text is 3*1 + 4*3 = 15 bits: 15/12 = 1.25 bits per character and
+    a per-token perplexity of 2^(15/7), whatever the tracks and chunks. Then a sentencepiece
+    stream under a bigram table: the sum over every piece (the first after BOS), divided by
+    ln 2 and by the text's characters, not its pieces."""
+    tok = text.WordTokenizer.fit(["to be or not"])
+    ids = tok.encode("to be or not")
+    assert len(ids) == 7 and tok.decode(ids) == "to be or not"
+    logp = torch.full((tok.vocab_size,), -1e9)
+    for w, p in ((" ", 1 / 2), ("to", 1 / 8), ("be", 1 / 8), ("or", 1 / 8), ("not", 1 / 8)):
+        logp[tok.index[w]] = math.log(p)
+    model = _FixedNext(logp[None])
+    for tracks, chunk in ((1, 256), (2, 1), (3, 2), (7, 3)):
+        s = lm.Stream(ids, tracks, 12)
+        nats = lm.stream_nats(model, s, chunk=chunk)
+        assert nats / math.log(2) == pytest.approx(15, rel=1e-6), (tracks, chunk)
+        got = lm.stream_metrics(nats, s.tokens, s.chars)
+        assert got["bits_per_char"] == pytest.approx(1.25, rel=1e-6)
+        assert got["perplexity"] == pytest.approx(2 ** (15 / 7), rel=1e-6)
+
+    play = td.shakespeare_plays()["macbeth"]
+    fit, held = play[:30000], play[30000:32000]
+    sp = text.fit_tokenizer("sentencepiece", [fit], vocab_size=600)
+    ids = sp.encode(held)
+    assert sp.decode(ids) == held and len(ids) < len(held) and text.UNK not in ids
+    g = torch.Generator().manual_seed(0)
+    table = torch.log_softmax(torch.randn(sp.vocab_size, sp.vocab_size, generator=g), -1)
+    by_hand = -sum(float(table[a, b]) for a, b in zip([text.BOS] + ids[:-1], ids, strict=True))
+    for tracks in (1, 5):
+        s = lm.Stream(ids, tracks, len(held))
+        nats = lm.stream_nats(_FixedNext(table), s, chunk=64)
+        assert nats == pytest.approx(by_hand, rel=1e-5)
+        bpc = lm.stream_metrics(nats, s.tokens, s.chars)["bits_per_char"]
+        assert bpc == pytest.approx(by_hand / math.log(2) / len(held), rel=1e-5)
