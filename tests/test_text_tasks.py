@@ -280,3 +280,27 @@ def test_bits_per_char_is_all_tokens_nats_over_the_original_characters():
         assert nats == pytest.approx(by_hand, rel=1e-5)
         bpc = lm.stream_metrics(nats, s.tokens, s.chars)["bits_per_char"]
         assert bpc == pytest.approx(by_hand / math.log(2) / len(held), rel=1e-5)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_sentiment_ensemble_averages_its_members_and_trains_each(n_classes):
+    """Evaluation: the mean of the members' logits (two classes) or the log of their mean
+    class probabilities; training: the loss is the mean of the members' own losses."""
+    cfg = sentiment.Config(embed=8, hidden=8, ensemble=3, progress=False)
+    model = sentiment.build_model(cfg, 50, n_classes)
+    ids, lengths = text.pad_batch([[5, 6, 7], [8, 9], [10, 11, 12, 13]])
+    y = torch.tensor([1, 0, n_classes - 1])
+    model.eval()
+    each = [m(ids, lengths=lengths)[0] for m in model.members]
+    got, _ = model(ids, lengths=lengths)
+    if n_classes == 2:
+        want = torch.stack(each).mean(0)
+    else:
+        want = torch.stack([torch.softmax(z, -1) for z in each]).mean(0).log()
+    torch.testing.assert_close(got, want)
+    model.train()
+    torch.manual_seed(0)
+    loss = sentiment.loss_fn(model(ids, lengths=lengths)[0], y)
+    torch.manual_seed(0)
+    own = [sentiment.loss_fn(m(ids, lengths=lengths)[0], y) for m in model.members]
+    torch.testing.assert_close(loss, torch.stack(own).mean())
