@@ -283,9 +283,10 @@ def train(config: Config, *, resume: bool = False) -> dict:
     model = build_model(config, tok.vocab_size, len(data.classes))
     extra = {"classes": list(data.classes), "tokenizer": tok.state(),
              "vocab_size": tok.vocab_size}
+    clock, epoch_times = base.epoch_clock(base.config_writer(config, out))
     tc = config.train_config(progress=config.progress)
     trainer = Trainer(model, loss_fn, tc, collate=collate, metrics=accuracy, out_dir=out,
-                      extra=extra, callback=base.config_writer(config, out))
+                      extra=extra, callback=clock)
     start = time.perf_counter()
     result = trainer.fit(train_ds, val_ds if len(val_ds) else None, resume=resume)
     seconds = time.perf_counter() - start
@@ -300,6 +301,7 @@ def train(config: Config, *, resume: bool = False) -> dict:
         "test": test, "baselines": baselines(data, data.y_train[tr], fit_texts),
         "train": {"epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
                   "stopped_early": result["stopped_early"], "seconds": round(seconds, 2),
+                  "epoch_times": epoch_times,
                   "n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds),
                   "vocab_size": tok.vocab_size,
                   "parameters": sum(p.numel() for p in model.parameters())},
