@@ -61,19 +61,19 @@ class Config(base.TaskConfig):
     """
 
     data: str = "shakespeare"
-    tokenizer: str = "char"
-    vocab_size: int = 4000
-    embed: int = 64
+    tokenizer: str = "sentencepiece"
+    vocab_size: int = 2000
+    embed: int = 256
     tie: bool = True
     embed_dropout: float = 0.0
-    hidden: int = 256
+    hidden: int = 512
     layers: int = 1
     epochs: int = 2
     batch_size: int = 64
     lr: float = 3e-3
-    tbptt: int = 100
+    tbptt: int = 50
     clip_norm: float = 1.0
-    scheduler: str = "cosine"
+    scheduler: str = "onecycle"
     val_fraction: float = 0.0
     ngram_order: int = 5
     eval_tracks: int = 16
