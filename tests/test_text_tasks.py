@@ -84,8 +84,8 @@ def play_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lm_run(play_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("lmrun") / "run"
-    m = lm.train(lm.Config(data=str(play_file), out=str(out), epochs=2, hidden=64, embed=32,
-                           batch_size=16, tbptt=50, lr=1e-2, **QUICK))
+    m = lm.train(lm.Config(data=str(play_file), out=str(out), tokenizer="char", epochs=2,
+                           hidden=64, embed=32, batch_size=16, tbptt=50, lr=1e-2, **QUICK))
     return out, m
 
 
@@ -170,8 +170,8 @@ def _tiny_run(task, tmp_path):
         path = tmp_path / "play.txt"
         path.write_text(td.shakespeare_plays()["macbeth"][:20000])
         # a schedule set per epoch: a run stopped after epoch 1 of 2 had the same rates so far
-        return lm, dict(data=str(path), hidden=64, embed=32, batch_size=16, tbptt=50, lr=1e-2,
-                        ngram_order=2, scheduler="cosine")
+        return lm, dict(data=str(path), tokenizer="char", hidden=64, embed=32, batch_size=16,
+                        tbptt=50, lr=1e-2, ngram_order=2, scheduler="cosine")
     from gyre.tasks import translate
     path = tmp_path / "pairs.tsv"
     path.write_text("\n".join(f"{a}\t{b}" for a, b in td.load_pairs("gettext_fr").train[::250]))
