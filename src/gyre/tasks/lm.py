@@ -58,6 +58,10 @@ class Config(base.TaskConfig):
         ngram_order: order of the Kneser-Ney character baseline (0 = skip it).
         eval_tracks: tracks a validation/test split is scored in (each starts from a zero
             state, then carries it).
+
+    The defaults (sentencepiece 2000 pieces, LSTM 1x512, tied 256-wide embedding, tbptt 50,
+    onecycle, 2 epochs) were compared with the character LSTM on the validation plays
+    (RESULTS.md "Text, third day"); about 4 minutes of one core an epoch.
     """
 
     data: str = "shakespeare"
