@@ -84,8 +84,8 @@ def play_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lm_run(play_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("lmrun") / "run"
-    m = lm.train(lm.Config(data=str(play_file), out=str(out), epochs=2, hidden=64, embed=32,
-                           batch_size=16, tbptt=50, lr=1e-2, **QUICK))
+    m = lm.train(lm.Config(data=str(play_file), out=str(out), tokenizer="char", epochs=2,
+                           hidden=64, embed=32, batch_size=16, tbptt=50, lr=1e-2, **QUICK))
     return out, m
 
 
@@ -169,8 +169,9 @@ def _tiny_run(task, tmp_path):
     if task == "lm":
         path = tmp_path / "play.txt"
         path.write_text(td.shakespeare_plays()["macbeth"][:20000])
-        return lm, dict(data=str(path), hidden=64, embed=32, batch_size=16, tbptt=50, lr=1e-2,
-                        ngram_order=2)
+        # a schedule set per epoch: a run stopped after epoch 1 of 2 had the same rates so far
+        return lm, dict(data=str(path), tokenizer="char", hidden=64, embed=32, batch_size=16,
+                        tbptt=50, lr=1e-2, ngram_order=2, scheduler="cosine")
     from gyre.tasks import translate
     path = tmp_path / "pairs.tsv"
     path.write_text("\n".join(f"{a}\t{b}" for a, b in td.load_pairs("gettext_fr").train[::250]))
@@ -232,3 +233,89 @@ def test_text_tasks_train_other_cells(task, cell, tmp_path):
     assert base.load_config(mod.Config, out / "config.toml").cell == cell
     assert m["test"]["bits_per_char"] < m["baselines"]["unigram"]["bits_per_char"] - 0.3
     assert mod.evaluate(out)["test"] == pytest.approx(m["test"], rel=1e-6)
+
+
+class _FixedNext(torch.nn.Module):
+    """A model whose next-token log-probabilities are ``table[previous token]`` (one row for
+    every input, or a single row for all): no state, so any cut into tracks scores alike."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids, state=None, *, lengths=None):
+        rows = self.table[0].expand(*ids.shape, -1) if len(self.table) == 1 else self.table[ids]
+        return rows, state
+
+
+def test_bits_per_char_is_all_tokens_nats_over_the_original_characters():
+    """By hand: "to be or not" is 7 word tokens and 12 characters; with p(" ") = 1/2 and 1/8 for
+    each word, -log2 p of the text is 3*1 + 4*3 = 15 bits: 15/12 = 1.25 bits per character and
+    a per-token perplexity of 2^(15/7), whatever the tracks and chunks. Then a sentencepiece
+    stream under a bigram table: the sum over every piece (the first after BOS), divided by
+    ln 2 and by the text's characters, not its pieces."""
+    tok = text.WordTokenizer.fit(["to be or not"])
+    ids = tok.encode("to be or not")
+    assert len(ids) == 7 and tok.decode(ids) == "to be or not"
+    logp = torch.full((tok.vocab_size,), -1e9)
+    for w, p in ((" ", 1 / 2), ("to", 1 / 8), ("be", 1 / 8), ("or", 1 / 8), ("not", 1 / 8)):
+        logp[tok.index[w]] = math.log(p)
+    model = _FixedNext(logp[None])
+    for tracks, chunk in ((1, 256), (2, 1), (3, 2), (7, 3)):
+        s = lm.Stream(ids, tracks, 12)
+        nats = lm.stream_nats(model, s, chunk=chunk)
+        assert nats / math.log(2) == pytest.approx(15, rel=1e-6), (tracks, chunk)
+        got = lm.stream_metrics(nats, s.tokens, s.chars)
+        assert got["bits_per_char"] == pytest.approx(1.25, rel=1e-6)
+        assert got["perplexity"] == pytest.approx(2 ** (15 / 7), rel=1e-6)
+
+    play = td.shakespeare_plays()["macbeth"]
+    fit, held = play[:30000], play[30000:32000]
+    sp = text.fit_tokenizer("sentencepiece", [fit], vocab_size=600)
+    ids = sp.encode(held)
+    assert sp.decode(ids) == held and len(ids) < len(held) and text.UNK not in ids
+    g = torch.Generator().manual_seed(0)
+    table = torch.log_softmax(torch.randn(sp.vocab_size, sp.vocab_size, generator=g), -1)
+    by_hand = -sum(float(table[a, b]) for a, b in zip([text.BOS] + ids[:-1], ids, strict=True))
+    for tracks in (1, 5):
+        s = lm.Stream(ids, tracks, len(held))
+        nats = lm.stream_nats(_FixedNext(table), s, chunk=64)
+        assert nats == pytest.approx(by_hand, rel=1e-5)
+        bpc = lm.stream_metrics(nats, s.tokens, s.chars)["bits_per_char"]
+        assert bpc == pytest.approx(by_hand / math.log(2) / len(held), rel=1e-5)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_sentiment_ensemble_averages_its_members_and_trains_each(n_classes):
+    """Evaluation: the mean of the members' logits (two classes) or the log of their mean
+    class probabilities; training: the loss is the mean of the members' own losses."""
+    cfg = sentiment.Config(embed=8, hidden=8, ensemble=3, progress=False)
+    model = sentiment.build_model(cfg, 50, n_classes)
+    ids, lengths = text.pad_batch([[5, 6, 7], [8, 9], [10, 11, 12, 13]])
+    y = torch.tensor([1, 0, n_classes - 1])
+    model.eval()
+    each = [m(ids, lengths=lengths)[0] for m in model.members]
+    got, _ = model(ids, lengths=lengths)
+    if n_classes == 2:
+        want = torch.stack(each).mean(0)
+    else:
+        want = torch.stack([torch.softmax(z, -1) for z in each]).mean(0).log()
+    torch.testing.assert_close(got, want)
+    model.train()
+    torch.manual_seed(0)
+    loss = sentiment.loss_fn(model(ids, lengths=lengths)[0], y)
+    torch.manual_seed(0)
+    own = [sentiment.loss_fn(m(ids, lengths=lengths)[0], y) for m in model.members]
+    torch.testing.assert_close(loss, torch.stack(own).mean())
+
+
+def test_sentiment_with_a_cell_torch_has_no_module_for_beats_majority(tmp_path):
+    """--cell reaches sentiment: a bidirectional minGRU, briefly trained on fine_food, beats
+    the majority class and reloads to the same score."""
+    out = tmp_path / "run"
+    m = sentiment.train(sentiment.Config(out=str(out), cell="mingru", epochs=3, hidden=24,
+                                         embed=24, vocab_size=800, max_tokens=48, batch_size=64,
+                                         lr=5e-3, head_dropout=0.2, embed_dropout=0.1, **QUICK))
+    assert base.load_config(sentiment.Config, out / "config.toml").cell == "mingru"
+    assert m["test"]["accuracy"] > m["baselines"]["majority"]["accuracy"] + 0.03
+    assert sentiment.evaluate(out)["test"] == pytest.approx(m["test"], abs=1e-9)

@@ -277,6 +277,29 @@ def config_writer(config, out: str | os.PathLike):
     return write
 
 
+def epoch_clock(callback=None):
+    """``(callback, times)``: a Trainer callback that calls ``callback`` and appends, at the end
+    of every epoch (its validation included), ``{"epoch", "cpu_s", "wall_s"}`` to ``times``:
+    this process's CPU time (``time.process_time``, the figure a shared machine distorts
+    least) and the wall time since the previous epoch ended or training started."""
+    import time
+    times: list[dict] = []
+    last = [0.0, 0.0]
+
+    def f(trainer, event, info):
+        if callback is not None:
+            callback(trainer, event, info)
+        if event == "start":
+            last[:] = time.process_time(), time.perf_counter()
+        elif event == "epoch":
+            now = time.process_time(), time.perf_counter()
+            times.append({"epoch": info["epoch"], "cpu_s": round(now[0] - last[0], 2),
+                          "wall_s": round(now[1] - last[1], 2)})
+            last[:] = now
+
+    return f, times
+
+
 def is_main_process() -> bool:
     """False on every process but rank 0 of a distributed run (only rank 0 writes files)."""
     from ..train import distributed

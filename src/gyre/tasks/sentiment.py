@@ -7,6 +7,8 @@ Follows the task contract in :mod:`gyre.tasks`. Data: :func:`gyre.data.text.load
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from ..nn import Recurrent
 from ..nn.heads import SequencePool, head_parts
 from ..train import CHECKPOINT, Trainer, load_checkpoint, seed_everything
 from . import base
-from .classify import set_forget_bias
+from .classify import Ensemble, set_forget_bias
 
 TASK = "sentiment"
 
@@ -44,6 +46,10 @@ class Config(base.TaskConfig):
         truncate: keep the first ``max_tokens`` tokens of a longer text (default); off makes a
             longer text an error naming it.
         head, head_dropout, forget_bias: as classify.
+        ensemble: train this many copies of the model side by side (each its own
+            initialisation, the same batches; the best epoch is the ensemble's): the output is
+            the mean of the members' logits for two classes, of their class probabilities
+            (as log-probabilities) for more.
 
     The defaults were chosen on the validation share of fine_food's training split (four
     recipes compared, RESULTS.md "Text"); the epoch with the lowest validation loss is kept.
@@ -68,6 +74,7 @@ class Config(base.TaskConfig):
     head: str = "max+mean"
     head_dropout: float = 0.5
     forget_bias: float = 1.0
+    ensemble: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,7 +82,7 @@ class Config(base.TaskConfig):
         if self.tokenizer not in gtext.TOKENIZERS:
             raise ValueError(f"tokenizer: got {self.tokenizer!r}, expected one of "
                              f"{', '.join(gtext.TOKENIZERS)}")
-        for name, low in (("vocab_size", 16), ("embed", 1), ("max_tokens", 1)):
+        for name, low in (("vocab_size", 16), ("embed", 1), ("max_tokens", 1), ("ensemble", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= {low}")
         for name in ("embed_dropout", "head_dropout"):
@@ -127,7 +134,30 @@ class TextClassifier(nn.Module):
         return 1 if self.pool.parts == ["last"] else None
 
 
+class TextEnsemble(Ensemble):
+    """:class:`gyre.tasks.classify.Ensemble` of :class:`TextClassifier` members: in training
+    every member's logits, ``(B, n, 1)`` for two classes or ``(B, n, K)``; in evaluation the
+    mean of their logits ``(B,)`` (two classes) or the log of their mean class probabilities
+    ``(B, K)``."""
+
+    def forward(self, ids: Tensor, state=None, *, lengths: Tensor | None = None):
+        z = torch.stack([m(ids, lengths=lengths)[0] for m in self.members], 1)
+        if self.training:
+            return (z[..., None] if z.dim() == 2 else z), None
+        if z.dim() == 2:
+            return z.mean(1), None
+        return torch.logsumexp(torch.log_softmax(z, -1), 1) - math.log(z.shape[1]), None
+
+
 def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
+    """Binary cross-entropy of ``(B,)`` logits, cross-entropy of ``(B, K)``; an ensemble's
+    training output ``(B, n, 1)`` (binary) or ``(B, n, K)`` is the mean of its members'."""
+    if logits.dim() == 3 and logits.shape[2] == 1:
+        return nn.functional.binary_cross_entropy_with_logits(
+            logits[..., 0], y.float()[:, None].expand(-1, logits.shape[1]))
+    if logits.dim() == 3:
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[2]),
+                                           y.repeat_interleave(logits.shape[1]))
     if logits.dim() == 1:
         return nn.functional.binary_cross_entropy_with_logits(logits, y.float())
     return nn.functional.cross_entropy(logits, y)
@@ -195,7 +225,11 @@ def encode(tok: gtext.Tokenizer, texts: list[str], max_tokens: int, truncate: bo
     return out
 
 
-def build_model(config: Config, vocab_size: int, n_classes: int) -> TextClassifier:
+def build_model(config: Config, vocab_size: int, n_classes: int) -> TextClassifier | TextEnsemble:
+    if config.ensemble > 1:
+        one = dataclasses.replace(config, ensemble=1)
+        return TextEnsemble([build_model(one, vocab_size, n_classes)
+                             for _ in range(config.ensemble)])
     return TextClassifier(vocab_size, n_classes, config.cell, config.embed, config.hidden,
                           config.layers, config.bidirectional, config.dropout, config.head,
                           config.head_dropout, config.embed_dropout, config.forget_bias)
@@ -203,7 +237,8 @@ def build_model(config: Config, vocab_size: int, n_classes: int) -> TextClassifi
 
 def describe(config: Config) -> str:
     return (f"{config.tokenizer} {'bi' if config.bidirectional else ''}{config.cell} "
-            f"{config.layers}x{config.hidden} ({config.head} head)")
+            f"{config.layers}x{config.hidden} ({config.head} head"
+            f"{f', ensemble of {config.ensemble}' if config.ensemble > 1 else ''})")
 
 
 def baselines(data: tdata.LabeledTexts, y_fit: np.ndarray, fit_texts: list[str]) -> dict:
@@ -248,9 +283,10 @@ def train(config: Config, *, resume: bool = False) -> dict:
     model = build_model(config, tok.vocab_size, len(data.classes))
     extra = {"classes": list(data.classes), "tokenizer": tok.state(),
              "vocab_size": tok.vocab_size}
+    clock, epoch_times = base.epoch_clock(base.config_writer(config, out))
     tc = config.train_config(progress=config.progress)
     trainer = Trainer(model, loss_fn, tc, collate=collate, metrics=accuracy, out_dir=out,
-                      extra=extra, callback=base.config_writer(config, out))
+                      extra=extra, callback=clock)
     start = time.perf_counter()
     result = trainer.fit(train_ds, val_ds if len(val_ds) else None, resume=resume)
     seconds = time.perf_counter() - start
@@ -265,6 +301,7 @@ def train(config: Config, *, resume: bool = False) -> dict:
         "test": test, "baselines": baselines(data, data.y_train[tr], fit_texts),
         "train": {"epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
                   "stopped_early": result["stopped_early"], "seconds": round(seconds, 2),
+                  "epoch_times": epoch_times,
                   "n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds),
                   "vocab_size": tok.vocab_size,
                   "parameters": sum(p.numel() for p in model.parameters())},
@@ -340,8 +377,11 @@ def stream_io(model: TextClassifier, extra: dict):
 
 def explain_inputs(out_dir, data: str | None = None, samples: int = 8):
     """The explain seam (:mod:`gyre.explain`): per-token attributions of the first ``samples``
-    test texts (:func:`gyre.explain.text.sentiment_inputs`)."""
+    test texts (:func:`gyre.explain.text.sentiment_inputs`); one model, not an ensemble."""
     from ..explain.text import sentiment_inputs
+    config = base.load_config(Config, Path(out_dir) / "config.toml")
+    if config.ensemble > 1:  # the members have an embedding each: no one input to attribute to
+        raise ValueError(f"ensemble={config.ensemble}: explain needs a single model (ensemble=1)")
     return sentiment_inputs(out_dir, data, samples)
 
 
