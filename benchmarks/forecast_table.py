@@ -1,0 +1,132 @@
+"""The test table of the forecast task's default recipe (RESULTS.md, issue 16): ``gyre train
+forecast --threads 1 --data DATA --seed S`` (the defaults, nothing else) on the development and
+held-out series, every run in this process, one JSON line per run appended to ``--jsonl``
+(an interrupted table resumes; two processes side by side split the runs by claim files).
+
+    .venv/bin/python benchmarks/forecast_table.py --seeds 3 [--only m1_yearly,airline]
+    .venv/bin/python benchmarks/forecast_table.py --table
+
+Each line holds the run's test MASE and 80% coverage (the recipe's forecast: the network
+combined with the automatic models at the weight chosen on the validation origins), the
+network alone's, the combination's choice and its validation/test MASE at every weight, and
+every baseline's MASE and coverage (same split, same command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+_SITE = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / \
+    "site-packages"
+#: development series (the recipe was chosen on their validation origins)
+DEV = ("airline", "m1_yearly", "co2", "sunspots", "uschange")
+#: held-out series, read exactly as their packages ship them
+HELD_OUT = {
+    "PBS_dataset": "aeon/datasets/data/PBS_dataset/PBS_dataset.csv",
+    "elec_equip": "statsmodels/datasets/elec_equip/elec_equip.csv",
+    "danish": "statsmodels/datasets/danish_data/data.csv",
+    "Lynx": "aeon/datasets/data/Lynx/Lynx.csv",
+    "ShampooSales": "aeon/datasets/data/ShampooSales/ShampooSales.csv",
+    "solar": "aeon/datasets/data/solar/solar.csv",
+}
+JSONL = Path(__file__).parent / "results" / "issue16" / "forecast_table.jsonl"
+AUTO = ("auto_ets", "auto_arima", "auto_theta")
+
+
+def _data(name: str) -> str:
+    return str(_SITE / HELD_OUT[name]) if name in HELD_OUT else name
+
+
+def run(names, seeds: int, jsonl: Path) -> None:
+    import torch
+
+    from gyre.tasks import forecast as F
+    torch.set_num_threads(1)
+    done = set()
+    if jsonl.is_file():
+        done = {(r["data"], r["seed"]) for r in map(json.loads, jsonl.read_text().splitlines())}
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    for seed in range(seeds):
+        for name in names:
+            if (name, seed) in done:
+                continue
+            claim = jsonl.parent / f".claim-{name}-{seed}"
+            try:
+                claim.open("x").close()
+            except FileExistsError:
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                t, c = time.time(), time.process_time()
+                m = F.train(F.Config(data=_data(name), seed=seed, out=str(Path(tmp) / "run"),
+                                     progress=False, tensorboard=False))
+                rec = {"data": name, "seed": seed, "wall_s": round(time.time() - t, 1),
+                       "cpu_s": round(time.process_time() - c, 1), "model": m["model"],
+                       "horizon": m["train"]["horizon"], "frequency": m["train"]["frequency"],
+                       "test": m["test"], "validation": m["validation"],
+                       "network": m["network"], "combination": m["combination"],
+                       "baselines": m["baselines"], "note": m["note"]}
+            with jsonl.open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            print(json.dumps({k: rec[k] for k in ("data", "seed", "wall_s", "cpu_s")}
+                             | {"mase": rec["test"]["mase"]}), flush=True)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+
+def table(jsonl: Path) -> str:
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    by = {}
+    for r in rows:
+        by.setdefault(r["data"], []).append(r)
+    out = ["| series (freq, h) | seeds | gyre MASE mean (min-max) | network alone | weight "
+           "(per seed) | gyre coverage_80 | network coverage_80 | auto_ets | auto_arima | "
+           "auto_theta | holt_winters | arima | seasonal_naive | best auto | at or below? |",
+           "|" + "---|" * 15]
+    for name in [*DEV, *HELD_OUT]:
+        rs = sorted(by.get(name, []), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        mase = [r["test"]["mase"] for r in rs]
+        net = [r["network"]["test"]["mase"] if r["network"] else r["test"]["mase"] for r in rs]
+        w = [r["combination"]["weight"] if r["combination"] else 1.0 for r in rs]
+        cov = [r["test"].get("coverage_80", np.nan) for r in rs]
+        ncov = [(r["network"]["test"] if r["network"] else r["test"]).get("coverage_80", np.nan)
+                for r in rs]
+        b = rs[0]["baselines"]
+        best = min(b[n]["mase"] for n in AUTO if n in b)
+        mean = float(np.mean(mase))
+        out.append(f"| {name} ({rs[0]['frequency']}, {rs[0]['horizon']}) | {len(rs)} | "
+                   f"{mean:.3f} ({min(mase):.3f}-{max(mase):.3f}) | {np.mean(net):.3f} | "
+                   f"{'/'.join(f'{x:g}' for x in w)} | {_fmt(np.mean(cov))} | "
+                   f"{_fmt(np.mean(ncov))} | "
+                   + " | ".join(_fmt(b.get(n, {}).get("mase")) for n in
+                                (*AUTO, "holt_winters", "arima", "seasonal_naive"))
+                   + f" | {best:.3f} | {'yes' if mean <= best else 'no'} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--only", default="", help="comma-separated series (default: all)")
+    p.add_argument("--jsonl", type=Path, default=JSONL)
+    p.add_argument("--table", action="store_true", help="print the Markdown table and exit")
+    a = p.parse_args(argv)
+    if a.table:
+        print(table(a.jsonl))
+        return
+    names = a.only.split(",") if a.only else [*DEV, *HELD_OUT]
+    run(names, a.seeds, a.jsonl)
+
+
+if __name__ == "__main__":
+    main()
