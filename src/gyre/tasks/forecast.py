@@ -1534,8 +1534,9 @@ def train(config: Config, *, resume: bool = False) -> dict:
                 else auto_forecasts(insamples, setup.horizon, setup.season, AUTO_BASELINES))
         # every side and weight on the test part too, for the record (chosen on validation)
         comb["test_grid"] = {
-            k: {f"{w:g}": score(actuals, combined(forecasts, None, _statistical(k, auto, names),
-                                                  w)[0], insamples, setup.season)["mase"]
+            k: {f"{w:g}": {m: v for m, v in _score_windows(
+                setup, test_w, *combined(forecasts, quantiles, _statistical(k, auto, names), w),
+                setup.levels)[2].items() if m in ("mase", "coverage_80")}
                 for w in COMBINE_GRID}
             for k, names in (("mean", list(AUTO_BASELINES)), ("best", [comb["best_model"]]))}
         forecasts, quantiles = combined(forecasts, quantiles,
