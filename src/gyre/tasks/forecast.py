@@ -323,7 +323,7 @@ def baseline_forecasts(insamples, horizon: int, season: int, names=BASELINES, le
 # -- combining the network with the automatic statistical models ---------------------------------
 
 #: what the network's forecast is combined with (``Config.combine``)
-COMBINES = ("none", "mean", "best")
+COMBINES = ("none", "mean", "best", "best_all")
 #: the network weights every combination is scored at on the validation origins
 COMBINE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -352,15 +352,22 @@ def combined(net, quantiles, stat, weight: float):
 
 def choose_combination(kind: str, weights, net, auto: dict, actuals, insamples,
                        season: int) -> dict:
-    """The combination of the network's forecasts ``net`` with the automatic models'
+    """The combination of the network's forecasts ``net`` with the statistical models'
     (``auto``: ``{name: [array per window]}``, all fitted on the points before each window's
-    origin) that scores the lowest MASE on these (validation) windows: the statistical side is
-    the mean of AutoETS, AutoARIMA and AutoTheta (``kind="mean"``) or the one of them with the
-    lowest MASE here (``"best"``); the network's weight is the best of ``weights`` (ties: the
-    larger weight). Also returns every kind's MASE at every weight of :data:`COMBINE_GRID`."""
-    own = {m: score(actuals, auto[m], insamples, season)["mase"] for m in AUTO_BASELINES}
-    best = min(AUTO_BASELINES, key=lambda m: (not math.isfinite(own[m]), own[m]))
-    sides = {"mean": list(AUTO_BASELINES), "best": [best]}
+    origin; AutoETS, AutoARIMA and AutoTheta among them) that scores the lowest MASE on these
+    (validation) windows: the statistical side is the mean of AutoETS, AutoARIMA and AutoTheta
+    (``kind="mean"``), the one of those three with the lowest MASE here (``"best"``) or the one
+    of every model in ``auto`` with the lowest MASE here (``"best_all"``); the network's weight
+    is the best of ``weights`` (ties: the larger weight). Also returns every kind's MASE at
+    every weight of :data:`COMBINE_GRID`."""
+    own = {m: score(actuals, f, insamples, season)["mase"] for m, f in auto.items()}
+
+    def lowest(names):
+        return min(names, key=lambda m: (not math.isfinite(own[m]), own[m]))
+
+    best = lowest(AUTO_BASELINES)
+    best_all = lowest(list(auto))
+    sides = {"mean": list(AUTO_BASELINES), "best": [best], "best_all": [best_all]}
     grid = {}
     for k, names in sides.items():
         stat = _statistical(k, auto, names)
@@ -371,6 +378,7 @@ def choose_combination(kind: str, weights, net, auto: dict, actuals, insamples,
     pick = min((float(w) for w in weights),
                key=lambda w: (not math.isfinite(scores[f"{w:g}"]), scores[f"{w:g}"], -w))
     return {"kind": kind, "models": sides[kind], "weight": pick, "best_model": best,
+            "best_all_model": best_all,
             "validation_mase": {"network": scores["1"], **own, "combination": scores[f"{pick:g}"]},
             "grid": grid}
 
@@ -1009,7 +1017,9 @@ class Config(TaskConfig):
             combination: ``mean`` (the statistical side is the mean of statsforecast's AutoETS,
             AutoARIMA and AutoTheta, each fitted per series at every origin on the points before
             it), ``best`` (the one of them with the lowest validation MASE) or ``none`` (the
-            network alone). The network's quantiles are moved with its median. ``w`` is chosen
+            network alone), ``best_all`` (the one with the lowest validation MASE of every
+            baseline gyre fits: naive, seasonal naive, Holt-Winters, SARIMA and the three).
+            The network's quantiles are moved with its median. ``w`` is chosen
             per run on the validation origins (lowest MASE; needs a validation part, else the
             network alone); metrics.json's ``network`` holds the network alone, ``combination``
             the choice. Needs the ``forecast`` extra (statsforecast).
@@ -1492,14 +1502,12 @@ def train(config: Config, *, resume: bool = False) -> dict:
         vf, vq, vact, vins, validation = _scored(setup, models, scaler, val_origins,
                                                  setup.levels, factors)
         if config.combine != "none":
-            comb = choose_combination(config.combine, config.weights(), vf,
-                                      auto_forecasts(vins, setup.horizon, setup.season,
-                                                     AUTO_BASELINES),
-                                      vact, vins, setup.season)
+            vauto = auto_forecasts(vins, setup.horizon, setup.season, BASELINES)
+            comb = choose_combination(config.combine, config.weights(), vf, vauto, vact, vins,
+                                      setup.season)
             validation_network = validation
-            cf, cq = combined(vf, vq, _statistical(
-                comb["kind"], auto_forecasts(vins, setup.horizon, setup.season, comb["models"]),
-                comb["models"]), comb["weight"])
+            cf, cq = combined(vf, vq, _statistical(comb["kind"], vauto, comb["models"]),
+                              comb["weight"])
             validation = _score_windows(setup, val_origins, cf, cq, setup.levels)[2]
     elif config.combine != "none":
         setup.notes.append("combine: no validation part to choose the weight on; the network "
@@ -1530,15 +1538,17 @@ def train(config: Config, *, resume: bool = False) -> dict:
     network = None
     if comb is not None:
         network = test
-        auto = ({n: bl[n][0] for n in AUTO_BASELINES} if all(n in bl for n in AUTO_BASELINES)
-                else auto_forecasts(insamples, setup.horizon, setup.season, AUTO_BASELINES))
+        auto = {n: bl[n][0] for n in bl}
+        auto.update(auto_forecasts(insamples, setup.horizon, setup.season,
+                                   [n for n in BASELINES if n not in bl]))
         # every side and weight on the test part too, for the record (chosen on validation)
         comb["test_grid"] = {
             k: {f"{w:g}": {m: v for m, v in _score_windows(
                 setup, test_w, *combined(forecasts, quantiles, _statistical(k, auto, names), w),
                 setup.levels)[2].items() if m in ("mase", "coverage_80")}
                 for w in COMBINE_GRID}
-            for k, names in (("mean", list(AUTO_BASELINES)), ("best", [comb["best_model"]]))}
+            for k, names in (("mean", list(AUTO_BASELINES)), ("best", [comb["best_model"]]),
+                             ("best_all", [comb["best_all_model"]]))}
         forecasts, quantiles = combined(forecasts, quantiles,
                                         _statistical(comb["kind"], auto, comb["models"]),
                                         comb["weight"])
@@ -1685,9 +1695,10 @@ def _fresh_scaler(extra: dict) -> Scaler:
 
 
 def score_test(out_dir, run=None) -> tuple[dict, float]:
-    """``(test metrics, seconds of the forward over the test windows)`` of a one-model run, as
-    :func:`evaluate` scores it (``gyre quantize``); ``run``: what computes the model's forward
-    instead (e.g. an :class:`gyre.export.OnnxModel` of its export)."""
+    """``(test metrics, seconds of the forward over the test windows)`` of a one-model run's
+    network (``gyre quantize``; a combined run's statistical side left out: what quantization
+    changes is the network); ``run``: what computes the model's forward instead (e.g. an
+    :class:`gyre.export.OnnxModel` of its export)."""
     config, model, extra = load_run(out_dir)
     setup = _Setup(config, _load(config), saved=extra)
     scaler = _fresh_scaler(extra)
