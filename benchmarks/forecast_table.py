@@ -114,15 +114,59 @@ def table(jsonl: Path) -> str:
     return "\n".join(out)
 
 
+RULES = [(k, ws) for k in ("mean", "best", "best_all")
+         for ws in ((0.25, 0.5, 0.75, 1.0), (0.5,), (0.0, 0.25, 0.5, 0.75, 1.0))]
+
+
+def _chosen(grid: dict, ws) -> str:
+    return f"{min(ws, key=lambda w: (grid[f'{w:g}'], -w)):g}"
+
+
+def selection(jsonl: Path) -> str:
+    """The validation MASE (the development series' validation origins, seed 0) of every
+    combination rule: the statistical side and the weights the per-run choice may take; and
+    the same rule's test MASE beside it (not used for the choice)."""
+    rows = {r["data"]: r for r in map(json.loads, jsonl.read_text().splitlines())
+            if r["seed"] == 0 and r["data"] in DEV and r["combination"]}
+    names = [n for n in DEV if n in rows]
+    out = ["| rule (statistical side; network weights) | " + " | ".join(names)
+           + " | mean validation MASE | test MASE (not used) |",
+           "|" + "---|" * (len(names) + 3)]
+
+    def line(label, pick):
+        val = [pick(rows[n])[0] for n in names]
+        test = [pick(rows[n])[1] for n in names]
+        out.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in val)
+                   + f" | {np.mean(val):.3f} | " + " / ".join(f"{v:.3f}" for v in test) + " |")
+
+    line("the network alone", lambda r: (r["combination"]["grid"]["mean"]["1"],
+                                         r["combination"]["test_grid"]["mean"]["1"]["mase"]))
+    for k in ("mean", "best", "best_all"):
+        line(f"{k} alone (weight 0)", lambda r, k=k: (r["combination"]["grid"][k]["0"],
+                                                     r["combination"]["test_grid"][k]["0"]["mase"]))
+    for k, ws in RULES:
+        def pick(r, k=k, ws=ws):
+            c = r["combination"]
+            w = _chosen(c["grid"][k], ws)
+            return c["grid"][k][w], c["test_grid"][k][w]["mase"]
+        line(f"{k}; {','.join(f'{w:g}' for w in ws)}", pick)
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--only", default="", help="comma-separated series (default: all)")
     p.add_argument("--jsonl", type=Path, default=JSONL)
     p.add_argument("--table", action="store_true", help="print the Markdown table and exit")
+    p.add_argument("--selection", action="store_true",
+                   help="print the combination rules' validation table and exit")
     a = p.parse_args(argv)
     if a.table:
         print(table(a.jsonl))
+        return
+    if a.selection:
+        print(selection(a.jsonl))
         return
     names = a.only.split(",") if a.only else [*DEV, *HELD_OUT]
     run(names, a.seeds, a.jsonl)
