@@ -82,7 +82,20 @@ def _fmt(v) -> str:
     return "-" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
-def table(jsonl: Path) -> str:
+def _pick(r: dict, kind: str, ws) -> tuple[str, dict]:
+    """``(weight, test metrics)`` of a run under the combination rule ``kind`` / weights ``ws``:
+    the weight its validation grid picks and the test grid's entry there (exactly what a run
+    with that rule as its ``combine`` writes as ``test``: the network's and the statistical
+    models' forecasts do not depend on the rule); the run's own test part without a
+    combination."""
+    c = r["combination"]
+    if not c:
+        return "1", r["test"]
+    w = _chosen(c["grid"][kind], ws)
+    return w, c["test_grid"][kind][w]
+
+
+def table(jsonl: Path, kind: str = "best_all", ws=(0.25, 0.5, 0.75, 1.0)) -> str:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     by = {}
     for r in rows:
@@ -95,10 +108,11 @@ def table(jsonl: Path) -> str:
         rs = sorted(by.get(name, []), key=lambda r: r["seed"])
         if not rs:
             continue
-        mase = [r["test"]["mase"] for r in rs]
+        picks = [_pick(r, kind, ws) for r in rs]
+        mase = [p[1]["mase"] for p in picks]
         net = [r["network"]["test"]["mase"] if r["network"] else r["test"]["mase"] for r in rs]
-        w = [r["combination"]["weight"] if r["combination"] else 1.0 for r in rs]
-        cov = [r["test"].get("coverage_80", np.nan) for r in rs]
+        w = [float(p[0]) for p in picks]
+        cov = [p[1].get("coverage_80", np.nan) for p in picks]
         ncov = [(r["network"]["test"] if r["network"] else r["test"]).get("coverage_80", np.nan)
                 for r in rs]
         b = rs[0]["baselines"]

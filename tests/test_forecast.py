@@ -704,10 +704,10 @@ def test_combination_weight_is_the_validation_best_and_quantiles_move_with_the_m
 
 
 def test_combined_run_is_what_metrics_predict_and_evaluate_say(tmp_path):
-    """A run's forecast is ``w * network + (1 - w) * mean(AutoETS, AutoARIMA, AutoTheta)`` with
-    ``w`` chosen on its validation origins: metrics.json's test part is the grid's entry at
+    """A default run's forecast is ``w * network + (1 - w) * B``, ``B`` the baseline and ``w``
+    the weight best on its validation origins: metrics.json's test part is the grid's entry at
     ``w`` (the network alone: at 1), evaluate scores the same, and predict combines the network's
-    forecast with the automatic models fitted on the whole series."""
+    forecast with ``B`` fitted on the whole series."""
     pytest.importorskip("statsforecast")
     out = tmp_path / "run"
     m = F.train(F.Config(data="airline", out=str(out), hidden=4, epochs=2, patience=0,
@@ -715,18 +715,20 @@ def test_combined_run_is_what_metrics_predict_and_evaluate_say(tmp_path):
                          tensorboard=False, device="cpu", seed=0))
     c = m["combination"]
     w = c["weight"]
-    assert w in (0.25, 0.5, 0.75, 1.0) and c["kind"] == "mean"
-    assert c["grid"]["mean"][f"{w:g}"] == min(c["grid"]["mean"][k]
-                                             for k in ("0.25", "0.5", "0.75", "1"))
-    assert m["test"]["mase"] == pytest.approx(c["test_grid"]["mean"][f"{w:g}"]["mase"])
+    assert w in (0.25, 0.5, 0.75, 1.0) and c["kind"] == "best_all"
+    own = {n: v for n, v in c["validation_mase"].items() if n in F.BASELINES}
+    assert set(own) == set(F.BASELINES) and c["models"] == [min(own, key=own.get)]
+    grid = c["grid"]["best_all"]
+    assert grid[f"{w:g}"] == min(grid[k] for k in ("0.25", "0.5", "0.75", "1"))
+    assert m["test"]["mase"] == pytest.approx(c["test_grid"]["best_all"][f"{w:g}"]["mase"])
     assert m["network"]["test"]["mase"] == pytest.approx(c["test_grid"]["mean"]["1"]["mase"])
+    assert m["network"]["validation"]["mase"] == pytest.approx(grid["1"])
     assert F.evaluate(out)["test"]["mase"] == pytest.approx(m["test"]["mase"])
     rows = F.predict(out)
     (out / "combination.json").unlink()  # the network alone
     net = np.array([r["forecast"] for r in F.predict(out)])
     air = load_series("airline").series[0][:, :1]
-    auto = F.auto_forecasts([air], 12, 12, F.AUTO_BASELINES)
-    stat = np.mean([auto[n][0][:, 0] for n in F.AUTO_BASELINES], axis=0)
+    stat = F.auto_forecasts([air], 12, 12, c["models"])[c["models"][0]][0][:, 0]
     got = np.array([r["forecast"] for r in rows])
     np.testing.assert_allclose(got, w * net + (1 - w) * stat, rtol=1e-9)
     assert all(r["q0.1"] <= r["q0.5"] <= r["q0.9"] for r in rows)

@@ -1061,7 +1061,7 @@ class Config(TaskConfig):
     future_covariates: list[str] = field(default_factory=list)
     id_embedding: int = 0
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
-    combine: str = "mean"
+    combine: str = "best_all"
     combine_weights: list[str] = field(default_factory=lambda: ["0.25", "0.5", "0.75", "1"])
 
     def __post_init__(self) -> None:
