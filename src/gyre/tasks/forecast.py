@@ -944,7 +944,8 @@ class Config(TaskConfig):
     (airline, M1 yearly, co2, sunspots, uschange; RESULTS.md): a direct LSTM 1x64 on windows
     relative to their last value, logs of positive data, per-series ``diff`` scaling, quantiles
     0.1/0.5/0.9 calibrated on the validation origins, an ensemble of 3 seeds, each retrained at
-    the test origin on all the points before it for the epochs its validation chose.
+    the test origin on all the points before it for the epochs its validation chose; its
+    forecast combined with the baseline best on the validation origins (``combine``).
 
     Attributes:
         data: a built-in data set (``airline``, ``m1_yearly``, ``co2``, ``sunspots``,
