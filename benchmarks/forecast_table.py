@@ -57,7 +57,7 @@ def run(names, seeds: int, jsonl: Path) -> None:
         for name in names:
             if (name, seed) in done:
                 continue
-            claim = jsonl.parent / f".claim-{name}-{seed}"
+            claim = jsonl.parent / f".claim-{jsonl.stem}-{name}-{seed}"
             try:
                 claim.open("x").close()
             except FileExistsError:
