@@ -43,13 +43,14 @@ def italy_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def airline_run(tmp_path_factory):
     """One small trained forecast run (airline, LSTM of 8, seasonal residual, the naive baseline
-    only) that the deployment tests (export, quantize) copy."""
+    only, the network alone: what export, serve and quantize take) that the deployment tests
+    (export, quantize) copy."""
     from gyre.tasks import forecast
     out = tmp_path_factory.mktemp("airline") / "run"
     with _one_thread():
         forecast.train(forecast.Config(data="airline", out=str(out), hidden=8, epochs=2,
                                        patience=0, residual="seasonal", baselines=["naive"],
-                                       ensemble=1, refit=False,
+                                       ensemble=1, refit=False, combine="none",
                                        progress=False, tensorboard=False, device="cpu"))
     return out
 

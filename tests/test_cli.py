@@ -107,3 +107,45 @@ def test_config_file_with_unknown_key(tmp_path, capsys):
     bad.write_text("epochz = 3\n")
     assert main(["train", "classify", "--config", str(bad)]) == 2
     assert "unknown key(s) epochz" in capsys.readouterr().err
+
+
+def test_predict_reads_the_runs_own_data_unless_given(tmp_path, capsys):
+    """``gyre predict RUN`` forecasts from the data the run was trained on; a path (positional
+    or ``--data``) overrides it; a task that needs a file says so in one line."""
+    rng = np.random.default_rng(0)
+    own, other = tmp_path / "own.csv", tmp_path / "other.csv"
+    own.write_text("v\n" + "".join(f"{10 + np.sin(i / 2) + 0.1 * rng.normal():.4f}\n"
+                                   for i in range(60)))
+    other.write_text("v\n" + "".join(f"{100 + i:.1f}\n" for i in range(60)))
+    out = tmp_path / "run"
+    assert main(["train", "forecast", "--data", str(own), "--out", str(out), "--horizon", "3",
+                 "--hidden", "4", "--epochs", "2", "--ensemble", "1", "--no-refit",
+                 "--baselines", "naive", "--no-progress", "--no-tensorboard", "--threads", "1",
+                 "--device", "cpu"]) == 0
+    capsys.readouterr()
+
+    def forecasts(*extra):
+        assert main(["predict", str(out), *extra, "-o", str(tmp_path / "p.csv")]) == 0
+        return [float(r["forecast"]) for r in csv.DictReader(open(tmp_path / "p.csv"))]
+
+    mine = forecasts()
+    assert len(mine) == 3 and all(8 < v < 12 for v in mine)
+    # the same data given by path: its scaler is refitted on all of it, so nearly the same
+    assert forecasts(str(own)) == pytest.approx(mine, rel=1e-2)
+    shifted = forecasts("--data", str(other))
+    assert shifted == forecasts(str(other)) and all(v > 120 for v in shifted)
+    capsys.readouterr()
+    assert main(["predict", str(out), str(own), "--data", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "gyre: error: data_path: give the data once" in err and len(err.splitlines()) == 1
+
+
+def test_predict_of_a_task_that_needs_a_file_says_so(tmp_path, italy_csv, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "classify", "--data", str(italy_csv), "--out", str(out), "--epochs",
+                 "1", *FAST]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "gyre: error: data_path: task 'classify' predicts for a file" in err
+    assert len(err.splitlines()) == 1

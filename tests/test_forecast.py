@@ -235,7 +235,8 @@ def test_validation_score_is_the_test_score_of_the_series_cut_before_its_test_pa
     (a separate path: the last ``horizon`` points as test) scores on the series cut there."""
     cfg = F.Config(data="airline", out=str(tmp_path / "run"), hidden=8, epochs=3, patience=0,
                    val_fraction=0.05, scaler="none", log=True, quantiles=["none"], ensemble=1,
-                   baselines=["naive"], progress=False, tensorboard=False, device="cpu", seed=0)
+                   combine="none", baselines=["naive"], progress=False, tensorboard=False,
+                   device="cpu", seed=0)
     m = F.train(cfg)
     air = load_series("airline").series[0][:, 0]
     cut = tmp_path / "airline_to_1958.csv"  # validation: the 12 months before the test year
@@ -254,7 +255,7 @@ def test_multivariate_recursive_and_cli(tmp_path):
 
     out = tmp_path / "us"
     rc = main(["train", "forecast", "--data", "uschange", "--strategy", "recursive",
-               "--ensemble", "1", "--no-refit",
+               "--ensemble", "1", "--no-refit", "--combine", "none",
                "--epochs", "2", "--hidden", "8", "--baselines", "naive,seasonal_naive",
                "--out", str(out), "--no-progress", "--no-tensorboard", "--device", "cpu"])
     assert rc == 0
@@ -437,7 +438,7 @@ def test_quantile_coverage_near_nominal_on_known_noise(tmp_path):
     cfg = F.Config(data=str(p), out=str(tmp_path / "run"), horizon=3, season=12, lookback=24,
                    hidden=8, epochs=8, patience=0, lr=1e-2, batch_size=64, backtest=30,
                    quantiles=["0.1", "0.9"], residual="seasonal", val_fraction=0.1,
-                   ensemble=1, refit=False, transform="none", scaler="standard",
+                   ensemble=1, refit=False, combine="none", transform="none", scaler="standard",
                    baselines=["naive"], calendar=False, progress=False, tensorboard=False,
                    device="cpu")
     m = F.train(cfg)
@@ -611,7 +612,7 @@ def test_negbin_likelihood_quantiles_and_run(tmp_path):
     p.write_text("month,sales\n" + "".join(f"{d[:10]},{v}\n" for d, v in zip(
         pd_dates("2000-01-01", n, "MS"), counts, strict=True)))
     m = F.train(F.Config(data=str(p), out=str(tmp_path / "nb"), distribution="negbin",
-                         ensemble=1, hidden=4, epochs=3, batch_size=64, horizon=6,
+                         ensemble=1, combine="none", hidden=4, epochs=3, batch_size=64, horizon=6,
                          baselines=["naive"], progress=False, tensorboard=False, device="cpu"))
     assert 0 <= m["test"]["coverage_80"] <= 1 and np.isfinite(m["test"]["scaled_crps"])
     rows = F.predict(tmp_path / "nb")
@@ -636,7 +637,7 @@ def test_predict_reads_future_covariates_from_the_csv(tmp_path):
         dates[:n], y[:n], promo[:n], strict=True)))
     cfg = F.Config(data=str(p), out=str(tmp_path / "run"), target=["y"], horizon=h,
                    future_covariates=["promo"], calendar=False, hidden=8, epochs=25, lr=1e-2,
-                   ensemble=1, refit=False,
+                   ensemble=1, refit=False, combine="none",
                    batch_size=64, baselines=["naive"], progress=False, tensorboard=False,
                    device="cpu")
     F.train(cfg)
@@ -677,3 +678,57 @@ def test_negbin_head_exports_and_default_runs_are_refused_by_serve_with_every_re
     with pytest.raises(ValueError, match="center=True.*calendar features.*--no-center, "
                                          "--no-calendar"):
         Streamer(F.Forecaster("lstm", 3, [0], 2, 4, center=True, future=[1, 2]))
+
+
+# -- the combination with the automatic models ------------------------------------------------------
+def test_combination_weight_is_the_validation_best_and_quantiles_move_with_the_median():
+    y = [np.array([[1.0], [2.0]]), np.array([[3.0], [3.0]])]
+    x = [np.array([[0.0], [1.0], [0.0]]), np.array([[1.0], [2.0], [3.0]])]
+    net = [a + 1.0 for a in y]  # off by +1 everywhere
+    auto = {n: [a - 1.0 for a in y] for n in F.AUTO_BASELINES}  # off by -1: the mean is exact
+    c = F.choose_combination("mean", [0.25, 0.5, 1.0], net, auto, y, x, 1)
+    assert c["weight"] == 0.5 and c["grid"]["mean"]["0.5"] == pytest.approx(0.0)
+    assert c["validation_mase"]["network"] == pytest.approx(c["grid"]["mean"]["1"])
+    # every weight equally good: the largest network weight is kept
+    assert F.choose_combination("mean", [0.25, 1.0], y, {n: y for n in F.AUTO_BASELINES}, y, x,
+                                1)["weight"] == 1.0
+    q = [np.stack([a - 1, a, a + 2], axis=-1) for a in net]
+    f, qs = F.combined(net, q, [a - 1.0 for a in y], 0.5)
+    for a, fc, qq in zip(y, f, qs, strict=True):
+        np.testing.assert_allclose(fc, a)
+        np.testing.assert_allclose(qq, np.stack([a - 1, a, a + 2], axis=-1))
+    with pytest.raises(ValueError, match="combine: got 'median'"):
+        F.Config(combine="median")
+    with pytest.raises(ValueError, match="combine_weights: got"):
+        F.Config(combine_weights=["1.5"])
+
+
+def test_combined_run_is_what_metrics_predict_and_evaluate_say(tmp_path):
+    """A default run's forecast is ``w * network + (1 - w) * B``, ``B`` the baseline and ``w``
+    the weight best on its validation origins: metrics.json's test part is the grid's entry at
+    ``w`` (the network alone: at 1), evaluate scores the same, and predict combines the network's
+    forecast with ``B`` fitted on the whole series."""
+    pytest.importorskip("statsforecast")
+    out = tmp_path / "run"
+    m = F.train(F.Config(data="airline", out=str(out), hidden=4, epochs=2, patience=0,
+                         ensemble=1, refit=False, baselines=["naive"], progress=False,
+                         tensorboard=False, device="cpu", seed=0))
+    c = m["combination"]
+    w = c["weight"]
+    assert w in (0.25, 0.5, 0.75, 1.0) and c["kind"] == "best_all"
+    own = {n: v for n, v in c["validation_mase"].items() if n in F.BASELINES}
+    assert set(own) == set(F.BASELINES) and c["models"] == [min(own, key=own.get)]
+    grid = c["grid"]["best_all"]
+    assert grid[f"{w:g}"] == min(grid[k] for k in ("0.25", "0.5", "0.75", "1"))
+    assert m["test"]["mase"] == pytest.approx(c["test_grid"]["best_all"][f"{w:g}"]["mase"])
+    assert m["network"]["test"]["mase"] == pytest.approx(c["test_grid"]["mean"]["1"]["mase"])
+    assert m["network"]["validation"]["mase"] == pytest.approx(grid["1"])
+    assert F.evaluate(out)["test"]["mase"] == pytest.approx(m["test"]["mase"])
+    rows = F.predict(out)
+    (out / "combination.json").unlink()  # the network alone
+    net = np.array([r["forecast"] for r in F.predict(out)])
+    air = load_series("airline").series[0][:, :1]
+    stat = F.auto_forecasts([air], 12, 12, c["models"])[c["models"][0]][0][:, 0]
+    got = np.array([r["forecast"] for r in rows])
+    np.testing.assert_allclose(got, w * net + (1 - w) * stat, rtol=1e-9)
+    assert all(r["q0.1"] <= r["q0.5"] <= r["q0.9"] for r in rows)

@@ -4,7 +4,7 @@
                                  [--bidirectional] [--epochs N] [--seed N] [--out DIR]
                                  [--config FILE.toml] [--resume] [--device auto|cpu|cuda] ...
     gyre eval DIR [--data NAME|PATH] [--threads N]
-    gyre predict DIR DATA_PATH [--output FILE.csv] [--threads N]
+    gyre predict DIR [DATA_PATH | --data PATH] [--output FILE.csv] [--threads N]
     gyre explain DIR [--method ig|shap|lime|occlusion] [--samples N] [--data NAME|PATH]
     gyre export DIR [--format onnx] [--output FILE.onnx] [--opset N]
     gyre predict DIR DATA_PATH --runtime onnxruntime
@@ -227,15 +227,24 @@ def _cmd_predict(args) -> int:
                                     f"{args.output!r} does not exist; create it first")
         if Path(args.output).is_dir():
             raise ValueError(f"--output: {args.output!r} is a directory, expected a CSV file path")
+    import inspect
+
     predict = _tasks.get(task).predict
+    if args.data_path is not None and args.data is not None and args.data_path != args.data:
+        raise ValueError(f"data_path: give the data once, positionally or with --data; got "
+                         f"{args.data_path!r} and --data {args.data!r}")
+    data = args.data_path if args.data_path is not None else args.data
+    params = inspect.signature(predict).parameters
+    if data is None and params["data_path"].default is inspect.Parameter.empty:
+        raise ValueError(f"data_path: task {task!r} predicts for a file you give "
+                         f"(gyre predict DIR DATA_PATH); got none")
     if args.runtime == "torch":
-        rows = predict(args.dir, args.data_path)
+        rows = predict(args.dir, data)
     else:
-        import inspect
-        if "runtime" not in inspect.signature(predict).parameters:
+        if "runtime" not in params:
             raise ValueError(f"runtime: task {task!r} predicts with torch only; got "
                              f"{args.runtime!r}")
-        rows = predict(args.dir, args.data_path, runtime=args.runtime)
+        rows = predict(args.dir, data, runtime=args.runtime)
     out = open(args.output, "w", newline="") if args.output else sys.stdout
     try:
         if rows:
@@ -420,7 +429,10 @@ def _top_parser() -> argparse.ArgumentParser:
     _add_threads(e)
     pr = sub.add_parser("predict", help="predict for a CSV/NPZ file with a trained run")
     pr.add_argument("dir", help="run directory written by gyre train")
-    pr.add_argument("data_path", help="CSV or NPZ file")
+    pr.add_argument("data_path", nargs="?", default=None,
+                    help="CSV or NPZ file (forecast: default the run's own data)")
+    pr.add_argument("--data", default=None, metavar="PATH",
+                    help="the same as DATA_PATH (forecast: overrides the run's own data)")
     pr.add_argument("--output", "-o", default=None, help="CSV file to write (default: stdout)")
     pr.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
                     help="run the model in torch (default) or its exported model.onnx in "

@@ -383,6 +383,8 @@ def plot_history(history: list[dict], path: str | os.PathLike, title: str = "") 
 def format_metrics(metrics: dict) -> str:
     """One table: the model's test metrics, then each baseline's, same columns."""
     rows = [(metrics.get("model", "model"), metrics.get("test", {}))]
+    if (metrics.get("network") or {}).get("test"):  # a combined forecast's network alone
+        rows.append(("network alone", metrics["network"]["test"]))
     rows += list(metrics.get("baselines", {}).items())
     cols = list(dict.fromkeys(k for _, r in rows for k in r))
     width = max(len(str(n)) for n, _ in rows) + 2

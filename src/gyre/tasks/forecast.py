@@ -320,6 +320,84 @@ def baseline_forecasts(insamples, horizon: int, season: int, names=BASELINES, le
     return result
 
 
+# -- combining the network with the automatic statistical models ---------------------------------
+
+#: what the network's forecast is combined with (``Config.combine``)
+COMBINES = ("none", "mean", "best", "best_all")
+#: the network weights every combination is scored at on the validation origins
+COMBINE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _statistical(kind: str, fcs: dict, names) -> list:
+    """Per window, the statistical side of a combination: the mean of the models ``names``'
+    forecasts (``fcs``: ``{name: [array per window]}``)."""
+    n = len(fcs[names[0]])
+    return [np.mean([np.asarray(fcs[m][k], np.float64) for m in names], axis=0)
+            for k in range(n)]
+
+
+def combined(net, quantiles, stat, weight: float):
+    """``(forecasts, quantiles)``: per window ``weight * net + (1 - weight) * stat``, and the
+    network's quantiles moved by the same amount as its median (the interval's width is the
+    network's, centred on the combination)."""
+    w = float(weight)
+    fc = [w * np.asarray(f, np.float64) + (1 - w) * np.asarray(s, np.float64)
+          for f, s in zip(net, stat, strict=True)]
+    if quantiles is None:
+        return fc, None
+    qs = [np.asarray(q, np.float64) + (c - np.asarray(f, np.float64))[..., None]
+          for q, c, f in zip(quantiles, fc, net, strict=True)]
+    return fc, qs
+
+
+def choose_combination(kind: str, weights, net, auto: dict, actuals, insamples,
+                       season: int) -> dict:
+    """The combination of the network's forecasts ``net`` with the statistical models'
+    (``auto``: ``{name: [array per window]}``, all fitted on the points before each window's
+    origin; AutoETS, AutoARIMA and AutoTheta among them) that scores the lowest MASE on these
+    (validation) windows: the statistical side is the mean of AutoETS, AutoARIMA and AutoTheta
+    (``kind="mean"``), the one of those three with the lowest MASE here (``"best"``) or the one
+    of every model in ``auto`` with the lowest MASE here (``"best_all"``); the network's weight
+    is the best of ``weights`` (ties: the larger weight). Also returns every kind's MASE at
+    every weight of :data:`COMBINE_GRID`."""
+    own = {m: score(actuals, f, insamples, season)["mase"] for m, f in auto.items()}
+
+    def lowest(names):
+        return min(names, key=lambda m: (not math.isfinite(own[m]), own[m]))
+
+    best = lowest(AUTO_BASELINES)
+    best_all = lowest(list(auto))
+    sides = {"mean": list(AUTO_BASELINES), "best": [best], "best_all": [best_all]}
+    grid = {}
+    for k, names in sides.items():
+        stat = _statistical(k, auto, names)
+        grid[k] = {f"{w:g}": score(actuals, combined(net, None, stat, w)[0], insamples,
+                                   season)["mase"] for w in sorted(set(COMBINE_GRID) |
+                                                                   {float(x) for x in weights})}
+    scores = grid[kind]
+    pick = min((float(w) for w in weights),
+               key=lambda w: (not math.isfinite(scores[f"{w:g}"]), scores[f"{w:g}"], -w))
+    return {"kind": kind, "models": sides[kind], "weight": pick, "best_model": best,
+            "best_all_model": best_all,
+            "validation_mase": {"network": scores["1"], **own, "combination": scores[f"{pick:g}"]},
+            "grid": grid}
+
+
+def auto_forecasts(insamples, horizon: int, season: int, names) -> dict:
+    """``{name: [forecast per window]}`` of the automatic models ``names`` (falling back to
+    the last value where one fails, as :func:`baseline_forecasts` does)."""
+    return {n: v[0] for n, v in baseline_forecasts(insamples, horizon, season,
+                                                   list(names)).items()}
+
+
+def combination_describe(comb: dict | None) -> str:
+    if not comb or comb["weight"] >= 1.0:
+        return ""
+    side = ("mean of " + ", ".join(comb["models"]) if len(comb["models"]) > 1
+            else comb["models"][0])
+    return f"{comb['weight']:g} x network + {1 - comb['weight']:g} x ({side})"
+
+
 # -- the model ----------------------------------------------------------------------------------
 
 DISTRIBUTIONS = ("none", "normal", "studentt", "negbin")
@@ -866,7 +944,8 @@ class Config(TaskConfig):
     (airline, M1 yearly, co2, sunspots, uschange; RESULTS.md): a direct LSTM 1x64 on windows
     relative to their last value, logs of positive data, per-series ``diff`` scaling, quantiles
     0.1/0.5/0.9 calibrated on the validation origins, an ensemble of 3 seeds, each retrained at
-    the test origin on all the points before it for the epochs its validation chose.
+    the test origin on all the points before it for the epochs its validation chose; its
+    forecast combined with the baseline best on the validation origins (``combine``).
 
     Attributes:
         data: a built-in data set (``airline``, ``m1_yearly``, ``co2``, ``sunspots``,
@@ -935,6 +1014,17 @@ class Config(TaskConfig):
             panel; 0 = off).
         baselines: which of naive, seasonal_naive, holt_winters, arima, auto_ets, auto_arima,
             auto_theta to fit ("none": none).
+        combine: the forecast is ``w * network + (1 - w) * statistical``, a forecast
+            combination: ``mean`` (the statistical side is the mean of statsforecast's AutoETS,
+            AutoARIMA and AutoTheta, each fitted per series at every origin on the points before
+            it), ``best`` (the one of them with the lowest validation MASE) or ``none`` (the
+            network alone), ``best_all`` (the one with the lowest validation MASE of every
+            baseline gyre fits: naive, seasonal naive, Holt-Winters, SARIMA and the three).
+            The network's quantiles are moved with its median. ``w`` is chosen
+            per run on the validation origins (lowest MASE; needs a validation part, else the
+            network alone); metrics.json's ``network`` holds the network alone, ``combination``
+            the choice. Needs the ``forecast`` extra (statsforecast).
+        combine_weights: the network weights ``w`` the combination may take.
         val_fraction: > 0 holds out, before the test part, the last
             ``max(horizon, round(val_fraction * n))`` points of each series for validation
             (early stopping, best epoch; ``validation`` in metrics.json scores the origins
@@ -972,6 +1062,8 @@ class Config(TaskConfig):
     future_covariates: list[str] = field(default_factory=list)
     id_embedding: int = 0
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    combine: str = "best_all"
+    combine_weights: list[str] = field(default_factory=lambda: ["0.25", "0.5", "0.75", "1"])
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -1028,6 +1120,21 @@ class Config(TaskConfig):
                              f"{', '.join(BASELINES)} (or 'none')")
         if not self.data:
             raise ValueError("data: empty; expected a data set name or a CSV path")
+        if self.combine not in COMBINES:
+            raise ValueError(f"combine: got {self.combine!r}, expected one of "
+                             f"{', '.join(COMBINES)}")
+        self.weights()  # validates combine_weights
+
+    def weights(self) -> list[float]:
+        """The network weights a combination may take (chosen on the validation origins)."""
+        try:
+            w = sorted({float(x) for x in self.combine_weights})
+        except ValueError:
+            w = []
+        if not w or not all(0 <= x <= 1 for x in w):
+            raise ValueError(f"combine_weights: got {self.combine_weights!r}, expected numbers "
+                             "in [0, 1], e.g. 0.25,0.5,0.75,1")
+        return w
 
     def value_transform(self) -> str:
         return "log" if self.log else self.transform
@@ -1382,7 +1489,7 @@ def train(config: Config, *, resume: bool = False) -> dict:
     if base.other_rank(out) is not None:
         return base.other_rank(out)
     levels = setup.levels or DEFAULT_LEVELS
-    validation, factors = None, None
+    validation, factors, comb, validation_network = None, None, None, None
     if has_val:
         # forecasts from the validation part's origins, horizon apart (counted back from its
         # end): comparable across configurations, for choosing one without the test part
@@ -1393,7 +1500,20 @@ def train(config: Config, *, resume: bool = False) -> dict:
             _, vq = ensemble_forecast(models, val_origins, setup.levels)
             factors = interval_offsets(vq, val_origins.y, setup.levels,
                                        median=config.debias)
-        validation = _scored(setup, models, scaler, val_origins, setup.levels, factors)[4]
+        vf, vq, vact, vins, validation = _scored(setup, models, scaler, val_origins,
+                                                 setup.levels, factors)
+        if config.combine != "none":
+            vauto = auto_forecasts(vins, setup.horizon, setup.season, BASELINES)
+            comb = choose_combination(config.combine, config.weights(), vf, vauto, vact, vins,
+                                      setup.season)
+            validation_network = validation
+            cf, cq = combined(vf, vq, _statistical(comb["kind"], vauto, comb["models"]),
+                              comb["weight"])
+            validation = _score_windows(setup, val_origins, cf, cq, setup.levels)[2]
+    elif config.combine != "none":
+        setup.notes.append("combine: no validation part to choose the weight on; the network "
+                           "alone")
+    _write_combination(out, comb)
     calibration = out / "calibration.json"
     if factors is not None:
         base.write_json({"levels": setup.levels, "offsets": factors}, calibration)
@@ -1416,10 +1536,34 @@ def train(config: Config, *, resume: bool = False) -> dict:
             baselines[name].update(prob_score(actuals, qfcs, insamples, setup.season, levels))
         if failures:
             baselines[name]["fallbacks"] = failures
+    network = None
+    if comb is not None:
+        network = test
+        auto = {n: bl[n][0] for n in bl}
+        auto.update(auto_forecasts(insamples, setup.horizon, setup.season,
+                                   [n for n in BASELINES if n not in bl]))
+        # every side and weight on the test part too, for the record (chosen on validation)
+        comb["test_grid"] = {
+            k: {f"{w:g}": {m: v for m, v in _score_windows(
+                setup, test_w, *combined(forecasts, quantiles, _statistical(k, auto, names), w),
+                setup.levels)[2].items() if m in ("mase", "coverage_80")}
+                for w in COMBINE_GRID}
+            for k, names in (("mean", list(AUTO_BASELINES)), ("best", [comb["best_model"]]),
+                             ("best_all", [comb["best_all_model"]]))}
+        forecasts, quantiles = combined(forecasts, quantiles,
+                                        _statistical(comb["kind"], auto, comb["models"]),
+                                        comb["weight"])
+        test = _score_windows(setup, test_w, forecasts, quantiles, setup.levels)[2]
     fit = fits[0]
     metrics = {
-        "task": "forecast", "data": ss.name, "out": str(out), "model": setup.describe(config),
+        "task": "forecast", "data": ss.name, "out": str(out),
+        "model": setup.describe(config) + (f"; forecast {combination_describe(comb)}"
+                                           if combination_describe(comb) else ""),
         "test": test, "validation": validation, "baselines": baselines,
+        "network": None if comb is None else {"test": network, "validation": validation_network},
+        "combination": None if comb is None else {**comb,
+                                                  "forecast": combination_describe(comb)
+                                                  or "the network alone (weight 1)"},
         "train": {"epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"],
                   "stopped_early": fit["stopped_early"], "seconds": round(seconds, 2),
                   "train_windows": len(train_w), "val_windows": len(val_w) if has_val else 0,
@@ -1448,6 +1592,34 @@ def train(config: Config, *, resume: bool = False) -> dict:
                    quantiles=None if quantiles is None else [quantiles[k] for k in last],
                    levels=setup.levels, series=[int(test_w.series[k]) for k in last])
     return metrics
+
+
+def _write_combination(out: Path, comb: dict | None) -> None:
+    path = Path(out) / "combination.json"
+    if comb is not None:
+        base.write_json({k: comb[k] for k in ("kind", "models", "weight")}, path)
+    elif path.is_file():
+        path.unlink()
+
+
+def _combination(out_dir) -> dict | None:
+    """A run's saved combination (None: the network alone)."""
+    path = Path(out_dir) / "combination.json"
+    if not path.is_file():
+        return None
+    import json
+    comb = json.loads(path.read_text())
+    return None if comb["weight"] >= 1.0 else comb
+
+
+def _combine_saved(comb, forecasts, quantiles, insamples, horizon: int, season: int):
+    """Forecasts (and quantiles) of windows whose in-samples are ``insamples`` combined as a
+    run's saved ``comb`` says (its statistical models fitted on each in-sample)."""
+    if comb is None:
+        return forecasts, quantiles
+    stat = _statistical(comb["kind"], auto_forecasts(insamples, horizon, season, comb["models"]),
+                        comb["models"])
+    return combined(forecasts, quantiles, stat, comb["weight"])
 
 
 def _last_origin(w: Windows) -> list[int]:
@@ -1507,7 +1679,12 @@ def evaluate(out_dir, data: str | None = None) -> dict:
                                     scaler, setup.val_fraction, setup.backtest, setup.extra(ss))
     if data is None:
         scaler = Scaler.from_state(ckpts[0]["extra"]["scaler"])
-    *_, test = _scored(setup, models, scaler, test_w, setup.levels, _calibration(out_dir))
+    f, q, _, insamples, test = _scored(setup, models, scaler, test_w, setup.levels,
+                                       _calibration(out_dir))
+    comb = _combination(out_dir)
+    if comb is not None:
+        f, q = _combine_saved(comb, f, q, insamples, setup.horizon, setup.season)
+        test = _score_windows(setup, test_w, f, q, setup.levels)[2]
     return {"test": _jsonable(test)}
 
 
@@ -1519,9 +1696,10 @@ def _fresh_scaler(extra: dict) -> Scaler:
 
 
 def score_test(out_dir, run=None) -> tuple[dict, float]:
-    """``(test metrics, seconds of the forward over the test windows)`` of a one-model run, as
-    :func:`evaluate` scores it (``gyre quantize``); ``run``: what computes the model's forward
-    instead (e.g. an :class:`gyre.export.OnnxModel` of its export)."""
+    """``(test metrics, seconds of the forward over the test windows)`` of a one-model run's
+    network (``gyre quantize``; a combined run's statistical side left out: what quantization
+    changes is the network); ``run``: what computes the model's forward instead (e.g. an
+    :class:`gyre.export.OnnxModel` of its export)."""
     config, model, extra = load_run(out_dir)
     setup = _Setup(config, _load(config), saved=extra)
     scaler = _fresh_scaler(extra)
@@ -1659,11 +1837,16 @@ def predict(out_dir, data_path: str | None = None, *, runtime: str = "torch") ->
     w = make_windows(padded, setup.lookback, h, [(len(s), len(s) + h) for s in ss.series],
                      target=models[0].target, min_lookback=1)
     z, zq = ensemble_forecast(models, w, setup.levels, run=run, factors=_calibration(out_dir))
+    pos = [models[0].target.index(c) for c in ss.target]
+    fs = [scaler.inverse(z[k][:, pos], i, ss.target) for k, i in enumerate(w.series)]
+    qs = (None if zq is None else
+          [scaler.inverse(zq[k][:, pos], i, ss.target) for k, i in enumerate(w.series)])
+    fs, qs = _combine_saved(_combination(out_dir), fs, qs,
+                            [ss.series[i][:, list(ss.target)] for i in w.series], h, setup.season)
     rows = []
     for k, i in enumerate(w.series):
-        pos = [models[0].target.index(c) for c in ss.target]
-        f = scaler.inverse(z[k][:, pos], i, ss.target)
-        q = None if zq is None else scaler.inverse(zq[k][:, pos], i, ss.target)
+        f = fs[k]
+        q = None if qs is None else qs[k]
         idx = ss.index[i]
         dates = None
         if np.issubdtype(np.asarray(idx).dtype, np.datetime64):
