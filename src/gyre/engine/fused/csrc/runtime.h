@@ -395,7 +395,7 @@ void packed_gemm(T* C, int64_t ldc, const T* A, int64_t lda, int64_t M, const Pa
 }
 
 // c (M x N, contiguous) (+= with add) a^T @ b, a (K x M) and b (K x N) contiguous: a weight's
-// gradient over all T*B rows. The (panel, row tile) pairs are split across threads (each tile
+// gradient over all T*B rows, on the tiled kernel (matmul_tn below takes BLAS where it can). The (panel, row tile) pairs are split across threads (each tile
 // summed by one thread over all K: reproducible), K in blocks that keep a in L2. a and b are read
 // in place (measured: copying b's panel blocks first cost 7-13% at 192-512 columns), but for the
 // last panel when it is short of NR columns, which is copied to a zero-padded block. Each tile
