@@ -523,6 +523,46 @@ def test_streaming_choice_is_the_contracts():
     assert engine.choose(lstm, "auto", Options(stream=True, random=True), "cpu") == "native"
 
 
+def test_stream_sees_a_swapped_tensor():
+    """A swap of the tensor under a parameter's Python object (what torch.utils.swap_tensors
+    does after its reference checks, which refuse while the plan holds the parameter) keeps
+    the object: the compiled step's check sees the new tensor and steps on it."""
+    torch.manual_seed(2)
+    m = _layer("lstm", torch.float32)
+    x = torch.randn(3, I)
+    with torch.no_grad():
+        _, state = m.step(x)
+    assert _plan(m) is not None and _plan(m).fast is not None
+    torch._C._swap_tensor_impl(m.weight_hh_l0, torch.nn.Parameter(torch.randn_like(m.weight_hh_l0)))
+    with torch.no_grad():
+        y, s = m.step(x, state)
+    want_y, want_s = _expected_next(m, x, state)
+    _close(y, want_y, torch.float32)
+    for a, b in zip(s, want_s, strict=True):
+        _close(a, b, torch.float32)
+
+
+def test_stream_entry_raises_for_a_cpp_exception(monkeypatch):
+    """A check inside the C++ entry that throws (a sparse tensor has no data pointer) raises a
+    RuntimeError in Python instead of ending the process."""
+    from gyre import engine
+    from gyre.cells import layer_specs
+
+    cell = LSTMCell()
+    params = [[{n: torch.randn(s.shape) for n, s in layer_specs(cell, I, H, True).items()}]]
+    mod = engine.stream(cell, params, I, H).mod
+    calls = []
+    make = mod.make
+    monkeypatch.setattr(mod, "make", lambda *a: calls.append(a) or make(*a))
+    assert engine.stream(cell, params, I, H) is not None and len(calls) == 1
+    args = list(calls[0])
+    sparse = torch.eye(3).to_sparse()
+    args[5] = (sparse, *args[5][1:])  # the parameters, and the tensor each object holds
+    args[8] = (sparse._cdata, *args[8][1:])
+    with pytest.raises(RuntimeError, match="storage"):
+        make(*args)
+
+
 def test_stream_entry_from_plain_parameters():
     """engine.stream takes a cell and parameter dicts, no layer: a hand-made two-layer GRU
     stack streams through the plan, equal to engine.run on one step; a forced backend without

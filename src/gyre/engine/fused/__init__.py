@@ -277,6 +277,12 @@ PACK_MIN_MACS = 1 << 23
 #: faster than MKL's sgemm (the autograd linear) at (100*32,64)@(64,512) and (200*16,32)@(32,256),
 #: with the input gradient 0.8-0.85x MKL's time)
 INPUT_PACK_MIN_MACS = 1 << 28
+#: ...but only while its output stays below this many bytes: glibc maps every larger block fresh
+#: from the system (its mmap threshold stops growing at 32 MiB), so oneDNN's output, and the
+#: autograd products of its backward, page-fault on every 4 KiB of every call, where the tiled
+#: products take theirs from the kernel module's buffer pool (measured, minGRU at T=16384, B=8,
+#: I=H=256, one thread: ~20% of the call in page faults before)
+INPUT_PACK_MAX_BYTES = 32 << 20
 
 
 def _input_preact(kernel: _Kernel, cell: Cell, p: Params, x: Tensor) -> Tensor:
@@ -290,7 +296,8 @@ def _input_preact(kernel: _Kernel, cell: Cell, p: Params, x: Tensor) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     out = None
     if (x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and x2.shape[0] * w.shape[0] * w.shape[1] >= INPUT_PACK_MIN_MACS):
+            and x2.shape[0] * w.shape[0] * w.shape[1] >= INPUT_PACK_MIN_MACS
+            and x2.shape[0] * w.shape[0] * x.element_size() < INPUT_PACK_MAX_BYTES):
         try:
             with torch.no_grad():
                 packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(),

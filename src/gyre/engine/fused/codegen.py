@@ -760,6 +760,11 @@ class _Gen:
                          f"P0[{sl[('dvec', v)]}] = dvec{v}.data_ptr<T>(); "
                          f"LD0[{sl[('dvec', v)]}] = vecs[{v}].size(0);")
         L += self._chunk_open("matsT")
+        # a vector's gradient: every row of a chunk adds into the chunk's first row (row stride 0),
+        # one row that stays in L1 across the steps, instead of a row per batch row each step
+        for v in range(len(p.vecs)):
+            if v not in self.vec_alias:
+                L.append(f"  LD[{sl[('dvec', v)]}] = 0;")
         L.append("  for (int64_t t = T_ - 1; t >= 0; --t) {")
         L += self._step_ptrs("t")
         L.append(f"    P[{sl[('dxp',)]}] = dxp_p + (t * B + R0) * W_xp; LD[{sl[('dxp',)]}] = W_xp;")

@@ -2,7 +2,9 @@
 // unit registers them with def_products): mm_rows(a, mat, bias) = a @ mat (+ bias) (the input
 // projection with mat the transposed weight, and its input gradient) and mm_tn(a, b, sum_b) =
 // [a^T @ b] (its weight gradient), with b.sum(0) after it when sum_b (the bias's); float32 and
-// float64 on CPU.
+// float64 on CPU. Their outputs come from the buffer pool (runtime.h: pooled): a product over
+// all rows of a long sequence is hundreds of MiB, which torch's allocator maps fresh (page
+// faults on every 4 KiB) on every call.
 #pragma once
 #include "runtime.h"
 namespace {
@@ -28,7 +30,7 @@ at::Tensor mm_rows_op(const at::Tensor& a_, const at::Tensor& mat,
                 "gyre mm_rows: bias of mat's N elements expected");
     bias = bias_->contiguous();
   }
-  at::Tensor out = at::empty({M, N}, a.options());
+  at::Tensor out = pooled({M, N}, a.options(), false);
   const at::Tensor* b = bias.defined() ? &bias : nullptr;
   if (a.scalar_type() == at::kDouble) mm_rows_t<double>(a, mat, b, out);
   else mm_rows_t<float>(a, mat, b, out);
@@ -43,7 +45,7 @@ std::vector<at::Tensor> mm_tn_op(const at::Tensor& a_, const at::Tensor& b_, boo
               "gyre mm_tn: float32 or float64 CPU tensors of one dtype expected");
   const at::Tensor a = a_.contiguous(), b = b_.contiguous();
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
-  at::Tensor out = at::empty({M, N}, a.options());
+  at::Tensor out = pooled({M, N}, a.options(), false);
   std::vector<at::Tensor> res{out};
   if (sum_b) res.push_back(at::zeros({N}, a.options()));
   if (a.scalar_type() == at::kDouble)

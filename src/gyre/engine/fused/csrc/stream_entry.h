@@ -149,6 +149,10 @@ PyObject* stream_make(PyObject*, PyObject* const* a, Py_ssize_t n) {
   pl->versions = v != 0;
   PyObject* ps = PySequence_Fast(a[5], "make: params must be a sequence");
   if (!ps) return nullptr;
+  struct Release {  // ps, also when a check below throws
+    PyObject* o;
+    ~Release() { Py_DECREF(o); }
+  } release{ps};
   pl->objects = size_t(PySequence_Fast_GET_SIZE(ps)) == ptrs.size() && ptrs.size() == impls.size();
   static_assert(sizeof(at::Tensor) == sizeof(void*), "at::Tensor is one TensorImpl pointer");
   for (Py_ssize_t i = 0; pl->objects && i < PySequence_Fast_GET_SIZE(ps); ++i) {
@@ -158,7 +162,8 @@ PyObject* stream_make(PyObject*, PyObject* const* a, Py_ssize_t n) {
     // the TensorImpl Python reports, and through it the storage Python sees
     int64_t impl = 0;
     if (t) std::memcpy(&impl, static_cast<const void*>(t), sizeof(impl));
-    if (!t || impl == 0 || impl != impls[i] ||
+    // (an inference tensor has no version counter: its in-place updates would go unseen)
+    if (!t || impl == 0 || impl != impls[i] || t->is_inference() ||
         reinterpret_cast<int64_t>(t->data_ptr()) != ptrs[i]) {
       pl->objects = false;
       break;
@@ -169,7 +174,6 @@ PyObject* stream_make(PyObject*, PyObject* const* a, Py_ssize_t n) {
     pl->param_ptrs.push_back(t->data_ptr());
     pl->param_versions.push_back(t->_version());
   }
-  Py_DECREF(ps);
   return PyCapsule_New(pl.release(), kCapsule, plan_free);
 }
 
@@ -289,7 +293,9 @@ PyObject* stream_run(PyObject*, PyObject* const* a, Py_ssize_t n) {
   return run_and_wrap(*pl, B, unbatched != 0, x, in, false);
 }
 
-// the plan's parameters are still the module's, unchanged (same objects, storage, versions)
+// the plan's parameters are still the module's, unchanged: the same objects holding the same
+// tensors (torch.utils.swap_tensors keeps the object and replaces the tensor under it), storage
+// and versions
 bool params_current(const StreamPlan& pl, PyObject* dict) {
   if (!PyDict_Check(dict) || size_t(PyDict_Size(dict)) != pl.param_objs.size()) return false;
   Py_ssize_t pos = 0, i = 0;
@@ -297,6 +303,8 @@ bool params_current(const StreamPlan& pl, PyObject* dict) {
   while (PyDict_Next(dict, &pos, &key, &value)) {
     if (value != pl.param_objs[i]) return false;
     const at::Tensor& t = pl.params[i];
+    const at::Tensor* now = tensor_of(value, false);
+    if (now == nullptr || now->unsafeGetTensorImpl() != t.unsafeGetTensorImpl()) return false;
     if (t.data_ptr() != pl.param_ptrs[i] || (pl.versions && t._version() != pl.param_versions[i]))
       return false;
     ++i;
@@ -387,11 +395,30 @@ PyObject* stream_layer(PyObject*, PyObject* const* a, Py_ssize_t n) {
   Py_RETURN_NONE;
 }
 
+// every entry as Python calls it: a C++ exception (torch's checks throw c10::Error) becomes a
+// RuntimeError; one escaping into the interpreter's C frames would end the process
+using Entry = PyObject* (*)(PyObject*, PyObject* const*, Py_ssize_t);
+template <Entry F>
+PyObject* guarded(PyObject* self, PyObject* const* a, Py_ssize_t n) {
+  try {
+    return F(self, a, n);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  } catch (...) {
+    PyErr_SetString(PyExc_RuntimeError, "gyre streaming entry: a C++ exception");
+  }
+  return nullptr;
+}
+
 PyMethodDef kStreamMethods[] = {
-    {"make", (PyCFunction)(void (*)(void))stream_make, METH_FASTCALL, "a streaming plan"},
-    {"run", (PyCFunction)(void (*)(void))stream_run, METH_FASTCALL, "one step, every layer"},
-    {"step", (PyCFunction)(void (*)(void))stream_step, METH_FASTCALL, "run() on tensors, or None"},
-    {"layer", (PyCFunction)(void (*)(void))stream_layer, METH_FASTCALL, "one step, one layer"},
+    {"make", (PyCFunction)(void (*)(void))guarded<stream_make>, METH_FASTCALL,
+     "a streaming plan"},
+    {"run", (PyCFunction)(void (*)(void))guarded<stream_run>, METH_FASTCALL,
+     "one step, every layer"},
+    {"step", (PyCFunction)(void (*)(void))guarded<stream_step>, METH_FASTCALL,
+     "run() on tensors, or None"},
+    {"layer", (PyCFunction)(void (*)(void))guarded<stream_layer>, METH_FASTCALL,
+     "one step, one layer"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kStreamModule = {PyModuleDef_HEAD_INIT, GYRE_MODULE_NAME, "gyre streaming steps", -1,
