@@ -140,15 +140,43 @@ def test_gyre_prune_on_a_forecast_run(airline_run, tmp_path):
 
 def test_gyre_prune_on_a_regress_run(tmp_path):
     from gyre.tasks import regress
+    # the LSTM shapes of the classify run's test (16 -> 8 units, forward only): no new kernel
     regress.train(regress.Config(data="covid_3month", out=str(tmp_path / "run"), epochs=1,
-                                 hidden=8, minirocket=False, progress=False, tensorboard=False,
+                                 hidden=16, bidirectional=False, cell="lstm", model="rnn",
+                                 minirocket=False, progress=False, tensorboard=False,
                                  device="cpu"))
     assert main(["prune", str(tmp_path / "run"), "--sparsity", "0.5", "--structured",
                  "--epochs", "1", "--threads", "1"]) == 0
     rows = json.loads((tmp_path / "run" / "prune" / "prune-structured.json").read_text())
-    assert rows[0]["hidden"] == 4 and rows[0]["rmse"] > 0
+    assert rows[0]["hidden"] == 8 and rows[0]["rmse"] > 0
     _, small, _ = regress.load_run(rows[0]["run"])
-    assert small.rnn.hidden_size == 4 and small.fc.out_features == 1
+    assert small.rnn.hidden_size == 8 and small.fc.out_features == 1
+
+
+def test_gyre_prune_on_a_sentiment_run(tmp_path):
+    """A small CSV of labelled texts (words that say the label, in random order) keeps the
+    run cheap; the LSTM shapes are the classify run's test's (16 -> 8 units, forward only)."""
+    import random
+
+    from gyre.tasks import sentiment
+    rng = random.Random(0)
+    words = {"pos": ["good", "great", "fine", "nice"], "neg": ["bad", "poor", "awful", "sad"]}
+    rows = ["review,score"]
+    for i in range(160):
+        label = "pos" if i % 2 else "neg"
+        rows.append(" ".join(rng.choice(words[label] + ["the", "food", "was"])
+                             for _ in range(8)) + f",{label}")
+    (tmp_path / "texts.csv").write_text("\n".join(rows) + "\n")
+    sentiment.train(sentiment.Config(data=str(tmp_path / "texts.csv"), out=str(tmp_path / "run"),
+                                     epochs=1, hidden=16, embed=8, bidirectional=False,
+                                     cell="lstm", tokenizer="word", vocab_size=64, progress=False,
+                                     tensorboard=False, device="cpu"))
+    assert main(["prune", str(tmp_path / "run"), "--sparsity", "0.5", "--structured",
+                 "--epochs", "1", "--threads", "1"]) == 0
+    rows = json.loads((tmp_path / "run" / "prune" / "prune-structured.json").read_text())
+    assert rows[0]["hidden"] == 8 and 0 <= rows[0]["accuracy"] <= 1
+    _, small, _, _ = sentiment.load_run(rows[0]["run"])
+    assert small.rnn.hidden_size == 8
 
 
 def test_bad_input(tmp_path):

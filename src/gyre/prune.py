@@ -152,6 +152,13 @@ def plot(rows: list[dict], metric: str, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _load(task, out_dir) -> tuple:
+    """``(config, model, checkpoint extra)`` of a run (a text task's ``load_run`` also gives its
+    tokeniser, before the extra)."""
+    loaded = task.load_run(out_dir)
+    return loaded[0], loaded[1], loaded[-1]
+
+
 def prune_run(task, out_dir, sparsities, *, structured_units: bool = False, epochs: int = 3,
               dest=None) -> list[dict]:
     """Prune the run in ``out_dir`` at each sparsity, fine-tune each for ``epochs`` epochs into
@@ -163,12 +170,12 @@ def prune_run(task, out_dir, sparsities, *, structured_units: bool = False, epoc
     from .tasks import base
     if not all(hasattr(task, f) for f in ("finetune", "score_test", "build_like")):
         raise ValueError(f"prune: task {task.__name__.rsplit('.', 1)[-1]!r} has no finetune(); "
-                         "pruning (fine-tune and test score) is available for classify, regress "
-                         "and forecast runs")
+                         "pruning (fine-tune and test score) is available for classify, regress, "
+                         "forecast and sentiment runs")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs: got {epochs!r}, expected an int >= 1 (fine-tune epochs)")
     sparsities = [_check_sparsity(s) for s in sparsities]
-    config, model, extra = task.load_run(out_dir)
+    config, model, extra = _load(task, out_dir)
     if not isinstance(getattr(model, "rnn", None), Recurrent):
         raise ValueError(f"prune: the run's model is {type(model).__name__}, which has no "
                          "gyre.nn.Recurrent .rnn to prune")
@@ -176,7 +183,7 @@ def prune_run(task, out_dir, sparsities, *, structured_units: bool = False, epoc
     kind = "structured" if structured_units else "unstructured"
     rows = []
     for s in sparsities:
-        _, model, extra = task.load_run(out_dir)
+        _, model, extra = _load(task, out_dir)
         sub = dest / f"{kind}-{s:g}"
         hidden = config.hidden
         hooks = []
@@ -195,7 +202,7 @@ def prune_run(task, out_dir, sparsities, *, structured_units: bool = False, epoc
         for _ in range(3):  # paired with the unpruned run's, alternating (a shared machine)
             base_s = min(base_s, task.score_test(out_dir)[1])
             seconds = min(seconds, task.score_test(sub)[1])
-        _, pruned, _ = task.load_run(sub)
+        _, pruned, _ = _load(task, sub)
         rows.append({"kind": kind, "sparsity": s, "hidden": hidden,
                      "weight_sparsity": round(sparsity_of(pruned), 4),
                      "parameters": sum(int((p != 0).sum()) for p in pruned.parameters()),
