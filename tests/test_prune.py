@@ -179,12 +179,39 @@ def test_gyre_prune_on_a_sentiment_run(tmp_path):
     assert small.rnn.hidden_size == 8
 
 
+def test_gyre_prune_on_an_lm_run(tmp_path):
+    """Tied output, hidden = embedding width: the small model's projection is the identity's
+    kept columns (exact on a model whose other units are dead)."""
+    from gyre.tasks import lm
+    torch.manual_seed(4)
+    H, dead = 16, list(range(8, 16))
+    big = lm.LanguageModel(30, "lstm", 16, H).eval()
+    _kill(big, H, dead)
+    small = prune.structured(big, lm.LanguageModel(30, "lstm", 16, 8), 0.5)
+    big.rnn.backend = small.rnn.backend = "reference"
+    ids = torch.randint(0, 30, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids)[0], big(ids)[0], atol=1e-5, rtol=1e-5)
+    text = "\n".join(f"the cat {w} sat on the mat" for w in ("sat", "ran", "hid") * 40) + "\n"
+    (tmp_path / "t.txt").write_text(text)
+    lm.train(lm.Config(data=str(tmp_path / "t.txt"), out=str(tmp_path / "run"), epochs=1,
+                       hidden=16, embed=16, cell="lstm", tokenizer="char", ngram_order=0,
+                       batch_size=4, progress=False, tensorboard=False, device="cpu"))
+    assert main(["prune", str(tmp_path / "run"), "--sparsity", "0,0.5", "--structured",
+                 "--epochs", "1", "--threads", "1"]) == 0
+    rows = json.loads((tmp_path / "run" / "prune" / "prune-structured.json").read_text())
+    assert [r["hidden"] for r in rows] == [16, 8] and all(r["bits_per_char"] > 0 for r in rows)
+    _, pruned, _ = lm.load_run(rows[1]["run"])
+    assert pruned.rnn.hidden_size == 8
+    assert pruned.head.out.weight is pruned.embedding.weight  # still tied
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="sparsity: got 1"):
         prune.unstructured(classify.RecurrentClassifier("lstm", 2, 2, 4), 1)
-    from gyre.tasks import lm
+    from gyre.tasks import translate
     with pytest.raises(ValueError, match="no finetune"):
-        prune.prune_run(lm, tmp_path, [0.5])
+        prune.prune_run(translate, tmp_path, [0.5])
     proj = classify.RecurrentClassifier("lstm", 2, 2, 4)
     proj.rnn.cell = type(proj.rnn.cell)(proj_size=2)
     with pytest.raises(ValueError, match="proj_size"):

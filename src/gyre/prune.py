@@ -16,7 +16,8 @@
   and series embedding, a conv-rnn head's fused front-end mean). Units are ranked per layer by
   the L2 norm of their rows over both directions.
 
-Starts from a task's ``load_run``; the pruned model is built by the task's ``build_like``
+An output layer tied to an embedding (lm) is left as it is (pruning its weight would untie
+it). Starts from a task's ``load_run``; the pruned model is built by the task's ``build_like``
 (the run's model from a config) and fine-tuned by its ``finetune``; ``score_test`` scores it.
 """
 
@@ -42,7 +43,12 @@ def _check_sparsity(s) -> float:
 def _weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """The weight matrices pruning acts on: the recurrence's and the head's (Linear) weights."""
     out = []
+    # an output layer tied to an embedding (lm) shares its weight: left as it is (pruning it
+    # would replace the parameter and untie the two)
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for mod in model.modules():
+        if isinstance(mod, nn.Linear) and id(mod.weight) in tied:
+            continue
         if isinstance(mod, Recurrent):
             out += [(mod, n) for n, p in mod.named_parameters(recurse=False)
                     if n.startswith("weight") and p.dim() == 2]
@@ -108,6 +114,19 @@ def structured(model: nn.Module, small: nn.Module, sparsity: float) -> nn.Module
     kept = [o[:Hs].sort().values for o in _unit_order(rnn)]
     big, out = model.state_dict(), small.state_dict()
     for name, v in out.items():
+        if name not in big:
+            # a layer the small model has and the big one has not: the projection to the
+            # embedding width of a tied output (lm) whose hidden size was that width (Identity):
+            # the kept units' columns of the identity do what Identity did on them
+            if name.endswith("proj.weight") and tuple(v.shape) == (H, Hs):
+                w = torch.zeros(H, Hs, dtype=v.dtype)
+                w[kept[-1], torch.arange(Hs)] = 1
+                out[name] = w
+                continue
+            if name.endswith("proj.bias") and tuple(v.shape) == (H,):
+                out[name] = torch.zeros_like(v)
+                continue
+            raise ValueError(f"structured: the smaller model has {name}, which the run's has not")
         w = big[name]
         if tuple(w.shape) == tuple(v.shape):
             out[name] = w.clone()
@@ -154,9 +173,10 @@ def plot(rows: list[dict], metric: str, path: Path, title: str) -> None:
 
 def _load(task, out_dir) -> tuple:
     """``(config, model, checkpoint extra)`` of a run (a text task's ``load_run`` also gives its
-    tokeniser, before the extra)."""
+    tokeniser; lm's gives no extra, its ``run_extra`` does)."""
     loaded = task.load_run(out_dir)
-    return loaded[0], loaded[1], loaded[-1]
+    extra = task.run_extra(out_dir) if hasattr(task, "run_extra") else loaded[-1]
+    return loaded[0], loaded[1], extra
 
 
 def prune_run(task, out_dir, sparsities, *, structured_units: bool = False, epochs: int = 3,
@@ -171,7 +191,7 @@ def prune_run(task, out_dir, sparsities, *, structured_units: bool = False, epoc
     if not all(hasattr(task, f) for f in ("finetune", "score_test", "build_like")):
         raise ValueError(f"prune: task {task.__name__.rsplit('.', 1)[-1]!r} has no finetune(); "
                          "pruning (fine-tune and test score) is available for classify, regress, "
-                         "forecast and sentiment runs")
+                         "forecast, sentiment and lm runs")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs: got {epochs!r}, expected an int >= 1 (fine-tune epochs)")
     sparsities = [_check_sparsity(s) for s in sparsities]
