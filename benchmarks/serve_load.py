@@ -464,7 +464,8 @@ def main(argv=None) -> int:
     finally:
         if proc.is_alive():
             proc.terminate()
-        proc.join(10)
+        if not a.streamer_only:
+            proc.join(10)
     single = _one_at_a_time(a.input, a.hidden, min(a.seconds, 5))
     batched = _in_process_batched(a.input, a.hidden, 1024, min(a.seconds, 5))
     extra = {"in_process_one_stream_at_a_time": single,
