@@ -46,5 +46,5 @@ def test_gyre_quantize_on_a_forecast_run(airline_run, tmp_path):
 def test_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="src"):
         quantize.quantize_onnx(tmp_path / "none.onnx", tmp_path / "q.onnx")
-    with pytest.raises(ValueError, match="no score_test"):
+    with pytest.raises(ValueError, match="'lm' is not covered"):
         quantize.quantize_run(lm, tmp_path)

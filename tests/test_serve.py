@@ -55,6 +55,21 @@ def test_streamer_equals_offline_under_any_chunking(model):
     assert max(s.batch_sizes) <= 3
 
 
+def test_one_step_each_is_checked_at_once_and_equals_the_stream_by_stream_path():
+    torch.manual_seed(3)
+    model = RecurrentClassifier("lstm", 3, 4, 8, 1, False, head="last", forget_bias=None).eval()
+    fast, slow = Streamer(model, max_batch=2), Streamer(model, max_batch=2)
+    ids = [(fast.open(), slow.open()) for _ in range(5)]
+    for _ in range(3):
+        x = torch.randn(5, 3)
+        got = fast.step({f: x[b] if b % 2 else x[b:b + 1] for b, (f, _) in enumerate(ids)})
+        want = slow.step({s_: x[b:b + 1].tolist() for b, (_, s_) in enumerate(ids)})
+        for f, s_ in ids:
+            assert got[f].shape == (1, 4)
+            torch.testing.assert_close(got[f], want[s_])
+    assert max(fast.batch_sizes) == 2
+
+
 def test_streamer_refuses_and_bounds():
     with pytest.raises(ValueError, match="bidirectional"):
         Streamer(LSTM(3, 4, bidirectional=True))
@@ -76,6 +91,11 @@ def test_streamer_refuses_and_bounds():
         s.step({"nope": torch.zeros(1, 3)})
     assert e.value.status == 404
     s.step({a: torch.zeros(1, 3)})
+    with pytest.raises(StreamError, match="not a finite number") as e:  # one step each, batched
+        s.step({a: torch.zeros(3), b: torch.tensor([[0, float("nan"), 0]])})
+    assert e.value.status == 422
+    with pytest.raises(StreamError, match="no open stream with id 'nope'"):
+        s.step({a: torch.zeros(3), "nope": torch.zeros(3)})
     import time
     assert s.evict_idle() == []
     assert s.evict_idle(time.monotonic() + 11, busy={a}) == [b]  # a has steps queued

@@ -468,7 +468,8 @@ def _top_parser() -> argparse.ArgumentParser:
                     help="seconds without a step before a stream is evicted (default: 300)")
     _add_threads(sv)
     pn = sub.add_parser("prune", help="magnitude-prune a trained run, fine-tune, and tabulate")
-    pn.add_argument("dir", help="run directory written by gyre train (classify)")
+    pn.add_argument("dir", help="run directory written by gyre train (classify, regress, "
+                    "forecast, sentiment, lm)")
     pn.add_argument("--sparsity", type=_sparsities, default=[0.0, 0.25, 0.5, 0.75, 0.9],
                     help="one or more, comma separated (default: 0,0.25,0.5,0.75,0.9)")
     pn.add_argument("--structured", action="store_true",

@@ -9,11 +9,16 @@
   block, its column of the recurrent weights, its per-unit vectors (peepholes, layer norm) and
   the columns of the next layer's and the head's inputs it fed. The model is rebuilt with the
   smaller ``hidden`` and the kept units' weights copied in: it runs faster, not only sparser.
-  Which axes hold units is read off the parameter shapes of the two sizes (an axis ``g * H``
-  long becomes ``g * H'``), so no cell is special-cased. Units are ranked per layer by the L2
-  norm of their rows over both directions.
+  Which axes hold units is read off the parameter shapes of the two sizes (an axis ``g * H + c``
+  long becomes ``g * H' + c``), so no cell is special-cased. The ``g`` blocks of ``H`` come
+  first on such an axis and the ``c`` other entries after them: the rule of every built-in
+  head that reads the recurrence beside other features (a forecast head's future covariates
+  and series embedding, a conv-rnn head's fused front-end mean). Units are ranked per layer by
+  the L2 norm of their rows over both directions.
 
-Starts from a task's ``load_run``; the fine-tune is the task's own ``finetune``.
+An output layer tied to an embedding (lm) is left as it is (pruning its weight would untie
+it). Starts from a task's ``load_run``; the pruned model is built by the task's ``build_like``
+(the run's model from a config) and fine-tuned by its ``finetune``; ``score_test`` scores it.
 """
 
 from __future__ import annotations
@@ -38,7 +43,12 @@ def _check_sparsity(s) -> float:
 def _weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """The weight matrices pruning acts on: the recurrence's and the head's (Linear) weights."""
     out = []
+    # an output layer tied to an embedding (lm) shares its weight: left as it is (pruning it
+    # would replace the parameter and untie the two)
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for mod in model.modules():
+        if isinstance(mod, nn.Linear) and id(mod.weight) in tied:
+            continue
         if isinstance(mod, Recurrent):
             out += [(mod, n) for n, p in mod.named_parameters(recurse=False)
                     if n.startswith("weight") and p.dim() == 2]
@@ -98,16 +108,25 @@ def structured(model: nn.Module, small: nn.Module, sparsity: float) -> nn.Module
     size ``round(H * (1 - sparsity))``) and return it."""
     rnn, srnn = model.rnn, small.rnn
     H, Hs = rnn.hidden_size, srnn.hidden_size
-    if getattr(model, "fuse", False):
-        raise ValueError("structured: this conv-rnn model joins its front-end's channels to the "
-                         "recurrent features in its head (fuse=True), so the head's columns are "
-                         "not all hidden units; prune it unstructured, or train with --no-fuse")
     if getattr(rnn.cell, "proj_size", 0):
         raise ValueError("structured: a projected LSTM's state is proj_size wide, not hidden_size; "
                          "prune it unstructured")
     kept = [o[:Hs].sort().values for o in _unit_order(rnn)]
     big, out = model.state_dict(), small.state_dict()
     for name, v in out.items():
+        if name not in big:
+            # a layer the small model has and the big one has not: the projection to the
+            # embedding width of a tied output (lm) whose hidden size was that width (Identity):
+            # the kept units' columns of the identity do what Identity did on them
+            if name.endswith("proj.weight") and tuple(v.shape) == (H, Hs):
+                w = torch.zeros(H, Hs, dtype=v.dtype)
+                w[kept[-1], torch.arange(Hs)] = 1
+                out[name] = w
+                continue
+            if name.endswith("proj.bias") and tuple(v.shape) == (H,):
+                out[name] = torch.zeros_like(v)
+                continue
+            raise ValueError(f"structured: the smaller model has {name}, which the run's has not")
         w = big[name]
         if tuple(w.shape) == tuple(v.shape):
             out[name] = w.clone()
@@ -118,15 +137,17 @@ def structured(model: nn.Module, small: nn.Module, sparsity: float) -> nn.Module
         for axis, (a, b) in enumerate(zip(w.shape, v.shape, strict=True)):
             if a == b:
                 continue
-            g = a // H
-            if g * H != a or g * Hs != b:
+            # a = g * H + c, b = g * Hs + c: g blocks of units, then c entries kept as they are
+            g, rest = divmod(a - b, H - Hs)
+            c = a - g * H
+            if rest or g < 1 or c < 0 or c != b - g * Hs:
                 raise ValueError(f"structured: cannot tell the hidden units of {name} "
                                  f"({tuple(w.shape)} -> {tuple(v.shape)})")
             # a stacked layer's input columns are the previous layer's units (one block per
             # direction); every other axis that scales with H holds this layer's units
             src = layer - 1 if in_rnn and axis == 1 and base in ("weight_ih", "weight_xh") \
                 else layer
-            sel = torch.cat([kept[src] + k * H for k in range(g)])
+            sel = torch.cat([kept[src] + k * H for k in range(g)] + [torch.arange(c) + g * H])
             w = w.index_select(axis, sel)
         out[name] = w.clone()
     small.load_state_dict(out)
@@ -150,6 +171,14 @@ def plot(rows: list[dict], metric: str, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _load(task, out_dir) -> tuple:
+    """``(config, model, checkpoint extra)`` of a run (a text task's ``load_run`` also gives its
+    tokeniser; lm's gives no extra, its ``run_extra`` does)."""
+    loaded = task.load_run(out_dir)
+    extra = task.run_extra(out_dir) if hasattr(task, "run_extra") else loaded[-1]
+    return loaded[0], loaded[1], extra
+
+
 def prune_run(task, out_dir, sparsities, *, structured_units: bool = False, epochs: int = 3,
               dest=None) -> list[dict]:
     """Prune the run in ``out_dir`` at each sparsity, fine-tune each for ``epochs`` epochs into
@@ -159,18 +188,14 @@ def prune_run(task, out_dir, sparsities, *, structured_units: bool = False, epoc
     run's, best of 3, and ``speedup`` is their ratio. The original run is not touched. Returns
     the table rows."""
     from .tasks import base
-    if not hasattr(task, "finetune"):
+    if not all(hasattr(task, f) for f in ("finetune", "score_test", "build_like")):
         raise ValueError(f"prune: task {task.__name__.rsplit('.', 1)[-1]!r} has no finetune(); "
-                         "pruning is available for classify runs (and forecast runs, per weight)")
+                         "pruning (fine-tune and test score) is available for classify, regress, "
+                         "forecast, sentiment and lm runs")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs: got {epochs!r}, expected an int >= 1 (fine-tune epochs)")
     sparsities = [_check_sparsity(s) for s in sparsities]
-    name = task.__name__.rsplit(".", 1)[-1]
-    if structured_units and name == "forecast":
-        raise ValueError("structured: a forecast run's head reads the recurrence's output beside "
-                         "its other inputs, which structured pruning does not map yet; prune "
-                         "forecast runs per weight (without --structured)")
-    config, model, extra = task.load_run(out_dir)
+    config, model, extra = _load(task, out_dir)
     if not isinstance(getattr(model, "rnn", None), Recurrent):
         raise ValueError(f"prune: the run's model is {type(model).__name__}, which has no "
                          "gyre.nn.Recurrent .rnn to prune")
@@ -178,15 +203,13 @@ def prune_run(task, out_dir, sparsities, *, structured_units: bool = False, epoc
     kind = "structured" if structured_units else "unstructured"
     rows = []
     for s in sparsities:
-        _, model, extra = task.load_run(out_dir)
+        _, model, extra = _load(task, out_dir)
         sub = dest / f"{kind}-{s:g}"
         hidden = config.hidden
         hooks = []
         if structured_units:
             hidden = max(1, round(config.hidden * (1 - s)))
-            small = task.build_model(dataclasses.replace(config, hidden=hidden),
-                                     extra["n_channels"], len(extra["classes"]), extra.get("frame"),
-                                     extra.get("stride"))
+            small = task.build_like(dataclasses.replace(config, hidden=hidden), extra)
             model = structured(model, small, s)
         else:
             hooks = unstructured(model, s)
@@ -199,7 +222,7 @@ def prune_run(task, out_dir, sparsities, *, structured_units: bool = False, epoc
         for _ in range(3):  # paired with the unpruned run's, alternating (a shared machine)
             base_s = min(base_s, task.score_test(out_dir)[1])
             seconds = min(seconds, task.score_test(sub)[1])
-        _, pruned, _ = task.load_run(sub)
+        _, pruned, _ = _load(task, sub)
         rows.append({"kind": kind, "sparsity": s, "hidden": hidden,
                      "weight_sparsity": round(sparsity_of(pruned), 4),
                      "parameters": sum(int((p != 0).sum()) for p in pruned.parameters()),

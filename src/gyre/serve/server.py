@@ -68,10 +68,11 @@ _BAD_JSON = (ValueError, UnicodeDecodeError) if orjson is None else \
 
 
 class _Request:
-    __slots__ = ("sid", "x", "next", "outs", "future", "start")
+    __slots__ = ("sid", "x", "n", "next", "outs", "future", "start")
 
-    def __init__(self, sid, x, future):
-        self.sid, self.x, self.next, self.outs, self.future = sid, x, 0, [], future
+    def __init__(self, sid, x: np.ndarray, future):
+        self.sid, self.x, self.n, self.next, self.outs, self.future = \
+            sid, x, x.shape[0], 0, [], future
         self.start = time.perf_counter()
 
 
@@ -124,7 +125,9 @@ class StreamServer:
             while self.pending:
                 sids = list(itertools.islice(self.pending, max_batch))
                 reqs = [self.pending[sid][0] for sid in sids]
-                xs = [r.x[r.next:r.next + self.round_steps] for r in reqs]
+                rs = self.round_steps
+                xs = [r.x if r.next == 0 and r.n <= rs else r.x[r.next:r.next + rs]
+                      for r in reqs]
                 try:
                     ys = self._run(sids, xs)
                 except StreamError:
@@ -145,7 +148,7 @@ class StreamServer:
                     req.outs.append(y)
                     req.next += len(y)
                     self.queued -= len(y)
-                    if req.next == len(req.x):
+                    if req.next == req.n:
                         q.popleft()
                         if not q:
                             del self.pending[sid]
@@ -154,16 +157,18 @@ class StreamServer:
                 if self.max_wait and len(self.pending) < max_batch:
                     await asyncio.sleep(0)  # let new requests join the next batch
 
-    def _run(self, sids, xs) -> list[np.ndarray]:
-        """The batched steps, each stream's outputs as a numpy array (written to JSON as is)."""
-        if all(len(x) == 1 for x in xs):  # one step each: one call, one conversion
-            y = self.s.step_rows(sids, torch.cat(xs) if len(xs) > 1 else xs[0]).numpy()
+    def _run(self, sids, xs: list[np.ndarray]) -> list[np.ndarray]:
+        """The batched steps of checked rows ``xs``, each stream's outputs as a numpy array
+        (written to JSON as is)."""
+        if all(x.shape[0] == 1 for x in xs):  # one step each: one call, one conversion
+            x = torch.from_numpy(np.concatenate(xs) if len(xs) > 1 else xs[0])
+            y = self.s.step_rows(sids, x).numpy()
             return [y[b:b + 1] for b in range(len(sids))]
-        return [y.numpy() for y in self.s.run(sids, xs)]
+        return [y.numpy() for y in self.s.run(sids, [torch.from_numpy(x) for x in xs])]
 
     def _fail_stream(self, sid: str, err: Exception) -> None:
         for req in self.pending.pop(sid, ()):
-            self.queued -= len(req.x) - req.next
+            self.queued -= req.n - req.next
             if not req.future.done():
                 req.future.set_exception(err)
 
@@ -186,7 +191,7 @@ class StreamServer:
             if not isinstance(body, dict) or "x" not in body:
                 raise StreamError("body: expected a JSON object with key \"x\" (a list of "
                                   "steps, each a list of features)")
-            x = self.s.check_steps(sid, body["x"])
+            x = self.s.check_rows(sid, body["x"])
             if x.shape[0] > self.max_request_steps:
                 raise StreamError(f"x: got {x.shape[0]} steps, at most "
                                   f"{self.max_request_steps} per request", 413)
@@ -204,7 +209,7 @@ class StreamServer:
             self.counts[f"status_{e.status}"] += 1
             return e.status, _dumps({"error": str(e)})
         self.latency.append(time.perf_counter() - req.start)
-        self.counts["steps"] += len(x)
+        self.counts["steps"] += x.shape[0]
         return 200, _dumps({"y": outs[0] if len(outs) == 1 else np.concatenate(outs)})
 
     # -- handlers -----------------------------------------------------------------------------
@@ -245,7 +250,7 @@ class StreamServer:
                         status, body = await self._steps(sid, data)
                         if status != 200:  # the status inside the message, the socket stays
                             body = body[:-1] + b',"status":' + str(status).encode() + b"}"
-                        await ws.send_str(body.decode())
+                        await ws.send_frame(body, WSMsgType.TEXT)  # orjson's bytes are UTF-8
             except ConnectionResetError:
                 self.counts["dropped_sockets"] += 1  # the client went away mid-answer
             finally:

@@ -701,6 +701,15 @@ def load_run(out_dir) -> tuple[Config, nn.Module, dict]:
     return restore(out_dir, Config, TASK, lambda extra: len(extra["classes"]))
 
 
+def build_like(config: SequenceModelConfig, extra: dict, n_outputs: int | None = None
+               ) -> nn.Module:
+    """The model of a run with checkpoint ``extra`` as ``config`` describes it (e.g. a smaller
+    ``hidden`` for structured pruning), untrained; ``n_outputs`` default: one per class."""
+    return build_model(config, extra["n_channels"],
+                       len(extra["classes"]) if n_outputs is None else n_outputs,
+                       extra.get("frame"), extra.get("stride"))
+
+
 def finetune(model: nn.Module, config: Config, extra: dict) -> None:
     """Train ``model`` (e.g. a pruned one) for ``config.epochs`` on the run's training split
     into the new run directory ``config.out`` (config.toml and checkpoint, as gyre train

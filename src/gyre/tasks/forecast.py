@@ -1715,6 +1715,12 @@ def score_test(out_dir, run=None) -> tuple[dict, float]:
     return _jsonable(test), seconds
 
 
+def build_like(config: Config, extra: dict) -> Forecaster:
+    """The model of a run with checkpoint ``extra`` as ``config`` describes it (e.g. a smaller
+    ``hidden`` for structured pruning), untrained."""
+    return _Setup(config, _load(config), saved=extra).model(config)
+
+
 def finetune(model: Forecaster, config: Config, extra: dict) -> None:
     """Train ``model`` (e.g. a pruned one) for ``config.epochs`` on the run's training windows
     into the new run directory ``config.out`` (config.toml and checkpoint, as gyre train writes

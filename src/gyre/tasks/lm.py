@@ -306,6 +306,52 @@ def load_run(out_dir) -> tuple[Config, LanguageModel, gtext.Tokenizer]:
     return config, model, gtext.tokenizer_from_state(ckpt["extra"]["tokenizer"])
 
 
+def run_extra(out_dir) -> dict:
+    """The checkpoint's extra of a run (tokeniser state, vocabulary size)."""
+    return load_checkpoint(Path(out_dir) / CHECKPOINT)["extra"]
+
+
+def build_like(config: Config, extra: dict) -> LanguageModel:
+    """The model of a run with checkpoint ``extra`` as ``config`` describes it (e.g. a smaller
+    ``hidden`` for structured pruning), untrained."""
+    return build_model(config, extra["vocab_size"])
+
+
+def _streams(config: Config, extra: dict):
+    data = tdata.load_stream(config.data)
+    tok = gtext.tokenizer_from_state(extra["tokenizer"])
+    train_ids, val_ids, test_ids = (tok.encode(t) for t in (data.train, data.val, data.test))
+    return (training_stream(train_ids, config.batch_size),
+            Stream(val_ids, config.eval_tracks, len(data.val)) if data.val else None,
+            Stream(test_ids, config.eval_tracks, len(data.test)))
+
+
+def finetune(model: LanguageModel, config: Config, extra: dict) -> None:
+    """Train ``model`` (e.g. a pruned one) for ``config.epochs`` on the run's training text
+    into the new run directory ``config.out`` (config.toml and checkpoint, as gyre train
+    writes them), with the run's tokeniser (``extra``)."""
+    train_ds, val_ds, _ = _streams(config, extra)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base.write_config(config, out / "config.toml")
+    seed_everything(config.seed)
+    tc = config.train_config(progress=False, shuffle=False, shard="contiguous")
+    result = LMTrainer(model, loss_fn, tc, out_dir=out, extra=extra).fit(train_ds, val_ds)
+    if result["interrupted"]:
+        raise KeyboardInterrupt
+
+
+def score_test(out_dir, run=None) -> tuple[dict, float]:
+    """``(test metrics, seconds of scoring the test stream)`` of a run (``run``: what computes
+    the forward instead of the run's model)."""
+    config, model, _ = load_run(out_dir)
+    _, _, test_ds = _streams(config, run_extra(out_dir))
+    start = time.perf_counter()
+    nats = stream_nats(run or model, test_ds)
+    seconds = time.perf_counter() - start
+    return stream_metrics(nats, test_ds.tokens, test_ds.chars), seconds
+
+
 def evaluate(out_dir, data: str | None = None) -> dict:
     """Test metrics of the run's test split, or of all of a ``.txt`` file given as ``data``."""
     config, model, tok = load_run(out_dir)

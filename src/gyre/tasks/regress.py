@@ -9,7 +9,9 @@ RMSE, MAE and R^2 on the original scale of the target.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from torch import Tensor, nn
@@ -140,6 +142,42 @@ def _predict(model: nn.Module, extra: dict, X: list[np.ndarray]) -> np.ndarray:
     scaler = cdata.Standardizer.from_state(extra["scaler"])
     out = cls._logits(model, scaler(X))[:, 0].numpy().astype(np.float64)
     return out * extra["y_std"] + extra["y_mean"]
+
+
+def build_like(config: Config, extra: dict) -> nn.Module:
+    """The model of a run with checkpoint ``extra`` as ``config`` describes it (e.g. a smaller
+    ``hidden`` for structured pruning), untrained."""
+    return cls.build_like(config, extra, 1)
+
+
+def finetune(model: nn.Module, config: Config, extra: dict) -> None:
+    """Train ``model`` (e.g. a pruned one) for ``config.epochs`` on the run's training split
+    into the new run directory ``config.out`` (config.toml and checkpoint, as gyre train
+    writes them), on the target standardised as the run had it (``extra``)."""
+    data = rdata.load(config.data, seed=config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base.write_config(config, out / "config.toml")
+    norm = lambda y: (np.asarray(y) - extra["y_mean"]) / extra["y_std"]  # noqa: E731
+    train_ds, val_ds, _, _ = cls._prepare(config, data, norm, np.float32)
+    seed_everything(config.seed)
+    _, result = cls._fit(model, config, out, train_ds, val_ds, extra, resume=False,
+                         progress=False, loss=mse_loss, metrics=_rmse_metric(extra["y_std"]))
+    if result["interrupted"]:
+        raise KeyboardInterrupt
+
+
+def score_test(out_dir, run=None) -> tuple[dict, float]:
+    """``(test scores, seconds of the model's forward over the test split)`` of a run; ``run``:
+    what computes the forward instead of the run's model."""
+    config, model, extra = load_run(out_dir)
+    ds = rdata.load(config.data, seed=config.seed)
+    X = cdata.Standardizer.from_state(extra["scaler"])(ds.X_test)
+    cls._logits(run or model, X)  # warm-up (a compiled kernel's first call)
+    start = time.perf_counter()
+    out = cls._logits(run or model, X)[:, 0].numpy().astype(np.float64)
+    seconds = time.perf_counter() - start
+    return scores(out * extra["y_std"] + extra["y_mean"], ds.y_test), seconds
 
 
 def evaluate(out_dir, data: str | None = None) -> dict:

@@ -328,6 +328,52 @@ def load_run(out_dir) -> tuple[Config, TextClassifier, gtext.Tokenizer, dict]:
     return config, model, gtext.tokenizer_from_state(extra["tokenizer"]), extra
 
 
+def _datasets(config: Config, extra: dict) -> tuple[TokenDataset, TokenDataset, TokenDataset]:
+    """The run's train, validation and test sets, encoded by its saved tokeniser."""
+    data = tdata.load_sentiment(config.data, config.text_column, config.label_column,
+                                config.test, config.seed)
+    tr, va = validation_split(data.y_train, config.val_fraction, config.seed)
+    tok = gtext.tokenizer_from_state(extra["tokenizer"])
+    enc = lambda texts, who: encode(tok, texts, config.max_tokens, config.truncate, who)  # noqa: E731
+    return (TokenDataset(enc([data.train_texts[i] for i in tr], "data"), data.y_train[tr]),
+            TokenDataset(enc([data.train_texts[i] for i in va], "data"), data.y_train[va]),
+            TokenDataset(enc(data.test_texts, "test"), data.y_test))
+
+
+def build_like(config: Config, extra: dict) -> TextClassifier:
+    """The model of a run with checkpoint ``extra`` as ``config`` describes it (e.g. a smaller
+    ``hidden`` for structured pruning), untrained."""
+    return build_model(config, extra["vocab_size"], len(extra["classes"]))
+
+
+def finetune(model: TextClassifier, config: Config, extra: dict) -> None:
+    """Train ``model`` (e.g. a pruned one) for ``config.epochs`` on the run's training split
+    into the new run directory ``config.out`` (config.toml and checkpoint, as gyre train
+    writes them), with the run's tokeniser and classes (``extra``)."""
+    train_ds, val_ds, _ = _datasets(config, extra)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base.write_config(config, out / "config.toml")
+    seed_everything(config.seed)
+    trainer = Trainer(model, loss_fn, config.train_config(progress=False), collate=collate,
+                      metrics=accuracy, out_dir=out, extra=extra)
+    result = trainer.fit(train_ds, val_ds if len(val_ds) else None)
+    if result["interrupted"]:
+        raise KeyboardInterrupt
+
+
+def score_test(out_dir, run=None) -> tuple[dict, float]:
+    """``(test scores, seconds of the model's forward over the test split)`` of a run; ``run``:
+    what computes the forward instead of the run's model."""
+    config, model, _, extra = load_run(out_dir)
+    _, _, test_ds = _datasets(config, extra)
+    _probs(run or model, test_ds.ids[:128])  # warm-up (a compiled kernel's first call)
+    start = time.perf_counter()
+    prob = _probs(run or model, test_ds.ids)
+    seconds = time.perf_counter() - start
+    return scores(prob, np.asarray(test_ds.y)), seconds
+
+
 @torch.no_grad()
 def _probs(model, ids: list[list[int]], batch_size: int = 128) -> np.ndarray:
     outs = []
