@@ -35,16 +35,36 @@ CANDIDATES: dict[str, dict] = {
     "conv128": {"model": "conv-rnn", "conv_channels": 128},
     "conv_s128": {"model": "conv-rnn", "conv_steps": 128},
     "conv_s128_e200": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200},
+    # aimed at generalisation, each one change from conv_s128_e200 (the default)
+    "ls1": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "label_smoothing": 0.1},
+    "crop9": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "crop": 0.9},
+    "aug": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "crop": 0.9,
+            "jitter": 0.05, "scale": 0.1},
+    "wd": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "optimizer": "adamw",
+           "weight_decay": 0.05},
+    "ens3_e70": {"model": "conv-rnn", "conv_steps": 128, "epochs": 70, "ensemble": 3},
 }
 #: regression candidates (``gyre train regress``)
 REGRESS: dict[str, dict] = {
     "rnn": {"model": "rnn"},
     "rnn_val": {"model": "rnn", "val_fraction": 0.2},
     "rnn_val_ens3": {"model": "rnn", "val_fraction": 0.2, "ensemble": 3},
+    "rnn_val_shrink": {"model": "rnn", "val_fraction": 0.2, "shrink": True},
+    "rnn_val_ens5_shrink": {"model": "rnn", "val_fraction": 0.2, "ensemble": 5, "shrink": True},
+    "rnn_val_wd_shrink": {"model": "rnn", "val_fraction": 0.2, "optimizer": "adamw",
+                          "weight_decay": 0.5, "shrink": True},
+    "conv_val_shrink": {"model": "conv-rnn", "conv_steps": 128, "val_fraction": 0.2,
+                        "shrink": True},
 }
 #: the CLI flags of each regression candidate (for the test table of the chosen one)
 REGRESS_FLAGS = {"rnn": [], "rnn_val": ["--val-fraction", "0.2"],
-                 "rnn_val_ens3": ["--val-fraction", "0.2", "--ensemble", "3"]}
+                 "rnn_val_ens3": ["--val-fraction", "0.2", "--ensemble", "3"],
+                 "rnn_val_shrink": ["--val-fraction", "0.2", "--shrink"],
+                 "rnn_val_ens5_shrink": ["--val-fraction", "0.2", "--ensemble", "5", "--shrink"],
+                 "rnn_val_wd_shrink": ["--val-fraction", "0.2", "--optimizer", "adamw",
+                                       "--weight-decay", "0.5", "--shrink"],
+                 "conv_val_shrink": ["--model", "conv-rnn", "--conv-steps", "128",
+                                     "--val-fraction", "0.2", "--shrink"]}
 REGRESS_DATASETS = ("covid_3month", "cardano_sentiment")
 DATASETS = ("italy_power_demand", "gunpoint", "japanese_vowels", "basic_motions", "arrow_head",
             "pickup_gesture_wiimoteZ", "osuleaf", "acsf1")
