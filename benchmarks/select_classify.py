@@ -42,6 +42,9 @@ CANDIDATES: dict[str, dict] = {
             "jitter": 0.05, "scale": 0.1},
     "wd": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "optimizer": "adamw",
            "weight_decay": 0.05},
+    "mean_head": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "head": "mean"},
+    "aug_ls1": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "crop": 0.9,
+                "jitter": 0.05, "scale": 0.1, "label_smoothing": 0.1},
     "ens3_e70": {"model": "conv-rnn", "conv_steps": 128, "epochs": 70, "ensemble": 3},
 }
 #: regression candidates (``gyre train regress``)
