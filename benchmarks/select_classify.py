@@ -45,6 +45,8 @@ CANDIDATES: dict[str, dict] = {
     "mean_head": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "head": "mean"},
     "aug_ls1": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "crop": 0.9,
                 "jitter": 0.05, "scale": 0.1, "label_smoothing": 0.1},
+    "aug_ens3_e70": {"model": "conv-rnn", "conv_steps": 128, "epochs": 70, "ensemble": 3,
+                     "crop": 0.9, "jitter": 0.05, "scale": 0.1},
     "ens3_e70": {"model": "conv-rnn", "conv_steps": 128, "epochs": 70, "ensemble": 3},
 }
 #: regression candidates (``gyre train regress``)

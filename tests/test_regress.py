@@ -30,6 +30,7 @@ def test_covid_3month_beats_the_mean_baseline_and_reloads(tmp_path):
     assert m["task"] == "regress" and m["train"]["n_test"] == 61
     assert m["test"]["rmse"] < m["baselines"]["train_mean"]["rmse"], m
     assert set(m["test"]) == {"rmse", "mae", "r2"}
+    assert 0 < m["train"]["shrink"] <= 1  # the validation share's factor, applied on reload too
     for f in ("config.toml", "checkpoint", "metrics.json", "loss.png", "predictions.png"):
         assert (tmp_path / "run" / f).is_file(), f
     assert base.task_of_run(tmp_path / "run") == "regress"
