@@ -154,7 +154,9 @@ def run(task: str, datasets, candidates, k: int, seed: int, fit: bool, jsonl: Pa
                 print(json.dumps(rec), flush=True)
 
 
-def table(jsonl: Path, seed: int) -> str:
+def table(jsonl: Path, seed: int, only=()) -> str:
+    """The Markdown table of ``jsonl``'s results for ``seed`` (``only``: these candidates and
+    the baselines)."""
     rows: dict[tuple, list] = {}
     last = {}  # two selections run side by side may both score a baseline's fold
     for line in jsonl.read_text().splitlines():
@@ -166,7 +168,8 @@ def table(jsonl: Path, seed: int) -> str:
         cand = r["candidate"] + ("" if not r.get("epochs") else f"@{r['epochs']}")
         rows.setdefault((r["data"], cand, r["fold"] < 0), []).append(r)
     first = ("minirocket", "train_mean", "minirocket_ridge")
-    cands = sorted({c for _, c, _ in rows}, key=lambda c: (c not in first, c))
+    cands = sorted({c for _, c, _ in rows if not only or c in only or c in first},
+                   key=lambda c: (c not in first, c))
     names = [d for d in (*DATASETS, *REGRESS_DATASETS) if any(k[0] == d for k in rows)]
     out = []
     for fit in (False, True):
@@ -240,7 +243,7 @@ def main(argv=None) -> int:
                    "over datasets of its CV RMSE relative to the training mean's")
     a = p.parse_args(argv)
     if a.table:
-        print(table(a.jsonl, a.seed))
+        print(table(a.jsonl, a.seed, [c for c in a.candidates.split(",") if c]))
         return 0
     if a.best_regress:
         print(" ".join(REGRESS_FLAGS[best_regress(a.jsonl, a.seed)]))
