@@ -56,7 +56,7 @@ def time_one(name: str, timeout: float, extra: list[str]) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default="acsf1,osuleaf")
-    p.add_argument("--timeout", type=float, default=240.0, help="seconds per run")
+    p.add_argument("--timeout", type=float, default=150.0, help="seconds per run")
     p.add_argument("--out", type=Path, default=OUT)
     a, extra = p.parse_known_args(argv)
     recs = []
