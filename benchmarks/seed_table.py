@@ -16,6 +16,7 @@ Markdown table of what is there.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -23,6 +24,27 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+#: config fields that do not change the recipe (where, which set, which seed, what is printed)
+NOT_RECIPE = ("data", "out", "seed", "progress", "tensorboard", "dtw", "device")
+
+
+def recipe(config) -> str:
+    """The run's recipe as compact JSON: every config field but :data:`NOT_RECIPE`, so a
+    table keeps apart runs of different defaults made with the same flags."""
+    from dataclasses import asdict
+    return json.dumps({k: v for k, v in sorted(asdict(config).items()) if k not in NOT_RECIPE},
+                      separators=(",", ":"))
+
+
+def default_recipe(task: str, extra: list[str]) -> str:
+    """The recipe the flags ``extra`` give with today's defaults."""
+    from gyre import cli
+    from gyre.tasks import classify, regress
+    mod = classify if task == "classify" else regress
+    return recipe(cli._build_config(task, mod, ["--data", CLASSIFY[0] if task == "classify"
+                                                else REGRESS[0], *extra])[0])
+
 
 CLASSIFY = ("italy_power_demand", "gunpoint", "japanese_vowels", "basic_motions", "arrow_head",
             "pickup_gesture_wiimoteZ", "osuleaf", "acsf1")
@@ -43,27 +65,30 @@ def run(task: str, datasets, seeds: int, jsonl: Path, extra: list[str]) -> None:
     if jsonl.is_file():
         for line in jsonl.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["task"], r["data"], r["seed"], tuple(r["args"])))
+            done.add((r["task"], r["data"], r["seed"], r.get("recipe")))
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     for name in datasets:
         for seed in range(seeds):
             args = list(extra) + (["--no-dtw"] if task == "classify" and seed else [])
-            if (task, name, seed, tuple(args)) in done:
+            argv = ["--data", name, "--seed", str(seed), "--no-progress", "--threads", "1",
+                    *args]
+            config, _ = cli._build_config(task, mod, argv)
+            rec_ = recipe(config)
+            if (task, name, seed, rec_) in done:
                 continue
             # a claim per run, so two tables run side by side (--reverse) never repeat one
-            claim = jsonl.parent / f".claim-{task}-{name}-{seed}-{'_'.join(args)}"
+            tag = hashlib.sha1(rec_.encode()).hexdigest()[:12]
+            claim = jsonl.parent / f".claim-{task}-{name}-{seed}-{tag}"
             try:
                 claim.open("x").close()
             except FileExistsError:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
-                argv = ["--data", name, "--seed", str(seed), "--out", str(Path(tmp) / "run"),
-                        "--no-progress", "--threads", "1", *args]
-                config, _ = cli._build_config(task, mod, argv)
+                config, _ = cli._build_config(task, mod, [*argv, "--out", str(Path(tmp) / "run")])
                 start, cpu = time.perf_counter(), time.process_time()
                 m = mod.train(config)
                 wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-            rec = {"task": task, "data": name, "seed": seed, "args": args,
+            rec = {"task": task, "data": name, "seed": seed, "args": args, "recipe": rec_,
                    "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
                    "train_seconds": m["train"]["seconds"],
                    "final_train_loss": m["train"]["final_train_loss"], "model": m["model"],
@@ -84,11 +109,15 @@ def _times(s0: list) -> str:
     return f"{s0[0]['cpu_seconds']:.0f} / {s0[0]['wall_seconds']:.0f}" if s0 else "-"
 
 
-def table(jsonl: Path, task: str, extra: list[str]) -> str:
+def table(jsonl: Path, task: str, extra: list[str], old: bool = False) -> str:
+    """The Markdown table of the runs of the recipe ``extra`` gives with today's defaults
+    (``old``: of the runs recorded before recipes were, made with the flags ``extra``)."""
     rows: dict[str, list] = {}
+    want = None if old else default_recipe(task, extra)
     for line in jsonl.read_text().splitlines():
         r = json.loads(line)
-        if r["task"] == task and [a for a in r["args"] if a != "--no-dtw"] == extra:
+        same = ([a for a in r["args"] if a != "--no-dtw"] == extra) if old else True
+        if r["task"] == task and r.get("recipe") == want and same:
             rows.setdefault(r["data"], []).append(r)
     out = []
     if task == "classify":
@@ -137,9 +166,11 @@ def main(argv=None) -> int:
     p.add_argument("--jsonl", type=Path, default=JSONL)
     p.add_argument("--table", action="store_true")
     p.add_argument("--reverse", action="store_true", help="datasets in reverse order")
+    p.add_argument("--old", action="store_true", help="--table of the runs recorded before "
+                   "the recipe was (earlier defaults)")
     a, extra = p.parse_known_args(argv)
     if a.table:
-        print(table(a.jsonl, a.task, extra))
+        print(table(a.jsonl, a.task, extra, a.old))
         return 0
     sets = [d for d in a.datasets.split(",") if d] or list(
         CLASSIFY if a.task == "classify" else REGRESS)

@@ -35,16 +35,41 @@ CANDIDATES: dict[str, dict] = {
     "conv128": {"model": "conv-rnn", "conv_channels": 128},
     "conv_s128": {"model": "conv-rnn", "conv_steps": 128},
     "conv_s128_e200": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200},
+    # aimed at generalisation, each one change from conv_s128_e200 (the default)
+    "ls1": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "label_smoothing": 0.1},
+    "crop9": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "crop": 0.9},
+    "aug": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "crop": 0.9,
+            "jitter": 0.05, "scale": 0.1},
+    "wd": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "optimizer": "adamw",
+           "weight_decay": 0.05},
+    "mean_head": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "head": "mean"},
+    "aug_ls1": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "crop": 0.9,
+                "jitter": 0.05, "scale": 0.1, "label_smoothing": 0.1},
+    "aug_ens3_e70": {"model": "conv-rnn", "conv_steps": 128, "epochs": 70, "ensemble": 3,
+                     "crop": 0.9, "jitter": 0.05, "scale": 0.1},
+    "ens3_e70": {"model": "conv-rnn", "conv_steps": 128, "epochs": 70, "ensemble": 3},
 }
 #: regression candidates (``gyre train regress``)
 REGRESS: dict[str, dict] = {
     "rnn": {"model": "rnn"},
     "rnn_val": {"model": "rnn", "val_fraction": 0.2},
     "rnn_val_ens3": {"model": "rnn", "val_fraction": 0.2, "ensemble": 3},
+    "rnn_val_shrink": {"model": "rnn", "val_fraction": 0.2, "shrink": True},
+    "rnn_val_ens5_shrink": {"model": "rnn", "val_fraction": 0.2, "ensemble": 5, "shrink": True},
+    "rnn_val_wd_shrink": {"model": "rnn", "val_fraction": 0.2, "optimizer": "adamw",
+                          "weight_decay": 0.5, "shrink": True},
+    "conv_val_shrink": {"model": "conv-rnn", "conv_steps": 128, "val_fraction": 0.2,
+                        "shrink": True},
 }
 #: the CLI flags of each regression candidate (for the test table of the chosen one)
 REGRESS_FLAGS = {"rnn": [], "rnn_val": ["--val-fraction", "0.2"],
-                 "rnn_val_ens3": ["--val-fraction", "0.2", "--ensemble", "3"]}
+                 "rnn_val_ens3": ["--val-fraction", "0.2", "--ensemble", "3"],
+                 "rnn_val_shrink": ["--val-fraction", "0.2", "--shrink"],
+                 "rnn_val_ens5_shrink": ["--val-fraction", "0.2", "--ensemble", "5", "--shrink"],
+                 "rnn_val_wd_shrink": ["--val-fraction", "0.2", "--optimizer", "adamw",
+                                       "--weight-decay", "0.5", "--shrink"],
+                 "conv_val_shrink": ["--model", "conv-rnn", "--conv-steps", "128",
+                                     "--val-fraction", "0.2", "--shrink"]}
 REGRESS_DATASETS = ("covid_3month", "cardano_sentiment")
 DATASETS = ("italy_power_demand", "gunpoint", "japanese_vowels", "basic_motions", "arrow_head",
             "pickup_gesture_wiimoteZ", "osuleaf", "acsf1")
@@ -129,7 +154,9 @@ def run(task: str, datasets, candidates, k: int, seed: int, fit: bool, jsonl: Pa
                 print(json.dumps(rec), flush=True)
 
 
-def table(jsonl: Path, seed: int) -> str:
+def table(jsonl: Path, seed: int, only=()) -> str:
+    """The Markdown table of ``jsonl``'s results for ``seed`` (``only``: these candidates and
+    the baselines)."""
     rows: dict[tuple, list] = {}
     last = {}  # two selections run side by side may both score a baseline's fold
     for line in jsonl.read_text().splitlines():
@@ -141,7 +168,8 @@ def table(jsonl: Path, seed: int) -> str:
         cand = r["candidate"] + ("" if not r.get("epochs") else f"@{r['epochs']}")
         rows.setdefault((r["data"], cand, r["fold"] < 0), []).append(r)
     first = ("minirocket", "train_mean", "minirocket_ridge")
-    cands = sorted({c for _, c, _ in rows}, key=lambda c: (c not in first, c))
+    cands = sorted({c for _, c, _ in rows if not only or c in only or c in first},
+                   key=lambda c: (c not in first, c))
     names = [d for d in (*DATASETS, *REGRESS_DATASETS) if any(k[0] == d for k in rows)]
     out = []
     for fit in (False, True):
@@ -215,7 +243,7 @@ def main(argv=None) -> int:
                    "over datasets of its CV RMSE relative to the training mean's")
     a = p.parse_args(argv)
     if a.table:
-        print(table(a.jsonl, a.seed))
+        print(table(a.jsonl, a.seed, [c for c in a.candidates.split(",") if c]))
         return 0
     if a.best_regress:
         print(" ".join(REGRESS_FLAGS[best_regress(a.jsonl, a.seed)]))

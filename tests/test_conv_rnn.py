@@ -179,3 +179,29 @@ def test_ensemble_trains_members_by_their_own_loss_and_averages_probabilities():
         probs = torch.stack([torch.softmax(m(x, lengths=lengths)[0], -1) for m in ens.members])
         torch.testing.assert_close(ens(x, lengths=lengths)[0].exp(), probs.mean(0))
     assert "ensemble=3" in ens.export_unsupported()
+
+
+def test_augmented_draws_windows_scales_and_noise_and_leaves_targets():
+    x = torch.arange(40, dtype=torch.float32).reshape(20, 2)
+    ds = cd.SequenceDataset([x.numpy()], np.array([1]))
+    torch.manual_seed(0)
+    crops = [classify.Augmented(ds, crop=0.7)[0] for _ in range(30)]
+    starts = set()
+    for w, y in crops:
+        assert w.shape == (14, 2) and int(y) == 1
+        s = int(w[0, 0]) // 2
+        torch.testing.assert_close(w, x[s:s + 14])  # a window of consecutive steps
+        starts.add(s)
+    assert len(starts) > 3 and max(starts) <= 6
+    w, _ = classify.Augmented(ds, scale=0.2)[0]
+    ratio = w[1:] / x[1:]
+    torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio))  # one factor per channel
+    assert not torch.allclose(ratio, torch.ones_like(ratio))
+    w, _ = classify.Augmented(ds, jitter=0.1)[0]
+    assert 0.05 < float((w - x).std()) < 0.2
+    with pytest.raises(ValueError, match="crop: got 1.5"):
+        classify.Config(crop=1.5)
+    with pytest.raises(ValueError, match="jitter: got -0.1"):
+        classify.Config(jitter=-0.1)
+    with pytest.raises(ValueError, match="label_smoothing: got 1"):
+        classify.Config(label_smoothing=1.0)

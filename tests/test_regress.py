@@ -30,6 +30,7 @@ def test_covid_3month_beats_the_mean_baseline_and_reloads(tmp_path):
     assert m["task"] == "regress" and m["train"]["n_test"] == 61
     assert m["test"]["rmse"] < m["baselines"]["train_mean"]["rmse"], m
     assert set(m["test"]) == {"rmse", "mae", "r2"}
+    assert 0 < m["train"]["shrink"] <= 1  # the validation share's factor, applied on reload too
     for f in ("config.toml", "checkpoint", "metrics.json", "loss.png", "predictions.png"):
         assert (tmp_path / "run" / f).is_file(), f
     assert base.task_of_run(tmp_path / "run") == "regress"
@@ -67,3 +68,15 @@ def test_minirocket_regressor_baseline(tmp_path):
     m = regress.train(_quick(tmp_path, data="cardano_sentiment", epochs=1, minirocket=True))
     assert set(m["baselines"]) == {"train_mean", "minirocket_ridge"}
     assert m["baselines"]["minirocket_ridge"]["rmse"] > 0
+
+
+def test_shrink_factor_is_the_clipped_least_squares_factor():
+    import torch
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal(30)
+    y = 0.4 * p + 0.1 * rng.standard_normal(30)
+    a = regress.shrink_factor(torch.tensor(p)[:, None], torch.tensor(y))
+    assert a == pytest.approx(float(np.linalg.lstsq(p[:, None], y, rcond=None)[0][0]))
+    assert regress.shrink_factor(torch.tensor(p)[:, None], torch.tensor(-y)) == 0.0
+    assert regress.shrink_factor(torch.tensor(p)[:, None], torch.tensor(3 * p)) == 1.0
+    assert regress.shrink_factor(torch.zeros(4, 1), torch.ones(4)) == 0.0

@@ -7,6 +7,7 @@ Follows the task contract in :mod:`gyre.tasks`. Data: :mod:`gyre.data.classifica
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -85,6 +86,13 @@ class SequenceModelConfig(base.TaskConfig):
         ensemble: train this many copies of the model (each its own initialisation, the
             same batches, each by its own loss) and predict with their average (of class
             probabilities for classify, of outputs for regress).
+        crop: training-time augmentation: each training series is replaced, every time it is
+            drawn, by a random window of ``ceil(crop * length)`` consecutive steps (window
+            slicing, Le Guennec et al. 2016); 0 = off. Prediction reads the whole series.
+        jitter: training-time augmentation: Gaussian noise of this standard deviation (in
+            standardised units) added to every step; 0 = off.
+        scale: training-time augmentation: each training series (each channel) multiplied by
+            ``1 + N(0, scale^2)``, drawn every time it is drawn; 0 = off.
         minirocket: also run aeon's MiniRocket as a baseline (multivariate form for several
             channels; series zero-padded to the longest).
 
@@ -111,6 +119,9 @@ class SequenceModelConfig(base.TaskConfig):
     conv_steps: int = 512
     fuse: bool = True
     ensemble: int = 1
+    crop: float = 0.0
+    jitter: float = 0.0
+    scale: float = 0.0
     minirocket: bool = True
 
     def __post_init__(self) -> None:
@@ -128,6 +139,12 @@ class SequenceModelConfig(base.TaskConfig):
             raise ValueError(f"frame: got {self.frame}, expected an int >= 1, or 0 for automatic")
         if not 0 <= self.head_dropout < 1:
             raise ValueError(f"head_dropout: got {self.head_dropout}, expected a number in [0, 1)")
+        if self.crop != 0 and not 0 < self.crop <= 1:
+            raise ValueError(f"crop: got {self.crop}, expected a fraction in (0, 1], or 0 for off")
+        for name in ("jitter", "scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected a number >= 0 "
+                                 "(0 = off)")
 
 
 @dataclass
@@ -143,6 +160,8 @@ class Config(SequenceModelConfig):
         baselines: extra trained baselines, any of ``cnn`` (FCN, Wang et al. 2017) and
             ``transformer`` (``torch.nn.TransformerEncoder``); majority class always runs.
         dtw: also run 1-NN DTW (aeon); quadratic in length, slow on long series.
+        label_smoothing: cross-entropy against targets smoothed by this share spread over
+            every class (``torch.nn.functional.cross_entropy``'s ``label_smoothing``).
     """
 
     data: str = "japanese_vowels"
@@ -151,9 +170,13 @@ class Config(SequenceModelConfig):
     conv_steps: int = 128
     baselines: list[str] = field(default_factory=list)
     dtw: bool = True
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing: got {self.label_smoothing}, expected a number "
+                             "in [0, 1)")
         bad = [b for b in self.baselines if b not in EXTRA_BASELINES]
         if bad:
             raise ValueError(f"baselines: got {bad}, expected any of {', '.join(EXTRA_BASELINES)} "
@@ -466,6 +489,31 @@ def _scores(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
 
 # -- running ----------------------------------------------------------------------------------------
+class Augmented(torch.utils.data.Dataset):
+    """A training dataset whose series are drawn afresh every time: a random window of
+    ``ceil(crop * length)`` steps (``crop`` 0 or 1: the whole series), each channel scaled by
+    ``1 + N(0, scale^2)``, Gaussian noise of standard deviation ``jitter`` added (torch's
+    global generator, which the Trainer seeds). Targets are unchanged."""
+
+    def __init__(self, data, crop: float = 0.0, jitter: float = 0.0, scale: float = 0.0) -> None:
+        self.data, self.crop, self.jitter, self.scale = data, crop, jitter, scale
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        x, y = self.data[i]
+        if 0 < self.crop < 1:
+            n = math.ceil(self.crop * x.shape[0])
+            start = int(torch.randint(x.shape[0] - n + 1, ()))
+            x = x[start:start + n]
+        if self.scale:
+            x = x * (1 + self.scale * torch.randn(1, x.shape[1]))
+        if self.jitter:
+            x = x + self.jitter * torch.randn_like(x)
+        return x, y
+
+
 def _prepare(config: SequenceModelConfig, data, target=None, dtype=np.int64):
     """``(train, val, test datasets, input scaler)``: ``val_fraction`` of the training split
     held out, inputs standardised on the rest, targets mapped by ``target`` (None: as they
@@ -475,7 +523,10 @@ def _prepare(config: SequenceModelConfig, data, target=None, dtype=np.int64):
     scaler = cdata.Standardizer.fit(X_fit)
     t = target or (lambda y: y)
     ds = lambda X, y: cdata.SequenceDataset(scaler(X), t(y), dtype)  # noqa: E731
-    return (ds(X_fit, data.y_train[tr]), ds([data.X_train[i] for i in va], data.y_train[va]),
+    train = ds(X_fit, data.y_train[tr])
+    if (0 < config.crop < 1) or config.jitter or config.scale:
+        train = Augmented(train, config.crop, config.jitter, config.scale)
+    return (train, ds([data.X_train[i] for i in va], data.y_train[va]),
             ds(data.X_test, data.y_test), scaler)
 
 
@@ -536,8 +587,11 @@ def train(config: Config, *, resume: bool = False,
     model = build_model(config, data.n_channels, len(data.classes), frame=k, stride=stride)
     extra = {"classes": list(data.classes), "n_channels": data.n_channels,
              "scaler": scaler.state(), "frame": k, "stride": stride}
+    loss = nn.functional.cross_entropy
+    if config.label_smoothing:
+        loss = functools.partial(loss, label_smoothing=config.label_smoothing)
     trainer, result, seconds, early = fit_beside(beside, model, config, out, train_ds, val_ds,
-                                                 extra, resume)
+                                                 extra, resume, loss=loss)
     if early is not None:
         return early
     logits, y = trainer.predict(test_ds)
