@@ -180,6 +180,16 @@ def _expected_next(m, x, state):
     return out[0], h
 
 
+def _step_matches_forward(m, x, state):
+    """``m.step`` from ``state`` equals one step of the general path on the current weights."""
+    with torch.no_grad():
+        y, s = m.step(x, state)
+    want_y, want_s = _expected_next(m, x, state)
+    _close(y, want_y, torch.float32)
+    for a, b in zip(s, want_s, strict=True):
+        _close(a, b, torch.float32)
+
+
 def test_stream_follows_weight_changes():
     torch.manual_seed(1)
     m = _layer("lstm", torch.float32, num_layers=2)
@@ -193,12 +203,7 @@ def test_stream_follows_weight_changes():
     m(torch.randn(4, 3, I))[0].square().sum().backward()
     opt.step()
     for _ in range(2):
-        with torch.no_grad():
-            y, s = m.step(x, state)
-        want_y, want_s = _expected_next(m, x, state)
-        _close(y, want_y, torch.float32)
-        for a, b in zip(s, want_s, strict=True):
-            _close(a, b, torch.float32)
+        _step_matches_forward(m, x, state)
     assert _plan(m) is plan  # read in place: nothing to rebuild
 
     # load_state_dict copies in place; with assign=True it replaces the parameters
@@ -534,12 +539,7 @@ def test_stream_sees_a_swapped_tensor():
         _, state = m.step(x)
     assert _plan(m) is not None and _plan(m).fast is not None
     torch._C._swap_tensor_impl(m.weight_hh_l0, torch.nn.Parameter(torch.randn_like(m.weight_hh_l0)))
-    with torch.no_grad():
-        y, s = m.step(x, state)
-    want_y, want_s = _expected_next(m, x, state)
-    _close(y, want_y, torch.float32)
-    for a, b in zip(s, want_s, strict=True):
-        _close(a, b, torch.float32)
+    _step_matches_forward(m, x, state)
 
 
 def test_stream_entry_raises_for_a_cpp_exception(monkeypatch):
