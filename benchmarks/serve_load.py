@@ -88,6 +88,8 @@ def _server(port: int, input_size: int, hidden: int, idle: float, ready) -> None
     s.step({warm: torch.zeros(1, input_size)})
     s.close(warm)
     server = StreamServer(s, max_wait=0.002, max_queue=1 << 20, evict_every=0.5)
+    if os.environ.get("TRACE"):
+        _trace_server(server, os.environ["TRACE"] + ".server.json")
     ready.set()
     if os.environ.get("PROFILE"):
         import cProfile
@@ -98,6 +100,67 @@ def _server(port: int, input_size: int, hidden: int, idle: float, ready) -> None
             prof.dump_stats(os.environ["PROFILE"])
         return
     serve(server, "127.0.0.1", port)
+
+
+def _trace_gc(out: list) -> None:
+    import gc
+    t = [0.0]
+
+    def cb(phase, info):
+        if phase == "start":
+            t[0] = time.perf_counter()
+        else:
+            out.append((t[0], time.perf_counter() - t[0], info["generation"], info["collected"]))
+    gc.callbacks.append(cb)
+
+
+def _lag_task(out: list):
+    async def lag():
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            d = time.perf_counter() - t - 0.001
+            if d > 0.002:
+                out.append((t, d))
+    return asyncio.ensure_future(lag())
+
+
+def _trace_server(server, path: str) -> None:
+    import atexit
+    tr = {"gc": [], "lag": [], "run": [], "steps": []}
+    _trace_gc(tr["gc"])
+    run = server._run
+
+    def traced(sids, xs):
+        t = time.perf_counter()
+        try:
+            return run(sids, xs)
+        finally:
+            tr["run"].append((t, time.perf_counter() - t, len(sids), sum(x.shape[0] for x in xs)))
+    server._run = traced
+    steps = server._steps
+
+    async def traced_steps(sid, data):
+        t = time.perf_counter()
+        r = await steps(sid, data)
+        tr["steps"].append((t, time.perf_counter() - t))
+        return r
+    server._steps = traced_steps
+    app = server.app
+
+    def traced_app():
+        a = app()
+
+        async def start(_):
+            tr["task"] = _lag_task(tr["lag"])
+        a.on_startup.append(start)
+        return a
+    server.app = traced_app
+
+    def dump():
+        with open(path, "w") as f:
+            json.dump({k: v for k, v in tr.items() if k != "task"}, f)
+    atexit.register(dump)
 
 
 def _cpu(pid: int) -> float:
@@ -132,6 +195,10 @@ async def _clients(url, n, seconds, k, rate, transport, input_size, seed, keep, 
     late_total = [0]
     last = [0.0]
     headers = {"Content-Type": "application/json"}
+    trace = {"req": [], "gc": [], "lag": []} if os.environ.get("TRACE") else None
+    if trace is not None:
+        _trace_gc(trace["gc"])
+        _lag_task(trace["lag"])
 
     async def begin():
         await loop.run_in_executor(None, go.wait)
@@ -197,6 +264,8 @@ async def _clients(url, n, seconds, k, rate, transport, input_size, seed, keep, 
                         errors[status] += 1
                         continue
                     lat.append(t1 - t_due)
+                    if trace is not None:
+                        trace["req"].append((t_due, t0, t1))
                     service.append(t1 - t0)
                     if i < keep:
                         xs.append(pool[j % len(bodies)])
@@ -213,7 +282,7 @@ async def _clients(url, n, seconds, k, rate, transport, input_size, seed, keep, 
                 kept.append((np.concatenate(xs), np.array(ys, np.float32)))
 
         await asyncio.gather(begin(), *(one(i) for i in range(n)))
-    return lat, service, kept, dict(errors), due_total[0], late_total[0], last[0]
+    return lat, service, kept, dict(errors), due_total[0], late_total[0], last[0], trace
 
 
 def _client_proc(args, out) -> None:
@@ -223,13 +292,18 @@ def _client_proc(args, out) -> None:
         loop = uvloop.new_event_loop()
     except ImportError:
         loop = asyncio.new_event_loop()
+    import gc
+
+    import aiohttp  # noqa: F401  (imported before the freeze)
+    gc.collect()
+    gc.freeze()  # the generator's start-up objects out of its collector's sight, as the server's
     t0 = resource.getrusage(resource.RUSAGE_SELF)
     res = loop.run_until_complete(_clients(*args))
     t1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = t1.ru_utime + t1.ru_stime - t0.ru_utime - t0.ru_stime
-    lat, service, kept, errors, due, late, last = res
+    lat, service, kept, errors, due, late, last, trace = res
     out.put({"lat": lat, "service": service, "kept": kept, "errors": errors, "due": due,
-             "late": late, "last": last, "cpu": cpu})
+             "late": late, "last": last, "cpu": cpu, "trace": trace})
 
 
 def _quantile(v, q):
@@ -266,8 +340,10 @@ def _round(ctx, url, server_pid, n, a, k, rate, transport, model):
     cpu0 = _cpu(server_pid)
     t_go = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process
     go.set()
+    t_kill = None
     if victim is not None:
         time.sleep(a.seconds * random.Random(n).uniform(0.3, 0.6))
+        t_kill = time.perf_counter()
         victim.kill()  # a client killed mid-stream: its connections drop, requests pending
     results = [q.get(timeout=a.seconds + 120) for _ in range(len(ps) - (victim is not None))]
     cpu_server = _cpu(server_pid) - cpu0
@@ -277,6 +353,9 @@ def _round(ctx, url, server_pid, n, a, k, rate, transport, model):
                - (m0["batch_size"]["mean"] or 0) * m0["batches"])
     for p in ps:
         p.join(30)
+    if os.environ.get("TRACE"):
+        with open(f"{os.environ['TRACE']}.{transport}{k}.{n}.clients.json", "w") as f:
+            json.dump({"t_go": t_go, "t_kill": t_kill, "procs": [r["trace"] for r in results]}, f)
     lat = [t for r in results for t in r["lat"]]
     service = [t for r in results for t in r["service"]]
     span = max([r["last"] for r in results] + [t_go + 1e-9]) - t_go  # to the last answer

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import itertools
 import json
 import time
@@ -353,5 +354,14 @@ def serve(server: StreamServer, host: str = "127.0.0.1", port: int = 8080, *,
     """Run until interrupted (SIGINT/SIGTERM): then stop taking connections, answer what is
     queued (at most ``shutdown_timeout`` seconds), close sockets and the worker thread."""
     from aiohttp import web
-    web.run_app(server.app(), host=host, port=port, print=None, access_log=None,
+    app = server.app()
+
+    async def freeze(app):
+        # what exists at start-up (torch, the model, aiohttp: ~170k objects) lives as long as
+        # the server: out of the collector's sight, a full collection walks only what requests
+        # made (measured under load: one gen-2 pause of 262 ms stalled every stream at 1024)
+        gc.collect()
+        gc.freeze()
+    app.on_startup.append(freeze)
+    web.run_app(app, host=host, port=port, print=None, access_log=None,
                 shutdown_timeout=shutdown_timeout, loop=event_loop())
