@@ -267,10 +267,11 @@ def test_unsupported_cell_is_refused_by_name_and_auto_falls_back():
     assert out.shape == (T, B, H)
 
 
-def test_float32_at_a_size_that_uses_onednn_packed_weights():
+def test_float32_at_a_size_that_uses_onednn_packed_weights(monkeypatch):
     steps, batch, inputs, hidden = 8, 64, 512, 256
-    assert batch * hidden * 4 * hidden >= fused.PACK_MIN_MACS  # recurrent products
-    assert steps * batch * inputs * 4 * hidden >= fused.INPUT_PACK_MIN_MACS  # input product
+    monkeypatch.setattr(fused, "PACK_MIN_MACS", 0)  # recurrent products
+    monkeypatch.setattr(fused, "_onednn_input_wins", lambda *a: True)  # input product
+    assert steps * batch * inputs * 4 * hidden >= fused.INPUT_PACK_MIN_MACS
     ref = Recurrent("peephole", inputs, hidden, backend="reference", recurrent_dropout=0.2)
     fast = Recurrent("peephole", inputs, hidden, backend="fused", recurrent_dropout=0.2)
     fast.load_state_dict(ref.state_dict())
@@ -413,6 +414,37 @@ def test_products_over_all_rows_equal_torch(dtype):
         torch.set_num_threads(threads)
     with pytest.raises(RuntimeError, match="mm_rows: a \\(M x K\\) and mat \\(K x N\\)"):
         ops.mm_rows(torch.randn(3, 4, dtype=dtype), torch.randn(5, 2, dtype=dtype), None)
+
+
+def test_subnormals_flushed_inside_the_kernels_only():
+    """A gradient that decays through a long series into the subnormal range (small recurrent
+    weights, a loss on the last step only): outputs and every gradient equal torch.nn.LSTM's
+    with the same weights, and the thread's floating-point mode is restored after the call
+    (torch's own ops still produce subnormals)."""
+    steps, batch, inputs, hidden = 300, 4, 3, 8
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(inputs, hidden)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.mul_(0.05 if name.startswith("weight") else 0.0)
+            if name.startswith("bias_ih"):
+                p[hidden:2 * hidden] = -6.0  # forget gate nearly shut: the state gradient decays
+    m = Recurrent("lstm", inputs, hidden, backend="fused")
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(steps, batch, inputs)
+    grads = []
+    for mod in (ref, m):
+        xi = x.clone().requires_grad_()
+        out, _ = mod(xi)
+        grads.append((out, torch.autograd.grad(out[-1].sum(), [xi, *mod.parameters()])))
+    (o_ref, g_ref), (o, g) = grads
+    peak = g_ref[0].abs().amax(dim=(1, 2))
+    assert ((peak > 0) & (peak < torch.finfo(torch.float32).tiny)).sum() >= 3  # decayed that far
+    torch.testing.assert_close(o, o_ref, atol=1e-6, rtol=0)
+    for a, b in zip(g_ref, g, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6 * max(1.0, a.abs().max().item()), rtol=1e-5)
+    tiny = torch.tensor([torch.finfo(torch.float32).tiny], dtype=torch.float32)
+    assert (tiny / 4).item() > 0  # a subnormal result survives on this thread
 
 
 def test_first_call_leaves_the_global_generator_alone(monkeypatch):

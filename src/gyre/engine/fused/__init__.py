@@ -267,15 +267,13 @@ def run_layer(
 
 
 #: from this many multiply-adds per step a recurrent product runs on oneDNN's prepacked weight;
-#: below, on the generated code's tiled kernel (measured, 2 threads each on half the batch: the
-#: tiled kernel 0.60-0.80x MKL's packed sgemm at (8..32, 64..1024) rows x weight; LSTM training
-#: at (100,64,256,256) and (50,128,512,512) within 1% of oneDNN's either way)
-PACK_MIN_MACS = 1 << 23
-#: from this many multiply-adds the input projection runs on oneDNN's prepacked weight, below on
-#: the tiled kernel (measured in LSTM training and inference, 2 threads, in-process A/B: oneDNN
-#: 1-4% faster at (100*64,256)@(256,1024) and (50*128,512)@(512,2048); the tiled kernel 0-4%
-#: faster than MKL's sgemm (the autograd linear) at (100*32,64)@(64,512) and (200*16,32)@(32,256),
-#: with the input gradient 0.8-0.85x MKL's time)
+#: below, on the generated code's tiled kernel. Measured, LSTM training at (100,64,256,256) and
+#: (50,128,512,512): on an AVX-512 Xeon within 1% of oneDNN's either way (2 threads), on an
+#: AVX-512 EPYC the tiled kernel 3-6% faster (one thread: oneDNN's output is copied out of a
+#: fresh tensor every step)
+PACK_MIN_MACS = 1 << 30
+#: from this many multiply-adds the input projection may run on oneDNN's prepacked weight (where
+#: :func:`_onednn_input_wins` measures it faster than the tiled kernel), below on the tiled kernel
 INPUT_PACK_MIN_MACS = 1 << 28
 #: ...but only while its output stays below this many bytes: glibc maps every larger block fresh
 #: from the system (its mmap threshold stops growing at 32 MiB), so oneDNN's output, and the
@@ -283,6 +281,41 @@ INPUT_PACK_MIN_MACS = 1 << 28
 #: products take theirs from the kernel module's buffer pool (measured, minGRU at T=16384, B=8,
 #: I=H=256, one thread: ~20% of the call in page faults before)
 INPUT_PACK_MAX_BYTES = 32 << 20
+
+_input_choice: dict = {}
+
+
+def _onednn_input_wins(x2: Tensor, w: Tensor, b: Tensor | None, ops) -> bool:
+    """Whether oneDNN (the weight reordered, then its product) computes ``x2 @ w.T + b`` faster
+    than the tiled kernel (:class:`_TiledLinear`): both timed on this call's tensors, best of 3
+    each, alternating, with :data:`gyre.engine.autotune.clock`, once per (rows rounded up to a
+    power of 2, in, out, threads), kept for the process. Which wins depends on the CPU: on an
+    AVX-512 Xeon oneDNN was 1-4% faster at (6400, 256) @ (256, 1024), on an AVX-512 EPYC the
+    tiled kernel was."""
+    from .. import autotune
+
+    key = (autotune.bucket(x2.shape[0]), w.shape[1], w.shape[0], torch.get_num_threads())
+    found = _input_choice.get(key)
+    if found is None:
+        with torch.no_grad():
+            xd, wd, bd = x2.detach(), w.detach(), None if b is None else b.detach()
+
+            def onednn():
+                packed = torch.ops.mkldnn._reorder_linear_weight(wd.contiguous(), xd.shape[0])
+                torch.ops.mkldnn._linear_pointwise(xd.contiguous(), packed, bd, "none", [], "")
+
+            def tiled():
+                ops.mm_rows(xd, wd.t(), bd)
+
+            best = {onednn: float("inf"), tiled: float("inf")}
+            for r in range(4):  # the first round untimed: first-touch memory, oneDNN's JIT
+                for fn in (onednn, tiled) if r % 2 else (tiled, onednn):
+                    t0 = autotune.clock()
+                    fn()
+                    if r:
+                        best[fn] = min(best[fn], autotune.clock() - t0)
+        found = _input_choice[key] = best[onednn] < best[tiled]
+    return found
 
 
 def _input_preact(kernel: _Kernel, cell: Cell, p: Params, x: Tensor) -> Tensor:
@@ -295,18 +328,20 @@ def _input_preact(kernel: _Kernel, cell: Cell, p: Params, x: Tensor) -> Tensor:
     w, b = p[names[0]], None if names[1] is None else p[names[1]]
     x2 = x.reshape(-1, x.shape[-1])
     out = None
+    ops = getattr(torch.ops, kernel.module)
     if (x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and x2.shape[0] * w.shape[0] * w.shape[1] >= INPUT_PACK_MIN_MACS
             and x2.shape[0] * w.shape[0] * x.element_size() < INPUT_PACK_MAX_BYTES):
         try:
-            with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(),
-                                                                x2.shape[0])
-            out = _PackedLinear.apply(x2, w, b, packed)
+            if _onednn_input_wins(x2, w, b, ops):
+                with torch.no_grad():
+                    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(),
+                                                                    x2.shape[0])
+                out = _PackedLinear.apply(x2, w, b, packed, ops)
         except (RuntimeError, AttributeError):
             out = None
     if out is None:
-        out = _TiledLinear.apply(x2, w, b, getattr(torch.ops, kernel.module))
+        out = _TiledLinear.apply(x2, w, b, ops)
     return out.view(*x.shape[:-1], w.shape[0])
 
 
@@ -351,15 +386,17 @@ def _recorded_linear(key, fn, p: Params, width: int | None) -> tuple[str, str | 
 
 
 class _PackedLinear(torch.autograd.Function):
+    """``x2 @ w.T + b`` on oneDNN's prepacked weight; its backward as :class:`_TiledLinear`'s."""
+
     @staticmethod
-    def forward(ctx, x2, w, b, packed):
+    def forward(ctx, x2, w, b, packed, ops):
         ctx.save_for_backward(x2, w)
-        ctx.has_bias = b is not None
+        ctx.has_bias, ctx.ops = b is not None, ops
         return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), packed, b, "none", [], "")
 
     @staticmethod
     def backward(ctx, g):
-        return _linear_backward(ctx, g)
+        return (*_TiledLinear.backward(ctx, g), None)
 
 
 def _linear_backward(ctx, g):

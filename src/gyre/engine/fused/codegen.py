@@ -860,6 +860,7 @@ std::vector<at::Tensor> fwd_{tag}(const at::Tensor& xp, at::TensorList state0,
     at::TensorList vecs, at::TensorList mats, at::TensorList packed, const at::Tensor& drop,
     at::TensorList zone, at::IntArrayRef zmode, const at::Tensor& valid, at::IntArrayRef units,
     bool save) {{
+  FlushSubnormals flush;
   if (xp.scalar_type() == at::kDouble)
     return fwd_{tag}_impl<double>(xp, state0, vecs, mats, packed, drop, zone, zmode, valid, units,
                                   save);
@@ -871,6 +872,7 @@ std::vector<at::Tensor> bwd_{tag}(at::TensorList gseq, const at::Tensor& xp,
     at::TensorList state0, at::TensorList seq, at::TensorList vecs, at::TensorList mats,
     at::TensorList packed, const at::Tensor& drop, at::TensorList zone, at::IntArrayRef zmode,
     const at::Tensor& valid, at::TensorList saved, at::IntArrayRef units) {{
+  FlushSubnormals flush;
   if (xp.scalar_type() == at::kDouble)
     return bwd_{tag}_impl<double>(gseq, xp, state0, seq, vecs, mats, packed, drop, zone, zmode,
                                   valid, saved, units);

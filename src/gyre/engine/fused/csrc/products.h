@@ -31,6 +31,7 @@ at::Tensor mm_rows_op(const at::Tensor& a_, const at::Tensor& mat,
     bias = bias_->contiguous();
   }
   at::Tensor out = pooled({M, N}, a.options(), false);
+  FlushSubnormals flush;
   const at::Tensor* b = bias.defined() ? &bias : nullptr;
   if (a.scalar_type() == at::kDouble) mm_rows_t<double>(a, mat, b, out);
   else mm_rows_t<float>(a, mat, b, out);
@@ -48,6 +49,7 @@ std::vector<at::Tensor> mm_tn_op(const at::Tensor& a_, const at::Tensor& b_, boo
   at::Tensor out = pooled({M, N}, a.options(), false);
   std::vector<at::Tensor> res{out};
   if (sum_b) res.push_back(at::zeros({N}, a.options()));
+  FlushSubnormals flush;
   if (a.scalar_type() == at::kDouble)
     matmul_tn<double>(a.data_ptr<double>(), b.data_ptr<double>(), out.data_ptr<double>(), K, M, N,
                       false, sum_b ? res[1].data_ptr<double>() : nullptr);

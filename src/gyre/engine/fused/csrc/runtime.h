@@ -20,15 +20,36 @@
 #include <torch/library.h>
 #include <ATen/ops/from_blob.h>
 #include <dlfcn.h>
+#include <time.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 namespace {
+
+// Subnormal floats flushed to zero on this thread while it lives (MXCSR's flush-to-zero and
+// denormals-are-zero bits, restored after, on throw too): every entry of the fused kernels and
+// every parallel body in them holds one. A gradient that decays through a long sequence spends
+// most of its steps in the subnormal range otherwise, where each multiply takes a microcode
+// assist (measured: LSTM backward 10-17x slower on such series); values below the smallest
+// normal number (1.2e-38 in float32) change by less than that.
+struct FlushSubnormals {
+#if defined(__SSE__)
+  unsigned int saved;
+  FlushSubnormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }
+  ~FlushSubnormals() { _mm_setcsr(saved); }
+#endif
+};
 
 // exp with its argument clamped to where the result is finite (float: ln(FLT_MAX) = 88.7228):
 // under -ffast-math a division is a reciprocal estimate refined by a Newton step, which turns
@@ -395,8 +416,9 @@ void packed_gemm(T* C, int64_t ldc, const T* A, int64_t lda, int64_t M, const Pa
 }
 
 // c (M x N, contiguous) (+= with add) a^T @ b, a (K x M) and b (K x N) contiguous: a weight's
-// gradient over all T*B rows, on the tiled kernel (matmul_tn below takes BLAS where it can). The (panel, row tile) pairs are split across threads (each tile
-// summed by one thread over all K: reproducible), K in blocks that keep a in L2. a and b are read
+// gradient over all T*B rows, on the tiled kernel (matmul_tn below chooses between it and BLAS).
+// The (panel, row tile) pairs are split across threads (each tile summed by one thread over all
+// K: reproducible), K in blocks that keep a in L2. a and b are read
 // in place (measured: copying b's panel blocks first cost 7-13% at 192-512 columns), but for the
 // last panel when it is short of NR columns, which is copied to a zero-padded block. Each tile
 // reads 8 values of every row of a, so a should be the narrower operand: with a 512 wide (2 KiB
@@ -419,6 +441,7 @@ void matmul_tn_tiled(const T* a, const T* b, T* c, int64_t K, int64_t M, int64_t
   }
   const int64_t np = (N + NR - 1) / NR, mt = (M + kMR - 1) / kMR;
   at::parallel_for(0, np * mt, 1, [&](int64_t w0, int64_t w1) {
+    FlushSubnormals flush;
     std::vector<T> panel;  // the last panel's block when it is short of NR columns
     for (int64_t k0 = 0; k0 < K; k0 += Kc) {
       const int64_t kc = std::min(Kc, K - k0);
@@ -451,18 +474,11 @@ void matmul_tn_tiled(const T* a, const T* b, T* c, int64_t K, int64_t M, int64_t
   });
 }
 
-// the same product by BLAS where torch exports it (torch's MKL): measured one thread, K = 3200
-// to 131072 rows of a 64-256 wide and b 512-1024 wide, 1.35-1.5x the tiled kernel's speed (it
-// packs its panels, where the tiled kernel's strided reads of b conflict in L1); the tiled kernel
-// is faster only for narrow products (a 32 wide: 130 vs 125 GFLOP/s), which keep it. With bsum,
-// K in blocks, each block's column sums of b taken right after its product, while in cache.
+// the same product by BLAS (torch's MKL, where exported). With bsum, K in blocks, each
+// block's column sums of b taken right after its product, while in cache.
 template <typename T>
-void matmul_tn(const T* a, const T* b, T* c, int64_t K, int64_t M, int64_t N, bool add,
-               T* bsum = nullptr) {
-  void* f = blas_symbol<T>();
-  const int64_t lim = std::numeric_limits<int>::max();
-  if (f == nullptr || M < 64 || N <= 0 || K <= 0 || K > lim || M > lim || N > lim)
-    return matmul_tn_tiled<T>(a, b, c, K, M, N, add, bsum);
+void matmul_tn_blas(void* f, const T* a, const T* b, T* c, int64_t K, int64_t M, int64_t N,
+                    bool add, T* bsum) {
   // row-major c (M x N) = a^T b is column-major c' (N x M) = b' (N x K) a'^T, where b' and a'
   // are b and a read column-major (N x K, M x K)
   const int64_t step = bsum == nullptr ? K : 512;
@@ -488,6 +504,59 @@ void matmul_tn(const T* a, const T* b, T* c, int64_t K, int64_t M, int64_t N, bo
   }
 }
 
+inline double thread_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+// Whether matmul_tn runs BLAS (else the tiled kernel) for a shape: measured on the first product
+// of each (dtype, K rounded up to a power of 2, M, N, threads), both kernels timed twice on it
+// (the calling thread's CPU time; once each for a product of 2^30 multiply-adds or more), and
+// kept for the process. Neither wins everywhere: MKL packs its panels where the tiled kernel's
+// strided reads of b conflict in L1 (1.35-1.5x the tiled kernel's speed on an AVX-512 Xeon at
+// a 64-256 wide), but takes its AVX2 code on other vendors' CPUs (0.4x the tiled kernel's
+// speed on an AVX-512 EPYC at a 32-128 wide).
+template <typename T>
+bool tn_prefers_blas(void* f, const T* a, const T* b, int64_t K, int64_t M, int64_t N) {
+  static std::mutex mu;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t>, bool> chosen;
+  int64_t kb = 1;
+  while (kb < K) kb *= 2;
+  const auto key = std::make_tuple(kb, M, N, int64_t(at::get_num_threads()));
+  {
+    std::lock_guard<std::mutex> g(mu);
+    auto it = chosen.find(key);
+    if (it != chosen.end()) return it->second;
+  }
+  std::vector<T> scratch(M * N);
+  const int reps = double(K) * M * N >= double(int64_t(1) << 30) ? 1 : 2;
+  double tiled = 1e300, blas = 1e300;
+  for (int r = 0; r < reps; ++r) {
+    double t0 = thread_seconds();
+    matmul_tn_tiled<T>(a, b, scratch.data(), K, M, N, false, nullptr);
+    tiled = std::min(tiled, thread_seconds() - t0);
+    t0 = thread_seconds();
+    matmul_tn_blas<T>(f, a, b, scratch.data(), K, M, N, false, nullptr);
+    blas = std::min(blas, thread_seconds() - t0);
+  }
+  std::lock_guard<std::mutex> g(mu);
+  return chosen.emplace(key, blas < tiled).first->second;
+}
+
+// c (M x N) (+= with add) a^T @ b over all K rows, and b's column sums added to bsum when given:
+// BLAS or the tiled kernel, whichever tn_prefers_blas measured faster for the shape
+template <typename T>
+void matmul_tn(const T* a, const T* b, T* c, int64_t K, int64_t M, int64_t N, bool add,
+               T* bsum = nullptr) {
+  void* f = blas_symbol<T>();
+  const int64_t lim = std::numeric_limits<int>::max();
+  if (f == nullptr || N <= 0 || K <= 0 || M <= 0 || K > lim || M > lim || N > lim ||
+      !tn_prefers_blas<T>(f, a, b, K, M, N))
+    return matmul_tn_tiled<T>(a, b, c, K, M, N, add, bsum);
+  matmul_tn_blas<T>(f, a, b, c, K, M, N, add, bsum);
+}
+
 // C (M x N, row stride ldc) = A (M x K, row stride lda) @ the packed matrix (+ bias): a product
 // over all T*B rows (the input projection and its input gradient). Blocks of kMc rows split
 // across threads; in each, K in blocks of kKc so that a panel's block stays in L1 across the
@@ -505,6 +574,7 @@ void mm_rows(const T* A, int64_t lda, int64_t M, const Packed& pk, T* C, int64_t
   std::vector<T> biasp(bias == nullptr ? 0 : np * NR, T(0));  // padded to whole panels
   if (bias != nullptr) std::copy(bias, bias + N, biasp.begin());
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    FlushSubnormals flush;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * kMc, r1 = std::min(M, r0 + kMc);
       if (K == 0)
@@ -575,6 +645,7 @@ void batch_split(int64_t B, int64_t cost_per_row, const F& chunk) {
   };
   at::parallel_for(0, n, 1, [&](int64_t c0, int64_t c1) {
     SerialMkl serial;
+    FlushSubnormals flush;
     for (int64_t c = c0; c < c1; ++c) chunk(B * c / n, B * (c + 1) / n);
   });
 }
@@ -584,7 +655,8 @@ template <typename F>
 void rows(int64_t B, int64_t per_row, const F& f) {
   constexpr int64_t kMin = 1 << 19;
   if (B > 1 && B * per_row >= 2 * kMin) {
-    at::parallel_for(0, B, std::max<int64_t>(1, kMin / std::max<int64_t>(per_row, 1)), f);
+    at::parallel_for(0, B, std::max<int64_t>(1, kMin / std::max<int64_t>(per_row, 1)),
+                     [&](int64_t b0, int64_t b1) { FlushSubnormals flush; f(b0, b1); });
   } else {
     f(0, B);
   }
