@@ -232,3 +232,12 @@ def test_one_thread_measures_cpu_time_not_waiting(monkeypatch, tmp_path):
     finally:
         torch.set_num_threads(threads)
         autotune.forget()
+
+
+def test_cache_file_changes_with_the_engine_source(monkeypatch):
+    """Choices measured on other kernels are not reused: the cache file is named after the
+    engine's source too."""
+    assert autotune.engine_hash() == autotune.engine_hash()  # stable in a process
+    before = autotune.cache_path()
+    monkeypatch.setattr(autotune, "_engine_hash", "0" * 16)
+    assert autotune.cache_path() != before

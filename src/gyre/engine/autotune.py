@@ -7,7 +7,8 @@ for a few calls each and the fastest is kept, in memory and in an on-disk cache 
   forward only, ``params``: parameters' gradients, ``input``: the input's too), layers,
   directions and the layer options that change what a backend runs (lengths, dropout masks,
   zoneout, residual, per-step states).
-* The disk cache is one JSON file per machine, torch version and gyre version under
+* The disk cache is one JSON file per machine, torch version, gyre version and engine source
+  (the backends' files, hashed: a choice measured on other kernels is measured again) under
   ``$GYRE_CACHE_DIR`` (default ``~/.cache/gyre``); a file that cannot be read or written is
   ignored (the choice is then kept in memory only).
 * Cost is bounded: per backend one untimed call and at most :data:`CALLS` timed ones, fewer once
@@ -69,8 +70,25 @@ def bucket(n: int) -> int:
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
+_engine_hash: str | None = None
+
+
+def engine_hash() -> str:
+    """A hash of the engine's source files (its Python modules and the fused backend's C++)."""
+    global _engine_hash
+    if _engine_hash is None:
+        h = hashlib.sha256()
+        root = Path(__file__).resolve().parent
+        for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".h", ".cpp")):
+            h.update(path.relative_to(root).as_posix().encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+        _engine_hash = h.hexdigest()[:16]
+    return _engine_hash
+
+
 def cache_path() -> Path:
-    """This machine's, torch's and gyre's cache file."""
+    """This machine's, torch's, gyre's and the engine source's cache file."""
     import torch
 
     try:
@@ -81,7 +99,8 @@ def cache_path() -> Path:
         gyre_version = "source"
 
     machine = "|".join((platform.node(), platform.machine(), cpu_model()))
-    tag = hashlib.sha256(f"{machine}|{torch.__version__}|{gyre_version}".encode()).hexdigest()
+    tag = hashlib.sha256(f"{machine}|{torch.__version__}|{gyre_version}|{engine_hash()}"
+                         .encode()).hexdigest()
     root = Path(os.environ.get("GYRE_CACHE_DIR") or Path.home() / ".cache" / "gyre")
     return root / f"autotune-{tag[:16]}.json"
 

@@ -104,6 +104,7 @@ class _Gen:
                 self.cross[i] = self.ncross[key]
                 self.ncross[key] += 1
         self.bin_alias = self._bin_aliases()
+        self.acts = self._saved_activations()
         # buffer slots
         self.slots: dict[tuple, int] = {}
         for name in (("xp",), ("drop",)):
@@ -118,6 +119,8 @@ class _Gen:
             self.slot(("bin", bi))
         for key in sorted(self.ncross):
             self.slot(("cross", *key))
+        for key in sorted(self.acts):
+            self.slot(("act", *key))
         self.nfwd = len(self.slots)
         self.slot(("dxp",))
         for k in range(len(prog.states)):
@@ -130,6 +133,32 @@ class _Gen:
             self.slot(("dbin", bi))
         for key in sorted(self.ncross):
             self.slot(("dcross", *key))
+
+    #: ops whose derivative needs their output value only: saved by the forward where worth it
+    SAVED_OPS = ("sigmoid", "tanh", "exp")
+
+    def _saved_activations(self) -> dict[tuple[int, int], list[int]]:
+        """Per kernel (stage, family): the atoms of :data:`SAVED_OPS` it computes, which its
+        forward stores for every step and its backward reads instead of recomputing them. Their
+        derivatives need no other value, so the backward then reads neither the input
+        pre-activations nor the product's output they came from (the compiler drops that
+        recomputation): for an LSTM 5 values per unit instead of 12 and no exp or tanh. Only for
+        programs with a recurrent product (the cells that pay for re-reading its output); a
+        cell without one (minGRU, minLSTM) recomputes from its input pre-activations alone,
+        and over long sequences the saved values would cost as much memory again."""
+        out: dict[tuple[int, int], list[int]] = {}
+        if not any(b.kind == "mm" for b in self.p.boundaries):
+            return out
+        for s in range(self.S):
+            for f in range(self.p.nfam):
+                roots = self.roots(s, f)
+                if not roots:
+                    continue
+                comp, _ = self.closure(s, roots)
+                found = [a for a in comp if self.p.atoms[a].op in self.SAVED_OPS]
+                if found:
+                    out[(s, f)] = found
+        return out
 
     def _bin_aliases(self) -> dict[int, tuple]:
         """Layer norms that read their input where it already is: every block, in order, of the
@@ -279,13 +308,22 @@ class _Gen:
             if key is not None:
                 used.add(key)
             body.append(f"const T v{a} = {val};")
+        acts = self.acts.get((s, f), [])
+        act_key = ("act", s, f)
+        if acts:
+            used.add(act_key)
         for a in comp:
-            body.append(f"const T v{a} = {self.expr(a)};")
+            if backward and a in acts:
+                body.append(f"const T v{a} = p{self.slots[act_key]}[{acts.index(a)} * U_ + j];")
+            else:
+                body.append(f"const T v{a} = {self.expr(a)};")
         if not backward:
             for a, kind, idx, pos in roots:
                 key = (kind, idx) if kind != "cross" else ("cross", *idx)
                 used.add(key)
                 body.append(f"p{self.slots[key]}[{pos} * U_ + j] = v{a};")
+            for n, a in enumerate(acts):
+                body.append(f"p{self.slots[act_key]}[{n} * U_ + j] = v{a};")
         else:
             every = term + comp
             for a in every:
@@ -471,6 +509,8 @@ class _Gen:
             L.append(f"  const int64_t WO{bi} = {self.width(b.out_fam, b.out_blocks)};")
         for (s, f), n in sorted(self.ncross.items()):
             L.append(f"  const int64_t WC{s}_{f} = {self.width(f, n)};")
+        for (s, f), a in sorted(self.acts.items()):
+            L.append(f"  const int64_t WA{s}_{f} = {self.width(f, len(a))};")
         L += [
             f"  T* P0[{len(self.slots)}] = {{}};",
             f"  int64_t LD0[{len(self.slots)}] = {{}};",
@@ -524,6 +564,10 @@ class _Gen:
             i = sl[("cross", s, f)]
             L.append(f"    P[{i}] = cross{s}_{f}_p + ({saved_t} * B + R0) * WC{s}_{f}; "
                      f"LD[{i}] = WC{s}_{f};")
+        for (s, f) in sorted(self.acts):
+            i = sl[("act", s, f)]
+            L.append(f"    P[{i}] = act{s}_{f}_p + ({saved_t} * B + R0) * WA{s}_{f}; "
+                     f"LD[{i}] = WA{s}_{f};")
         return L
 
     def fwd_driver(self, kernels) -> str:
@@ -560,6 +604,10 @@ class _Gen:
             L.append(f"  at::Tensor st{bi} = pooled({{TS, B, 2}}, opts, false); "
                      f"T* st{bi}_p = st{bi}.data_ptr<T>();")
             saved.append(f"st{bi}")
+        for (s, f) in sorted(self.acts):
+            L.append(f"  at::Tensor act{s}_{f} = pooled({{TS, B, WA{s}_{f}}}, opts, false); "
+                     f"T* act{s}_{f}_p = act{s}_{f}.data_ptr<T>();")
+            saved.append(f"act{s}_{f}")
         L += self._chunk_open("mats")
         L.append("  for (int64_t t = 0; t < T_; ++t) {")
         L.append("    const int64_t ts = save ? t : 0;")
@@ -632,11 +680,14 @@ class _Gen:
             L.append(f"  const int64_t WO{bi} = {self.width(b.out_fam, b.out_blocks)};")
         for (s, f), n in sorted(self.ncross.items()):
             L.append(f"  const int64_t WC{s}_{f} = {self.width(f, n)};")
+        for (s, f), a in sorted(self.acts.items()):
+            L.append(f"  const int64_t WA{s}_{f} = {self.width(f, len(a))};")
         sizes = ["(Ly.wih ? B * W_xp : 0)", "W_dr"]
         sizes += [f"B * S{k}" for k in range(K)]
         sizes += [f"B * (WI{bi} + WO{bi})" for bi in range(nb)]
         sizes += [f"B * WC{s}_{f}" for (s, f) in sorted(self.ncross)]
-        n_bufs = 3 + K + 2 * nb + len(self.ncross)
+        sizes += [f"B * WA{s}_{f}" for (s, f) in sorted(self.acts)]
+        n_bufs = 3 + K + 2 * nb + len(self.ncross) + len(self.acts)
         L += [
             f"  T* cur = wk.get<T>({' + '.join(sizes)} + {n_bufs} * 64);",
             "  const int64_t NB = B;",
@@ -675,6 +726,9 @@ class _Gen:
         for (s, f) in sorted(self.ncross):
             i = sl[("cross", s, f)]
             L.append(f"  P[{i}] = carve(cur, B * WC{s}_{f}); LD[{i}] = WC{s}_{f};")
+        for (s, f) in sorted(self.acts):  # written by the forward's kernels, read by none
+            i = sl[("act", s, f)]
+            L.append(f"  P[{i}] = carve(cur, B * WA{s}_{f}); LD[{i}] = WA{s}_{f};")
         for s in range(self.S):
             if s > 0:
                 L += self._boundaries_fwd(s, step=True)
@@ -751,6 +805,9 @@ class _Gen:
             i += 1
         for bi in self._lns():
             L.append(f"  T* st{bi}_p = saved[{i}].data_ptr<T>();")
+            i += 1
+        for (s, f) in sorted(self.acts):
+            L.append(f"  T* act{s}_{f}_p = saved[{i}].data_ptr<T>();")
             i += 1
         L.append("  std::vector<at::Tensor> matsT;")
         L.append("  for (const auto& m : mats) matsT.push_back(m.t());")
