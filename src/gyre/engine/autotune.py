@@ -11,9 +11,11 @@ for a few calls each and the fastest is kept, in memory and in an on-disk cache 
   (the backends' files, hashed: a choice measured on other kernels is measured again) under
   ``$GYRE_CACHE_DIR`` (default ``~/.cache/gyre``); a file that cannot be read or written is
   ignored (the choice is then kept in memory only).
-* Cost is bounded: per backend one untimed call and at most :data:`CALLS` timed ones, fewer once
-  a backend has used :data:`BUDGET_S` seconds, and a backend whose first call takes more than
-  :data:`GIVE_UP` times the best one's is not timed further.
+* Cost is bounded: per backend one untimed call, one timed call and at most :data:`CALLS` more,
+  fewer once a backend has used :data:`BUDGET_S` seconds; a backend whose first timed call takes
+  more than :data:`GIVE_UP` times the best one's is not timed further. The untimed call takes
+  the one-time costs (a kernel build or trace, a per-shape choice of product kernel), so they
+  never drop a backend.
 * The timed calls alternate between the backends (round by round, the order reversed each
   round), so a change in the machine's speed meanwhile (other processes) weighs on every backend
   alike, and each backend's best call counts. With one torch thread the clock is the thread's CPU
@@ -165,8 +167,9 @@ def choose(key: str, candidates: Sequence[str], measure: Callable[[str], None]) 
         spent: dict[str, float] = {}
         for backend in candidates:
             try:
+                measure(backend)  # untimed: builds, traces, per-shape choices, first-touch memory
                 t0 = clock()
-                measure(backend)  # untimed: builds, caches, first-touch memory
+                measure(backend)  # what GIVE_UP judges: a run without the one-time costs
                 first = clock() - t0
             except Exception as e:  # noqa: BLE001 - a backend failing here is not a candidate
                 log.debug("gyre autotune: %s failed on %s (%s)", backend, key, e)
