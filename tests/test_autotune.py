@@ -162,50 +162,41 @@ def test_off_switch_and_forced_backend_measure_nothing(tuned, monkeypatch):
     assert calls == [] and autotune._memory == {}
 
 
-def test_a_slow_backend_is_not_timed_further():
-    """GIVE_UP: a backend whose first timed run (after an untimed one) is far slower than the
-    best is dropped after it; the choice itself follows the forced timings."""
+def _choose_on_fake_clock(monkeypatch, tmp_path, key, cost_of):
+    """``autotune.choose(key, ["a", "b"], ...)`` where the n-th run of backend b advances a fake
+    clock by ``cost_of(b, n)`` seconds; (the choice, the backends run in order)."""
+    monkeypatch.setenv("GYRE_CACHE_DIR", str(tmp_path))
     now = [0.0]
     seen = []
-    cost = {"a": 1.0, "b": 100.0}
 
     def measure(b):
         seen.append(b)
-        now[0] += cost[b]
+        now[0] += cost_of(b, seen.count(b))
 
-    old = autotune.clock
-    autotune.clock = lambda: now[0]
+    monkeypatch.setattr(autotune, "clock", lambda: now[0])
+    autotune.forget()
     try:
-        autotune.forget()
-        import os
-        os.environ["GYRE_CACHE_DIR"] = os.environ.get("GYRE_CACHE_DIR", "/nonexistent")
-        assert autotune.choose("k-give-up", ["a", "b"], measure) == "a"
+        return autotune.choose(key, ["a", "b"], measure), seen
     finally:
-        autotune.clock = old
         autotune.forget()
+
+
+def test_a_slow_backend_is_not_timed_further(monkeypatch, tmp_path):
+    """GIVE_UP: a backend whose first timed run (after an untimed one) is far slower than the
+    best is dropped after it; the choice itself follows the forced timings."""
+    chosen, seen = _choose_on_fake_clock(monkeypatch, tmp_path, "k-give-up",
+                                         lambda b, n: {"a": 1.0, "b": 100.0}[b])
+    assert chosen == "a"
     assert seen.count("b") == 2 and 3 <= seen.count("a") <= 2 + autotune.CALLS
 
 
-def test_one_time_costs_of_a_first_call_drop_no_backend():
+def test_one_time_costs_of_a_first_call_drop_no_backend(monkeypatch, tmp_path):
     """A backend whose first call is slow once (a build, a trace) and fast after is timed like
     any other, and wins when it is the fastest."""
-    now = [0.0]
-    seen = []
-
-    def measure(b):
-        seen.append(b)
-        now[0] += 0.5 if b == "b" and seen.count("b") == 1 else {"a": 0.02, "b": 0.01}[b]
-
-    old = autotune.clock
-    autotune.clock = lambda: now[0]
-    try:
-        autotune.forget()
-        import os
-        os.environ["GYRE_CACHE_DIR"] = os.environ.get("GYRE_CACHE_DIR", "/nonexistent")
-        assert autotune.choose("k-one-time", ["a", "b"], measure) == "b"
-    finally:
-        autotune.clock = old
-        autotune.forget()
+    chosen, seen = _choose_on_fake_clock(
+        monkeypatch, tmp_path, "k-one-time",
+        lambda b, n: 0.5 if (b, n) == ("b", 1) else {"a": 0.02, "b": 0.01}[b])
+    assert chosen == "b"
     assert seen.count("b") == 2 + autotune.CALLS
 
 
