@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import runlog
 
 #: config fields that do not change the recipe (where, which set, which seed, what is printed)
 NOT_RECIPE = ("data", "out", "seed", "progress", "tensorboard", "dtw", "device")
@@ -61,12 +62,7 @@ def run(task: str, datasets, seeds: int, jsonl: Path, extra: list[str]) -> None:
     from gyre.tasks import classify, regress
     torch.set_num_threads(1)
     mod = classify if task == "classify" else regress
-    done = set()
-    if jsonl.is_file():
-        for line in jsonl.read_text().splitlines():
-            r = json.loads(line)
-            done.add((r["task"], r["data"], r["seed"], r.get("recipe")))
-    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    done = runlog.done(jsonl, lambda r: (r["task"], r["data"], r["seed"], r.get("recipe")))
     for name in datasets:
         for seed in range(seeds):
             args = list(extra) + (["--no-dtw"] if task == "classify" and seed else [])
@@ -78,10 +74,7 @@ def run(task: str, datasets, seeds: int, jsonl: Path, extra: list[str]) -> None:
                 continue
             # a claim per run, so two tables run side by side (--reverse) never repeat one
             tag = hashlib.sha1(rec_.encode()).hexdigest()[:12]
-            claim = jsonl.parent / f".claim-{task}-{name}-{seed}-{tag}"
-            try:
-                claim.open("x").close()
-            except FileExistsError:
+            if not runlog.claim(jsonl, f"{task}-{name}-{seed}-{tag}"):
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 config, _ = cli._build_config(task, mod, [*argv, "--out", str(Path(tmp) / "run")])
@@ -93,8 +86,7 @@ def run(task: str, datasets, seeds: int, jsonl: Path, extra: list[str]) -> None:
                    "train_seconds": m["train"]["seconds"],
                    "final_train_loss": m["train"]["final_train_loss"], "model": m["model"],
                    "test": m["test"], "baselines": m["baselines"]}
-            with jsonl.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            runlog.append(jsonl, rec)
             print(json.dumps(rec), flush=True)
 
 

@@ -384,6 +384,29 @@ def test_panel_wide_and_frequencies(tmp_path):
         load_series(str(p), id_column="sku")
 
 
+def test_text_columns_as_ids_or_unused(tmp_path):
+    # as R packages and plotting libraries ship them: a text id under any name, R's rownames
+    p = tmp_path / "arrivals.csv"
+    rows = ["rownames,Quarter,Origin,Arrivals"]
+    for k, origin in enumerate(("Japan", "NZ")):
+        rows += [f"{12 * k + t + 1},{2000 + t // 4} Q{t % 4 + 1},{origin},{100 * k + t}"
+                 for t in range(12)]
+    p.write_text("\n".join(rows) + "\n")
+    ss = load_series(str(p))
+    assert ss.ids == ("Japan", "NZ") and ss.columns == ("Arrivals",) and ss.freq == "quarterly"
+    assert ss.series[1][:2, 0].tolist() == [100, 101] and "column 'Origin'" in ss.note
+    w = tmp_path / "weather.csv"  # dates that do not repeat: text columns are not used, said so
+    w.write_text("STATION,date,tmax,weather\n" + "".join(
+        f"S1,{d},{i},{'rain' if i % 2 else 'sun'}\n" for i, d in enumerate(
+            pd_dates("2021-01-01", 20, "D"))))
+    ws = load_series(str(w))
+    assert ws.columns == ("tmax",) and ws.freq == "daily" and len(ws.series) == 1
+    assert "'STATION', 'weather' not used" in ws.note
+    with pytest.raises(ValueError, match="column 'tmax' .*not numeric"):  # text among numbers
+        (tmp_path / "bad.csv").write_text("date,tmax\n2021-01-01,1\n2021-01-02,warm\n")
+        load_series(str(tmp_path / "bad.csv"))
+
+
 def pd_dates(start, n, freq):
     import pandas as pd
 

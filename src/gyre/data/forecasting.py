@@ -179,7 +179,8 @@ ID_NAMES = ("unique_id", "series_id", "item_id", "series")
 _DATE_NAME = re.compile(r"^(ds|dates?|datetime\w*|time(stamp)?|period|month|quarter|week|day|"
                         r"year|years|yr)$", re.IGNORECASE)
 _QUARTER = re.compile(r"^(\d{4})\s*[-/ ]?\s*[Qq]([1-4])$")
-_INDEX_NAME = re.compile(r"^(|unnamed: ?0|index|obs|row|#)$", re.IGNORECASE)
+#: names of a column that numbers the rows (R's write.csv writes "", Rdatasets "rownames")
+_INDEX_NAME = re.compile(r"^(|unnamed: ?0|index|obs|row|rownames|#)$", re.IGNORECASE)
 
 
 def frequency_of(dates) -> tuple[str, int, int]:
@@ -247,6 +248,21 @@ def _as_dates(col: pd.Series, name: str):
     return None
 
 
+def _is_label(col: pd.Series) -> bool:
+    """A text column none of whose values reads as a number or a date (a station's name, a
+    symbol, a category): a series id when the dates repeat, else not used. A column with some
+    numbers or dates among text is a damaged column, and refused where it is read."""
+    if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+        return False
+    text = col.dropna().astype(str).str.strip()
+    text = text[text != ""]
+    if text.empty or pd.to_numeric(text, errors="coerce").notna().any():
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bool(pd.to_datetime(text, errors="coerce", format="mixed").isna().all())
+
+
 def _is_row_index(col: pd.Series, name: str) -> bool:
     """A column that only numbers the rows (0..n-1 or 1..n) under an index-like name."""
     if not _INDEX_NAME.match(name) or not pd.api.types.is_numeric_dtype(col):
@@ -295,9 +311,7 @@ def _read_csv(path: str, target, date_column: str | None, id_column: str | None 
                              f"columns are {list(df.columns)}")
     if id_column is None and layout in ("auto", "long"):
         id_column = next((c for c in df.columns if c.lower() in ID_NAMES), None)
-    if layout == "long" and id_column is None:
-        raise ValueError(f"id_column: layout 'long' needs a series id column; {path!r} has none "
-                         f"of {', '.join(ID_NAMES)} (columns are {list(df.columns)})")
+    given_id = id_column
     ids = None
     if id_column is not None:
         ids = df[id_column].astype(str).str.strip()
@@ -319,6 +333,21 @@ def _read_csv(path: str, target, date_column: str | None, id_column: str | None 
                 df = df.drop(columns=[c])
                 break
     df = df[[c for c in df.columns if not _is_row_index(df[c], c)]]
+    labels = [c for c in df.columns if _is_label(df[c])]
+    label_id = None
+    if (ids is None and given_id is None and layout in ("auto", "long") and dates is not None
+            and dates.duplicated().any()):
+        # dates that repeat: the series id is the first text column under which they do not
+        for c in labels:
+            key = df[c].astype(str).str.strip()
+            if not pd.DataFrame({"id": key, "ds": dates}).duplicated().any():
+                ids, id_column, label_id = key, c, c
+                labels.remove(c)
+                break
+    if layout == "long" and ids is None:
+        raise ValueError(f"id_column: layout 'long' needs a series id column; {path!r} has none "
+                         f"of {', '.join(ID_NAMES)} (columns are {list(df.columns)})")
+    df = df.drop(columns=[c for c in labels + [label_id] if c is not None])
     if df.shape[1] == 0:
         raise ValueError(f"data: {path!r} has only a date or id column; expected numeric value "
                          "columns")
@@ -395,8 +424,13 @@ def _read_csv(path: str, target, date_column: str | None, id_column: str | None 
         freq, season, horizon = "unknown", 1, 1
     notes = [f"{freq} time stamps from column {date_column!r}" if dates is not None
              else "no date column: steps are row numbers"]
+    if label_id is not None:
+        notes.append(f"series id from text column {label_id!r} (its dates repeat)")
     if len(series) > 1:
         notes.append(f"{len(series)} series")
+    if labels:
+        notes.append(f"text column{'s' if len(labels) > 1 else ''} "
+                     f"{', '.join(map(repr, labels))} not used (neither numbers, dates nor an id)")
     if n_missing:
         notes.append(f"{n_missing} missing values linearly interpolated")
     name = os.path.splitext(os.path.basename(path))[0]
