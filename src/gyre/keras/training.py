@@ -86,12 +86,13 @@ def _direct_layers(model) -> list | None:
     return layers
 
 
-def _fits(x, shape, dtype) -> bool:
-    """Whether ``x`` is a tensor the model's input takes as it is (Keras's ``Functional``
-    would convert, cast or reshape anything else, or refuse it)."""
-    return (isinstance(x, torch.Tensor) and x.ndim == len(shape) + 1
-            and all(s is None or s == n for s, n in zip(shape, x.shape[1:], strict=True))
-            and keras.backend.standardize_dtype(x.dtype) == dtype)
+def _as_input(x, shape, dtype):
+    """``x`` as Keras's ``Functional`` hands it to its first layer (converted to the input's
+    dtype), or None where it would do more (reshape it, or refuse it)."""
+    if not (isinstance(x, torch.Tensor) and x.ndim == len(shape) + 1
+            and all(s is None or s == n for s, n in zip(shape, x.shape[1:], strict=True))):
+        return None
+    return keras.ops.convert_to_tensor(x, dtype=dtype)
 
 
 class _LeanTrainer:
@@ -119,7 +120,7 @@ class _LeanTrainer:
         shape = tuple(self._functional.inputs[0].shape[1:])
         calls = [(layer.call, {"training": True} if layer._call_has_training_arg else {})
                  for layer in layers]
-        return calls, (shape, layers[0].compute_dtype), fn
+        return calls, (shape, self._functional.inputs[0].dtype), fn
 
     def train_step(self, data):
         plan = self._gyre_plan
@@ -127,8 +128,8 @@ class _LeanTrainer:
         if plan is None or tree.is_nested(y) or tree.is_nested(x):
             return super().train_step(data)
         calls, spec, loss_fn = plan
-        if calls is not None and _fits(x, *spec):
-            y_pred = x
+        y_pred = None if calls is None else _as_input(x, *spec)
+        if y_pred is not None:
             for call, kwargs in calls:
                 y_pred = call(y_pred, **kwargs)
         else:
