@@ -22,6 +22,8 @@ Variants (``--variants``):
 * ``keras``: 003's model with Keras's own ``keras.layers.LSTM`` (relu; a per-step eager loop).
 * ``gyre.nn``: ``gyre.nn.LSTM(activation='relu')`` in the same plain loop as ``torch.nn``: gyre's
   engine without Keras around it.
+* ``gyre.nn-tanh``: ``gyre.nn.LSTM`` with tanh in that loop (torch's own kernel through gyre's
+  engine), beside ``torch.nn``: with ``gyre.nn`` it separates the ReLU kernel from the engine.
 * ``gyre-tanh``: gyre.keras with Keras's default tanh (runs torch's oneDNN kernel through
   gyre), beside ``torch.nn``'s tanh.
 
@@ -56,7 +58,8 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-VARIANTS = ("gyre.keras", "torch.nn", "keras", "gyre.nn", "gyre-tanh", "gyre.keras-stock")
+VARIANTS = ("gyre.keras", "torch.nn", "keras", "gyre.nn", "gyre-tanh", "gyre.keras-stock",
+            "gyre.nn-tanh")
 BATCH = 32
 
 
@@ -88,13 +91,15 @@ def keras_model(layers, activation: str, shape, classes: int, sequential=None):
 
 
 class TorchModel(torch.nn.Module):
-    """003's model in torch: torch.nn.LSTM (tanh only), or with ``relu`` gyre.nn.LSTM."""
+    """003's model in torch: torch.nn.LSTM (tanh only), or with ``gyre_activation``
+    gyre.nn.LSTM with that activation."""
 
-    def __init__(self, inputs: int, classes: int, relu: bool = False):
+    def __init__(self, inputs: int, classes: int, gyre_activation: str | None = None):
         super().__init__()
-        if relu:
+        if gyre_activation:
             import gyre.nn
-            lstm = lambda i, h: gyre.nn.LSTM(i, h, batch_first=True, activation="relu")  # noqa: E731
+            lstm = lambda i, h: gyre.nn.LSTM(i, h, batch_first=True,  # noqa: E731
+                                             activation=gyre_activation)
         else:
             lstm = lambda i, h: torch.nn.LSTM(i, h, batch_first=True)  # noqa: E731
         self.l1 = lstm(inputs, 128)
@@ -136,9 +141,9 @@ def run_dataset(name: str, variants, rounds: int, warmup: int, max_series) -> di
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y.argmax(1))
     loops, models = {}, {}
     for v in variants:
-        if v in ("torch.nn", "gyre.nn"):
+        if v in ("torch.nn", "gyre.nn", "gyre.nn-tanh"):
             torch.manual_seed(0)
-            m = TorchModel(dims, C, relu=v == "gyre.nn")
+            m = TorchModel(dims, C, {"gyre.nn": "relu", "gyre.nn-tanh": "tanh"}.get(v))
             loops[v] = (m, torch.optim.Adam(m.parameters(), 1e-3), torch.Generator().manual_seed(0))
         else:
             layers = keras.layers if v == "keras" else gl
@@ -180,7 +185,8 @@ def run_dataset(name: str, variants, rounds: int, warmup: int, max_series) -> di
 
     pairs = [(u, v) for u, v in (("gyre.keras", "torch.nn"), ("keras", "gyre.keras"),
                                  ("gyre.nn", "torch.nn"), ("gyre.keras", "gyre.nn"),
-                                 ("gyre-tanh", "torch.nn"), ("gyre.keras-stock", "gyre.keras"))
+                                 ("gyre-tanh", "torch.nn"), ("gyre.keras-stock", "gyre.keras"),
+                                 ("gyre.nn-tanh", "torch.nn"))
              if u in cpu and v in cpu]
     return {
         "data": name, "shape": [N, T, dims], "classes": C, "steps_per_epoch": -(-N // BATCH),
