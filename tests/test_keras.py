@@ -510,12 +510,12 @@ def _assert_fits_equal(out, atol=0.0):
         assert logs2 == logs if atol == 0 else len(logs2) == len(logs)
 
 
-@pytest.mark.parametrize("fit_kw", [
-    dict(validation_split=0.25),
-    dict(class_weight={0: 1.0, 1: 2.0, 2: 0.5}, validation_data="xy", shuffle="batch"),
-    dict(sample_weight="w", shuffle=False),
-], ids=["validation_split", "class_weight", "sample_weight"])
-def test_lean_fit_equals_stock_fit(fit_kw, monkeypatch):
+@pytest.mark.parametrize("fit_kw,layer_kw", [
+    (dict(validation_split=0.25), {}),
+    (dict(class_weight={0: 1.0, 1: 2.0, 2: 0.5}, validation_data="xy", shuffle="batch"), {}),
+    (dict(sample_weight="w", shuffle=False), dict(dropout=0.2, seed=4)),
+], ids=["validation_split", "class_weight", "sample_weight-lstm_dropout"])
+def test_lean_fit_equals_stock_fit(fit_kw, layer_kw, monkeypatch):
     """gyre.keras.Sequential's fit (direct layer calls, its own loop) gives bit for bit the
     weights, History and batch logs of keras.Sequential's stock fit with the same gyre layers,
     and Keras's own layers' within float64 rounding; its training forward skips
@@ -531,8 +531,8 @@ def test_lean_fit_equals_stock_fit(fit_kw, monkeypatch):
         return call(self, *a, **k)
 
     monkeypatch.setattr(gk.LSTM, "__call__", counting, raising=False)
-    models = [_stack(keras.Sequential, gk.LSTM), _stack(gk.Sequential, gk.LSTM),
-              _stack(keras.Sequential, keras.layers.LSTM)]
+    models = [_stack(keras.Sequential, gk.LSTM, **layer_kw), _stack(gk.Sequential, gk.LSTM, **layer_kw),
+              _stack(keras.Sequential, keras.layers.LSTM, **layer_kw)]
     out = _fit_same(models, x, y, callbacks=[_BatchLogs()], **fit_kw)
     _assert_fits_equal(out[:2])
     _assert_fits_equal(out[::2], atol=1e-9)
@@ -552,8 +552,8 @@ class _OwnStep(gk.Sequential):
 
 def test_lean_fit_falls_back_to_keras():
     """What the lean path does not cover runs Keras's own code, with the same results: a mask
-    (Keras's Layer.__call__ carries it), a subclass's train_step, a PyDataset, a model with two
-    outputs and a loss per output."""
+    (Keras's Layer.__call__ carries it), a subclass's train_step, nothing trainable (Keras's
+    warning), a PyDataset, a model with two outputs and a loss per output."""
     x, y = _fit_data(12)
 
     def masked(seq):
@@ -567,6 +567,11 @@ def test_lean_fit_falls_back_to_keras():
     own = _stack(_OwnStep, gk.LSTM, dropout=False)
     _assert_fits_equal(_fit_same([_stack(keras.Sequential, gk.LSTM, dropout=False), own], x, y))
     assert own.own_steps == 2 * 3
+    frozen = _stack(gk.Sequential, gk.LSTM, dropout=False)
+    frozen.trainable = False
+    frozen.compile(optimizer="adam", loss="categorical_crossentropy")
+    with pytest.warns(UserWarning, match="does not have any trainable weights"):
+        frozen.fit(x, y, epochs=1, verbose=0)
 
     class Data(keras.utils.PyDataset):
         def __len__(self):

@@ -98,7 +98,9 @@ def _as_input(x, shape, dtype):
 class _LeanTrainer:
     """The lean ``train_step`` and ``fit`` (module docstring), mixed into Keras's models."""
 
-    _gyre_plan = None  # (forward layers | None, input shape) for this fit, or None: stock step
+    #: during a lean fit: (each layer's ``call`` and its keywords | None for ``self(x)``, the
+    #: input's (shape, dtype), the loss function); None: Keras's own ``train_step``
+    _gyre_plan = None
     _gyre_batch_logs = True  # whether this fit's callbacks read batch logs
 
     def _gyre_lean_plan(self):
@@ -125,8 +127,9 @@ class _LeanTrainer:
     def train_step(self, data):
         plan = self._gyre_plan
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        if plan is None or tree.is_nested(y) or tree.is_nested(x):
-            return super().train_step(data)
+        weights = self.trainable_weights
+        if plan is None or tree.is_nested(y) or tree.is_nested(x) or not weights:
+            return super().train_step(data)  # (which warns when nothing is trainable)
         calls, spec, loss_fn = plan
         y_pred = None if calls is None else _as_input(x, *spec)
         if y_pred is not None:
@@ -134,7 +137,6 @@ class _LeanTrainer:
                 y_pred = call(y_pred, **kwargs)
         else:
             y_pred = self(x, training=True)
-        weights = self.trainable_weights
         for v in weights:
             v.value.grad = None
         loss = loss_fn(y, y_pred, sample_weight)
