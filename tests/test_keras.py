@@ -639,3 +639,36 @@ def test_gyre_models_are_keras_models(tmp_path):
         assert isinstance(back, Model | Sequential) and type(back) is type(m)
         np.testing.assert_allclose(_np(back(x.astype("float32"))), _np(m(x.astype("float32"))),
                                    atol=1e-6)
+
+
+@pytest.mark.parametrize("fit_kw", [
+    dict(steps_per_epoch=2, epochs=3, initial_epoch=1),
+    dict(epochs=4, validation_freq=2, verbose=2, stop=True),
+], ids=["steps_per_epoch-initial_epoch", "validation_freq-early_stopping-verbose2"])
+def test_lean_fit_loop_arguments_as_keras(fit_kw, capsys):
+    """fit's loop arguments and a callback that stops training act as in Keras's fit (a GRU,
+    a SimpleRNN, AUC beside accuracy)."""
+    x, y = _fit_data(20)
+    fit_kw = dict(fit_kw)
+    stop = fit_kw.pop("stop", False)
+    out = []
+    for seq in (keras.Sequential, gk.Sequential):
+        keras.utils.set_random_seed(0)
+        m = seq([keras.Input((T, I), dtype="float64"),
+                 gk.GRU(H, return_sequences=True, dtype="float64"), gk.SimpleRNN(H, dtype="float64"),
+                 keras.layers.Dense(3, activation="softmax", dtype="float64")])
+        m.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy", "auc"])
+        if out:
+            m.set_weights(out[0][0])
+        w0 = m.get_weights()
+        cbs = [keras.callbacks.EarlyStopping(monitor="loss", patience=0, min_delta=10)] if stop else []
+        keras.utils.set_random_seed(1)
+        h = m.fit(x, y, batch_size=4, validation_data=(x[:4], y[:4]), callbacks=cbs,
+                  **{"verbose": 0, **fit_kw})
+        out.append((w0, m.get_weights(), h.history, h.params, capsys.readouterr().out))
+    (_, wk, hk, pk, ok), (_, wg, hg, pg, og) = out
+    for a, b in zip(wk, wg, strict=True):
+        np.testing.assert_array_equal(b, a)
+    assert hg == hk and pg == pk
+    assert og.count("Epoch") == ok.count("Epoch") == (2 if fit_kw.get("verbose") else 0)
+    assert len(hk["loss"]) == (2 if stop or "initial_epoch" in fit_kw else 4)
