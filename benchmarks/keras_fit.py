@@ -9,7 +9,11 @@ for JapaneseVowels (``examples/keras/rnn_003_stacked_relu_lstm.py``).
 
 Variants (``--variants``):
 
-* ``gyre.keras``: 003's Keras model with ``from gyre.keras.layers import LSTM`` (relu).
+* ``gyre.keras``: 003's Keras model as ``examples/keras/rnn_003_stacked_relu_lstm.py`` runs it:
+  ``gyre.keras.models.Sequential`` (Keras's, with gyre's lean ``fit``) of
+  ``gyre.keras.layers.LSTM`` (relu).
+* ``gyre.keras-stock``: the same gyre layers in ``keras.Sequential`` through Keras's own
+  ``fit`` (what the lean ``fit`` saves).
 * ``torch.nn``: the plain PyTorch loop a user writes: ``torch.nn.LSTM`` x2 + ``Linear``,
   ``torch.optim.Adam(lr=1e-3)``, a shuffled permutation sliced into batches of 32,
   ``zero_grad / cross_entropy / backward / step``, and the epoch's mean loss and accuracy
@@ -18,6 +22,8 @@ Variants (``--variants``):
 * ``keras``: 003's model with Keras's own ``keras.layers.LSTM`` (relu; a per-step eager loop).
 * ``gyre.nn``: ``gyre.nn.LSTM(activation='relu')`` in the same plain loop as ``torch.nn``: gyre's
   engine without Keras around it.
+* ``gyre.nn-tanh``: ``gyre.nn.LSTM`` with tanh in that loop (torch's own kernel through gyre's
+  engine), beside ``torch.nn``: with ``gyre.nn`` it separates the ReLU kernel from the engine.
 * ``gyre-tanh``: gyre.keras with Keras's default tanh (runs torch's oneDNN kernel through
   gyre), beside ``torch.nn``'s tanh.
 
@@ -52,7 +58,8 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-VARIANTS = ("gyre.keras", "torch.nn", "keras", "gyre.nn", "gyre-tanh")
+VARIANTS = ("gyre.keras", "torch.nn", "keras", "gyre.nn", "gyre-tanh", "gyre.keras-stock",
+            "gyre.nn-tanh")
 BATCH = 32
 
 
@@ -71,10 +78,11 @@ def data(name: str, max_series: int | None = None):
     return X, np.eye(len(d.classes), dtype="float32")[labels]
 
 
-def keras_model(layers, activation: str, shape, classes: int):
+def keras_model(layers, activation: str, shape, classes: int, sequential=None):
+    """003's model of ``layers.LSTM`` in ``sequential`` (default ``keras.Sequential``)."""
     import keras
     keras.utils.set_random_seed(0)
-    m = keras.Sequential([keras.Input(shape),
+    m = (sequential or keras.Sequential)([keras.Input(shape),
                           layers.LSTM(128, activation=activation, return_sequences=True),
                           layers.LSTM(64, activation=activation),
                           keras.layers.Dense(classes, activation="softmax")])
@@ -83,13 +91,15 @@ def keras_model(layers, activation: str, shape, classes: int):
 
 
 class TorchModel(torch.nn.Module):
-    """003's model in torch: torch.nn.LSTM (tanh only), or with ``relu`` gyre.nn.LSTM."""
+    """003's model in torch: torch.nn.LSTM (tanh only), or with ``gyre_activation``
+    gyre.nn.LSTM with that activation."""
 
-    def __init__(self, inputs: int, classes: int, relu: bool = False):
+    def __init__(self, inputs: int, classes: int, gyre_activation: str | None = None):
         super().__init__()
-        if relu:
+        if gyre_activation:
             import gyre.nn
-            lstm = lambda i, h: gyre.nn.LSTM(i, h, batch_first=True, activation="relu")  # noqa: E731
+            lstm = lambda i, h: gyre.nn.LSTM(i, h, batch_first=True,  # noqa: E731
+                                             activation=gyre_activation)
         else:
             lstm = lambda i, h: torch.nn.LSTM(i, h, batch_first=True)  # noqa: E731
         self.l1 = lstm(inputs, 128)
@@ -124,19 +134,22 @@ def run_dataset(name: str, variants, rounds: int, warmup: int, max_series) -> di
     import keras
 
     import gyre.keras.layers as gl
+    import gyre.keras.models as gm
     X, y = data(name, max_series)
     N, T, dims = X.shape
     C = y.shape[1]
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y.argmax(1))
     loops, models = {}, {}
     for v in variants:
-        if v in ("torch.nn", "gyre.nn"):
+        if v in ("torch.nn", "gyre.nn", "gyre.nn-tanh"):
             torch.manual_seed(0)
-            m = TorchModel(dims, C, relu=v == "gyre.nn")
+            m = TorchModel(dims, C, {"gyre.nn": "relu", "gyre.nn-tanh": "tanh"}.get(v))
             loops[v] = (m, torch.optim.Adam(m.parameters(), 1e-3), torch.Generator().manual_seed(0))
         else:
             layers = keras.layers if v == "keras" else gl
-            models[v] = keras_model(layers, "tanh" if v == "gyre-tanh" else "relu", (T, dims), C)
+            sequential = gm.Sequential if v in ("gyre.keras", "gyre-tanh") else keras.Sequential
+            models[v] = keras_model(layers, "tanh" if v == "gyre-tanh" else "relu", (T, dims), C,
+                                    sequential)
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -172,7 +185,9 @@ def run_dataset(name: str, variants, rounds: int, warmup: int, max_series) -> di
 
     pairs = [(u, v) for u, v in (("gyre.keras", "torch.nn"), ("keras", "gyre.keras"),
                                  ("gyre.nn", "torch.nn"), ("gyre.keras", "gyre.nn"),
-                                 ("gyre-tanh", "torch.nn")) if u in cpu and v in cpu]
+                                 ("gyre-tanh", "torch.nn"), ("gyre.keras-stock", "gyre.keras"),
+                                 ("gyre.nn-tanh", "torch.nn"))
+             if u in cpu and v in cpu]
     return {
         "data": name, "shape": [N, T, dims], "classes": C, "steps_per_epoch": -(-N // BATCH),
         "cpu_s": cpu, "wall_s": wall,

@@ -1,10 +1,12 @@
-"""Where one training step's time goes: text 003's model (benchmarks/keras_fit.py) in
-gyre.keras's ``model.fit`` against the plain torch.nn loop, in process CPU time on one thread.
+"""Where one training step's time goes: text 003's model (benchmarks/keras_fit.py) of
+gyre.keras layers in Keras's stock ``model.fit`` and in gyre.keras's lean one, against the plain
+torch.nn loop, in process CPU time on one thread.
 
 Per dataset (a batch of the first 32 training series), each round measures, interleaved:
 
-* gyre.keras: one ``fit`` epoch over the whole batches of 32 (the first ``32 * (N // 32)``
-  series) divided by its steps (the whole step as ``fit`` runs it), and
+* gyre.keras layers in ``keras.Sequential`` (Keras's stock fit): one ``fit`` epoch over the
+  whole batches of 32 (the first ``32 * (N // 32)`` series) divided by its steps (the whole
+  step as ``fit`` runs it), and
   then the parts of Keras's ``TorchTrainer.train_step`` called one by one as it calls them
   (``model(x, training=True)``, ``zero_grad``, ``_compute_loss`` with the loss tracker,
   ``backward``, ``optimizer.apply``, ``compute_metrics``); ``fit - train_step`` is Keras's loop
@@ -15,6 +17,12 @@ Per dataset (a batch of the first 32 training series), each round measures, inte
   engine), the same through Keras's ``RNN.call`` (the path gyre's ``call`` now takes only for
   initial states, stateful layers, dropout or mixed dtypes) and ``__call__`` (Keras's Layer
   machinery on top).
+* gyre.keras's lean fit (``gyre.keras.models.Sequential``, :mod:`gyre.keras.training`, the
+  model ``examples/keras`` and ``benchmarks/keras_fit.py``'s ``gyre.keras`` run): one ``fit``
+  epoch over the whole batches divided by its steps, and the parts of its ``train_step`` timed
+  inside that epoch by wrapping each (every layer's ``call``, the loss function, the loss
+  tracker, ``backward``, ``optimizer.apply``, the metrics' update; ``fit loop around
+  train_step`` is the epoch's remainder).
 * the torch loop (benchmarks/keras_fit.py's ``torch.nn`` variant): each LSTM's forward, the
   head, the loss, ``backward``, ``opt.step`` and its ``.item()`` bookkeeping.
 
@@ -126,6 +134,59 @@ def keras_parts(m, X, y, xb, yb, reps: int, layer_reps: int) -> dict[str, float]
     return out
 
 
+def lean_parts(m, X, y, epochs: int) -> dict[str, float]:
+    """Per step of ``epochs`` lean ``fit`` epochs of ``m`` (a gyre.keras Sequential): the whole
+    step, and each part timed in place by a wrapper around it (restored afterwards)."""
+    import keras
+
+    from gyre.keras import training
+    full = (len(X) // BATCH) * BATCH
+    steps = epochs * (full // BATCH)
+    acc: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = clock()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[name] = acc.get(name, 0.0) + clock() - t0
+        return wrapper
+
+    class Epochs(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = clock()
+
+        def on_epoch_end(self, epoch, logs=None):
+            acc["fit step (epoch / steps)"] = acc.get("fit step (epoch / steps)", 0.0) + clock() - self.t0
+
+    loss0 = m._compile_loss._flat_losses[0]
+    patched = [(training._LeanTrainer, "train_step"), (torch.Tensor, "backward")]
+    saved = [(o, n, o.__dict__[n]) for o, n in patched]
+    objs = [(layer, "call", f"{type(layer).__name__.lower()} {i + 1}: call")
+            for i, layer in enumerate(m.layers)] + [
+        (m._loss_tracker, "update_state", "loss tracker"), (m.optimizer, "apply", "optimizer"),
+        (m._compile_metrics, "update_state", "metrics")]
+    try:
+        training._LeanTrainer.train_step = timed("train_step", saved[0][2])
+        torch.Tensor.backward = timed("backward", saved[1][2])
+        for o, n, label in objs:
+            setattr(o, n, timed(label, getattr(o, n)))
+        m._compile_loss._flat_losses[0] = loss0._replace(loss=timed("loss", loss0.loss))
+        m.train_function = None
+        m.fit(X[:full], y[:full], epochs=epochs, batch_size=BATCH, verbose=0, callbacks=[Epochs()])
+    finally:
+        for o, n, fn in saved:
+            setattr(o, n, fn)
+        for o, n, _ in objs:
+            o.__dict__.pop(n, None)
+        m._compile_loss._flat_losses[0] = loss0
+        m.train_function = None
+    out = {k: v / steps for k, v in acc.items()}
+    out["fit loop around train_step"] = out["fit step (epoch / steps)"] - out["train_step"]
+    return out
+
+
 def torch_parts(model, opt, xb, yi, reps: int) -> dict[str, float]:
     parts = {k: [] for k in ("lstm1 fwd", "lstm2 fwd", "head fwd", "loss", "backward",
                              "optimizer (zero_grad + step)", ".item() bookkeeping", "step")}
@@ -169,39 +230,47 @@ def main(argv=None) -> int:
     if a.flush_denormal and not torch.set_flush_denormal(True):
         p.error("--flush-denormal: this CPU cannot flush denormals")
     import gyre.keras.layers as gl
+    import gyre.keras.models as gm
     results = []
     for name in [d.strip() for d in a.data.split(",") if d.strip()]:
         X, y = data(name)
         N, T, dims = X.shape
         C = y.shape[1]
         m = keras_model(gl, "relu", (T, dims), C)
+        lean = keras_model(gl, "relu", (T, dims), C, gm.Sequential)
         torch.manual_seed(0)
         tm = TorchModel(dims, C)
         opt = torch.optim.Adam(tm.parameters(), 1e-3)
         xb, yb = torch.from_numpy(X[:BATCH]), torch.from_numpy(y[:BATCH])
         yi = yb.argmax(1)
         m.fit(X, y, epochs=1, batch_size=BATCH, verbose=0)  # builds, compiles, warms
+        lean.fit(X, y, epochs=1, batch_size=BATCH, verbose=0)
         torch_parts(tm, opt, xb, yi, 2)
-        ks, ts = [], []
+        ks, ts, ls = [], [], []
         for r in range(a.rounds):
-            if r % 2:
-                ts.append(torch_parts(tm, opt, xb, yi, a.reps))
-                ks.append(keras_parts(m, X, y, xb, yb, a.reps, a.layer_reps))
-            else:
-                ks.append(keras_parts(m, X, y, xb, yb, a.reps, a.layer_reps))
-                ts.append(torch_parts(tm, opt, xb, yi, a.reps))
+            run = [lambda: ts.append(torch_parts(tm, opt, xb, yi, a.reps)),  # noqa: B023
+                   lambda: ks.append(keras_parts(m, X, y, xb, yb, a.reps, a.layer_reps)),  # noqa: B023
+                   lambda: ls.append(lean_parts(lean, X, y, max(1, a.reps // 2)))]  # noqa: B023
+            for f in run[r % 3:] + run[:r % 3]:
+                f()
         k = {n: statistics.median(d[n] for d in ks) * 1e3 for n in ks[0]}
         t = {n: statistics.median(d[n] for d in ts) * 1e3 for n in ts[0]}
+        g = {n: statistics.median(d[n] for d in ls) * 1e3 for n in ls[0]}
         print(f"\n{name}: (N, T, I) = ({N}, {T}, {dims}), batch {BATCH}; CPU ms per step, "
               f"median of {a.rounds} rounds")
         print("  gyre.keras (fit)")
         for n, v in k.items():
             print(f"    {n:34s} {v:9.2f}")
+        print("  gyre.keras.models.Sequential (lean fit)")
+        for n, v in g.items():
+            print(f"    {n:34s} {v:9.2f}")
         print("  torch.nn loop")
         for n, v in t.items():
             print(f"    {n:34s} {v:9.2f}")
-        print(f"  fit step / torch step: {k['fit step (epoch / steps)'] / t['step']:.3f}x")
-        results.append({"data": name, "shape": [N, T, dims], "gyre_keras_ms": k, "torch_ms": t})
+        print(f"  fit step / torch step: stock fit {k['fit step (epoch / steps)'] / t['step']:.3f}x, "
+              f"lean fit {g['fit step (epoch / steps)'] / t['step']:.3f}x")
+        results.append({"data": name, "shape": [N, T, dims], "gyre_keras_ms": k,
+                        "gyre_keras_lean_ms": g, "torch_ms": t})
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
         with open(a.json, "w") as f:

@@ -458,3 +458,217 @@ def test_example_003_stacked_relu_lstm_learns():
     prior = g["y"].mean(0)
     ce, prior_ce = -np.log(p[np.arange(len(y)), y]).mean(), -np.log(prior[y]).mean()
     assert acc > majority + 0.2 and ce < prior_ce - 0.3, (acc, majority, ce, prior_ce)
+
+
+# gyre.keras.Sequential / Model: Keras's models with gyre's lean train_step and fit loop
+
+
+def _stack(seq, L, dropout=True, **kw):
+    """Input -> L(relu, sequences) -> L -> [Dropout] -> Dense(3, softmax), float64, seeded."""
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((T, I), dtype="float64"),
+              L(H, activation="relu", return_sequences=True, dtype="float64", **kw),
+              L(H, dtype="float64", kernel_regularizer="l2", **kw)]
+    layers += [keras.layers.Dropout(0.3, dtype="float64", seed=3)] if dropout else []
+    return seq(layers + [keras.layers.Dense(3, activation="softmax", dtype="float64")])
+
+
+def _fit_data(n=21):
+    x = _x(5, (n, T, I))
+    y = np.eye(3)[(np.abs(x[:, :, 0].sum(1)) * 2).astype(int) % 3]
+    return x, y
+
+
+class _BatchLogs(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen = getattr(self, "seen", []) + [dict(logs)]
+
+
+def _fit_same(models, x, y, callbacks=(), **fit_kw):
+    """Fit each model from the first one's weights; their weights, History and (with a
+    callback that reads them) batch logs."""
+    out, w0 = [], models[0].get_weights()
+    for m in models:
+        m.set_weights(w0)
+        m.compile(optimizer=keras.optimizers.Adam(0.02), loss="categorical_crossentropy",
+                  metrics=["accuracy"])
+        cbs = [type(c)() for c in callbacks]
+        keras.utils.set_random_seed(7)  # the shuffles and Dropout's masks
+        h = m.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=cbs, **fit_kw)
+        out.append((m.get_weights(), h.history, [getattr(c, "seen", None) for c in cbs]))
+    return out
+
+
+def _assert_fits_equal(out, atol=0.0):
+    (w, h, logs), rest = out[0], out[1:]
+    for w2, h2, logs2 in rest:
+        for a, b in zip(w, w2, strict=True):
+            np.testing.assert_allclose(b, a, atol=atol, rtol=0)
+        assert h2.keys() == h.keys()
+        for k in h:
+            np.testing.assert_allclose(h2[k], h[k], atol=atol, rtol=0)
+        assert logs2 == logs if atol == 0 else len(logs2) == len(logs)
+
+
+@pytest.mark.parametrize("fit_kw,layer_kw", [
+    (dict(validation_split=0.25), {}),
+    (dict(class_weight={0: 1.0, 1: 2.0, 2: 0.5}, validation_data="xy", shuffle="batch"), {}),
+    (dict(sample_weight="w", shuffle=False), dict(dropout=0.2, seed=4)),
+], ids=["validation_split", "class_weight", "sample_weight-lstm_dropout"])
+def test_lean_fit_equals_stock_fit(fit_kw, layer_kw, monkeypatch):
+    """gyre.keras.Sequential's fit (direct layer calls, its own loop) gives bit for bit the
+    weights, History and batch logs of keras.Sequential's stock fit with the same gyre layers,
+    and Keras's own layers' within float64 rounding; its training forward skips
+    Layer.__call__."""
+    x, y = _fit_data()
+    fit_kw = {k: {"xy": (x[:6], y[:6]), "w": np.linspace(0.5, 2, len(x))}.get(v, v)
+              if isinstance(v, str) and k != "shuffle" else v for k, v in fit_kw.items()}
+    calls = []
+    call = keras.layers.Layer.__call__
+
+    def counting(self, *a, **k):
+        calls.append((type(self), k.get("training")))
+        return call(self, *a, **k)
+
+    monkeypatch.setattr(gk.LSTM, "__call__", counting, raising=False)
+    models = [_stack(keras.Sequential, gk.LSTM, **layer_kw), _stack(gk.Sequential, gk.LSTM, **layer_kw),
+              _stack(keras.Sequential, keras.layers.LSTM, **layer_kw)]
+    out = _fit_same(models, x, y, callbacks=[_BatchLogs()], **fit_kw)
+    _assert_fits_equal(out[:2])
+    _assert_fits_equal(out[::2], atol=1e-9)
+    assert out[1][2][0] and set(out[1][2][0][0]) == {"loss", "accuracy"}  # batch logs, read
+    calls.clear()
+    models[1].fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert calls == []  # the lean forward called gyre's LSTM.call, not Layer.__call__
+    models[0].fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert (gk.LSTM, True) in calls
+
+
+class _OwnStep(gk.Sequential):
+    def train_step(self, data):
+        self.own_steps = getattr(self, "own_steps", 0) + 1
+        return super().train_step(data)
+
+
+def test_lean_fit_falls_back_to_keras():
+    """What the lean path does not cover runs Keras's own code, with the same results: a mask
+    (Keras's Layer.__call__ carries it), a subclass's train_step, nothing trainable (Keras's
+    warning), a PyDataset, a model with two outputs and a loss per output."""
+    x, y = _fit_data(12)
+
+    def masked(seq):
+        keras.utils.set_random_seed(0)
+        return seq([keras.Input((T, I), dtype="float64"), keras.layers.Masking(dtype="float64"),
+                    gk.GRU(H, dtype="float64"), keras.layers.Dense(3, activation="softmax",
+                                                                   dtype="float64")])
+    xm = x.copy()
+    xm[2, 4:] = 0.0
+    _assert_fits_equal(_fit_same([masked(keras.Sequential), masked(gk.Sequential)], xm, y))
+    own = _stack(_OwnStep, gk.LSTM, dropout=False)
+    _assert_fits_equal(_fit_same([_stack(keras.Sequential, gk.LSTM, dropout=False), own], x, y))
+    assert own.own_steps == 2 * 3
+    frozen = _stack(gk.Sequential, gk.LSTM, dropout=False)
+    frozen.trainable = False
+    frozen.compile(optimizer="adam", loss="categorical_crossentropy")
+    with pytest.warns(UserWarning, match="does not have any trainable weights"):
+        frozen.fit(x, y, epochs=1, verbose=0)
+
+    class Data(keras.utils.PyDataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return x[4 * i:4 * i + 4], y[4 * i:4 * i + 4]
+
+    ms = [_stack(keras.Sequential, gk.LSTM, dropout=False), _stack(gk.Sequential, gk.LSTM, dropout=False)]
+    ws, w0 = [], ms[0].get_weights()
+    for m in ms:
+        m.compile(optimizer="adam", loss="categorical_crossentropy")
+        m.set_weights(w0)
+        m.fit(Data(), epochs=1, shuffle=False, verbose=0)
+        ws.append(m.get_weights())
+    for a, b in zip(*ws, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    def two_heads(model_cls):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((T, I), dtype="float64")
+        h = gk.LSTM(H, dtype="float64")(inp)
+        return model_cls(inp, [keras.layers.Dense(3, activation="softmax", dtype="float64")(h),
+                               keras.layers.Dense(1, dtype="float64")(h)])
+    ws = []
+    for cls in (keras.Model, gk.Model):
+        m = two_heads(cls)
+        if cls is keras.Model:
+            w0 = m.get_weights()
+        m.set_weights(w0)
+        m.compile(optimizer="adam", loss=["categorical_crossentropy", "mse"], loss_weights=[1, 0.5])
+        m.fit(x, [y, x[:, 0, :1]], batch_size=4, epochs=1, shuffle=False, verbose=0)
+        ws.append(m.get_weights())
+    for a, b in zip(*ws, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_gyre_models_are_keras_models(tmp_path):
+    """gyre.keras.Model(inputs, outputs) is a functional gyre Model (without changing
+    gyre.keras.Model's bases, which a subclass keeps); both save and load as gyre's classes."""
+    from gyre.keras.models import Model, Sequential, load_model
+    bases = Model.__bases__
+    inp = keras.Input((T, I))
+    f = Model(inp, keras.layers.Dense(2)(gk.LSTM(H)(inp)))
+    assert isinstance(f, Model) and isinstance(f, keras.Model) and f.__class__.__name__ == "Functional"
+    assert Model.__bases__ == bases
+
+    class Sub(Model):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = gk.LSTM(H), keras.layers.Dense(2)
+
+        def call(self, x, training=False):
+            return self.head(self.rnn(x, training=training))
+
+    seq = Sequential([keras.Input((T, I)), gk.LSTM(H), keras.layers.Dense(2)])
+    x, y = _fit_data(8)
+    for m in (f, Sub(), seq):
+        m.compile(optimizer="adam", loss="mse")
+        hist = m.fit(x.astype("float32"), y[:, :2], epochs=2, batch_size=4, verbose=0)
+        assert len(hist.history["loss"]) == 2 and np.isfinite(hist.history["loss"]).all()
+    for m in (f, seq):
+        m.save(tmp_path / "m.keras")
+        back = load_model(tmp_path / "m.keras")
+        assert isinstance(back, Model | Sequential) and type(back) is type(m)
+        np.testing.assert_allclose(_np(back(x.astype("float32"))), _np(m(x.astype("float32"))),
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("fit_kw", [
+    dict(steps_per_epoch=2, epochs=3, initial_epoch=1),
+    dict(epochs=4, validation_freq=2, verbose=2, stop=True),
+], ids=["steps_per_epoch-initial_epoch", "validation_freq-early_stopping-verbose2"])
+def test_lean_fit_loop_arguments_as_keras(fit_kw, capsys):
+    """fit's loop arguments and a callback that stops training act as in Keras's fit (a GRU,
+    a SimpleRNN, AUC beside accuracy)."""
+    x, y = _fit_data(20)
+    fit_kw = dict(fit_kw)
+    stop = fit_kw.pop("stop", False)
+    out = []
+    for seq in (keras.Sequential, gk.Sequential):
+        keras.utils.set_random_seed(0)
+        m = seq([keras.Input((T, I), dtype="float64"),
+                 gk.GRU(H, return_sequences=True, dtype="float64"), gk.SimpleRNN(H, dtype="float64"),
+                 keras.layers.Dense(3, activation="softmax", dtype="float64")])
+        m.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy", "auc"])
+        if out:
+            m.set_weights(out[0][0])
+        w0 = m.get_weights()
+        cbs = [keras.callbacks.EarlyStopping(monitor="loss", patience=0, min_delta=10)] if stop else []
+        keras.utils.set_random_seed(1)
+        h = m.fit(x, y, batch_size=4, validation_data=(x[:4], y[:4]), callbacks=cbs,
+                  **{"verbose": 0, **fit_kw})
+        out.append((w0, m.get_weights(), h.history, h.params, capsys.readouterr().out))
+    (_, wk, hk, pk, ok), (_, wg, hg, pg, og) = out
+    for a, b in zip(wk, wg, strict=True):
+        np.testing.assert_array_equal(b, a)
+    assert hg == hk and pg == pk
+    assert og.count("Epoch") == ok.count("Epoch") == (2 if fit_kw.get("verbose") else 0)
+    assert len(hk["loss"]) == (2 if stop or "initial_epoch" in fit_kw else 4)

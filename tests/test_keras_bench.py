@@ -57,4 +57,8 @@ def test_keras_step_breakdown_writes_every_part(tmp_path):
                  "lstm1 fwd: engine.run", "lstm2 fwd: via Keras's RNN.call - engine.run"):
         assert part in k
     assert k["train_step"] > 0 and k["forward"] > 0
+    lean = res["gyre_keras_lean_ms"]
+    assert {"lstm 1: call", "lstm 2: call", "dense 3: call", "loss", "backward", "optimizer", "metrics",
+            "fit loop around train_step"} <= set(lean)
+    assert 0 < lean["backward"] < lean["train_step"] < lean["fit step (epoch / steps)"]
     assert t["step"] > 0 and set(t) >= {"lstm1 fwd", "backward", ".item() bookkeeping"}

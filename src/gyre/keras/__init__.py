@@ -6,6 +6,8 @@ writes ``from tensorflow.keras.layers import LSTM`` (and ``gyre.keras.models`` f
 ``keras.layers.LSTM`` / ``GRU`` / ``SimpleRNN``: the same constructor, weights, initializers,
 regularizers, constraints, config, ``get_weights``/``set_weights`` layout, ``model.save``),
 whose loop over time runs on :func:`gyre.engine.run` instead of Keras's per-step Python loop.
+:class:`Sequential` and :class:`Model` are Keras's models with a lean ``fit``
+(:mod:`gyre.keras.training`).
 :class:`Recurrent` runs any gyre cell by name. Needs Keras 3 on its torch backend
 (``pip install 'gyre[keras]'``, ``KERAS_BACKEND=torch``); when no backend is chosen yet
 (``KERAS_BACKEND`` unset and Keras not imported), importing this module chooses torch.
@@ -32,7 +34,8 @@ if _keras.backend.backend() != "torch":
                       "KERAS_BACKEND=torch before Keras is first imported")
 
 from .rnn import GRU, LSTM, Recurrent, SimpleRNN  # noqa: E402
+from .training import Model, Sequential  # noqa: E402
 
 Bidirectional = _keras.layers.Bidirectional
 
-__all__ = ["LSTM", "GRU", "SimpleRNN", "Recurrent", "Bidirectional"]
+__all__ = ["LSTM", "GRU", "SimpleRNN", "Recurrent", "Bidirectional", "Sequential", "Model"]
