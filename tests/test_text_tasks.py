@@ -26,7 +26,8 @@ def test_sentiment_fine_food_beats_majority_reloads_and_predicts(tmp_path):
     out = tmp_path / "run"
     m = sentiment.train(sentiment.Config(out=str(out), epochs=3, hidden=24, embed=24,
                                          vocab_size=800, max_tokens=48, batch_size=64, lr=5e-3,
-                                         head_dropout=0.2, embed_dropout=0.1, **QUICK))
+                                         head_dropout=0.2, embed_dropout=0.1, pretrain_epochs=0,
+                                         **QUICK))
     assert m["train"]["n_test"] == 1000 and m["train"]["n_train"] + m["train"]["n_val"] == 4000
     maj = m["baselines"]["majority"]
     assert abs(maj["accuracy"] - 0.658) < 1e-9  # DATA.md's figure
@@ -315,7 +316,9 @@ def test_sentiment_with_a_cell_torch_has_no_module_for_beats_majority(tmp_path):
     out = tmp_path / "run"
     m = sentiment.train(sentiment.Config(out=str(out), cell="mingru", epochs=3, hidden=24,
                                          embed=24, vocab_size=800, max_tokens=48, batch_size=64,
-                                         lr=5e-3, head_dropout=0.2, embed_dropout=0.1, **QUICK))
+                                         lr=5e-3, head_dropout=0.2, embed_dropout=0.1,
+                                         pretrain_epochs=0, **QUICK))
+    assert "pretrain" not in m
     assert base.load_config(sentiment.Config, out / "config.toml").cell == "mingru"
     assert m["test"]["accuracy"] > m["baselines"]["majority"]["accuracy"] + 0.03
     assert sentiment.evaluate(out)["test"] == pytest.approx(m["test"], abs=1e-9)
