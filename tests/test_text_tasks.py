@@ -166,7 +166,7 @@ def _tiny_run(task, tmp_path):
             w.writerows(zip(data.train_texts[:240], [data.classes[k] for k in data.y_train[:240]],
                             strict=True))
         return sentiment, dict(data=str(path), hidden=24, embed=24, tokenizer="word",
-                               max_tokens=32, batch_size=32)
+                               max_tokens=32, batch_size=32, pretrain_epochs=1)
     if task == "lm":
         path = tmp_path / "play.txt"
         path.write_text(td.shakespeare_plays()["macbeth"][:20000])
