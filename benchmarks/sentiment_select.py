@@ -12,6 +12,7 @@ replacing the task module's ``validation_split``) so that the seeds vary the ini
 only and share one validation share."""
 
 import csv
+import dataclasses
 import json
 import sys
 import time
@@ -39,9 +40,15 @@ def main() -> None:
     orig = S.validation_split
     S.validation_split = lambda y, f, seed: orig(y, f, 0)  # one validation share for all seeds
     data = tdata.load_sentiment("fine_food")
-    _, va = orig(data.y_train, 0.1, 0)
+    tr, va = orig(data.y_train, 0.1, 0)
     yv, texts = data.y_train[va], [data.train_texts[i] for i in va]
     specs, seeds, tag = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+    # the baseline on the same share, for scale (the task's own TF-IDF + LR, scored on it)
+    fit = [data.train_texts[i] for i in tr]
+    shared = dataclasses.replace(data, test_texts=texts, y_test=yv)
+    print(json.dumps({"tag": tag, "baselines_on_validation": {
+        k: v["accuracy"] for k, v in S.baselines(shared, data.y_train[tr], fit).items()}}),
+        flush=True)
     for spec in specs:
         name = spec.pop("name")
         logits, accs = [], []

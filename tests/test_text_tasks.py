@@ -26,7 +26,8 @@ def test_sentiment_fine_food_beats_majority_reloads_and_predicts(tmp_path):
     out = tmp_path / "run"
     m = sentiment.train(sentiment.Config(out=str(out), epochs=3, hidden=24, embed=24,
                                          vocab_size=800, max_tokens=48, batch_size=64, lr=5e-3,
-                                         head_dropout=0.2, embed_dropout=0.1, **QUICK))
+                                         head_dropout=0.2, embed_dropout=0.1, pretrain_epochs=0,
+                                         **QUICK))
     assert m["train"]["n_test"] == 1000 and m["train"]["n_train"] + m["train"]["n_val"] == 4000
     maj = m["baselines"]["majority"]
     assert abs(maj["accuracy"] - 0.658) < 1e-9  # DATA.md's figure
@@ -165,7 +166,7 @@ def _tiny_run(task, tmp_path):
             w.writerows(zip(data.train_texts[:240], [data.classes[k] for k in data.y_train[:240]],
                             strict=True))
         return sentiment, dict(data=str(path), hidden=24, embed=24, tokenizer="word",
-                               max_tokens=32, batch_size=32)
+                               max_tokens=32, batch_size=32, pretrain_epochs=1)
     if task == "lm":
         path = tmp_path / "play.txt"
         path.write_text(td.shakespeare_plays()["macbeth"][:20000])
@@ -315,7 +316,33 @@ def test_sentiment_with_a_cell_torch_has_no_module_for_beats_majority(tmp_path):
     out = tmp_path / "run"
     m = sentiment.train(sentiment.Config(out=str(out), cell="mingru", epochs=3, hidden=24,
                                          embed=24, vocab_size=800, max_tokens=48, batch_size=64,
-                                         lr=5e-3, head_dropout=0.2, embed_dropout=0.1, **QUICK))
+                                         lr=5e-3, head_dropout=0.2, embed_dropout=0.1,
+                                         pretrain_epochs=0, **QUICK))
+    assert "pretrain" not in m
     assert base.load_config(sentiment.Config, out / "config.toml").cell == "mingru"
     assert m["test"]["accuracy"] > m["baselines"]["majority"]["accuracy"] + 0.03
     assert sentiment.evaluate(out)["test"] == pytest.approx(m["test"], abs=1e-9)
+
+
+def test_sentiment_pretraining_gives_the_classifier_each_directions_language_model(tmp_path):
+    """--pretrain-epochs: a forward language model on the training texts, then a backward one
+    on them reversed with the forward embedding frozen; the classifier starts from the
+    forward embedding and each direction's recurrent weights (the kept epoch of each), and
+    both language models beat the uniform distribution on the validation texts."""
+    data = td.load_sentiment("fine_food")
+    fit, val = data.train_texts[:300], data.train_texts[300:360]
+    cfg = sentiment.Config(embed=16, hidden=16, vocab_size=500, pretrain_epochs=1, **QUICK)
+    tok = text.fit_tokenizer("sentencepiece", fit, vocab_size=500)
+    model = sentiment.build_model(cfg, tok.vocab_size, 2)
+    hist = sentiment.pretrain(model, cfg, tok, fit, val, tmp_path)
+    assert all(h[-1]["val_loss"] < math.log(tok.vocab_size) for h in hist.values())
+    fwd, bwd = (load_checkpoint(tmp_path / f"pretrain-{d}" / "checkpoint")["best"]["model"]
+                for d in ("forward", "backward"))
+    torch.testing.assert_close(model.embedding.weight, fwd["embedding.embedding.weight"])
+    torch.testing.assert_close(bwd["embedding.embedding.weight"], fwd["embedding.embedding.weight"])
+    own = model.rnn.state_dict()
+    for k in ("weight_ih_l0", "weight_hh_l0", "bias_hh_l0"):
+        torch.testing.assert_close(own[k], fwd["rnn." + k])
+        torch.testing.assert_close(own[k + "_reverse"], bwd["rnn." + k])
+    with pytest.raises(ValueError, match="pretrain_epochs: .*layers=2"):
+        sentiment.Config(layers=2, pretrain_epochs=1)
