@@ -80,9 +80,9 @@ def test_other_cells_train_decode_and_reload(tmp_path, cell, attention):
                          attention=attention, epochs=1, hidden=16, embed=16, vocab_size=400,
                          beam=2, progress=False, tensorboard=False, device="cpu"))
     assert set(m["by_beam"]) == {"1", "2"} and cell in m["model"]
-    config, model, src_tok, _ = T.load_run(tmp_path / "run")
+    config, model, src_tok, _, memory = T._load(tmp_path / "run")
     assert config.cell == cell and model.decoder.cell.name == cell
-    ids = src_tok.encode("Open the file")
+    ids = T.model_inputs(config, src_tok, memory, ["Open the file"], "texts")[0]
     assert T.beam_search(model, ids, beam=1) == T.greedy(model, ids)[0]
     assert T.translate(tmp_path / "run", ["Open the file"], beam=2)[0] == \
         src_tok.decode(T.beam_search(model, ids, beam=2))
