@@ -56,7 +56,7 @@ class Config(base.TaskConfig):
             of its nearest training source (:class:`TranslationMemory`; a training pair never
             retrieves itself), at most ``max_tokens`` tokens of it; the training pairs are saved
             in the run, so ``gyre translate`` retrieves from them. Needs ``shared_vocab``.
-            ``none``: the source alone.
+            The default, chosen on validation (RESULTS.md). ``none``: the source alone.
     """
 
     data: str = "gettext_fr"
@@ -79,7 +79,7 @@ class Config(base.TaskConfig):
     shared_vocab: bool = True
     copy: bool = True
     bucket: bool = True
-    memory: str = "none"
+    memory: str = "nearest"
 
     def __post_init__(self) -> None:
         super().__post_init__()
