@@ -9,8 +9,9 @@ evaluations.
 
 JSON options: epochs, bs, lr, onecycle, ls (label smoothing), vocab, embed, hidden, cell, attn,
 copy, dropout, bucket, maxlen (drop longer training pairs), nval, seed, cpu (stop after the
-epoch that passes this many training CPU seconds), memory (an experiment, not a task option:
-the source followed by EOS and the target of its TF-IDF nearest other training source).
+epoch that passes this many training CPU seconds), memory (true: the task's ``--memory
+nearest``, the source followed by EOS and the target of its TF-IDF nearest other training
+source, :class:`gyre.tasks.translate.TranslationMemory`).
 """
 
 import json
@@ -24,19 +25,6 @@ import torch
 from gyre import text as gt
 from gyre.data import text as td
 from gyre.tasks import translate as T
-
-
-def tm_index(train_src: list[str], queries: list[str], exclude_self: bool = False):
-    """Index of each query's TF-IDF nearest training source (word 1-2 grams, cosine)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    A = vec.fit_transform(train_src)
-    S = vec.transform(queries) @ A.T
-    if exclude_self:
-        S = S.tolil()
-        S.setdiag(0)
-        S = S.tocsr()
-    return S.argmax(axis=1).A1
 
 
 def batches_of(train, bs: int, bucket: bool, rng: random.Random) -> list[list[int]]:
@@ -63,10 +51,9 @@ def main(a: dict) -> None:
     src_ids = [tok.encode(s) for s, _ in pairs]
     val_src = [tok.encode(s) for s in sources]
     if a.get("memory", False):
-        near = tm_index([s for s, _ in pairs], [s for s, _ in pairs], exclude_self=True)
-        src_ids = [s + [gt.EOS] + tgt_ids[j] for s, j in zip(src_ids, near, strict=True)]
-        near = tm_index([s for s, _ in pairs], sources)
-        val_src = [s + [gt.EOS] + tgt_ids[j] for s, j in zip(val_src, near, strict=True)]
+        cfg, tm = T.Config(memory="nearest"), T.TranslationMemory(pairs)
+        src_ids = T.model_inputs(cfg, tok, tm, [s for s, _ in pairs], "data", exclude_self=True)
+        val_src = T.model_inputs(cfg, tok, tm, sources, "data")
     ml = a.get("maxlen", 0)
     train = [(s, t) for s, t in zip(src_ids, tgt_ids, strict=True)
              if not ml or (len(s) <= ml and len(t) <= ml)]

@@ -1,7 +1,10 @@
 """Translation: a bidirectional recurrent encoder and a recurrent decoder with attention
 (Bahdanau et al. 2015 additive, Luong et al. 2015 multiplicative, or none), trained with
 teacher forcing, decoded greedily or by beam search with length normalisation, scored with
-sacrebleu (BLEU, chrF) beside copying the source and a TF-IDF translation memory.
+sacrebleu (BLEU, chrF) beside copying the source and a TF-IDF translation memory. With
+``memory="nearest"`` the model reads that memory too (Bulte & Tezcan 2019's neural fuzzy repair):
+each source is followed by ``EOS`` and the target of its nearest training source, which the
+attention and the copy gate can read and copy from.
 
 Follows the task contract in :mod:`gyre.tasks`. Data: :func:`gyre.data.text.load_pairs`.
 """
@@ -26,6 +29,7 @@ TASK = "translate"
 #: fields a resumed run may change beyond :data:`gyre.tasks.base.RESUMABLE` (read after training)
 RESUMABLE = ("beam", "length_penalty")
 ATTENTION = ("bahdanau", "luong", "none")
+MEMORY = ("nearest", "none")
 
 
 @dataclass
@@ -48,6 +52,11 @@ class Config(base.TaskConfig):
         max_tokens: the longest source the model takes (a longer one is an error).
         bucket: batches of pairs of similar length (:func:`bucket_order`), which cuts the
             padding the encoder and the decoder loop run over.
+        memory: ``nearest``: the encoder reads each source followed by ``EOS`` and the target
+            of its nearest training source (:class:`TranslationMemory`; a training pair never
+            retrieves itself), at most ``max_tokens`` tokens of it; the training pairs are saved
+            in the run, so ``gyre translate`` retrieves from them. Needs ``shared_vocab``.
+            The default, chosen on validation (RESULTS.md). ``none``: the source alone.
     """
 
     data: str = "gettext_fr"
@@ -70,6 +79,7 @@ class Config(base.TaskConfig):
     shared_vocab: bool = True
     copy: bool = True
     bucket: bool = True
+    memory: str = "nearest"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,6 +98,12 @@ class Config(base.TaskConfig):
                              "(set copy=False, --no-copy, for a plain softmax output)")
         if self.length_penalty < 0:
             raise ValueError(f"length_penalty: got {self.length_penalty}, expected >= 0")
+        if self.memory not in MEMORY:
+            raise ValueError(f"memory: got {self.memory!r}, expected one of {', '.join(MEMORY)}")
+        if self.memory != "none" and not self.shared_vocab:
+            raise ValueError("memory: reading the retrieved target beside the source needs "
+                             f"shared_vocab; got memory={self.memory!r}, shared_vocab=False "
+                             "(set memory='none', --memory none)")
 
 
 class Seq2Seq(nn.Module):
@@ -419,14 +435,45 @@ def score(hyps: list[str], refs: list[str]) -> tuple[dict[str, float], dict[str,
             {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature())})
 
 
+class TranslationMemory:
+    """Training pairs indexed by their sources' TF-IDF vectors (word 1-2 grams, sublinear tf,
+    fitted on those sources): :meth:`nearest` is the pair whose source has the highest cosine
+    with a query (the first such pair on a tie, pair 0 when nothing is shared)."""
+
+    def __init__(self, pairs) -> None:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        self.pairs = [(str(a), str(b)) for a, b in pairs]
+        if not self.pairs:
+            raise ValueError("pairs: got no pairs; a translation memory needs training pairs")
+        self.vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+        self.keys = self.vectorizer.fit_transform([a for a, _ in self.pairs]).T.tocsr()
+
+    def nearest(self, sources: list[str], exclude_self: bool = False,
+                chunk: int = 1024) -> list[int]:
+        """The index of each source's nearest pair. ``exclude_self``: ``sources`` are the
+        memory's own, in order, and source ``i`` never retrieves pair ``i`` (what a training
+        pair sees must be what an unseen sentence sees: another pair). Similarities are
+        computed ``chunk`` queries at a time (a dense block of ``chunk x len(pairs)``)."""
+        if exclude_self and len(sources) != len(self.pairs):
+            raise ValueError(f"sources: exclude_self needs the memory's own {len(self.pairs)} "
+                             f"sources; got {len(sources)}")
+        Q = self.vectorizer.transform(sources)
+        out: list[int] = []
+        for a in range(0, Q.shape[0], chunk):
+            sim = (Q[a:a + chunk] @ self.keys).toarray()
+            if exclude_self:
+                rows = range(sim.shape[0])
+                sim[rows, [a + r for r in rows]] = -1.0
+            out.extend(sim.argmax(1).tolist())
+        return out
+
+    def targets(self, sources: list[str], exclude_self: bool = False) -> list[str]:
+        return [self.pairs[i][1] for i in self.nearest(sources, exclude_self)]
+
+
 def translation_memory(train: list[tuple[str, str]], sources: list[str]) -> list[str]:
     """The training target whose source is nearest by TF-IDF (word 1-2 grams) cosine."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    A = vec.fit_transform([s for s, _ in train])
-    Q = vec.transform(sources)
-    best = (Q @ A.T).argmax(axis=1).A1
-    return [train[i][1] for i in best]
+    return TranslationMemory(train).targets(sources)
 
 
 def encode_sources(tok: gtext.Tokenizer, texts: list[str], max_tokens: int, who: str):
@@ -442,6 +489,22 @@ def encode_sources(tok: gtext.Tokenizer, texts: list[str], max_tokens: int, who:
     return out
 
 
+def model_inputs(config: Config, tok: gtext.Tokenizer, memory: TranslationMemory | None,
+                 texts: list[str], who: str, exclude_self: bool = False) -> list[list[int]]:
+    """What the encoder reads for each text: its ids (checked by :func:`encode_sources`), with
+    ``memory="nearest"`` followed by ``EOS`` and at most ``max_tokens`` ids of the retrieved
+    target (``exclude_self``: ``texts`` are the memory's own sources)."""
+    ids = encode_sources(tok, texts, config.max_tokens, who)
+    if config.memory == "none":
+        return ids
+    if memory is None:
+        raise ValueError(f"memory: the run reads a translation memory (memory={config.memory!r}) "
+                         "but none was given")
+    found = memory.targets(texts, exclude_self)
+    return [s + [gtext.EOS] + tok.encode(t)[:config.max_tokens] for s, t in zip(ids, found,
+                                                                                 strict=True)]
+
+
 def build_model(config: Config, src_vocab: int, tgt_vocab: int) -> Seq2Seq:
     return Seq2Seq(src_vocab, tgt_vocab, config.cell, config.embed, config.hidden,
                    config.layers, config.bidirectional, config.dropout, config.attention,
@@ -451,7 +514,7 @@ def build_model(config: Config, src_vocab: int, tgt_vocab: int) -> Seq2Seq:
 def describe(config: Config) -> str:
     return (f"{config.tokenizer} {'bi' if config.bidirectional else ''}{config.cell} "
             f"{config.layers}x{config.hidden} encoder, {config.attention} attention, "
-            f"beam {config.beam}")
+            f"{'' if config.memory == 'none' else config.memory + ' memory, '}beam {config.beam}")
 
 
 def plot_attention(model: Seq2Seq, src_tok, tgt_tok, sources: list[list[int]], path) -> None:
@@ -474,8 +537,8 @@ def plot_attention(model: Seq2Seq, src_tok, tgt_tok, sources: list[list[int]], p
     plt.close(fig)
 
 
-def _decode_all(model, src_tok, tgt_tok, texts, config, beam):
-    ids = encode_sources(src_tok, texts, config.max_tokens, "data")
+def _decode_all(model, src_tok, tgt_tok, memory, texts, config, beam, who="data"):
+    ids = model_inputs(config, src_tok, memory, texts, who)
     return [tgt_tok.decode(translate_ids(model, s, beam, config.length_penalty)) for s in ids]
 
 
@@ -488,10 +551,12 @@ def train(config: Config, *, resume: bool = False) -> dict:
     out = base.resolve_out(config, TASK)
     if resume and not (out / CHECKPOINT).is_file():
         raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} to resume from")
+    pairs = data.train  # the translation memory: the training pairs, saved with the run
     if resume:
         extra = load_checkpoint(out / CHECKPOINT)["extra"]
         src_tok = gtext.tokenizer_from_state(extra["src_tokenizer"])
         tgt_tok = gtext.tokenizer_from_state(extra["tgt_tokenizer"])
+        pairs = extra.get("memory", pairs)
     else:
         if config.shared_vocab:
             src_tok = tgt_tok = gtext.fit_tokenizer(
@@ -506,14 +571,18 @@ def train(config: Config, *, resume: bool = False) -> dict:
         src_tok = tgt_tok = base.same_tokenizer(src_tok)
     else:
         src_tok, tgt_tok = base.same_tokenizer(src_tok), base.same_tokenizer(tgt_tok)
-    enc = lambda pairs: PairDataset(  # noqa: E731
-        encode_sources(src_tok, [s for s, _ in pairs], config.max_tokens, "data"),
-        [tgt_tok.encode(t) for _, t in pairs])
-    train_ds, val_ds = enc(data.train), enc(data.val)
+    tm = TranslationMemory(pairs)
+    memory = tm if config.memory != "none" else None
+    enc = lambda split, own: PairDataset(  # noqa: E731
+        model_inputs(config, src_tok, memory, [s for s, _ in split], "data", exclude_self=own),
+        [tgt_tok.encode(t) for _, t in split])
+    train_ds, val_ds = enc(data.train, True), enc(data.val, False)
     seed_everything(config.seed)
     model = build_model(config, src_tok.vocab_size, tgt_tok.vocab_size)
     extra = {"src_tokenizer": src_tok.state(), "tgt_tokenizer": tgt_tok.state(),
              "src_vocab": src_tok.vocab_size, "tgt_vocab": tgt_tok.vocab_size}
+    if memory is not None:
+        extra["memory"] = [list(p) for p in memory.pairs]
     lengths = torch.tensor([max(len(a), len(b) + 1) for a, b in zip(train_ds.src, train_ds.tgt,
                                                                     strict=True)])
     trainer = PairTrainer(model, loss_fn, config.train_config(progress=config.progress),
@@ -531,14 +600,14 @@ def train(config: Config, *, resume: bool = False) -> dict:
     beams = sorted({1, config.beam})
     by_beam, signature = {}, {}
     for k in beams:
-        by_beam[str(k)], signature = score(_decode_all(model, src_tok, tgt_tok, sources, config,
-                                                       k), refs)
+        by_beam[str(k)], signature = score(_decode_all(model, src_tok, tgt_tok, memory, sources,
+                                                       config, k), refs)
     baselines = {"copy_source": score(sources, refs)[0],
-                 "tfidf_memory": score(translation_memory(data.train, sources), refs)[0]}
+                 "tfidf_memory": score(tm.targets(sources), refs)[0]}
     base.plot_history(result["history"], out / "loss.png", f"{describe(config)} on {data.name}")
     if config.attention != "none":
         plot_attention(model, src_tok, tgt_tok,
-                       encode_sources(src_tok, sources[:3], config.max_tokens, "data"),
+                       model_inputs(config, src_tok, memory, sources[:3], "data"),
                        out / "attention.png")
     metrics = {
         "task": TASK, "data": data.name, "out": str(out), "model": describe(config),
@@ -555,6 +624,11 @@ def train(config: Config, *, resume: bool = False) -> dict:
 
 def load_run(out_dir):
     """``(config, model, source tokenizer, target tokenizer)``."""
+    return _load(out_dir)[:4]
+
+
+def _load(out_dir):
+    """:func:`load_run` and the run's :class:`TranslationMemory` (None with ``memory="none"``)."""
     out = Path(out_dir)
     if not (out / "config.toml").is_file():
         raise FileNotFoundError(f"out_dir: {str(out)!r} has no config.toml; expected a directory "
@@ -567,23 +641,31 @@ def load_run(out_dir):
     use_best = best is not None and ckpt["config"].get("restore_best", True)
     model.load_state_dict(best if use_best else ckpt["model"])
     model.eval()
+    memory = None
+    if config.memory != "none":
+        if "memory" not in extra:
+            raise ValueError(f"out_dir: {str(out)!r} was trained with memory={config.memory!r} "
+                             "but its checkpoint holds no translation memory")
+        memory = TranslationMemory(extra["memory"])
     return (config, model, gtext.tokenizer_from_state(extra["src_tokenizer"]),
-            gtext.tokenizer_from_state(extra["tgt_tokenizer"]))
+            gtext.tokenizer_from_state(extra["tgt_tokenizer"]), memory)
 
 
 def translate(out_dir, texts: str | list[str], beam: int = 0) -> list[str]:
     """Translations of ``texts`` (beam ``beam``, 0 = the run's)."""
-    config, model, src_tok, tgt_tok = load_run(out_dir)
+    config, model, src_tok, tgt_tok, memory = _load(out_dir)
     texts = [texts] if isinstance(texts, str) else list(texts)
-    return _decode_all(model, src_tok, tgt_tok, texts, config, beam or config.beam)
+    return _decode_all(model, src_tok, tgt_tok, memory, texts, config, beam or config.beam,
+                       "texts")
 
 
 def evaluate(out_dir, data: str | None = None) -> dict:
-    config, model, src_tok, tgt_tok = load_run(out_dir)
+    config, model, src_tok, tgt_tok, memory = _load(out_dir)
     pairs = tdata.load_pairs(data or config.data, config.seed)
     test = pairs.test if data is None or data == config.data else \
         pairs.train + pairs.val + pairs.test
-    hyps = _decode_all(model, src_tok, tgt_tok, [s for s, _ in test], config, config.beam)
+    hyps = _decode_all(model, src_tok, tgt_tok, memory, [s for s, _ in test], config,
+                       config.beam)
     result, sig = score(hyps, [t for _, t in test])
     return {"test": result, "signature": sig, "data": data or config.data, "n_test": len(test)}
 
@@ -597,4 +679,5 @@ def predict(out_dir, data_path: str) -> list[dict]:
 
 
 __all__ = ["Config", "TASK", "Seq2Seq", "train", "evaluate", "predict", "translate", "load_run",
-           "greedy", "beam_search", "score", "translation_memory"]
+           "greedy", "beam_search", "score", "translation_memory", "TranslationMemory",
+           "model_inputs"]
