@@ -48,6 +48,10 @@ CANDIDATES: dict[str, dict] = {
     "aug_ens3_e70": {"model": "conv-rnn", "conv_steps": 128, "epochs": 70, "ensemble": 3,
                      "crop": 0.9, "jitter": 0.05, "scale": 0.1},
     "ens3_e70": {"model": "conv-rnn", "conv_steps": 128, "epochs": 70, "ensemble": 3},
+    # receptive field (fourth day): the default with a multi-scale (and dilated) front-end
+    "ms": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "front": "multiscale"},
+    "msd": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200,
+            "front": "multiscale-dilated"},
 }
 #: regression candidates (``gyre train regress``)
 REGRESS: dict[str, dict] = {

@@ -55,6 +55,39 @@ def test_dtw_baseline_matches_published_ucr_figure():
     assert abs(acc - 0.950) < 0.002
 
 
+def test_early_abandoning_1nn_dtw_equals_aeon_s_full_dtw():
+    """Distances against aeon's dtw (unequal lengths, 2 channels) and nearest neighbours against
+    the argmin of aeon's full pairwise matrix: early abandoning changes neither."""
+    from aeon.distances import dtw_pairwise_distance
+    rng = np.random.default_rng(0)
+    train = [rng.standard_normal((2, rng.integers(3, 40))) for _ in range(15)]
+    test = [rng.standard_normal((2, rng.integers(1, 40))) for _ in range(12)]
+    want = dtw_pairwise_distance(test, train)
+    dtw = classify._dtw_kernel()
+    got = np.array([[dtw(a, b, np.inf) for b in train] for a in test])
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert classify.nn_dtw_predict(train, test).tolist() == want.argmin(1).tolist()
+    assert dtw(test[0], train[0], want[0, 0] / 2) == np.inf  # abandoned past the bound
+
+
+def test_training_leaves_the_baseline_worker_a_core():
+    """While the baselines' worker runs, torch's threads are at most cores - 1; restored after."""
+    import math
+    import os
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one core: nothing to leave")
+    before = torch.get_num_threads()
+    torch.set_num_threads(cores)
+    try:
+        beside = classify.run_beside({"root": (math.sqrt, (4.0,))})
+        assert torch.get_num_threads() == cores - 1
+        assert beside() == {"root": 2.0}
+        assert torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cnn_and_transformer_baselines_train_by_the_same_trainer(tmp_path):
     m = classify.train(_quick(tmp_path, data="italy_power_demand", epochs=1, hidden=8,
                               baselines=["cnn", "transformer"]))

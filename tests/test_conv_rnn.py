@@ -19,15 +19,19 @@ def _quick(tmp_path, **kw):
     return classify.Config(**opts)
 
 
-@pytest.mark.parametrize("kernels, stride", [((8, 5, 3), 1), ((8, 5, 3), 3), ((3, 1, 4), 2),
-                                             ((1, 2, 7), 5), ((2, 4, 6), 4)])
+@pytest.mark.parametrize("kernels, stride, dilations", [
+    ((8, 5, 3), 1, None), ((8, 5, 3), 3, None), ((3, 1, 4), 2, None), ((1, 2, 7), 5, None),
+    ((2, 4, 6), 4, None),
+    # multi-scale (parallel kernels, even and odd, some shorter than the stride) and dilated
+    (((9, 19, 39), 5, 3), 2, (1, 2, 4)), (((2, 3), 4, (1, 6)), 3, (1, 3, 2)),
+    (((1, 4, 9), 2, 3), 1, (1, 1, 5))])
 @pytest.mark.parametrize("lens", [(9, 9, 9), (1, 6, 13), (12, 2, 7, 5), (4, 3)])
-def test_front_end_lengths_and_values_ignore_padding(kernels, stride, lens):
+def test_front_end_lengths_and_values_ignore_padding(kernels, stride, dilations, lens):
     """Every sequence of a padded batch (lengths shorter than, equal to and longer than the
-    kernels and strides, multiples and not) gets ceil(L / stride) steps, exactly the values it
-    gets alone, and zeros past its end."""
+    kernels, their dilated spans and strides, multiples and not) gets ceil(L / stride) steps,
+    exactly the values it gets alone, and zeros past its end."""
     torch.manual_seed(0)
-    net = ConvFrontEnd(3, (4, 5, 6), kernels, stride=stride)
+    net = ConvFrontEnd(3, (4, 5, 6), kernels, stride=stride, dilations=dilations)
     net.train()
     net(torch.randn(4, 20, 3))  # running statistics away from their initial values
     net.eval()
@@ -37,7 +41,7 @@ def test_front_end_lengths_and_values_ignore_padding(kernels, stride, lens):
     with torch.no_grad():
         y, out_len = net(batch["x"], lengths)
         want = [-(-n // stride) for n in lens]
-        assert y.shape == (len(lens), -(-max(lens) // stride), 6)
+        assert y.shape == (len(lens), -(-max(lens) // stride), net.out_channels)
         assert (out_len.tolist() if out_len is not None else [y.shape[1]] * len(lens)) == want
         for b, s in enumerate(seqs):
             alone, alone_len = net(s[None])
@@ -49,10 +53,17 @@ def test_front_end_lengths_and_values_ignore_padding(kernels, stride, lens):
 
 def test_front_end_stride_widens_a_short_first_kernel_and_checks_arguments():
     assert ConvFrontEnd(1, (2, 2), (3, 3), stride=5).convs[0].kernel_size == (5,)
+    multi = ConvFrontEnd(1, (2, 2), ((3, 9), 3), stride=5)
+    assert [c.kernel_size for c in multi.convs[0]] == [(5,), (9,)]
+    assert multi.out_channels == 2 and multi.norms[0].num_features == 4
     with pytest.raises(ValueError, match="stride"):
         ConvFrontEnd(1, (2,), (3,), stride=0)
     with pytest.raises(ValueError, match="channels, kernels"):
         ConvFrontEnd(1, (2, 3), (3,))
+    with pytest.raises(ValueError, match="dilations"):
+        ConvFrontEnd(1, (2, 3), (3, 3), dilations=(1, 0))
+    with pytest.raises(ValueError, match="front"):
+        classify.Config(front="inception")
 
 
 def test_masked_batch_norm_equals_torch_on_the_valid_steps():
@@ -88,11 +99,12 @@ def test_pool_frames_is_the_mean_of_each_window_s_valid_steps():
     assert same is x and none is None
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "mingru"])
-def test_conv_rnn_takes_cells_and_ignores_padding(cell):
+@pytest.mark.parametrize("cell, front", [("lstm", "fcn"), ("gru", "fcn"), ("mingru", "fcn"),
+                                         ("lstm", "multiscale"), ("gru", "multiscale-dilated")])
+def test_conv_rnn_takes_cells_and_ignores_padding(cell, front):
     torch.manual_seed(0)
     model = classify.ConvRecurrentClassifier(cell, 2, 3, hidden=4, channels=5, stride=2,
-                                             frame=2)
+                                             frame=2, front=front)
     x = torch.randn(3, 11, 2)
     lengths = torch.tensor([11, 3, 8])
     logits, _ = model(x, lengths=lengths)
@@ -142,14 +154,15 @@ def test_minirocket_baseline_runs_beside_the_model(tmp_path):
     assert set(m["baselines"]) == {"majority", "minirocket"}
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_conv_rnn_exports_to_onnx_and_onnxruntime_gives_its_logits(tmp_path, fuse):
+@pytest.mark.parametrize("fuse, front", [(True, "fcn"), (False, "fcn"),
+                                         (True, "multiscale-dilated")])
+def test_conv_rnn_exports_to_onnx_and_onnxruntime_gives_its_logits(tmp_path, fuse, front):
     """Through the export hook, at lengths and batch sizes other than the trace's."""
     pytest.importorskip("onnxruntime")
     from gyre.export import OnnxModel, onnx
     torch.manual_seed(0)
     model = classify.ConvRecurrentClassifier("lstm", 2, 3, hidden=4, channels=5, stride=3,
-                                             frame=2, fuse=fuse)
+                                             frame=2, fuse=fuse, front=front)
     model(torch.randn(4, 30, 2))  # batch-norm running statistics away from their start
     model.eval()
     run = OnnxModel(onnx(model, tmp_path / "m.onnx"))

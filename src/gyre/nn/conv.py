@@ -53,48 +53,70 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
 
 
 class ConvFrontEnd(nn.Module):
-    """Conv1d - masked batch norm - ReLU blocks (FCN-style, Wang et al. 2017).
+    """Conv1d - masked batch norm - ReLU blocks (FCN-style, Wang et al. 2017), optionally
+    multi-scale (InceptionTime-style parallel kernels, Ismail Fawaz et al. 2020) and dilated.
 
     Args:
         in_channels: input features ``C``.
-        channels, kernels: one entry per block (output channels, kernel size).
+        channels, kernels: one entry per block (output channels, kernel size). A block's
+            kernel may be a tuple of sizes: parallel convolutions of those sizes, each
+            ``channels`` wide, whose outputs are concatenated (``len * channels`` features).
         stride: stride of the first block (``>= 1``; a kernel shorter than the stride is
             widened to it so no step is skipped); the others have stride 1.
+        dilations: one per block (default all 1); a kernel ``k`` of dilation ``d`` spans
+            ``d * (k - 1) + 1`` steps and is padded as a kernel of that size.
 
-    ``forward(x (B, T, C), lengths=None) -> (y (B, ceil(T / stride), channels[-1]),
+    ``forward(x (B, T, C), lengths=None) -> (y (B, ceil(T / stride), out_channels),
     out_lengths)``, ``out_lengths = ceil(lengths / stride)`` (None when ``lengths`` is)."""
 
     def __init__(self, in_channels: int, channels: Sequence[int] = (64, 64, 64),
-                 kernels: Sequence[int] = (8, 5, 3), stride: int = 1) -> None:
+                 kernels: Sequence[int | Sequence[int]] = (8, 5, 3), stride: int = 1,
+                 dilations: Sequence[int] | None = None) -> None:
         super().__init__()
-        if len(channels) != len(kernels) or not channels:
-            raise ValueError(f"channels, kernels: got {list(channels)} and {list(kernels)}, "
-                             "expected lists of the same non-zero length")
+        dilations = [1] * len(channels) if dilations is None else list(dilations)
+        if len(channels) != len(kernels) or len(dilations) != len(channels) or not channels:
+            raise ValueError(f"channels, kernels, dilations: got {list(channels)}, "
+                             f"{list(kernels)} and {dilations}, expected lists of the same "
+                             "non-zero length")
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
             raise ValueError(f"stride: got {stride!r}, expected an int >= 1")
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dilations):
+            raise ValueError(f"dilations: got {dilations}, expected ints >= 1")
         self.stride = stride
-        self.kernels = [max(int(kernels[0]), stride), *map(int, kernels[1:])]
+        # every block as a tuple of parallel kernel sizes; the first block's widened to stride
+        ks = [tuple(int(k) for k in (kk if isinstance(kk, Sequence) else (kk,)))
+              for kk in kernels]
+        ks[0] = tuple(max(k, stride) for k in ks[0])
+        self.kernels = [k[0] if len(k) == 1 else k for k in ks]
         self.convs = nn.ModuleList()
         self.norms = nn.ModuleList()
         c_in = in_channels
-        for i, (c, k) in enumerate(zip(channels, self.kernels, strict=True)):
-            self.convs.append(nn.Conv1d(c_in, int(c), k, stride=stride if i == 0 else 1))
-            self.norms.append(MaskedBatchNorm1d(int(c)))
-            c_in = int(c)
+        for i, (c, k, d) in enumerate(zip(channels, ks, dilations, strict=True)):
+            branch = [nn.Conv1d(c_in, int(c), kb, stride=stride if i == 0 else 1, dilation=d)
+                      for kb in k]
+            # a one-kernel block stays a bare Conv1d: the state-dict keys of runs saved before
+            # multi-scale blocks existed ("front.convs.0.weight") still load
+            self.convs.append(branch[0] if len(k) == 1 else nn.ModuleList(branch))
+            c_in = int(c) * len(k)
+            self.norms.append(MaskedBatchNorm1d(c_in))
         self.out_channels = c_in
 
     def out_lengths(self, lengths: Tensor | None) -> Tensor | None:
         return conv_lengths(lengths, self.stride)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+        for i, (convs, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
             mask = valid_mask(x, lengths)
             if mask is not None:
                 x = x.masked_fill(~mask, 0.0)
-            k = conv.kernel_size[0]
-            left = (k - 1) // 2
-            h = nn.functional.pad(x.transpose(1, 2), (left, k - 1 - left))
-            x = conv(h).transpose(1, 2)
+            xt = x.transpose(1, 2)
+            outs = []
+            for conv in convs if isinstance(convs, nn.ModuleList) else (convs,):
+                # the span d * (k - 1) + 1, padded as "same": every branch gives ceil(T / s)
+                span = conv.dilation[0] * (conv.kernel_size[0] - 1)
+                left = span // 2
+                outs.append(conv(nn.functional.pad(xt, (left, span - left))))
+            x = (outs[0] if len(outs) == 1 else torch.cat(outs, 1)).transpose(1, 2)
             if i == 0:
                 lengths = conv_lengths(lengths, self.stride)
             x = torch.relu(norm(x, lengths))

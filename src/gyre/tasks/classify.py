@@ -41,6 +41,14 @@ EXTRA_BASELINES = ("cnn", "transformer")
 #: ``--model`` choices: the recurrent classifier over frames of the raw series, and the
 #: convolution-recurrent hybrid (a convolutional front-end feeding the recurrent stack)
 MODELS = ("rnn", "conv-rnn")
+#: ``--front`` choices (``conv-rnn``): name -> (per-block width factor of ``conv_channels``,
+#: kernels, dilations). ``fcn``: kernels 8, 5, 3 (LSTM-FCN); ``multiscale``: the first block
+#: three parallel kernels 9, 19, 39 (InceptionTime's sizes, odd so "same" padding is
+#: symmetric), each half as wide, so its receptive field spans 39 front-end steps instead of
+#: 8; ``multiscale-dilated``: that, and the second and third blocks dilated 2 and 4.
+FRONTS = {"fcn": ((1, 1, 1), (8, 5, 3), (1, 1, 1)),
+          "multiscale": ((0.5, 1, 1), ((9, 19, 39), 5, 3), (1, 1, 1)),
+          "multiscale-dilated": ((0.5, 1, 1), ((9, 19, 39), 5, 3), (1, 2, 4))}
 
 
 @dataclass
@@ -81,6 +89,9 @@ class SequenceModelConfig(base.TaskConfig):
             ``ceil(median training length / conv_steps)``, so the convolutions run on at most
             about ``conv_steps`` steps.
         conv_steps: the front-end's target number of steps when ``conv_stride`` is automatic.
+        front: the front-end's blocks (``conv-rnn``), one of :data:`FRONTS`: ``fcn`` (kernels
+            8, 5, 3), ``multiscale`` (first block parallel kernels 9, 19, 39, each
+            ``conv_channels / 2`` wide) or ``multiscale-dilated`` (and dilations 1, 2, 4).
         fuse: (``conv-rnn``) the masked mean of the front-end's feature maps joins the pooled
             recurrent features before the linear layer.
         ensemble: train this many copies of the model (each its own initialisation, the
@@ -117,6 +128,7 @@ class SequenceModelConfig(base.TaskConfig):
     conv_channels: int = 64
     conv_stride: int = 0
     conv_steps: int = 512
+    front: str = "fcn"
     fuse: bool = True
     ensemble: int = 1
     crop: float = 0.0
@@ -129,6 +141,8 @@ class SequenceModelConfig(base.TaskConfig):
         head_parts(self.head)
         if self.model not in MODELS:
             raise ValueError(f"model: got {self.model!r}, expected one of {', '.join(MODELS)}")
+        if self.front not in FRONTS:
+            raise ValueError(f"front: got {self.front!r}, expected one of {', '.join(FRONTS)}")
         for name in ("steps", "conv_channels", "conv_steps", "ensemble"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= 1")
@@ -288,11 +302,15 @@ class ConvRecurrentClassifier(nn.Module):
                  layers: int = 1, bidirectional: bool = True, dropout: float = 0.0,
                  head: str = "last+mean", head_dropout: float = 0.0, *, channels: int = 64,
                  stride: int = 1, frame: int = 1, fuse: bool = True,
-                 forget_bias: float | None = 1.0) -> None:
+                 forget_bias: float | None = 1.0, front: str = "fcn") -> None:
         super().__init__()
         if isinstance(frame, bool) or not isinstance(frame, int) or frame < 1:
             raise ValueError(f"frame: got {frame!r}, expected an int >= 1")
-        self.front = ConvFrontEnd(n_channels, (channels,) * 3, (8, 5, 3), stride=stride)
+        if front not in FRONTS:
+            raise ValueError(f"front: got {front!r}, expected one of {', '.join(FRONTS)}")
+        widths, kernels, dilations = FRONTS[front]
+        self.front = ConvFrontEnd(n_channels, [max(1, round(w * channels)) for w in widths],
+                                  kernels, stride=stride, dilations=dilations)
         self.export_features = n_channels  # x's columns, for gyre.export.onnx
         self.frame = frame
         self.fuse = fuse
@@ -436,7 +454,7 @@ def build_model(config: SequenceModelConfig, n_channels: int, n_classes: int, fr
             config.cell, n_channels, n_classes, config.hidden, config.layers,
             config.bidirectional, config.dropout, config.head, config.head_dropout,
             channels=config.conv_channels, stride=stride or config.conv_stride or 1,
-            frame=frame, fuse=config.fuse, forget_bias=config.forget_bias)
+            frame=frame, fuse=config.fuse, forget_bias=config.forget_bias, front=config.front)
     return RecurrentClassifier(config.cell, n_channels, n_classes, config.hidden, config.layers,
                                config.bidirectional, config.dropout, config.head,
                                config.head_dropout, frame=frame,
@@ -472,7 +490,8 @@ def describe(config: SequenceModelConfig, frame: int | None = None, stride: int 
            f"({config.head} head{f', frame {k}' if k and k > 1 else ''}")
     if config.model == "conv-rnn":
         s = stride or config.conv_stride or 1
-        rec = (f"conv{config.conv_channels}x3{f'/{s}' if s > 1 else ''} + {rec}"
+        kind = "" if config.front == "fcn" else f" {config.front}"
+        rec = (f"conv{config.conv_channels}x3{f'/{s}' if s > 1 else ''}{kind} + {rec}"
                f"{', fused' if config.fuse else ''}")
     return rec + (f", ensemble of {config.ensemble})" if config.ensemble > 1 else ")")
 
@@ -648,6 +667,7 @@ class _Beside:
 
     def __init__(self, jobs: dict) -> None:
         self.pool = None
+        self.threads = 0  # torch's threads to restore when the worker is done (0: unchanged)
         self.futures: dict = {}
         self.jobs = jobs
         from ..train import distributed
@@ -660,6 +680,13 @@ class _Beside:
                 1, mp_context=multiprocessing.get_context("spawn"))
             self.futures = {k: self.pool.submit(fn, *args) for k, (fn, args) in jobs.items()}
             self.jobs = {}
+            # the worker takes a core: training threads that count it too wait on it (RESULTS.md,
+            # "Issue 15, fourth day"), so at most cores - 1 of them until its results are in
+            cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                     else os.cpu_count() or 1)
+            if cores > 1 and torch.get_num_threads() >= cores:
+                self.threads = torch.get_num_threads()
+                torch.set_num_threads(cores - 1)
 
     def __call__(self) -> dict:
         try:
@@ -672,6 +699,9 @@ class _Beside:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = None
+        if self.threads:
+            torch.set_num_threads(self.threads)
+            self.threads = 0
 
 
 def run_beside(jobs: dict) -> _Beside:
@@ -683,15 +713,60 @@ def run_beside(jobs: dict) -> _Beside:
 
 
 def dtw_baseline(data: cdata.ClassificationData) -> dict[str, float]:
-    """1-NN with full-window DTW (aeon), on the series as the archive gives them."""
-    from aeon.classification.distance_based import KNeighborsTimeSeriesClassifier
+    """1-NN with full-window DTW (aeon's ``dtw``: squared differences summed over channels, no
+    window), on the series as the archive gives them; :func:`nn_dtw_predict` computes it."""
     to_aeon = lambda X: [np.ascontiguousarray(x.T, np.float64) for x in X]  # noqa: E731
-    Xtr, Xte = to_aeon(data.X_train), to_aeon(data.X_test)
-    if not data.variable_length:
-        Xtr, Xte = np.stack(Xtr), np.stack(Xte)
-    clf = KNeighborsTimeSeriesClassifier(n_neighbors=1, distance="dtw")
-    clf.fit(Xtr, data.y_train)
-    return _scores(np.asarray(clf.predict(Xte)).astype(np.int64), data.y_test)
+    pred = nn_dtw_predict(to_aeon(data.X_train), to_aeon(data.X_test))
+    return _scores(np.asarray(data.y_train)[pred].astype(np.int64), data.y_test)
+
+
+def nn_dtw_predict(train: list[np.ndarray], test: list[np.ndarray]) -> np.ndarray:
+    """Index of each ``test`` series' nearest ``train`` series by full-window DTW (series
+    ``(C, T_i)`` float64, lengths may differ); ties go to the first. Exact 1-NN with early
+    abandoning: a distance is dropped as soon as every cell of a row of its cost matrix exceeds
+    the nearest so far (every warping path crosses every row, and costs only grow), which
+    leaves the nearest neighbour unchanged and skips most of the quadratic work."""
+    kernel = _dtw_kernel()
+    out = np.empty(len(test), np.int64)
+    for i, q in enumerate(test):
+        best, arg = np.inf, 0
+        for j, r in enumerate(train):
+            d = kernel(q, r, best)
+            if d < best:
+                best, arg = d, j
+        out[i] = arg
+    return out
+
+
+@functools.cache
+def _dtw_kernel():
+    """The compiled DTW of two ``(C, n)``, ``(C, m)`` series, ``inf`` once it must exceed
+    ``bound`` (numba, compiled on first use)."""
+    import numba
+
+    @numba.njit(cache=False, fastmath=False)
+    def dtw(a, b, bound):
+        n, m, channels = a.shape[1], b.shape[1], a.shape[0]
+        prev = np.full(m + 1, np.inf)
+        cur = np.full(m + 1, np.inf)
+        prev[0] = 0.0
+        for i in range(1, n + 1):
+            cur[0] = np.inf
+            low = np.inf
+            for j in range(1, m + 1):
+                d = 0.0
+                for c in range(channels):
+                    t = a[c, i - 1] - b[c, j - 1]
+                    d += t * t
+                v = min(prev[j - 1], prev[j], cur[j - 1]) + d
+                cur[j] = v
+                low = min(low, v)
+            if low > bound:
+                return np.inf
+            prev, cur = cur, prev
+        return prev[m]
+
+    return dtw
 
 
 def to_aeon_array(X: list[np.ndarray], min_length: int = 9) -> np.ndarray:
