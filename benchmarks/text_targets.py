@@ -11,6 +11,7 @@ already there is not rerun); ``--table`` prints the Markdown table of what is th
     python benchmarks/text_targets.py --task lm --seeds 1
     python benchmarks/text_targets.py --task sentiment --seeds 3 -- --ensemble 3
     python benchmarks/text_targets.py --table
+    python benchmarks/text_targets.py --task lm --seeds 3 --from-seed 2   # seed 2 only
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ KEYS = {"sentiment": ("accuracy", ("majority", "tfidf_logreg"), "val_accuracy"),
         "lm": ("bits_per_char", ("unigram", "kneser_ney_5gram_char"), "val_bits_per_char")}
 
 
-def run(task: str, seeds: int, jsonl: Path, extra: list[str], threads: int) -> None:
+def run(task: str, seeds: int, jsonl: Path, extra: list[str], threads: int,
+        first: int = 0) -> None:
     import torch
 
     from gyre import cli
@@ -41,7 +43,7 @@ def run(task: str, seeds: int, jsonl: Path, extra: list[str], threads: int) -> N
         done = {(r["task"], r["seed"], tuple(r["flags"])) for r in map(json.loads, jsonl.open())}
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     metric, _, val_key = KEYS[task]
-    for seed in range(seeds):
+    for seed in range(first, seeds):
         if (task, seed, tuple(extra)) in done:
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -94,6 +96,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=sorted(KEYS))
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--from-seed", type=int, default=0,
+                   help="the first seed (two processes can share --seeds N between them)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jsonl", type=Path, default=JSONL)
     p.add_argument("--table", action="store_true", help="print the table of --jsonl and stop")
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
     if a.table or not a.task:
         print(table(a.jsonl))
         return 0
-    run(a.task, a.seeds, a.jsonl, extra, a.threads)
+    run(a.task, a.seeds, a.jsonl, extra, a.threads, a.from_seed)
     print(table(a.jsonl))
     return 0
 
