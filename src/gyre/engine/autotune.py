@@ -11,11 +11,15 @@ for a few calls each and the fastest is kept, in memory and in an on-disk cache 
   (the backends' files, hashed: a choice measured on other kernels is measured again) under
   ``$GYRE_CACHE_DIR`` (default ``~/.cache/gyre``); a file that cannot be read or written is
   ignored (the choice is then kept in memory only).
-* Cost is bounded: per backend one untimed call, one timed call and at most :data:`CALLS` more,
-  fewer once a backend has used :data:`BUDGET_S` seconds; a backend whose first timed call takes
-  more than :data:`GIVE_UP` times the best one's is not timed further. The untimed call takes
-  the one-time costs (a kernel build or trace, a per-shape choice of product kernel), so they
-  never drop a backend.
+* Cost is bounded: per backend :data:`WARMUP` untimed calls, one timed call and at most
+  :data:`CALLS` more, fewer once a backend has used :data:`BUDGET_S` seconds; a backend whose
+  first timed call takes more than :data:`GIVE_UP` times the best one's is not timed further.
+  The untimed calls take the one-time costs (a kernel build or trace, a per-shape choice of
+  product kernel, buffer pools and allocator arenas growing to the call's size: the first
+  call sizes them, the second finds them sized), so they never drop a backend.
+* The winner (:func:`decide`): the smallest of each backend's timed calls (other processes
+  only ever add time to a call, so the fastest one is the least disturbed); a backend must beat
+  one earlier in the static rule's order by more than :data:`MARGIN` to replace it.
 * The timed calls alternate between the backends (round by round, the order reversed each
   round), so a change in the machine's speed meanwhile (other processes) weighs on every backend
   alike, and each backend's best call counts. With one torch thread the clock is the thread's CPU
@@ -42,10 +46,16 @@ from pathlib import Path
 
 log = logging.getLogger("gyre.engine")
 
-CALLS = 3
+#: untimed calls per backend before its timed ones
+WARMUP = 2
+#: timed rounds after each backend's first timed call (each backend once a round)
+CALLS = 5
+#: a backend is timed no further once its timed calls add up to this many seconds
 BUDGET_S = 2.0
+#: a backend whose first timed call takes this many times the best one's is timed no further
 GIVE_UP = 3.0
-
+#: a later backend in the static order wins only when its best call is this much faster
+MARGIN = 0.02
 
 
 def _default_clock() -> float:
@@ -163,39 +173,55 @@ def choose(key: str, candidates: Sequence[str], measure: Callable[[str], None]) 
         if found in candidates:
             _memory[key] = found
             return found
-        times: dict[str, float] = {}
+        times: dict[str, list[float]] = {}
         spent: dict[str, float] = {}
         for backend in candidates:
             try:
-                measure(backend)  # untimed: builds, traces, per-shape choices, first-touch memory
+                for _ in range(WARMUP):  # builds, traces, per-shape choices, pools, first touch
+                    measure(backend)
                 t0 = clock()
                 measure(backend)  # what GIVE_UP judges: a run without the one-time costs
                 first = clock() - t0
             except Exception as e:  # noqa: BLE001 - a backend failing here is not a candidate
                 log.debug("gyre autotune: %s failed on %s (%s)", backend, key, e)
                 continue
-            best_so_far = min(times.values(), default=None)
-            times[backend] = first
+            best_so_far = min((min(t) for t in times.values()), default=None)
+            times[backend] = [first]
             if best_so_far is None or first <= GIVE_UP * max(best_so_far, 1e-9):
                 spent[backend] = first
         for r in range(CALLS):
             timed = [b for b in spent if spent[b] <= BUDGET_S]
+            if len(timed) < 2:
+                break  # nothing left to compare against
             for backend in timed if r % 2 == 0 else timed[::-1]:
                 t0 = clock()
                 measure(backend)
                 dt = clock() - t0
-                times[backend] = min(times[backend], dt)
+                times[backend].append(dt)
                 spent[backend] += dt
         if not times:
             return candidates[0]
-        winner = min(candidates, key=lambda b: (times.get(b, float("inf")),
-                                                candidates.index(b)))
+        winner = decide(times, candidates)
         _memory[key] = winner
         _save_disk(key, winner)
         log.info("gyre autotune: %s -> %s (%s)", key, winner,
-                 ", ".join(f"{b} {1e3 * t:.3g} ms" for b, t in times.items()))
+                 ", ".join(f"{b} {1e3 * min(t):.3g} ms (of {len(t)})" for b, t in times.items()))
         return winner
 
 
-__all__ = ["BUDGET_S", "CALLS", "GIVE_UP", "bucket", "cache_path", "choose", "enabled",
-           "forget"]
+def decide(times: dict[str, Sequence[float]], candidates: Sequence[str]) -> str:
+    """The winner from each backend's timed calls (seconds; a backend without any is out): the
+    smallest best call, where a backend later in ``candidates`` (the static rule's order of
+    preference) must beat the one it replaces by more than :data:`MARGIN`."""
+    best = {b: min(times[b]) for b in candidates if times.get(b)}
+    if not best:
+        return candidates[0]
+    winner = None
+    for b in candidates:
+        if b in best and (winner is None or best[b] < (1.0 - MARGIN) * best[winner]):
+            winner = b
+    return winner
+
+
+__all__ = ["BUDGET_S", "CALLS", "GIVE_UP", "MARGIN", "WARMUP", "bucket", "cache_path", "choose",
+           "decide", "enabled", "forget"]

@@ -29,10 +29,14 @@ map) by a hand-written vectorized product for small batches, BLAS above. Its Pyt
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
 from .ir import Atom, Program, Unsupported
+
+#: a value's name in a generated kernel (``v<atom>``)
+_VREF = re.compile(r"\bv(\d+)\b")
 
 # forward expressions: {0}, {1} operands, {e} the op's scalar parameter
 _FWD = {
@@ -105,6 +109,7 @@ class _Gen:
                 self.ncross[key] += 1
         self.bin_alias = self._bin_aliases()
         self.acts = self._saved_activations()
+        self.bwd_reads: set[tuple] = set()  # buffers the backward's kernels load (see kernel)
         # buffer slots
         self.slots: dict[tuple, int] = {}
         for name in (("xp",), ("drop",)):
@@ -303,21 +308,27 @@ class _Gen:
         comp, term = self.closure(s, roots)
         used: set = set()
         body: list[str] = []
+        # the values a kernel defines: atom -> (its line, the buffer it loads from or None)
+        defs: dict[int, tuple[str, tuple | None]] = {}
         for a in term:
             val, key = self.load(a, s)
-            if key is not None:
-                used.add(key)
-            body.append(f"const T v{a} = {val};")
+            defs[a] = (f"const T v{a} = {val};", key)
         acts = self.acts.get((s, f), [])
         act_key = ("act", s, f)
-        if acts:
-            used.add(act_key)
         for a in comp:
             if backward and a in acts:
-                body.append(f"const T v{a} = p{self.slots[act_key]}[{acts.index(a)} * U_ + j];")
+                defs[a] = (f"const T v{a} = p{self.slots[act_key]}[{acts.index(a)} * U_ + j];",
+                           act_key)
             else:
-                body.append(f"const T v{a} = {self.expr(a)};")
+                defs[a] = (f"const T v{a} = {self.expr(a)};", None)
         if not backward:
+            for a in term + comp:
+                line, key = defs[a]
+                body.append(line)
+                if key is not None:
+                    used.add(key)
+            if acts:
+                used.add(act_key)
             for a, kind, idx, pos in roots:
                 key = (kind, idx) if kind != "cross" else ("cross", *idx)
                 used.add(key)
@@ -354,6 +365,26 @@ class _Gen:
                 used.add(key)
                 first = self.first_writer.get((key, pos)) == (s, f)
                 body.append(f"p{self.slots[key]}[{pos} * U_ + j] {'=' if first else '+='} g{a};")
+            # only the values the gradients read: a value the saved activations made dead is
+            # neither loaded nor recomputed, so the forward need not keep its buffer (a
+            # product's output, see _bout_saved) for the backward
+            live: set[int] = set()
+            todo = [int(m) for line in body for m in _VREF.findall(line)]
+            while todo:
+                a = todo.pop()
+                if a in live or a not in defs:
+                    continue
+                live.add(a)
+                todo.extend(int(m) for m in _VREF.findall(defs[a][0].split("=", 1)[1]))
+            lines_v = []
+            for a in term + comp:
+                if a in live:
+                    line, key = defs[a]
+                    lines_v.append(line)
+                    if key is not None:
+                        used.add(key)
+                        self.bwd_reads.add(key)
+            body = lines_v + body
         name = f"k{'b' if backward else 'f'}_{self.tag}_s{s}_f{f}"
         ptrs = [f"    T* __restrict__ p{self.slots[key]} = P[{self.slots[key]}] + b * "
                 f"LD[{self.slots[key]}];" for key in sorted(used, key=lambda k: self.slots[k])]
@@ -546,7 +577,14 @@ class _Gen:
             ": nullptr; }",
         ]
 
-    def _step_ptrs(self, saved_t: str) -> list[str]:
+    def _bout_saved(self, bi: int) -> bool:
+        """Whether the backward reads boundary ``bi``'s output: a kernel loads it (for an LSTM
+        the saved activations leave no such load) or a layer norm reads it as its input. Else
+        the forward writes it to one block of rows reused every step, not a buffer over all
+        steps. Valid once the backward's kernels are generated (:meth:`source`)."""
+        return ("bout", bi) in self.bwd_reads or ("bout", bi) in self.bin_alias.values()
+
+    def _step_ptrs(self, saved_t: str, backward: bool = False) -> list[str]:
         p, sl = self.p, self.slots
         L = [f"    P[{sl[('xp',)]}] = xp_p + (t * B + R0) * W_xp; LD[{sl[('xp',)]}] = W_xp;"]
         for k in range(len(p.states)):
@@ -555,8 +593,10 @@ class _Gen:
             L.append(f"    P[{sl[('new', k)]}] = seq{k}_p + (t * B + R0) * S{k}; "
                      f"LD[{sl[('new', k)]}] = S{k};")
         for bi in range(len(p.boundaries)):
-            L.append(f"    P[{sl[('bout', bi)]}] = bout{bi}_p + ({saved_t} * B + R0) * WO{bi}; "
-                     f"LD[{sl[('bout', bi)]}] = WO{bi};")
+            kept = self._bout_saved(bi)
+            if kept or not backward:  # an output the backward does not read: no pointer there
+                L.append(f"    P[{sl[('bout', bi)]}] = bout{bi}_p + ({saved_t if kept else 0} * B "
+                         f"+ R0) * WO{bi}; LD[{sl[('bout', bi)]}] = WO{bi};")
             if bi not in self.bin_alias:
                 L.append(f"    P[{sl[('bin', bi)]}] = bin{bi}_p + ({saved_t} * B + R0) * WI{bi}; "
                          f"LD[{sl[('bin', bi)]}] = WI{bi};")
@@ -593,7 +633,8 @@ class _Gen:
                 if key is not None:  # saved as its source (the backward reads it there)
                     saved.append("xp" if key == ("xp",) else f"bout{key[1]}")
                     continue
-                L.append(f"  at::Tensor {nm}{bi} = pooled({{TS, B, {w}{bi}}}, opts, false); "
+                rows = "TS" if nm == "bin" or self._bout_saved(bi) else "1"
+                L.append(f"  at::Tensor {nm}{bi} = pooled({{{rows}, B, {w}{bi}}}, opts, false); "
                          f"T* {nm}{bi}_p = {nm}{bi}.data_ptr<T>();")
                 saved.append(f"{nm}{bi}")
         for (s, f) in sorted(self.ncross):
@@ -823,7 +864,7 @@ class _Gen:
             if v not in self.vec_alias:
                 L.append(f"  LD[{sl[('dvec', v)]}] = 0;")
         L.append("  for (int64_t t = T_ - 1; t >= 0; --t) {")
-        L += self._step_ptrs("t")
+        L += self._step_ptrs("t", backward=True)
         L.append(f"    P[{sl[('dxp',)]}] = dxp_p + (t * B + R0) * W_xp; LD[{sl[('dxp',)]}] = W_xp;")
         for bi in range(nb):
             if bi in self._step_dbouts():
