@@ -35,6 +35,8 @@ dtype or rank differs from the model's input.
 
 from __future__ import annotations
 
+import os
+
 import keras
 import torch
 from keras.src import tree
@@ -47,6 +49,7 @@ from keras.src.trainers.data_adapters import array_slicing, data_adapter_utils
 from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
 from keras.src.utils import is_default as _is_default
 
+from . import _fast
 from .rnn import GRU, LSTM, Recurrent, SimpleRNN
 
 __all__ = ["Sequential", "Model", "Functional", "DIRECT_LAYERS"]
@@ -98,8 +101,7 @@ def _as_input(x, shape, dtype):
 class _LeanTrainer:
     """The lean ``train_step`` and ``fit`` (module docstring), mixed into Keras's models."""
 
-    #: during a lean fit: (each layer's ``call`` and its keywords | None for ``self(x)``, the
-    #: input's (shape, dtype), the loss function); None: Keras's own ``train_step``
+    #: during a lean fit: a :class:`_Plan`; None: Keras's own ``train_step``
     _gyre_plan = None
     _gyre_batch_logs = True  # whether this fit's callbacks read batch logs
 
@@ -116,13 +118,18 @@ class _LeanTrainer:
         path, fn, weight, _ = loss._flat_losses[0]
         if path != () or weight is not None:
             return None
+        plan = _Plan(fn, self)
         layers = _direct_layers(self)
-        if layers is None:
-            return None, None, fn
-        shape = tuple(self._functional.inputs[0].shape[1:])
-        calls = [(layer.call, {"training": True} if layer._call_has_training_arg else {})
-                 for layer in layers]
-        return calls, (shape, self._functional.inputs[0].dtype), fn
+        if layers is not None:
+            plan.spec = (tuple(self._functional.inputs[0].shape[1:]),
+                         self._functional.inputs[0].dtype)
+            plan.calls = []
+            for layer in layers:
+                dense = _fast.lean_dense(layer) if _fast_on() else None
+                plan.calls.append(
+                    (dense, {}) if dense is not None else
+                    (layer.call, {"training": True} if layer._call_has_training_arg else {}))
+        return plan
 
     def train_step(self, data):
         plan = self._gyre_plan
@@ -130,28 +137,36 @@ class _LeanTrainer:
         weights = self.trainable_weights
         if plan is None or tree.is_nested(y) or tree.is_nested(x) or not weights:
             return super().train_step(data)  # (which warns when nothing is trainable)
-        calls, spec, loss_fn = plan
-        y_pred = None if calls is None else _as_input(x, *spec)
+        y_pred = None if plan.calls is None else _as_input(x, *plan.spec)
         if y_pred is not None:
-            for call, kwargs in calls:
+            for call, kwargs in plan.calls:
                 y_pred = call(y_pred, **kwargs)
         else:
             y_pred = self(x, training=True)
         for v in weights:
             v.value.grad = None
-        loss = loss_fn(y, y_pred, sample_weight)
-        if keras.backend.standardize_dtype(loss.dtype) != self._compile_loss.dtype:
-            loss = keras.ops.cast(loss, self._compile_loss.dtype)
+        loss = None
+        if plan.loss is not None and sample_weight is None:
+            loss = plan.loss(y, y_pred)
+        if loss is None:
+            loss = plan.loss_fn(y, y_pred, sample_weight)
+        if loss.dtype != plan.loss_dtype:
+            loss = loss.to(plan.loss_dtype)
         extra = [self._aggregate_additional_loss(v) for v in self.losses]
         if extra:
             loss = keras.ops.sum([loss, *extra])
-        self._loss_tracker.update_state(loss, sample_weight=x.shape[0])
-        loss = self.optimizer.scale_loss(loss)
+        unscaled, loss = loss, self.optimizer.scale_loss(loss)
         loss.backward()
-        with torch.no_grad():
-            self.optimizer.apply([v.value.grad for v in weights], weights)
-        if self._compile_metrics is not None:
-            self._compile_metrics.update_state(y, y_pred, sample_weight)
+        grads = [v.value.grad for v in weights]
+        if plan.apply is not None and tuple(map(id, weights)) == plan.weight_ids:
+            plan.apply(grads)
+        else:
+            with torch.no_grad():
+                self.optimizer.apply(grads, weights)
+        if plan.metrics is None or not plan.metrics(unscaled, x.shape[0], y, y_pred):
+            self._loss_tracker.update_state(unscaled, sample_weight=x.shape[0])
+            if self._compile_metrics is not None:
+                self._compile_metrics.update_state(y, y_pred, sample_weight)
         return self.get_metrics_result() if self._gyre_batch_logs else None
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
@@ -171,6 +186,32 @@ class _LeanTrainer:
                 or self.jit_compile or self.steps_per_execution != 1):
             return super().fit(**args)
         return _lean_fit(self, **args)
+
+
+def _fast_on() -> bool:
+    """Whether the torch forms of :mod:`gyre.keras._fast` are used (``GYRE_KERAS_FAST=0``:
+    Keras's own Dense, loss, metrics and optimizer inside the lean step)."""
+    return os.environ.get("GYRE_KERAS_FAST", "1") != "0"
+
+
+class _Plan:
+    """What the lean ``train_step`` runs for one ``fit``: ``calls`` (each layer's ``call`` or
+    torch form, and its keywords; None: ``self(x)``) for inputs of ``spec`` (shape, dtype), the
+    compiled loss function ``loss_fn`` and, where :mod:`gyre.keras._fast` covers them, the
+    loss, the metric updates and the optimizer update in torch (None: Keras's own)."""
+
+    calls = None
+    spec = None
+
+    def __init__(self, loss_fn, model):
+        fast = _fast_on()
+        self.loss_fn = loss_fn
+        self.loss_dtype = keras.src.backend.torch.core.to_torch_dtype(model._compile_loss.dtype)
+        self.loss = _fast.lean_loss(loss_fn) if fast else None
+        self.metrics = _fast.lean_metrics(model) if fast else None
+        weights = model.trainable_weights
+        self.weight_ids = tuple(map(id, weights))  # the variables ``apply`` was made for
+        self.apply = _fast.lean_adam(model.optimizer, weights) if fast else None
 
 
 class _LeanCallbackList(CallbackList):
