@@ -672,3 +672,57 @@ def test_lean_fit_loop_arguments_as_keras(fit_kw, capsys):
     assert hg == hk and pg == pk
     assert og.count("Epoch") == ok.count("Epoch") == (2 if fit_kw.get("verbose") else 0)
     assert len(hk["loss"]) == (2 if stop or "initial_epoch" in fit_kw else 4)
+
+
+class _PlanSeen(keras.callbacks.Callback):
+    """Records which torch forms of gyre.keras._fast the lean step ran with (None: Keras's)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        plan = getattr(self.model, "_gyre_plan", None)
+        if plan is None:
+            return
+        self.seen = {"dense": plan.calls[-1][0].__qualname__.startswith("lean_dense"),
+                     "loss": plan.loss is not None, "metrics": plan.metrics is not None,
+                     "apply": plan.apply is not None}
+
+
+def _float32_stack(seq, opt, loss="categorical_crossentropy", activation="softmax"):
+    keras.utils.set_random_seed(0)
+    m = seq([keras.Input((T, I)), gk.LSTM(H, activation="relu", return_sequences=True),
+             gk.LSTM(H, activation="relu"), keras.layers.Dense(3, activation=activation)])
+    m.compile(optimizer=opt, loss=loss, metrics=["accuracy"])
+    return m
+
+
+@pytest.mark.parametrize("opt,loss,activation,torch_forms", [
+    (lambda: "adam", "categorical_crossentropy", "softmax", {"dense", "loss", "metrics", "apply"}),
+    (lambda: keras.optimizers.Adam(0.01, beta_1=0.8, epsilon=1e-4), "categorical_crossentropy",
+     "tanh", {"dense", "loss", "metrics", "apply"}),
+    (lambda: keras.optimizers.Adam(0.01, clipnorm=0.5, amsgrad=True),
+     keras.losses.CategoricalCrossentropy(label_smoothing=0.1), "softmax", {"dense", "metrics"}),
+    (lambda: keras.optimizers.SGD(0.05, momentum=0.9), "mse", None, {"dense", "metrics"}),
+], ids=["adam-cce", "adam-args-tanh", "clipnorm-amsgrad-smoothing", "sgd-mse"])
+def test_lean_torch_forms_equal_keras(opt, loss, activation, torch_forms, monkeypatch):
+    """The lean step's torch forms (gyre.keras._fast: Dense, categorical cross-entropy, the
+    loss tracker and accuracy, Keras's torch Adam) give bit for bit the weights and History
+    of stock fit (keras.Sequential, same gyre layers) and of the lean fit with them turned off
+    (GYRE_KERAS_FAST=0), in float32 as text 003's model runs; configurations they do not
+    cover (clipnorm, AMSGrad, label smoothing, SGD, MSE) run Keras's own pieces."""
+    x, y = _fit_data(14)
+    x = x.astype("float32")
+    y = y.astype("float32")
+    out = []
+    for seq, fast in ((keras.Sequential, "1"), (gk.Sequential, "1"), (gk.Sequential, "0")):
+        monkeypatch.setenv("GYRE_KERAS_FAST", fast)
+        m = _float32_stack(seq, opt(), loss, activation)
+        seen = _PlanSeen()
+        keras.utils.set_random_seed(7)
+        h = m.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[seen])
+        out.append((m.get_weights(), h.history, getattr(seen, "seen", None)))
+    assert out[0][2] is None  # stock fit: no plan
+    assert {k for k, v in out[1][2].items() if v} == torch_forms
+    assert not any(out[2][2].values())
+    for w, hist, _ in out[1:]:
+        for a, b in zip(out[0][0], w, strict=True):
+            np.testing.assert_array_equal(b, a)
+        assert hist == out[0][1]
