@@ -12,6 +12,7 @@ import pathlib
 import runpy
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -723,6 +724,58 @@ def test_lean_torch_forms_equal_keras(opt, loss, activation, torch_forms, monkey
     assert {k for k, v in out[1][2].items() if v} == torch_forms
     assert not any(out[2][2].values())
     for w, hist, _ in out[1:]:
+        for a, b in zip(out[0][0], w, strict=True):
+            np.testing.assert_array_equal(b, a)
+        assert hist == out[0][1]
+
+
+@pytest.fixture
+def fresh_guard():
+    from gyre.keras import _guard
+    _guard.reset()
+    yield _guard
+    _guard.reset()
+
+
+@pytest.mark.parametrize("group,change", [
+    ("loop", "missing"), ("loop", "changed"), ("forms", "missing")])
+def test_lean_fit_guard_falls_back_to_keras(group, change, fresh_guard, monkeypatch):
+    """Where a Keras internal the lean fit (or its torch forms) builds on is missing or its
+    source differs from the tested Keras's, fit warns once and runs Keras's own fit (or the
+    lean loop with Keras's own pieces), with stock fit's weights and History bit for bit."""
+    from keras.src.backend.torch import trainer as torch_trainer
+    assert fresh_guard.loop_ok() and fresh_guard.forms_ok()  # the Keras installed is the tested
+    fresh_guard.reset()
+    table = fresh_guard.LOOP if group == "loop" else fresh_guard.FORMS
+    if change == "missing":
+        monkeypatch.setitem(table, ("keras.src.backend.torch.trainer", "TorchTrainer.gone"), "0")
+    else:
+        own = torch_trainer.TorchEpochIterator._get_iterator
+
+        def changed(self):  # another Keras's version of this function: other source
+            return own(self)
+        monkeypatch.setattr(torch_trainer.TorchEpochIterator, "_get_iterator", changed)
+    x, y = _fit_data(10)
+    x, y = x.astype("float32"), y.astype("float32")
+    out = []
+    for seq in (keras.Sequential, gk.Sequential, gk.Sequential):
+        m = _float32_stack(seq, "adam")
+        seen = _PlanSeen()
+        keras.utils.set_random_seed(7)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            h = m.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[seen])
+        out.append((m.get_weights(), h.history, getattr(seen, "seen", None),
+                    [str(w.message) for w in caught if "Keras's own" in str(w.message)]))
+    assert out[0][3] == []  # stock fit never asks
+    assert len(out[1][3]) == 1 and out[2][3] == []  # one warning per process
+    assert ("TorchTrainer.gone is missing" if change == "missing"
+            else "_get_iterator differs from Keras") in out[1][3][0]
+    if group == "loop":
+        assert out[1][2] is None and out[2][2] is None  # Keras's own fit and train_step
+    else:
+        assert not any(out[1][2].values())  # the lean loop with Keras's own pieces
+    for w, hist, _, _ in out[1:]:
         for a, b in zip(out[0][0], w, strict=True):
             np.testing.assert_array_equal(b, a)
         assert hist == out[0][1]

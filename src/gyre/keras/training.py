@@ -39,18 +39,22 @@ import os
 
 import keras
 import torch
-from keras.src import tree
-from keras.src.backend.torch import trainer as _torch_trainer
-from keras.src.callbacks.callback_list import CallbackList
 from keras.src.models.functional import Functional as _KerasFunctional
 from keras.src.models.model import functional_init_arguments
-from keras.src.trainers import trainer as _base_trainer
-from keras.src.trainers.data_adapters import array_slicing, data_adapter_utils
-from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
-from keras.src.utils import is_default as _is_default
 
-from . import _fast
+from . import _guard
 from .rnn import GRU, LSTM, Recurrent, SimpleRNN
+
+try:  # private parts of Keras the lean fit builds on; _guard checks them before a lean fit
+    from keras.src import tree
+    from keras.src.backend.torch import trainer as _torch_trainer
+    from keras.src.callbacks.callback_list import CallbackList
+    from keras.src.trainers import trainer as _base_trainer
+    from keras.src.trainers.data_adapters import array_slicing, data_adapter_utils
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+    from keras.src.utils import is_default as _is_default
+except ImportError:  # another Keras: every fit is Keras's own (_guard says why, once)
+    _torch_trainer = None
 
 __all__ = ["Sequential", "Model", "Functional", "DIRECT_LAYERS"]
 
@@ -60,7 +64,7 @@ _register = keras.saving.register_keras_serializable(package="gyre")
 DIRECT_LAYERS = (LSTM, GRU, SimpleRNN, Recurrent, keras.layers.Dense, keras.layers.Dropout,
                  keras.layers.Activation)
 
-_T = _torch_trainer.TorchTrainer
+_T = None if _torch_trainer is None else _torch_trainer.TorchTrainer
 _BATCH_HOOKS = ("on_train_batch_end", "on_batch_end")
 
 
@@ -125,7 +129,7 @@ class _LeanTrainer:
                          self._functional.inputs[0].dtype)
             plan.calls = []
             for layer in layers:
-                dense = _fast.lean_dense(layer) if _fast_on() else None
+                dense = _fast().lean_dense(layer) if plan.fast else None
                 plan.calls.append(
                     (dense, {}) if dense is not None else
                     (layer.call, {"training": True} if layer._call_has_training_arg else {}))
@@ -133,9 +137,11 @@ class _LeanTrainer:
 
     def train_step(self, data):
         plan = self._gyre_plan
+        if plan is None:
+            return super().train_step(data)
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
         weights = self.trainable_weights
-        if plan is None or tree.is_nested(y) or tree.is_nested(x) or not weights:
+        if tree.is_nested(y) or tree.is_nested(x) or not weights:
             return super().train_step(data)  # (which warns when nothing is trainable)
         y_pred = None if plan.calls is None else _as_input(x, *plan.spec)
         if y_pred is not None:
@@ -182,16 +188,24 @@ class _LeanTrainer:
                     initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
                     validation_steps=validation_steps,
                     validation_batch_size=validation_batch_size, validation_freq=validation_freq)
+        if not _guard.loop_ok():
+            return super().fit(**args)
         if (isinstance(callbacks, CallbackList) or _overrides(self, "make_train_function", _T)
                 or self.jit_compile or self.steps_per_execution != 1):
             return super().fit(**args)
         return _lean_fit(self, **args)
 
 
+def _fast():
+    from . import _fast as module
+    return module
+
+
 def _fast_on() -> bool:
     """Whether the torch forms of :mod:`gyre.keras._fast` are used (``GYRE_KERAS_FAST=0``:
-    Keras's own Dense, loss, metrics and optimizer inside the lean step)."""
-    return os.environ.get("GYRE_KERAS_FAST", "1") != "0"
+    Keras's own Dense, loss, metrics and optimizer inside the lean step; so is a Keras whose
+    code they write out differs from the one tested, see :mod:`gyre.keras._guard`)."""
+    return os.environ.get("GYRE_KERAS_FAST", "1") != "0" and _guard.forms_ok()
 
 
 class _Plan:
@@ -204,68 +218,69 @@ class _Plan:
     spec = None
 
     def __init__(self, loss_fn, model):
-        fast = _fast_on()
+        self.fast = fast = _fast_on()
         self.loss_fn = loss_fn
         self.loss_dtype = keras.src.backend.torch.core.to_torch_dtype(model._compile_loss.dtype)
-        self.loss = _fast.lean_loss(loss_fn) if fast else None
-        self.metrics = _fast.lean_metrics(model) if fast else None
+        self.loss = _fast().lean_loss(loss_fn) if fast else None
+        self.metrics = _fast().lean_metrics(model) if fast else None
         weights = model.trainable_weights
         self.weight_ids = tuple(map(id, weights))  # the variables ``apply`` was made for
-        self.apply = _fast.lean_adam(model.optimizer, weights) if fast else None
+        self.apply = _fast().lean_adam(model.optimizer, weights) if fast else None
 
 
-class _LeanCallbackList(CallbackList):
-    """Keras's ``CallbackList`` with its batch-end hooks run in the calling thread, and not
-    at all where no callback overrides them."""
+if _torch_trainer is not None:  # (else no lean fit runs: see _guard)
+    class _LeanCallbackList(CallbackList):
+        """Keras's ``CallbackList`` with its batch-end hooks run in the calling thread, and not
+        at all where no callback overrides them."""
 
-    def _configure_async_dispatch(self, callbacks):
-        self._async_train = self._async_test = self._async_predict = False
+        def _configure_async_dispatch(self, callbacks):
+            self._async_train = self._async_test = self._async_predict = False
 
-    def _reads(self, hook: str) -> bool:
-        return any(not _is_default(getattr(cb, hook)) for cb in self.callbacks)
+        def _reads(self, hook: str) -> bool:
+            return any(not _is_default(getattr(cb, hook)) for cb in self.callbacks)
 
-    def set_model(self, model):
-        super().set_model(model)
-        self.reads_batch_logs = any(self._reads(h) for h in _BATCH_HOOKS)
-        self._quiet_begin = not (self._reads("on_train_batch_begin")
-                                 or self._reads("on_batch_begin"))
+        def set_model(self, model):
+            super().set_model(model)
+            self.reads_batch_logs = any(self._reads(h) for h in _BATCH_HOOKS)
+            self._quiet_begin = not (self._reads("on_train_batch_begin")
+                                     or self._reads("on_batch_begin"))
 
-    def on_train_batch_begin(self, batch, logs=None):
-        if not self._quiet_begin:
-            super().on_train_batch_begin(batch, logs)
+        def on_train_batch_begin(self, batch, logs=None):
+            if not self._quiet_begin:
+                super().on_train_batch_begin(batch, logs)
 
-    def on_train_batch_end(self, batch, logs=None):
-        if self.reads_batch_logs:
-            super().on_train_batch_end(batch, logs)
-
-
-class _LeanEpochIterator(_torch_trainer.TorchEpochIterator):
-    """Keras's torch epoch iterator; for array data, Keras's own batch sampler and dataset
-    without the ``DataLoader`` iterator, and one ``DataLoader`` per fit."""
-
-    _loader = None
-
-    def _get_iterator(self):
-        if not isinstance(self.data_adapter, ArrayDataAdapter):
-            return super()._get_iterator()
-        if self._loader is None:
-            self._loader = self.data_adapter.get_torch_dataloader()
-        return _Batches(self._loader)
+        def on_train_batch_end(self, batch, logs=None):
+            if self.reads_batch_logs:
+                super().on_train_batch_end(batch, logs)
 
 
-class _Batches:
-    """Iterating it yields what iterating ``loader`` (a map-style ``DataLoader`` with a batch
-    sampler, no workers, a no-op collate) yields, drawing the global torch random stream as
-    its iterator does: one draw for the workers' base seed when the iterator is made, then the
-    sampler's own."""
+    class _LeanEpochIterator(_torch_trainer.TorchEpochIterator):
+        """Keras's torch epoch iterator; for array data, Keras's own batch sampler and dataset
+        without the ``DataLoader`` iterator, and one ``DataLoader`` per fit."""
 
-    def __init__(self, loader):
-        self.loader = loader
+        _loader = None
 
-    def __iter__(self):
-        torch.empty((), dtype=torch.int64).random_()  # the DataLoader iterator's base seed
-        getitems = self.loader.dataset.__getitems__
-        return (getitems(idx) for idx in self.loader.batch_sampler)
+        def _get_iterator(self):
+            if not isinstance(self.data_adapter, ArrayDataAdapter):
+                return super()._get_iterator()
+            if self._loader is None:
+                self._loader = self.data_adapter.get_torch_dataloader()
+            return _Batches(self._loader)
+
+
+    class _Batches:
+        """Iterating it yields what iterating ``loader`` (a map-style ``DataLoader`` with a batch
+        sampler, no workers, a no-op collate) yields, drawing the global torch random stream as
+        its iterator does: one draw for the workers' base seed when the iterator is made, then the
+        sampler's own."""
+
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            torch.empty((), dtype=torch.int64).random_()  # the DataLoader iterator's base seed
+            getitems = self.loader.dataset.__getitems__
+            return (getitems(idx) for idx in self.loader.batch_sampler)
 
 
 def _lean_fit(self, x, y, batch_size, epochs, verbose, callbacks, validation_split,
