@@ -779,3 +779,30 @@ def test_lean_fit_guard_falls_back_to_keras(group, change, fresh_guard, monkeypa
         for a, b in zip(out[0][0], w, strict=True):
             np.testing.assert_array_equal(b, a)
         assert hist == out[0][1]
+
+
+def test_lean_batches_equal_keras_array_dataset():
+    """The lean iterator's batches (torch tensors over the arrays, indexed per batch) equal
+    Keras's ArrayDataset.__getitems__ in values, dtype and structure; arrays it does not cover
+    (uint32, which Keras converts to int64) keep Keras's own slicing."""
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    from gyre.keras import training
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(11, 3, 2))
+    arrays = (x.astype("float32"), x, rng.integers(0, 5, 11), (rng.random(11) > 0.5))
+    for a in arrays:
+        adapter = ArrayDataAdapter(a, y=np.arange(11.0), batch_size=4, shuffle=True)
+        ds = adapter.get_torch_dataloader().dataset
+        tensors = training._as_tensors(ds.array)
+        assert tensors is not None
+        for idx in ([3, 0, 7, 1], [10], list(range(11))):
+            want = ds.__getitems__(idx)
+            got = tuple(None if t is None else t[torch.as_tensor(idx)] for t in tensors)
+            assert type(got) is type(want) and len(got) == len(want)
+            for g, w in zip(got, want, strict=True):
+                assert (g is None) == (w is None)
+                if w is not None:
+                    assert g.dtype == w.dtype and torch.equal(g, w)
+    ds = ArrayDataAdapter(np.arange(11, dtype="uint32"), batch_size=4).get_torch_dataloader().dataset
+    assert training._as_tensors(ds.array) is None

@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 
 import keras
+import numpy as np
 import torch
 from keras.src.models.functional import Functional as _KerasFunctional
 from keras.src.models.model import functional_init_arguments
@@ -277,10 +278,48 @@ if _torch_trainer is not None:  # (else no lean fit runs: see _guard)
         def __init__(self, loader):
             self.loader = loader
 
+        _tensors = False  # not looked at yet
+
         def __iter__(self):
             torch.empty((), dtype=torch.int64).random_()  # the DataLoader iterator's base seed
-            getitems = self.loader.dataset.__getitems__
-            return (getitems(idx) for idx in self.loader.batch_sampler)
+            if self._tensors is False:
+                self._tensors = _as_tensors(self.loader.dataset.array)
+            if self._tensors is None:
+                getitems = self.loader.dataset.__getitems__
+                return (getitems(idx) for idx in self.loader.batch_sampler)
+            tensors = self._tensors
+            return (tuple(None if t is None else t[torch.as_tensor(idx)] for t in tensors)
+                    for idx in self.loader.batch_sampler)
+
+
+    #: NumPy dtypes whose arrays Keras's ``convert_to_tensor`` hands to ``torch.as_tensor``
+    #: unchanged (it converts uint32 and bfloat16 first)
+    _PLAIN = frozenset(np.dtype(d) for d in ("float16", "float32", "float64", "int8", "int16",
+                                             "int32", "int64", "uint8", "bool"))
+
+    def _as_tensors(arrays):
+        """``arrays`` (the ``ArrayDataset``'s flat tuple of sliceables, or None entries) as CPU
+        torch tensors sharing their memory, where each is a plain NumPy array: indexing one with
+        a batch's indices gives what ``ArrayDataset.__getitems__`` gives (NumPy fancy indexing,
+        then ``torch.as_tensor`` in the same dtype), without its per-batch tree walk and
+        conversion. None (``__getitems__`` is used) for anything else."""
+        if (not isinstance(arrays, tuple) or keras.src.backend.torch.core.get_device() != "cpu"):
+            return None
+        out = []
+        for a in arrays:
+            if a is None:
+                out.append(None)
+                continue
+            if type(a) is not array_slicing.NumpySliceable:
+                return None
+            x = a.array
+            if type(x) is not np.ndarray or x.dtype not in _PLAIN or x.ndim < 1:
+                return None
+            try:
+                out.append(torch.from_numpy(x))
+            except (TypeError, ValueError):  # negative strides, ...
+                return None
+        return tuple(out)
 
 
 def _lean_fit(self, x, y, batch_size, epochs, verbose, callbacks, validation_split,
