@@ -20,9 +20,17 @@ what Keras's torch trainer does per batch with less Python around it:
 * batch callbacks run in the training thread: Keras hands each ``on_train_batch_end`` to a
   thread pool, and waking that thread every batch costs more than the hook (which for
   ``History`` alone does nothing);
-* NumPy/array data is sliced by Keras's own sampler and dataset, without the ``DataLoader``
-  iterator around them, and the ``DataLoader`` is made once per ``fit`` instead of once per
-  epoch.
+* NumPy/array data is sliced by Keras's own sampler, without the ``DataLoader`` iterator
+  around it (the ``DataLoader`` is made once per ``fit`` instead of once per epoch), each batch
+  indexed from torch tensors sharing the arrays' memory (what Keras's ``ArrayDataset`` returns
+  for plain NumPy arrays, without its per-batch tree walk);
+* where the compiled model is exactly the configuration written out in
+  :mod:`gyre.keras._fast`, Dense, the loss, the loss tracker and accuracy updates and Keras's
+  torch Adam run as the same torch operations Keras runs, without ``keras.ops`` around them.
+
+All of it is written against Keras 3.15.1's private trainer code: :mod:`gyre.keras._guard`
+checks before the first lean ``fit`` that the Keras installed has those functions with the
+same source, and otherwise turns the lean loop (or only the torch forms) off with one warning.
 
 Each of these gives the same batches (the global torch random stream is drawn exactly as stock
 ``fit`` draws it), the same losses and weights, and the same ``History`` as ``keras.Sequential``
