@@ -682,7 +682,8 @@ class _PlanSeen(keras.callbacks.Callback):
         plan = getattr(self.model, "_gyre_plan", None)
         if plan is None:
             return
-        self.seen = {"dense": plan.calls[-1][0].__qualname__.startswith("lean_dense"),
+        self.seen = {"dense": plan.calls is not None
+                     and plan.calls[-1][0].__qualname__.startswith("lean_dense"),
                      "loss": plan.loss is not None, "metrics": plan.metrics is not None,
                      "apply": plan.apply is not None}
 
@@ -806,3 +807,25 @@ def test_lean_batches_equal_keras_array_dataset():
                     assert g.dtype == w.dtype and torch.equal(g, w)
     ds = ArrayDataAdapter(np.arange(11, dtype="uint32"), batch_size=4).get_torch_dataloader().dataset
     assert training._as_tensors(ds.array) is None
+
+
+def test_lean_functional_with_torch_forms_equals_keras_model():
+    """A functional gyre.keras.Model (its forward through Keras's graph, the loss, metrics and
+    Adam in the torch forms) trains bit for bit as keras.Model with the same layers."""
+    x, y = _fit_data(10)
+    x, y = x.astype("float32"), y.astype("float32")
+    out = []
+    for cls in (keras.Model, gk.Model):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((T, I))
+        m = cls(inp, keras.layers.Dense(3, activation="softmax")(gk.LSTM(H, activation="relu")(inp)))
+        m.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+        seen = _PlanSeen()
+        keras.utils.set_random_seed(7)
+        h = m.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[seen])
+        out.append((m.get_weights(), h.history, getattr(seen, "seen", None)))
+    assert out[0][2] is None
+    assert out[1][2] == {"dense": False, "loss": True, "metrics": True, "apply": True}
+    for a, b in zip(out[0][0], out[1][0], strict=True):
+        np.testing.assert_array_equal(b, a)
+    assert out[1][1] == out[0][1]
