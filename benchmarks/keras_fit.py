@@ -12,6 +12,9 @@ Variants (``--variants``):
 * ``gyre.keras``: 003's Keras model as ``examples/keras/rnn_003_stacked_relu_lstm.py`` runs it:
   ``gyre.keras.models.Sequential`` (Keras's, with gyre's lean ``fit``) of
   ``gyre.keras.layers.LSTM`` (relu).
+* ``gyre.keras-ops``: ``gyre.keras`` with ``GYRE_KERAS_FAST=0``: the lean ``fit`` with Keras's
+  own Dense, loss, metric updates and optimizer ``apply`` inside its step instead of their torch
+  forms (``gyre.keras._fast``): what those save.
 * ``gyre.keras-stock``: the same gyre layers in ``keras.Sequential`` through Keras's own
   ``fit`` (what the lean ``fit`` saves).
 * ``torch.nn``: the plain PyTorch loop a user writes: ``torch.nn.LSTM`` x2 + ``Linear``,
@@ -59,7 +62,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 VARIANTS = ("gyre.keras", "torch.nn", "keras", "gyre.nn", "gyre-tanh", "gyre.keras-stock",
-            "gyre.nn-tanh")
+            "gyre.nn-tanh", "gyre.keras-ops")
 BATCH = 32
 
 
@@ -147,7 +150,8 @@ def run_dataset(name: str, variants, rounds: int, warmup: int, max_series) -> di
             loops[v] = (m, torch.optim.Adam(m.parameters(), 1e-3), torch.Generator().manual_seed(0))
         else:
             layers = keras.layers if v == "keras" else gl
-            sequential = gm.Sequential if v in ("gyre.keras", "gyre-tanh") else keras.Sequential
+            sequential = (gm.Sequential if v in ("gyre.keras", "gyre-tanh", "gyre.keras-ops")
+                          else keras.Sequential)
             models[v] = keras_model(layers, "tanh" if v == "gyre-tanh" else "relu", (T, dims), C,
                                     sequential)
 
@@ -165,7 +169,15 @@ def run_dataset(name: str, variants, rounds: int, warmup: int, max_series) -> di
             c0, w0 = time.process_time(), time.perf_counter()
             torch_epoch(*loops[v], Xt, yt)
             return time.process_time() - c0, time.perf_counter() - w0
-        models[v].fit(X, y, epochs=1, batch_size=BATCH, verbose=0, callbacks=[timer])
+        fast = os.environ.get("GYRE_KERAS_FAST")
+        os.environ["GYRE_KERAS_FAST"] = "0" if v == "gyre.keras-ops" else "1"
+        try:
+            models[v].fit(X, y, epochs=1, batch_size=BATCH, verbose=0, callbacks=[timer])
+        finally:
+            if fast is None:
+                del os.environ["GYRE_KERAS_FAST"]
+            else:
+                os.environ["GYRE_KERAS_FAST"] = fast
         return timer.seconds
 
     for _ in range(warmup):
@@ -186,7 +198,8 @@ def run_dataset(name: str, variants, rounds: int, warmup: int, max_series) -> di
     pairs = [(u, v) for u, v in (("gyre.keras", "torch.nn"), ("keras", "gyre.keras"),
                                  ("gyre.nn", "torch.nn"), ("gyre.keras", "gyre.nn"),
                                  ("gyre-tanh", "torch.nn"), ("gyre.keras-stock", "gyre.keras"),
-                                 ("gyre.nn-tanh", "torch.nn"))
+                                 ("gyre.nn-tanh", "torch.nn"), ("gyre.keras-ops", "gyre.keras"),
+                                 ("gyre.keras-ops", "torch.nn"))
              if u in cpu and v in cpu]
     return {
         "data": name, "shape": [N, T, dims], "classes": C, "steps_per_epoch": -(-N // BATCH),

@@ -18,7 +18,9 @@ Per dataset (a batch of the first 32 training series), each round measures, inte
   initial states, stateful layers, dropout or mixed dtypes) and ``__call__`` (Keras's Layer
   machinery on top).
 * gyre.keras's lean fit (``gyre.keras.models.Sequential``, :mod:`gyre.keras.training`, the
-  model ``examples/keras`` and ``benchmarks/keras_fit.py``'s ``gyre.keras`` run): one ``fit``
+  model ``examples/keras`` and ``benchmarks/keras_fit.py``'s ``gyre.keras`` run) with Keras's
+  own Dense, loss, metrics and optimizer in its step (``GYRE_KERAS_FAST=0``, so that each can
+  be wrapped; the torch forms that replace them are split by ``keras_fit_split.py``): one ``fit``
   epoch over the whole batches divided by its steps, and the parts of its ``train_step`` timed
   inside that epoch by wrapping each (every layer's ``call``, the loss function, the loss
   tracker, ``backward``, ``optimizer.apply``, the metrics' update; ``fit loop around
@@ -167,6 +169,8 @@ def lean_parts(m, X, y, epochs: int) -> dict[str, float]:
             for i, layer in enumerate(m.layers)] + [
         (m._loss_tracker, "update_state", "loss tracker"), (m.optimizer, "apply", "optimizer"),
         (m._compile_metrics, "update_state", "metrics")]
+    fast = os.environ.get("GYRE_KERAS_FAST")
+    os.environ["GYRE_KERAS_FAST"] = "0"  # Keras's own pieces, so each can be wrapped
     try:
         training._LeanTrainer.train_step = timed("train_step", saved[0][2])
         torch.Tensor.backward = timed("backward", saved[1][2])
@@ -182,6 +186,10 @@ def lean_parts(m, X, y, epochs: int) -> dict[str, float]:
             o.__dict__.pop(n, None)
         m._compile_loss._flat_losses[0] = loss0
         m.train_function = None
+        if fast is None:
+            os.environ.pop("GYRE_KERAS_FAST", None)
+        else:
+            os.environ["GYRE_KERAS_FAST"] = fast
     out = {k: v / steps for k, v in acc.items()}
     out["fit loop around train_step"] = out["fit step (epoch / steps)"] - out["train_step"]
     return out

@@ -12,6 +12,7 @@ import pathlib
 import runpy
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -672,3 +673,159 @@ def test_lean_fit_loop_arguments_as_keras(fit_kw, capsys):
     assert hg == hk and pg == pk
     assert og.count("Epoch") == ok.count("Epoch") == (2 if fit_kw.get("verbose") else 0)
     assert len(hk["loss"]) == (2 if stop or "initial_epoch" in fit_kw else 4)
+
+
+class _PlanSeen(keras.callbacks.Callback):
+    """Records which torch forms of gyre.keras._fast the lean step ran with (None: Keras's)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        plan = getattr(self.model, "_gyre_plan", None)
+        if plan is None:
+            return
+        self.seen = {"dense": plan.calls is not None
+                     and plan.calls[-1][0].__qualname__.startswith("lean_dense"),
+                     "loss": plan.loss is not None, "metrics": plan.metrics is not None,
+                     "apply": plan.apply is not None}
+
+
+def _float32_stack(seq, opt, loss="categorical_crossentropy", activation="softmax"):
+    keras.utils.set_random_seed(0)
+    m = seq([keras.Input((T, I)), gk.LSTM(H, activation="relu", return_sequences=True),
+             gk.LSTM(H, activation="relu"), keras.layers.Dense(3, activation=activation)])
+    m.compile(optimizer=opt, loss=loss, metrics=["accuracy"])
+    return m
+
+
+@pytest.mark.parametrize("opt,loss,activation,torch_forms", [
+    (lambda: "adam", "categorical_crossentropy", "softmax", {"dense", "loss", "metrics", "apply"}),
+    (lambda: keras.optimizers.Adam(0.01, beta_1=0.8, epsilon=1e-4), "categorical_crossentropy",
+     "tanh", {"dense", "loss", "metrics", "apply"}),
+    (lambda: keras.optimizers.Adam(0.01, clipnorm=0.5, amsgrad=True),
+     keras.losses.CategoricalCrossentropy(label_smoothing=0.1), "softmax", {"dense", "metrics"}),
+    (lambda: keras.optimizers.SGD(0.05, momentum=0.9), "mse", None, {"dense", "metrics"}),
+], ids=["adam-cce", "adam-args-tanh", "clipnorm-amsgrad-smoothing", "sgd-mse"])
+def test_lean_torch_forms_equal_keras(opt, loss, activation, torch_forms, monkeypatch):
+    """The lean step's torch forms (gyre.keras._fast: Dense, categorical cross-entropy, the
+    loss tracker and accuracy, Keras's torch Adam) give bit for bit the weights and History
+    of stock fit (keras.Sequential, same gyre layers) and of the lean fit with them turned off
+    (GYRE_KERAS_FAST=0), in float32 as text 003's model runs; configurations they do not
+    cover (clipnorm, AMSGrad, label smoothing, SGD, MSE) run Keras's own pieces."""
+    x, y = _fit_data(14)
+    x = x.astype("float32")
+    y = y.astype("float32")
+    out = []
+    for seq, fast in ((keras.Sequential, "1"), (gk.Sequential, "1"), (gk.Sequential, "0")):
+        monkeypatch.setenv("GYRE_KERAS_FAST", fast)
+        m = _float32_stack(seq, opt(), loss, activation)
+        seen = _PlanSeen()
+        keras.utils.set_random_seed(7)
+        h = m.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[seen])
+        out.append((m.get_weights(), h.history, getattr(seen, "seen", None)))
+    assert out[0][2] is None  # stock fit: no plan
+    assert {k for k, v in out[1][2].items() if v} == torch_forms
+    assert not any(out[2][2].values())
+    for w, hist, _ in out[1:]:
+        for a, b in zip(out[0][0], w, strict=True):
+            np.testing.assert_array_equal(b, a)
+        assert hist == out[0][1]
+
+
+@pytest.fixture
+def fresh_guard():
+    from gyre.keras import _guard
+    _guard.reset()
+    yield _guard
+    _guard.reset()
+
+
+@pytest.mark.parametrize("group,change", [
+    ("loop", "missing"), ("loop", "changed"), ("forms", "missing")])
+def test_lean_fit_guard_falls_back_to_keras(group, change, fresh_guard, monkeypatch):
+    """Where a Keras internal the lean fit (or its torch forms) builds on is missing or its
+    source differs from the tested Keras's, fit warns once and runs Keras's own fit (or the
+    lean loop with Keras's own pieces), with stock fit's weights and History bit for bit."""
+    from keras.src.backend.torch import trainer as torch_trainer
+    assert fresh_guard.loop_ok() and fresh_guard.forms_ok()  # the Keras installed is the tested
+    fresh_guard.reset()
+    table = fresh_guard.LOOP if group == "loop" else fresh_guard.FORMS
+    if change == "missing":
+        monkeypatch.setitem(table, ("keras.src.backend.torch.trainer", "TorchTrainer.gone"), "0")
+    else:
+        own = torch_trainer.TorchEpochIterator._get_iterator
+
+        def changed(self):  # another Keras's version of this function: other source
+            return own(self)
+        monkeypatch.setattr(torch_trainer.TorchEpochIterator, "_get_iterator", changed)
+    x, y = _fit_data(10)
+    x, y = x.astype("float32"), y.astype("float32")
+    out = []
+    for seq in (keras.Sequential, gk.Sequential, gk.Sequential):
+        m = _float32_stack(seq, "adam")
+        seen = _PlanSeen()
+        keras.utils.set_random_seed(7)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            h = m.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[seen])
+        out.append((m.get_weights(), h.history, getattr(seen, "seen", None),
+                    [str(w.message) for w in caught if "Keras's own" in str(w.message)]))
+    assert out[0][3] == []  # stock fit never asks
+    assert len(out[1][3]) == 1 and out[2][3] == []  # one warning per process
+    assert ("TorchTrainer.gone is missing" if change == "missing"
+            else "_get_iterator differs from Keras") in out[1][3][0]
+    if group == "loop":
+        assert out[1][2] is None and out[2][2] is None  # Keras's own fit and train_step
+    else:
+        assert not any(out[1][2].values())  # the lean loop with Keras's own pieces
+    for w, hist, _, _ in out[1:]:
+        for a, b in zip(out[0][0], w, strict=True):
+            np.testing.assert_array_equal(b, a)
+        assert hist == out[0][1]
+
+
+def test_lean_batches_equal_keras_array_dataset():
+    """The lean iterator's batches (torch tensors over the arrays, indexed per batch) equal
+    Keras's ArrayDataset.__getitems__ in values, dtype and structure; arrays it does not cover
+    (uint32, which Keras converts to int64) keep Keras's own slicing."""
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    from gyre.keras import training
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(11, 3, 2))
+    arrays = (x.astype("float32"), x, rng.integers(0, 5, 11), (rng.random(11) > 0.5))
+    for a in arrays:
+        adapter = ArrayDataAdapter(a, y=np.arange(11.0), batch_size=4, shuffle=True)
+        ds = adapter.get_torch_dataloader().dataset
+        tensors = training._as_tensors(ds.array)
+        assert tensors is not None
+        for idx in ([3, 0, 7, 1], [10], list(range(11))):
+            want = ds.__getitems__(idx)
+            got = tuple(None if t is None else t[torch.as_tensor(idx)] for t in tensors)
+            assert type(got) is type(want) and len(got) == len(want)
+            for g, w in zip(got, want, strict=True):
+                assert (g is None) == (w is None)
+                if w is not None:
+                    assert g.dtype == w.dtype and torch.equal(g, w)
+    ds = ArrayDataAdapter(np.arange(11, dtype="uint32"), batch_size=4).get_torch_dataloader().dataset
+    assert training._as_tensors(ds.array) is None
+
+
+def test_lean_functional_with_torch_forms_equals_keras_model():
+    """A functional gyre.keras.Model (its forward through Keras's graph, the loss, metrics and
+    Adam in the torch forms) trains bit for bit as keras.Model with the same layers."""
+    x, y = _fit_data(10)
+    x, y = x.astype("float32"), y.astype("float32")
+    out = []
+    for cls in (keras.Model, gk.Model):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((T, I))
+        m = cls(inp, keras.layers.Dense(3, activation="softmax")(gk.LSTM(H, activation="relu")(inp)))
+        m.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+        seen = _PlanSeen()
+        keras.utils.set_random_seed(7)
+        h = m.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[seen])
+        out.append((m.get_weights(), h.history, getattr(seen, "seen", None)))
+    assert out[0][2] is None
+    assert out[1][2] == {"dense": False, "loss": True, "metrics": True, "apply": True}
+    for a, b in zip(out[0][0], out[1][0], strict=True):
+        np.testing.assert_array_equal(b, a)
+    assert out[1][1] == out[0][1]

@@ -26,7 +26,7 @@ def _load(name):
 
 def test_keras_fit_writes_every_round(tmp_path):
     out = tmp_path / "fit.json"
-    variants = ["gyre.keras", "torch.nn", "keras", "gyre.nn"]
+    variants = ["gyre.keras", "torch.nn", "keras", "gyre.nn", "gyre.keras-ops"]
     assert _load("keras_fit").main(
         ["--data", "italy_power_demand", "--rounds", "2", "--warmup", "0", "--max-series", "8",
          "--variants", ",".join(variants), "--json", str(out)]) == 0
@@ -37,7 +37,8 @@ def test_keras_fit_writes_every_round(tmp_path):
         assert len(res["cpu_s"][v]) == len(res["wall_s"][v]) == 2
         assert all(t > 0 for t in res["cpu_s"][v] + res["wall_s"][v])
     assert set(res["ratios_cpu"]) == {"gyre.keras / torch.nn", "keras / gyre.keras",
-                                      "gyre.nn / torch.nn", "gyre.keras / gyre.nn"}
+                                      "gyre.nn / torch.nn", "gyre.keras / gyre.nn",
+                                      "gyre.keras-ops / gyre.keras", "gyre.keras-ops / torch.nn"}
 
 
 def test_keras_fit_rejects_unknown_variant(capsys):
@@ -62,3 +63,16 @@ def test_keras_step_breakdown_writes_every_part(tmp_path):
             "fit loop around train_step"} <= set(lean)
     assert 0 < lean["backward"] < lean["train_step"] < lean["fit step (epoch / steps)"]
     assert t["step"] > 0 and set(t) >= {"lstm1 fwd", "backward", ".item() bookkeeping"}
+
+
+def test_keras_fit_split_writes_every_part(tmp_path):
+    out = tmp_path / "split.json"
+    assert _load("keras_fit_split").main(
+        ["--data", "italy_power_demand", "--rounds", "1", "--epochs", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["results"][0]
+    med = res["median_cpu_ms"]
+    assert set(med) == {"gyre.keras", "gyre.keras-ops", "torch.nn"}
+    for v, parts in med.items():
+        assert set(parts) == set(_load("keras_fit_split").PARTS)
+        assert 0 < parts["backward"] < parts["steps"] <= parts["epoch"], (v, parts)
+        assert parts["forward"] > 0 and parts["optimizer"] > 0 and parts["loss"] > 0, (v, parts)
