@@ -28,13 +28,17 @@ import runlog
 
 #: config fields that do not change the recipe (where, which set, which seed, what is printed)
 NOT_RECIPE = ("data", "out", "seed", "progress", "tensorboard", "dtw", "device")
+#: fields added after runs were recorded, left out at the value that reproduces those runs
+#: (so earlier tables keep their recipe key)
+ADDED = {"log_input": False}
 
 
 def recipe(config) -> str:
     """The run's recipe as compact JSON: every config field but :data:`NOT_RECIPE`, so a
     table keeps apart runs of different defaults made with the same flags."""
     from dataclasses import asdict
-    return json.dumps({k: v for k, v in sorted(asdict(config).items()) if k not in NOT_RECIPE},
+    return json.dumps({k: v for k, v in sorted(asdict(config).items())
+                       if k not in NOT_RECIPE and not (k in ADDED and v == ADDED[k])},
                       separators=(",", ":"))
 
 

@@ -64,6 +64,13 @@ REGRESS: dict[str, dict] = {
                           "weight_decay": 0.5, "shrink": True},
     "conv_val_shrink": {"model": "conv-rnn", "conv_steps": 128, "val_fraction": 0.2,
                         "shrink": True},
+    # fifth day: heavy-tailed inputs (Covid3Month's counts, CardanoSentiment's volumes)
+    "rnn_val_shrink_log": {"model": "rnn", "val_fraction": 0.2, "shrink": True,
+                           "log_input": True},
+    "rnn_val_ens5_shrink_log": {"model": "rnn", "val_fraction": 0.2, "ensemble": 5,
+                                "shrink": True, "log_input": True},
+    "rnn_val_wd_shrink_log": {"model": "rnn", "val_fraction": 0.2, "optimizer": "adamw",
+                              "weight_decay": 0.5, "shrink": True, "log_input": True},
 }
 #: the CLI flags of each regression candidate (for the test table of the chosen one)
 REGRESS_FLAGS = {"rnn": [], "rnn_val": ["--val-fraction", "0.2"],
@@ -73,7 +80,12 @@ REGRESS_FLAGS = {"rnn": [], "rnn_val": ["--val-fraction", "0.2"],
                  "rnn_val_wd_shrink": ["--val-fraction", "0.2", "--optimizer", "adamw",
                                        "--weight-decay", "0.5", "--shrink"],
                  "conv_val_shrink": ["--model", "conv-rnn", "--conv-steps", "128",
-                                     "--val-fraction", "0.2", "--shrink"]}
+                                     "--val-fraction", "0.2", "--shrink"],
+                 "rnn_val_shrink_log": ["--val-fraction", "0.2", "--shrink", "--log-input"],
+                 "rnn_val_ens5_shrink_log": ["--val-fraction", "0.2", "--ensemble", "5",
+                                             "--shrink", "--log-input"],
+                 "rnn_val_wd_shrink_log": ["--val-fraction", "0.2", "--optimizer", "adamw",
+                                           "--weight-decay", "0.5", "--shrink", "--log-input"]}
 REGRESS_DATASETS = ("covid_3month", "cardano_sentiment")
 DATASETS = ("italy_power_demand", "gunpoint", "japanese_vowels", "basic_motions", "arrow_head",
             "pickup_gesture_wiimoteZ", "osuleaf", "acsf1")

@@ -42,6 +42,25 @@ def test_standardizer_fits_train_only_per_channel():
     np.testing.assert_array_equal(s2(test)[0], s(test)[0])
 
 
+def test_standardizer_log_maps_signed_log1p_then_standardises_and_reloads():
+    rng = np.random.default_rng(0)
+    train = [(rng.lognormal(2, 3, size=(n, 2)) * rng.choice([-1, 1], (n, 2))).astype(np.float32)
+             for n in (5, 9)]
+    test = [rng.lognormal(0, 4, size=(6, 2)).astype(np.float32)]
+    s = cd.Standardizer.fit(train, log=True)
+    ref = lambda x: np.sign(x) * np.log(1 + np.abs(x.astype(np.float64)))  # noqa: E731
+    allv = ref(np.concatenate(train))
+    np.testing.assert_allclose(s.mean, allv.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(s.std, allv.std(0), rtol=1e-5)
+    np.testing.assert_allclose(s(test)[0], (ref(test[0]) - allv.mean(0)) / allv.std(0),
+                               rtol=1e-4, atol=1e-5)
+    s2 = cd.Standardizer.from_state(s.state())
+    assert s2.log and not cd.Standardizer.from_state(cd.Standardizer.fit(train).state()).log
+    np.testing.assert_array_equal(s2(test)[0], s(test)[0])
+    old = {k: v for k, v in s.state().items() if k != "log"}  # a run saved before ``log``
+    assert not cd.Standardizer.from_state(old).log
+
+
 def test_validation_split_is_stratified_and_disjoint():
     y = np.repeat([0, 1, 2], [10, 20, 30])
     tr, va = cd.validation_split(y, 0.2, seed=0)

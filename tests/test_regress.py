@@ -80,3 +80,15 @@ def test_shrink_factor_is_the_clipped_least_squares_factor():
     assert regress.shrink_factor(torch.tensor(p)[:, None], torch.tensor(-y)) == 0.0
     assert regress.shrink_factor(torch.tensor(p)[:, None], torch.tensor(3 * p)) == 1.0
     assert regress.shrink_factor(torch.zeros(4, 1), torch.ones(4)) == 0.0
+
+
+def test_log_input_is_stored_with_the_run_and_applied_on_reload(tmp_path):
+    # shrink off: a factor 0 would hide what the inputs do
+    m = regress.train(_quick(tmp_path, data="cardano_sentiment", epochs=3, log_input=True,
+                             shrink=False))
+    _, model, extra = regress.load_run(tmp_path / "run")
+    assert extra["scaler"]["log"] is True
+    assert regress.evaluate(tmp_path / "run")["test"] == pytest.approx(m["test"], rel=1e-6)
+    X = rd.load("cardano_sentiment").X_test  # volumes of 1e3-1e5: the map changes the inputs
+    raw = dict(extra, scaler={**extra["scaler"], "log": False})
+    assert not np.allclose(regress._predict(model, extra, X), regress._predict(model, raw, X))

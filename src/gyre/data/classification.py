@@ -370,30 +370,43 @@ def _read_npz(path: Path, labels: bool):
 
 # -- preparing for the Trainer --------------------------------------------------------------------
 class Standardizer:
-    """Per-channel mean and standard deviation over every step of every training sequence."""
+    """Per-channel mean and standard deviation over every step of every training sequence;
+    with ``log``, of ``sign(x) * log(1 + |x|)`` instead (every value mapped so before
+    standardising): heavy-tailed inputs such as counts spanning orders of magnitude would
+    otherwise leave all but the largest series near one constant after standardising."""
 
-    def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
+    def __init__(self, mean: np.ndarray, std: np.ndarray, log: bool = False) -> None:
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
+        self.log = bool(log)
+
+    @staticmethod
+    def signed_log(x: np.ndarray) -> np.ndarray:
+        return np.sign(x) * np.log1p(np.abs(x))
 
     @classmethod
-    def fit(cls, X: list[np.ndarray]) -> Standardizer:
+    def fit(cls, X: list[np.ndarray], log: bool = False) -> Standardizer:
         allv = np.concatenate(X, axis=0).astype(np.float64)
+        if log:
+            allv = cls.signed_log(allv)
         std = allv.std(axis=0)
-        return cls(allv.mean(axis=0), np.where(std > 1e-8, std, 1.0))
+        return cls(allv.mean(axis=0), np.where(std > 1e-8, std, 1.0), log)
 
     def __call__(self, X: list[np.ndarray]) -> list[np.ndarray]:
         if X and X[0].shape[1] != self.mean.shape[0]:
             raise ValueError(f"data: got {X[0].shape[1]} channels, expected {self.mean.shape[0]} "
                              "(as in training)")
-        return [((x - self.mean) / self.std).astype(np.float32) for x in X]
+        f = self.signed_log if self.log else (lambda x: x)
+        return [((f(x) - self.mean) / self.std).astype(np.float32) for x in X]
 
     def state(self) -> dict:
-        return {"mean": torch.from_numpy(self.mean), "std": torch.from_numpy(self.std)}
+        return {"mean": torch.from_numpy(self.mean), "std": torch.from_numpy(self.std),
+                "log": self.log}
 
     @classmethod
     def from_state(cls, state: dict) -> Standardizer:
-        return cls(state["mean"].numpy(), state["std"].numpy())
+        # runs saved before ``log`` existed standardised the raw values
+        return cls(state["mean"].numpy(), state["std"].numpy(), state.get("log", False))
 
 
 def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

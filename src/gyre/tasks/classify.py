@@ -104,6 +104,8 @@ class SequenceModelConfig(base.TaskConfig):
             standardised units) added to every step; 0 = off.
         scale: training-time augmentation: each training series (each channel) multiplied by
             ``1 + N(0, scale^2)``, drawn every time it is drawn; 0 = off.
+        log_input: map every input value to ``sign(x) * log(1 + |x|)`` before standardising
+            (for heavy-tailed inputs: counts, volumes); stored with the run's scaler.
         minirocket: also run aeon's MiniRocket as a baseline (multivariate form for several
             channels; series zero-padded to the longest).
 
@@ -134,6 +136,7 @@ class SequenceModelConfig(base.TaskConfig):
     crop: float = 0.0
     jitter: float = 0.0
     scale: float = 0.0
+    log_input: bool = False
     minirocket: bool = True
 
     def __post_init__(self) -> None:
@@ -539,7 +542,7 @@ def _prepare(config: SequenceModelConfig, data, target=None, dtype=np.int64):
     are) and stored as ``dtype``."""
     tr, va = cdata.validation_split(data.y_train, config.val_fraction, config.seed)
     X_fit = [data.X_train[i] for i in tr]
-    scaler = cdata.Standardizer.fit(X_fit)
+    scaler = cdata.Standardizer.fit(X_fit, config.log_input)
     t = target or (lambda y: y)
     ds = lambda X, y: cdata.SequenceDataset(scaler(X), t(y), dtype)  # noqa: E731
     train = ds(X_fit, data.y_train[tr])
@@ -872,6 +875,9 @@ def stream_io(model: RecurrentClassifier, extra: dict):
     on each step's raw features, softmax of the logits (class probabilities, in the order of
     ``extra["classes"]``)."""
     mean, std = extra["scaler"]["mean"].float(), extra["scaler"]["std"].float()
+    if extra["scaler"].get("log", False):
+        return ((lambda x: (torch.sign(x) * torch.log1p(x.abs()) - mean) / std),
+                (lambda logits: torch.softmax(logits, -1)))
     return (lambda x: (x - mean) / std), (lambda logits: torch.softmax(logits, -1))
 
 
