@@ -744,6 +744,17 @@ def test_combination_weight_is_the_validation_best_and_quantiles_move_with_the_m
     for a, fc, qq in zip(y, f, qs, strict=True):
         np.testing.assert_allclose(fc, a)
         np.testing.assert_allclose(qq, np.stack([a - 1, a, a + 2], axis=-1))
+    # guarded: best_all's choice only where it beats the equal-weight combination by one s.e.
+    yy = [np.array([[float(k)], [k + 1.0]]) for k in range(6)]
+    xx = [np.array([[0.0], [1.0], [0.0]])] * 6  # MASE scale 1
+    noisy = {n: [a + (-3.0 if n == "auto_theta" else 3.0) for a in yy] for n in F.AUTO_BASELINES}
+    auto6 = {**noisy, "naive": [a + 0.1 for a in yy]}  # naive nearly exact on every window
+    g = F.choose_combination("guarded", [0.25, 0.5, 1.0], [a + 1.0 for a in yy], auto6, yy, xx, 1)
+    assert g["kept_best_all"] and g["models"] == ["naive"] and g["weight"] == 0.25
+    one = F.choose_combination("guarded", [0.25, 0.5, 1.0], [yy[0] + 1.0], {n: v[:1] for n, v in
+                               auto6.items()}, yy[:1], xx[:1], 1)  # one window: no s.e.
+    assert not one["kept_best_all"] and one["weight"] == 0.5
+    assert one["models"] == list(F.AUTO_BASELINES)
     with pytest.raises(ValueError, match="combine: got 'median'"):
         F.Config(combine="median")
     with pytest.raises(ValueError, match="combine_weights: got"):
@@ -783,6 +794,7 @@ def test_combined_run_is_what_metrics_predict_and_evaluate_say(tmp_path):
     out = tmp_path / "run"
     m = F.train(F.Config(data="airline", out=str(out), hidden=4, epochs=2, patience=0,
                          ensemble=1, refit=False, baselines=["naive"], progress=False,
+                         combine="best_all",
                          tensorboard=False, device="cpu", seed=0))
     c = m["combination"]
     w = c["weight"]

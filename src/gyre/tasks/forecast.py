@@ -323,10 +323,13 @@ def baseline_forecasts(insamples, horizon: int, season: int, names=BASELINES, le
 # -- combining the network with the automatic statistical models ---------------------------------
 
 #: what the network's forecast is combined with (``Config.combine``)
-COMBINES = ("none", "mean", "best", "best_all", "inverse", "top3")
+COMBINES = ("none", "mean", "best", "best_all", "guarded", "inverse", "top3")
 #: the combination's interval offsets use split conformal's (n + 1)-corrected rank
 #: (:func:`combination_offsets`)
-COMBINE_CONSERVATIVE = False
+COMBINE_CONSERVATIVE = True
+#: ... and only widen it (chosen with the rank on the development series' validation origins,
+#: out of sample: RESULTS.md, issue 16, fifth day)
+COMBINE_WIDEN_ONLY = True
 #: the network weights every combination is scored at on the validation origins
 COMBINE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -380,14 +383,15 @@ def _mase_scale(insample, season: int) -> np.ndarray:
 
 
 def combination_offsets(forecasts, quantiles, actuals, insamples, season: int, levels,
-                        conservative: bool = False) -> list[float]:
+                        conservative: bool = False, widen_only: bool = False) -> list[float]:
     """Per level, how far (in units of each series' MASE scale) to move that quantile of the
     combined forecasts outwards so that the share of ``actuals`` beyond it, over these
     (validation) windows, is the level's tail ``a = min(q, 1 - q)``: split-conformal
     calibration of the combination's interval on the scale-free exceedances ``(y - q) / s``
     (above the median; ``(q - y) / s`` below), whose ``1 - a`` empirical quantile is the offset
     (``conservative``: the ``ceil((n + 1)(1 - a))``-th smallest, the finite-sample rank of split
-    conformal prediction, Vovk et al. 2005); 0 for the median. Scaling by the series' own
+    conformal prediction, Vovk et al. 2005); 0 for the median; ``widen_only``: never below 0
+    (a few origins' errors, correlated along the horizon, understate the spread). Scaling by the series' own
     MASE scale pools the windows of a panel and of short series (one origin of one series
     gives ``horizon`` entries), which the network's own calibration in its scaled units
     (:func:`interval_offsets`, 50 entries at least) cannot use."""
@@ -411,9 +415,10 @@ def combination_offsets(forecasts, quantiles, actuals, insamples, season: int, l
             continue
         a = min(level, 1.0 - level)
         if conservative:
-            out.append(float(v[min(len(v), math.ceil((len(v) + 1) * (1 - a))) - 1]))
+            o = float(v[min(len(v), math.ceil((len(v) + 1) * (1 - a))) - 1])
         else:
-            out.append(float(np.quantile(v, 1 - a)))
+            o = float(np.quantile(v, 1 - a))
+        out.append(max(0.0, o) if widen_only else o)
     return out
 
 
@@ -462,6 +467,9 @@ def choose_combination(kind: str, weights, net, auto: dict, actuals, insamples,
                                    season)["mase"] for w in sorted(set(COMBINE_GRID) |
                                                                    {float(x) for x in weights})}
     net_mase = grid["mean"]["1"]
+    if kind == "guarded":
+        return _guarded(weights, net, auto, actuals, insamples, season, own, grid, best,
+                        best_all)
     if kind in POOLED:
         pick, models, mw = _pooled(kind, net_mase, own)
         stat = _statistical(kind, auto, models, mw)
@@ -476,6 +484,51 @@ def choose_combination(kind: str, weights, net, auto: dict, actuals, insamples,
     return {"kind": kind, "models": sides[kind], "weight": pick, "best_model": best,
             "best_all_model": best_all,
             "validation_mase": {"network": scores["1"], **own, "combination": scores[f"{pick:g}"]},
+            "grid": grid}
+
+
+def window_mase(actuals, forecasts, insamples, season: int) -> np.ndarray:
+    """``(N,)``: each window's MASE, the mean over its columns (NaN where none has a scale)."""
+    out = []
+    for y, f, x in zip(actuals, forecasts, insamples, strict=True):
+        y, f, x = (np.asarray(a, np.float64) for a in (y, f, x))
+        if y.ndim == 1:
+            y, f, x = y[:, None], f[:, None], x[:, None]
+        v = np.array([mase(y[:, c], f[:, c], x[:, c], season) for c in range(y.shape[1])])
+        out.append(float(np.nanmean(v)) if np.isfinite(v).any() else math.nan)
+    return np.asarray(out)
+
+
+def _guarded(weights, net, auto, actuals, insamples, season, own, grid, best, best_all):
+    """``guarded``: ``best_all``'s choice (the baseline best on validation, the network's weight
+    from ``weights``) where, over the validation windows, its MASE is below the equal-weight
+    combination's (half the network, half the mean of AutoETS, AutoARIMA and AutoTheta) by more
+    than one standard error of their paired per-window difference; else that equal-weight
+    combination. The one-standard-error rule (Breiman et al. 1984): a choice among many
+    candidates on a few windows is kept only where validation separates it from the simple
+    average, which forecast combination studies find hard to beat out of sample (the
+    "forecast combination puzzle", Smith and Wallis 2009). Chosen on the development series'
+    validation origins, out of sample (RESULTS.md, issue 16, fifth day)."""
+    scores = grid["best_all"]
+    w = min((float(x) for x in weights),
+            key=lambda x: (not math.isfinite(scores[f"{x:g}"]), scores[f"{x:g}"], -x))
+    pick = combined(net, None, _statistical("best_all", auto, [best_all]), w)[0]
+    equal = combined(net, None, _statistical("mean", auto, list(AUTO_BASELINES)), 0.5)[0]
+    d = (window_mase(actuals, pick, insamples, season) -
+         window_mase(actuals, equal, insamples, season))
+    d = d[np.isfinite(d)]
+    se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
+    kept = len(d) > 0 and float(np.mean(d)) < -se
+    if kept:
+        models, weight, chosen = [best_all], w, scores[f"{w:g}"]
+    else:
+        models, weight, chosen = list(AUTO_BASELINES), 0.5, grid["mean"]["0.5"]
+    return {"kind": "guarded", "models": models, "weight": weight, "best_model": best,
+            "best_all_model": best_all, "kept_best_all": kept,
+            "paired_difference": {"mean": float(np.mean(d)) if len(d) else None,
+                                  "standard_error": se if math.isfinite(se) else None,
+                                  "windows": int(len(d))},
+            "validation_mase": {"network": grid["mean"]["1"], **own, "combination": chosen},
             "grid": grid}
 
 
@@ -1658,7 +1711,7 @@ def train(config: Config, *, resume: bool = False) -> dict:
                 comb["levels"] = setup.levels
                 comb["interval_offsets"] = combination_offsets(
                     cf, cq, vact, vins, setup.season, setup.levels,
-                    conservative=COMBINE_CONSERVATIVE)
+                    conservative=COMBINE_CONSERVATIVE, widen_only=COMBINE_WIDEN_ONLY)
                 cq = widened(cf, cq, vins, setup.season, comb["interval_offsets"], setup.levels)
             validation = _score_windows(setup, vw, cf, cq, setup.levels)[2]
     elif config.combine != "none":
