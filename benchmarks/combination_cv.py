@@ -232,7 +232,7 @@ def report(d: Path, names, seed: int) -> None:
           "combination; plain / n+1 = conformal offsets on the choosing folds' residuals)")
     print("| rule, interval | " + " | ".join(names) + " | mean |")
     print("|---" * (len(names) + 2) + "|")
-    for rule in ("grid", "network", "inv_all", "top3", "se_network"):
+    for rule in ("grid", "network", "inv_all", "top3", "se_network", "se_equal_auto"):
         for calib in ("none", "plain", "n+1", "plain widen", "n+1 widen"):
             row = [evaluate(recs[n], rule, calib)[1] for n in names]
             print(f"| {rule}, {calib} | " + " | ".join(f"{v:.3f}" for v in row) +

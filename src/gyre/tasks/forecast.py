@@ -1127,7 +1127,7 @@ class Config(TaskConfig):
     relative to their last value, logs of positive data, per-series ``diff`` scaling, quantiles
     0.1/0.5/0.9 calibrated on the validation origins, an ensemble of 3 seeds, each retrained at
     the test origin on all the points before it for the epochs its validation chose; its
-    forecast combined with the baseline best on the validation origins (``combine``).
+    forecast combined with the statistical models as validation guards it (``combine``).
 
     Attributes:
         data: a built-in data set (``airline``, ``m1_yearly``, ``co2``, ``sunspots``,
@@ -1201,7 +1201,14 @@ class Config(TaskConfig):
             AutoARIMA and AutoTheta, each fitted per series at every origin on the points before
             it), ``best`` (the one of them with the lowest validation MASE) or ``none`` (the
             network alone), ``best_all`` (the one with the lowest validation MASE of every
-            baseline gyre fits: naive, seasonal naive, Holt-Winters, SARIMA and the three).
+            baseline gyre fits: naive, seasonal naive, Holt-Winters, SARIMA and the three),
+            ``guarded`` (the default: ``best_all``'s choice where it beats the equal-weight
+            combination, half the network and half the mean of the three, by one standard
+            error over the validation windows, else that equal-weight combination), ``inverse``
+            (every model weighted by 1 / its validation MASE), ``top3`` (the mean of the three
+            models best on validation). With ``calibrate``, the combination's quantiles are
+            widened by split-conformal offsets on its validation residuals in MASE units
+            (:func:`combination_offsets`; saved in combination.json).
             The network's quantiles are moved with its median. ``w`` is chosen
             per run on the validation origins (lowest MASE; needs a validation part, else the
             network alone); metrics.json's ``network`` holds the network alone, ``combination``
@@ -1248,7 +1255,7 @@ class Config(TaskConfig):
     future_covariates: list[str] = field(default_factory=list)
     id_embedding: int = 0
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
-    combine: str = "best_all"
+    combine: str = "guarded"
     combine_weights: list[str] = field(default_factory=lambda: ["0.25", "0.5", "0.75", "1"])
     combine_origins: int = 6
 
