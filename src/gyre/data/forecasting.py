@@ -216,8 +216,9 @@ def frequency_of(dates) -> tuple[str, int, int]:
 
 
 def _as_dates(col: pd.Series, name: str):
-    """The column as time stamps, or None: text that all parses as dates, or whole numbers
-    that count years (1000-2999, step 1) in a column named like a date or a row index."""
+    """The column as time stamps, or None: text that all parses as dates, or numbers in
+    1000-2999 in a column named like a date or a row index: whole years (step 1) or decimal
+    years stepping by a month or a quarter (:func:`_decimal_years`)."""
     if pd.api.types.is_bool_dtype(col):
         return None
     if not pd.api.types.is_numeric_dtype(col):
@@ -239,12 +240,38 @@ def _as_dates(col: pd.Series, name: str):
         return parsed
     if not (_DATE_NAME.match(name) or _INDEX_NAME.match(name)):
         return None
-    v = col.to_numpy()
-    if col.isna().any() or not np.all(np.mod(v, 1) == 0):
+    v = col.to_numpy(np.float64)
+    if col.isna().any() or not np.isfinite(v).all() or v.min() < 1000 or v.max() >= 3000:
         return None
+    if not np.all(np.mod(v, 1) == 0):
+        return _decimal_years(v)
     v = v.astype(np.int64)
-    if v.min() >= 1000 and v.max() <= 2999 and np.all(np.diff(np.unique(v)) == 1):
+    if np.all(np.diff(np.unique(v)) == 1):
         return pd.to_datetime(pd.Series(v).astype(str), format="%Y")
+    return None
+
+
+def _decimal_years(v: np.ndarray):
+    """Decimal years (R's ``time()`` of a ``ts``: ``1959, 1959.0833, ...``) as the first day of
+    their month or quarter, or None: the distinct values must step by ``1/12`` (monthly) or
+    ``1/4`` (quarterly), each a whole number of such steps past its year (to the 1e-4 year that
+    R's printed digits keep)."""
+    u = np.unique(v)
+    if len(u) < 2:
+        return None
+    for per_year in (12, 4):
+        steps = (u - u[0]) * per_year
+        if not np.allclose(steps, np.round(steps), atol=1e-3, rtol=0):
+            continue
+        if not np.all(np.diff(np.round(steps)) == 1):
+            continue
+        k = np.round(v * per_year)  # steps since year 0
+        if not np.allclose(v * per_year, k, atol=1e-3, rtol=0):
+            return None
+        k = k.astype(np.int64)
+        year, sub = np.divmod(k, per_year)
+        return pd.Series(pd.to_datetime({"year": year, "month": sub * (12 // per_year) + 1,
+                                         "day": 1}))
     return None
 
 
@@ -446,7 +473,8 @@ def load_series(data: str, *, target=None, date_column: str | None = None,
 
     A CSV has a header row and one or more numeric columns. Its time stamps come from
     ``date_column``, else from the first column that reads as dates (text dates of any common
-    form, or whole years under a name like ``year``/``ds`` or an unnamed first column, as R and
+    form, or whole or decimal years (R's ``time()``: monthly or quarterly steps) under a name
+    like ``year``/``ds``/``time`` or an unnamed first column, as R and
     pandas write an index); a column that only numbers the rows is dropped. The dates give the
     frequency, the season and the default horizon (:func:`frequency_of`).
 

@@ -323,17 +323,37 @@ def baseline_forecasts(insamples, horizon: int, season: int, names=BASELINES, le
 # -- combining the network with the automatic statistical models ---------------------------------
 
 #: what the network's forecast is combined with (``Config.combine``)
-COMBINES = ("none", "mean", "best", "best_all")
+COMBINES = ("none", "mean", "best", "best_all", "guarded", "inverse", "top3")
+#: the combination's interval offsets use split conformal's (n + 1)-corrected rank
+#: (:func:`combination_offsets`)
+COMBINE_CONSERVATIVE = True
+#: ... and only widen it (chosen with the rank on the development series' validation origins,
+#: out of sample: RESULTS.md, issue 16, fifth day)
+COMBINE_WIDEN_ONLY = True
 #: the network weights every combination is scored at on the validation origins
 COMBINE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def _statistical(kind: str, fcs: dict, names) -> list:
+def _statistical(kind: str, fcs: dict, names, weights=None) -> list:
     """Per window, the statistical side of a combination: the mean of the models ``names``'
-    forecasts (``fcs``: ``{name: [array per window]}``)."""
+    forecasts (``fcs``: ``{name: [array per window]}``), weighted by ``weights`` (one per name,
+    summing to 1) when given."""
     n = len(fcs[names[0]])
-    return [np.mean([np.asarray(fcs[m][k], np.float64) for m in names], axis=0)
+    wts = np.full(len(names), 1.0 / len(names)) if weights is None else np.asarray(weights)
+    return [sum(float(a) * np.asarray(fcs[m][k], np.float64) for a, m in zip(wts, names,
+                                                                            strict=True))
             for k in range(n)]
+
+
+def last_origins(w: Windows, count: int) -> np.ndarray:
+    """Indices of the windows whose origin is among the ``count`` latest of their series (all
+    with ``count`` 0)."""
+    keep = np.ones(len(w), bool)
+    if count > 0:
+        for i in np.unique(w.series):
+            k = np.flatnonzero(w.series == i)
+            keep[k[np.argsort(w.start[k])[:-count]]] = False
+    return np.flatnonzero(keep)
 
 
 def combined(net, quantiles, stat, weight: float):
@@ -348,6 +368,78 @@ def combined(net, quantiles, stat, weight: float):
     qs = [np.asarray(q, np.float64) + (c - np.asarray(f, np.float64))[..., None]
           for q, c, f in zip(quantiles, fc, net, strict=True)]
     return fc, qs
+
+
+def _mase_scale(insample, season: int) -> np.ndarray:
+    """``(C,)``: the in-sample seasonal-naive MAE of each column (MASE's denominator; NaN where
+    it is 0 or the in-sample too short)."""
+    x = np.asarray(insample, np.float64)
+    x = x[:, None] if x.ndim == 1 else x
+    m = season if len(x) > season else 1
+    if len(x) <= m:
+        return np.full(x.shape[1], np.nan)
+    s = np.mean(np.abs(x[m:] - x[:-m]), axis=0)
+    return np.where(s > 0, s, np.nan)
+
+
+def combination_offsets(forecasts, quantiles, actuals, insamples, season: int, levels,
+                        conservative: bool = False, widen_only: bool = False) -> list[float]:
+    """Per level, how far (in units of each series' MASE scale) to move that quantile of the
+    combined forecasts outwards so that the share of ``actuals`` beyond it, over these
+    (validation) windows, is the level's tail ``a = min(q, 1 - q)``: split-conformal
+    calibration of the combination's interval on the scale-free exceedances ``(y - q) / s``
+    (above the median; ``(q - y) / s`` below), whose ``1 - a`` empirical quantile is the offset
+    (``conservative``: the ``ceil((n + 1)(1 - a))``-th smallest, the finite-sample rank of split
+    conformal prediction, Vovk et al. 2005); 0 for the median; ``widen_only``: never below 0
+    (a few origins' errors, correlated along the horizon, understate the spread). Scaling by the series' own
+    MASE scale pools the windows of a panel and of short series (one origin of one series
+    gives ``horizon`` entries), which the network's own calibration in its scaled units
+    (:func:`interval_offsets`, 50 entries at least) cannot use."""
+    lv = [float(q) for q in levels]
+    mid = min(range(len(lv)), key=lambda j: abs(lv[j] - 0.5))
+    e = [[] for _ in lv]
+    for y, q, x in zip(actuals, quantiles, insamples, strict=True):
+        y, q = np.asarray(y, np.float64), np.asarray(q, np.float64)
+        y, q = (y[:, None], q[:, None]) if y.ndim == 1 else (y, q)
+        sc = _mase_scale(x, season)
+        for j in range(len(lv)):
+            if j != mid:
+                d = (y - q[..., j]) if j > mid else (q[..., j] - y)
+                e[j].append((d / sc).ravel())
+    out = []
+    for j, level in enumerate(lv):
+        v = np.concatenate(e[j]) if e[j] else np.array([])
+        v = np.sort(v[np.isfinite(v)])
+        if j == mid or not len(v):
+            out.append(0.0)
+            continue
+        a = min(level, 1.0 - level)
+        if conservative:
+            o = float(v[min(len(v), math.ceil((len(v) + 1) * (1 - a))) - 1])
+        else:
+            o = float(np.quantile(v, 1 - a))
+        out.append(max(0.0, o) if widen_only else o)
+    return out
+
+
+def widened(forecasts, quantiles, insamples, season: int, offsets, levels) -> list:
+    """``quantiles`` (per window ``(h, C, Q)``) with each level moved outwards by its offset
+    (:func:`combination_offsets`) times the window's MASE scale (a column with no scale keeps
+    its quantiles), and kept on their side of the point forecast."""
+    lv = [float(q) for q in levels]
+    mid = min(range(len(lv)), key=lambda j: abs(lv[j] - 0.5))
+    side = np.array([-1.0 if j < mid else 1.0 if j > mid else 0.0 for j in range(len(lv))])
+    off = side * np.asarray(offsets, np.float64)
+    out = []
+    for f, q, x in zip(forecasts, quantiles, insamples, strict=True):
+        q = np.asarray(q, np.float64)
+        sc = np.nan_to_num(_mase_scale(x, season))
+        sc = sc if q.ndim == 3 else sc[0]
+        w = q + off * (sc[..., None] if q.ndim == 3 else sc)
+        f = np.asarray(f, np.float64)[..., None]
+        w = np.where(side < 0, np.minimum(w, f), np.where(side > 0, np.maximum(w, f), w))
+        out.append(np.sort(w, axis=-1))
+    return out
 
 
 def choose_combination(kind: str, weights, net, auto: dict, actuals, insamples,
@@ -374,6 +466,18 @@ def choose_combination(kind: str, weights, net, auto: dict, actuals, insamples,
         grid[k] = {f"{w:g}": score(actuals, combined(net, None, stat, w)[0], insamples,
                                    season)["mase"] for w in sorted(set(COMBINE_GRID) |
                                                                    {float(x) for x in weights})}
+    net_mase = grid["mean"]["1"]
+    if kind == "guarded":
+        return _guarded(weights, net, auto, actuals, insamples, season, own, grid, best,
+                        best_all)
+    if kind in POOLED:
+        pick, models, mw = _pooled(kind, net_mase, own)
+        stat = _statistical(kind, auto, models, mw)
+        chosen = score(actuals, combined(net, None, stat, pick)[0], insamples, season)["mase"]
+        return {"kind": kind, "models": models, "model_weights": mw, "weight": pick,
+                "best_model": best, "best_all_model": best_all,
+                "validation_mase": {"network": net_mase, **own, "combination": chosen},
+                "grid": grid}
     scores = grid[kind]
     pick = min((float(w) for w in weights),
                key=lambda w: (not math.isfinite(scores[f"{w:g}"]), scores[f"{w:g}"], -w))
@@ -381,6 +485,79 @@ def choose_combination(kind: str, weights, net, auto: dict, actuals, insamples,
             "best_all_model": best_all,
             "validation_mase": {"network": scores["1"], **own, "combination": scores[f"{pick:g}"]},
             "grid": grid}
+
+
+def window_mase(actuals, forecasts, insamples, season: int) -> np.ndarray:
+    """``(N,)``: each window's MASE, the mean over its columns (NaN where none has a scale)."""
+    out = []
+    for y, f, x in zip(actuals, forecasts, insamples, strict=True):
+        y, f, x = (np.asarray(a, np.float64) for a in (y, f, x))
+        if y.ndim == 1:
+            y, f, x = y[:, None], f[:, None], x[:, None]
+        v = np.array([mase(y[:, c], f[:, c], x[:, c], season) for c in range(y.shape[1])])
+        out.append(float(np.nanmean(v)) if np.isfinite(v).any() else math.nan)
+    return np.asarray(out)
+
+
+def _guarded(weights, net, auto, actuals, insamples, season, own, grid, best, best_all):
+    """``guarded``: ``best_all``'s choice (the baseline best on validation, the network's weight
+    from ``weights``) where, over the validation windows, its MASE is below the equal-weight
+    combination's (half the network, half the mean of AutoETS, AutoARIMA and AutoTheta) by more
+    than one standard error of their paired per-window difference; else that equal-weight
+    combination. The one-standard-error rule (Breiman et al. 1984): a choice among many
+    candidates on a few windows is kept only where validation separates it from the simple
+    average, which forecast combination studies find hard to beat out of sample (the
+    "forecast combination puzzle", Smith and Wallis 2009). Chosen on the development series'
+    validation origins, out of sample (RESULTS.md, issue 16, fifth day)."""
+    scores = grid["best_all"]
+    w = min((float(x) for x in weights),
+            key=lambda x: (not math.isfinite(scores[f"{x:g}"]), scores[f"{x:g}"], -x))
+    pick = combined(net, None, _statistical("best_all", auto, [best_all]), w)[0]
+    equal = combined(net, None, _statistical("mean", auto, list(AUTO_BASELINES)), 0.5)[0]
+    d = (window_mase(actuals, pick, insamples, season) -
+         window_mase(actuals, equal, insamples, season))
+    d = d[np.isfinite(d)]
+    se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
+    kept = len(d) > 0 and float(np.mean(d)) < -se
+    if kept:
+        models, weight, chosen = [best_all], w, scores[f"{w:g}"]
+    else:
+        models, weight, chosen = list(AUTO_BASELINES), 0.5, grid["mean"]["0.5"]
+    return {"kind": "guarded", "models": models, "weight": weight, "best_model": best,
+            "best_all_model": best_all, "kept_best_all": kept,
+            "paired_difference": {"mean": float(np.mean(d)) if len(d) else None,
+                                  "standard_error": se if math.isfinite(se) else None,
+                                  "windows": int(len(d))},
+            "validation_mase": {"network": grid["mean"]["1"], **own, "combination": chosen},
+            "grid": grid}
+
+
+#: combinations whose weights come from every model's validation MASE, with no grid search
+POOLED = ("inverse", "top3")
+
+
+def _pooled(kind: str, net_mase: float, own: dict):
+    """``(network weight, statistical models, their weights within the statistical side)`` of a
+    pooled combination from the validation MASE of the network (``net_mase``) and of each
+    baseline (``own``): ``inverse`` weighs every model with a finite MASE by ``1 / MASE``
+    (Bates and Granger 1969, with MASE for the error); ``top3`` takes the mean of the three
+    models with the lowest MASE (Kourentzes et al. 2019, forecast pooling). A run whose
+    statistical side gets no weight keeps the lowest-MASE baseline at weight 0."""
+    pool = {"network": net_mase, **own}
+    pool = {m: v for m, v in pool.items() if math.isfinite(v)}
+    if kind == "inverse":
+        wts = {m: 1.0 / max(v, 1e-12) for m, v in pool.items()}
+    else:
+        wts = {m: 1.0 for m in sorted(pool, key=pool.get)[:3]}
+    if not wts:
+        wts = {"network": 1.0}
+    tot = sum(wts.values())
+    w_net = wts.pop("network", 0.0) / tot
+    if not wts:
+        best = min(own, key=lambda m: (not math.isfinite(own[m]), own[m]))
+        return 1.0, [best], [1.0]
+    side = sum(wts.values())
+    return w_net, list(wts), [v / side for v in wts.values()]
 
 
 def auto_forecasts(insamples, horizon: int, season: int, names) -> dict:
@@ -393,9 +570,14 @@ def auto_forecasts(insamples, horizon: int, season: int, names) -> dict:
 def combination_describe(comb: dict | None) -> str:
     if not comb or comb["weight"] >= 1.0:
         return ""
-    side = ("mean of " + ", ".join(comb["models"]) if len(comb["models"]) > 1
-            else comb["models"][0])
-    return f"{comb['weight']:g} x network + {1 - comb['weight']:g} x ({side})"
+    mw = comb.get("model_weights")
+    if len(comb["models"]) == 1:
+        side = comb["models"][0]
+    elif mw is not None:
+        side = " + ".join(f"{a:.2f} x {m}" for a, m in zip(mw, comb["models"], strict=True))
+    else:
+        side = "mean of " + ", ".join(comb["models"])
+    return f"{comb['weight']:.2g} x network + {1 - comb['weight']:.2g} x ({side})"
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -945,7 +1127,7 @@ class Config(TaskConfig):
     relative to their last value, logs of positive data, per-series ``diff`` scaling, quantiles
     0.1/0.5/0.9 calibrated on the validation origins, an ensemble of 3 seeds, each retrained at
     the test origin on all the points before it for the epochs its validation chose; its
-    forecast combined with the baseline best on the validation origins (``combine``).
+    forecast combined with the statistical models as validation guards it (``combine``).
 
     Attributes:
         data: a built-in data set (``airline``, ``m1_yearly``, ``co2``, ``sunspots``,
@@ -1019,12 +1201,23 @@ class Config(TaskConfig):
             AutoARIMA and AutoTheta, each fitted per series at every origin on the points before
             it), ``best`` (the one of them with the lowest validation MASE) or ``none`` (the
             network alone), ``best_all`` (the one with the lowest validation MASE of every
-            baseline gyre fits: naive, seasonal naive, Holt-Winters, SARIMA and the three).
+            baseline gyre fits: naive, seasonal naive, Holt-Winters, SARIMA and the three),
+            ``guarded`` (the default: ``best_all``'s choice where it beats the equal-weight
+            combination, half the network and half the mean of the three, by one standard
+            error over the validation windows, else that equal-weight combination), ``inverse``
+            (every model weighted by 1 / its validation MASE), ``top3`` (the mean of the three
+            models best on validation). With ``calibrate``, the combination's quantiles are
+            widened by split-conformal offsets on its validation residuals in MASE units
+            (:func:`combination_offsets`; saved in combination.json).
             The network's quantiles are moved with its median. ``w`` is chosen
             per run on the validation origins (lowest MASE; needs a validation part, else the
             network alone); metrics.json's ``network`` holds the network alone, ``combination``
             the choice. Needs the ``forecast`` extra (statsforecast).
         combine_weights: the network weights ``w`` the combination may take.
+        combine_origins: the combination is chosen on (and its baselines fitted at) the latest
+            this many validation origins of each series (0: all). Every baseline is refitted at
+            each origin it forecasts from: on long daily series (20 validation origins) that,
+            not the network, was ~97% of a run's CPU time.
         val_fraction: > 0 holds out, before the test part, the last
             ``max(horizon, round(val_fraction * n))`` points of each series for validation
             (early stopping, best epoch; ``validation`` in metrics.json scores the origins
@@ -1062,8 +1255,9 @@ class Config(TaskConfig):
     future_covariates: list[str] = field(default_factory=list)
     id_embedding: int = 0
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
-    combine: str = "best_all"
+    combine: str = "guarded"
     combine_weights: list[str] = field(default_factory=lambda: ["0.25", "0.5", "0.75", "1"])
+    combine_origins: int = 6
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -1124,6 +1318,9 @@ class Config(TaskConfig):
             raise ValueError(f"combine: got {self.combine!r}, expected one of "
                              f"{', '.join(COMBINES)}")
         self.weights()  # validates combine_weights
+        if not isinstance(self.combine_origins, int) or self.combine_origins < 0:
+            raise ValueError(f"combine_origins: got {self.combine_origins!r}, expected a whole "
+                             "number >= 0 (0: every validation origin)")
 
     def weights(self) -> list[float]:
         """The network weights a combination may take (chosen on the validation origins)."""
@@ -1503,13 +1700,27 @@ def train(config: Config, *, resume: bool = False) -> dict:
         vf, vq, vact, vins, validation = _scored(setup, models, scaler, val_origins,
                                                  setup.levels, factors)
         if config.combine != "none":
+            keep = last_origins(val_origins, config.combine_origins)
+            vw = Windows(*(getattr(val_origins, a)[keep] for a in ("seq", "n_in", "y", "series",
+                                                                    "start")))
+            vf, vact, vins = ([v[k] for k in keep] for v in (vf, vact, vins))
+            vq = None if vq is None else [vq[k] for k in keep]
             vauto = auto_forecasts(vins, setup.horizon, setup.season, BASELINES)
             comb = choose_combination(config.combine, config.weights(), vf, vauto, vact, vins,
                                       setup.season)
-            validation_network = validation
-            cf, cq = combined(vf, vq, _statistical(comb["kind"], vauto, comb["models"]),
-                              comb["weight"])
-            validation = _score_windows(setup, val_origins, cf, cq, setup.levels)[2]
+            validation_network = _score_windows(setup, vw, vf, vq, setup.levels)[2]
+            cf, cq = combined(vf, vq, _statistical(comb["kind"], vauto, comb["models"],
+                                                   comb.get("model_weights")), comb["weight"])
+            if config.calibrate and cq is not None:
+                # the combination's interval, calibrated on these origins' residuals (in-sample
+                # for the combination's own choice, as the network's calibration is for its
+                # early stopping)
+                comb["levels"] = setup.levels
+                comb["interval_offsets"] = combination_offsets(
+                    cf, cq, vact, vins, setup.season, setup.levels,
+                    conservative=COMBINE_CONSERVATIVE, widen_only=COMBINE_WIDEN_ONLY)
+                cq = widened(cf, cq, vins, setup.season, comb["interval_offsets"], setup.levels)
+            validation = _score_windows(setup, vw, cf, cq, setup.levels)[2]
     elif config.combine != "none":
         setup.notes.append("combine: no validation part to choose the weight on; the network "
                            "alone")
@@ -1551,8 +1762,12 @@ def train(config: Config, *, resume: bool = False) -> dict:
             for k, names in (("mean", list(AUTO_BASELINES)), ("best", [comb["best_model"]]),
                              ("best_all", [comb["best_all_model"]]))}
         forecasts, quantiles = combined(forecasts, quantiles,
-                                        _statistical(comb["kind"], auto, comb["models"]),
+                                        _statistical(comb["kind"], auto, comb["models"],
+                                                     comb.get("model_weights")),
                                         comb["weight"])
+        if quantiles is not None and comb.get("interval_offsets") is not None:
+            quantiles = widened(forecasts, quantiles, insamples, setup.season,
+                                comb["interval_offsets"], setup.levels)
         test = _score_windows(setup, test_w, forecasts, quantiles, setup.levels)[2]
     fit = fits[0]
     metrics = {
@@ -1597,7 +1812,8 @@ def train(config: Config, *, resume: bool = False) -> dict:
 def _write_combination(out: Path, comb: dict | None) -> None:
     path = Path(out) / "combination.json"
     if comb is not None:
-        base.write_json({k: comb[k] for k in ("kind", "models", "weight")}, path)
+        base.write_json({k: comb.get(k) for k in ("kind", "models", "weight", "model_weights",
+                                                  "interval_offsets", "levels")}, path)
     elif path.is_file():
         path.unlink()
 
@@ -1609,7 +1825,8 @@ def _combination(out_dir) -> dict | None:
         return None
     import json
     comb = json.loads(path.read_text())
-    return None if comb["weight"] >= 1.0 else comb
+    return (None if comb["weight"] >= 1.0 and comb.get("interval_offsets") is None
+            else comb)
 
 
 def _combine_saved(comb, forecasts, quantiles, insamples, horizon: int, season: int):
@@ -1618,8 +1835,12 @@ def _combine_saved(comb, forecasts, quantiles, insamples, horizon: int, season: 
     if comb is None:
         return forecasts, quantiles
     stat = _statistical(comb["kind"], auto_forecasts(insamples, horizon, season, comb["models"]),
-                        comb["models"])
-    return combined(forecasts, quantiles, stat, comb["weight"])
+                        comb["models"], comb.get("model_weights"))
+    forecasts, quantiles = combined(forecasts, quantiles, stat, comb["weight"])
+    if quantiles is not None and comb.get("interval_offsets") is not None:
+        quantiles = widened(forecasts, quantiles, insamples, season, comb["interval_offsets"],
+                            comb["levels"])
+    return forecasts, quantiles
 
 
 def _last_origin(w: Windows) -> list[int]:
