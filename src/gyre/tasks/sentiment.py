@@ -55,6 +55,11 @@ class Config(base.TaskConfig):
             (:func:`pretrain`, ULMFiT-style; an ensemble's members all start from it); 0 =
             from scratch.
         pretrain_lr: the peak rate of the pretraining's one-cycle schedule.
+        pretrained_lr_scale: the classifier's rate for the pretrained embedding and recurrent
+            layers, as a multiple of ``lr`` (ULMFiT's discriminative rates: the head, trained
+            from scratch, gets ``lr``); 1 = one rate for all; ignored without pretraining.
+        keep: the epoch whose weights the run keeps, the one of lowest validation ``loss`` or
+            highest validation ``accuracy``.
 
     The defaults were chosen on the validation share of fine_food's training split (four
     recipes compared, RESULTS.md "Text"; the pretraining against none, a lower rate and a
@@ -84,6 +89,8 @@ class Config(base.TaskConfig):
     ensemble: int = 1
     pretrain_epochs: int = 4
     pretrain_lr: float = 3e-3
+    pretrained_lr_scale: float = 1.0
+    keep: str = "loss"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,6 +105,11 @@ class Config(base.TaskConfig):
         for name in ("embed_dropout", "head_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected a number in [0, 1)")
+        if not self.pretrained_lr_scale > 0:
+            raise ValueError(f"pretrained_lr_scale: got {self.pretrained_lr_scale}, expected a "
+                             "number > 0")
+        if self.keep not in ("loss", "accuracy"):
+            raise ValueError(f"keep: got {self.keep!r}, expected 'loss' or 'accuracy'")
         if not self.pretrain_lr > 0:
             raise ValueError(f"pretrain_lr: got {self.pretrain_lr}, expected a number > 0")
         if self.pretrain_epochs and self.layers > 1 and self.bidirectional:
@@ -311,6 +323,25 @@ def pretrain(model: TextClassifier, config: Config, tok: gtext.Tokenizer, fit_te
     return history
 
 
+def keep_options(config: Config) -> dict:
+    """The Trainer's ``monitor`` and ``mode`` for ``config.keep``."""
+    if config.keep == "accuracy":
+        return {"monitor": "val_accuracy", "mode": "max"}
+    return {"monitor": "val_loss", "mode": "min"}
+
+
+def param_groups(model: nn.Module, config: Config) -> list[dict]:
+    """The optimizer's groups: a pretrained run's embedding and recurrent layers at
+    ``pretrained_lr_scale`` times the rate, the rest (the head) at the rate."""
+    if not config.pretrain_epochs or config.pretrained_lr_scale == 1.0:
+        return [{"params": list(model.parameters())}]
+    pre = {id(p) for n, p in model.named_parameters()
+           if ".embedding." in f".{n}" or ".rnn." in f".{n}"}
+    return [{"params": [p for p in model.parameters() if id(p) in pre],
+             "lr_scale": config.pretrained_lr_scale},
+            {"params": [p for p in model.parameters() if id(p) not in pre]}]
+
+
 def describe(config: Config) -> str:
     return (f"{config.tokenizer} {'bi' if config.bidirectional else ''}{config.cell} "
             f"{config.layers}x{config.hidden} ({config.head} head"
@@ -371,9 +402,9 @@ def train(config: Config, *, resume: bool = False) -> dict:
     extra = {"classes": list(data.classes), "tokenizer": tok.state(),
              "vocab_size": tok.vocab_size}
     clock, epoch_times = base.epoch_clock(base.config_writer(config, out))
-    tc = config.train_config(progress=config.progress)
+    tc = config.train_config(progress=config.progress, **keep_options(config))
     trainer = Trainer(model, loss_fn, tc, collate=collate, metrics=accuracy, out_dir=out,
-                      extra=extra, callback=clock)
+                      extra=extra, callback=clock, params=param_groups(model, config))
     start = time.perf_counter()
     result = trainer.fit(train_ds, val_ds if len(val_ds) else None, resume=resume)
     seconds = time.perf_counter() - start

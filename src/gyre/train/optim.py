@@ -44,14 +44,24 @@ def _scheduler_spec(name: str):
 
 def build_optimizer(params, config):
     """The ``torch.optim`` optimizer ``config.optimizer`` names, over ``params``, with
-    ``config.lr``, ``config.weight_decay`` (when set) and ``config.optimizer_options``."""
-    params = [p for p in params if p.requires_grad]
-    if not params:
+    ``config.lr``, ``config.weight_decay`` (when set) and ``config.optimizer_options``.
+
+    ``params`` is parameters, or parameter groups: dicts ``{"params": [...], "lr_scale": s}``,
+    each group's rate ``s * config.lr`` (discriminative rates); frozen parameters are left out."""
+    items = list(params)
+    if items and isinstance(items[0], dict):
+        groups = [{"params": [p for p in g["params"] if p.requires_grad],
+                   "lr": config.lr * g.get("lr_scale", 1.0)} for g in items]
+        groups = [g for g in groups if g["params"]]
+    else:
+        groups = [{"params": [p for p in items if p.requires_grad], "lr": config.lr}]
+        groups = [g for g in groups if g["params"]]
+    if not groups:
         raise ValueError("model: has no trainable parameters")
     opts = {"lr": config.lr, **config.optimizer_options}
     if config.weight_decay:
         opts["weight_decay"] = config.weight_decay
-    return _optimizer_class(config.optimizer)(params, **opts)
+    return _optimizer_class(config.optimizer)(groups, **opts)
 
 
 def build_scheduler(optimizer, config, n_batches: int):

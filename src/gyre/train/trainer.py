@@ -217,6 +217,8 @@ class Trainer:
         distributed: ``None`` (default): data parallel over the processes of an initialized
             ``torch.distributed`` process group, when there is one (see
             :mod:`gyre.train.distributed`); ``False``: this process alone.
+        params: what the optimizer updates, parameters of ``model`` or groups of them with a
+            rate scale each (:func:`gyre.train.optim.build_optimizer`); None: all of them.
 
     The parts a variant changes are separate seams: checkpoint I/O (:meth:`_checkpoint`,
     :meth:`_save`, :meth:`_load_for_resume`, :mod:`gyre.train.checkpoint`), optimizer and
@@ -238,6 +240,7 @@ class Trainer:
         extra: dict | None = None,
         callback: Callable[[Trainer, str, dict], None] | None = None,
         distributed: bool | None = None,
+        params=None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: got {type(model).__name__}, expected a torch.nn.Module")
@@ -260,7 +263,7 @@ class Trainer:
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.extra = extra or {}
         self.callback = callback
-        self.optimizer = build_optimizer(model.parameters(), config)
+        self.optimizer = build_optimizer(model.parameters() if params is None else params, config)
         self.scheduler = None
         self.history: list[dict] = []
         self.global_step = 0
