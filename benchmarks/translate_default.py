@@ -12,7 +12,9 @@ validation decoding runs after the training and is not in ``cpu_s``/``wall_s``.
 
 ``"keep": DIR`` keeps each seed's run in ``DIR/seed<N>``. With ``val`` the validation scores
 are also given for each beam and each ``memory_copy`` threshold of :data:`TAUS` (the retrieved
-target in place of the network's translation where its cosine reaches it), and the sentences.
+target in place of the network's translation where its cosine reaches it), and the sentences;
+the threshold with the best greedy margin over the memory on validation is chosen and the test
+split scored with it (``memory_copy`` in the run's record; the run itself has it off).
 
 JSON options: seeds (default [0]), out (the JSON path), val (default 0), val_beams (default
 [1, beam]: the beams decoded on validation), keep, and any
@@ -65,6 +67,39 @@ def val_scores(out: str, data: str, seed: int, n: int, beams=(1,)) -> dict:
     return res
 
 
+def choose_tau(val: dict, beam: str = "1") -> tuple[float, list[dict]]:
+    """The threshold of ``val["by_tau"][beam]`` whose translations are furthest above the TF-IDF
+    memory on the worse of the two metrics (``min(BLEU - memory BLEU, chrF - memory chrF)``;
+    ties: the lowest in :data:`TAUS`), and the table of every threshold."""
+    mem = val["all"]["tfidf_memory"]
+    rows = [{"tau": float(t), **v, "margin": min(v["bleu"] - mem["bleu"], v["chrf"] - mem["chrf"])}
+            for t, v in val["by_tau"][beam].items()]
+    return max(rows, key=lambda r: r["margin"])["tau"], rows
+
+
+def memory_copy_test(run: dict, d: str, data: str) -> dict:
+    """The test split scored with the ``memory_copy`` threshold chosen on the run's validation
+    (:func:`choose_tau`, greedy), for every beam the run decoded (``d/translations.jsonl``, the
+    network's translations of a run with ``memory_copy`` off): the retrieved target where the
+    nearest training source's cosine reaches the threshold, the network's translation elsewhere.
+    This is what ``--memory-copy TAU`` reports, which decodes the same network on the rest."""
+    tau, _ = choose_tau(run["val"])
+    pairs = td.load_pairs(data, run["seed"])
+    lines = [json.loads(x) for x in (Path(d) / "translations.jsonl").read_text().splitlines()]
+    srcs, refs = [x["source"] for x in lines], [x["reference"] for x in lines]
+    if srcs != [s for s, _ in pairs.test]:
+        raise ValueError(f"d: {d!r}'s translations.jsonl is not the test split of {data!r} "
+                         f"with seed {run['seed']}")
+    tm = T.TranslationMemory(pairs.train)
+    near, cos = tm.lookup(srcs)
+    mem = [tm.pairs[j][1] for j in near]
+    out = {"tau": tau, "n_copied": sum(c >= tau for c in cos), "n": len(srcs)}
+    for b in run["by_beam"]:
+        out[f"beam{b}"] = T.score([m if c >= tau else x[f"beam{b}"]
+                                   for x, m, c in zip(lines, mem, cos, strict=True)], refs)[0]
+    return out
+
+
 def main(a: dict) -> None:
     torch.set_num_threads(1)
     seeds = a.pop("seeds", [0])
@@ -87,6 +122,9 @@ def main(a: dict) -> None:
             if nval:
                 runs[-1]["val"] = val_scores(d, a.get("data", "gettext_fr"), seed, nval,
                                              val_beams)
+                if a.get("memory_copy", 2.0) > 1 and a.get("memory", "nearest") != "none":
+                    runs[-1]["memory_copy"] = memory_copy_test(runs[-1], d,
+                                                               a.get("data", "gettext_fr"))
         print(json.dumps(runs[-1]), flush=True)
     summary = {}
     for k in sorted({k for r in runs for k in r["by_beam"]}):
