@@ -10,7 +10,15 @@ validation decoding runs after the training and is not in ``cpu_s``/``wall_s``.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/translate_default.py '{"seeds": [0]}'
 
-JSON options: seeds (default [0]), out (the JSON path), val (default 0), and any ``translate.Config`` field
+``"keep": DIR`` keeps each seed's run in ``DIR/seed<N>``. With ``val`` the validation scores
+are also given for each beam and each ``memory_copy`` threshold of :data:`TAUS` (the retrieved
+target in place of the network's translation where its cosine reaches it), and the sentences;
+the threshold with the best greedy margin over the memory on validation is chosen and the test
+split scored with it (``memory_copy`` in the run's record; the run itself has it off).
+
+JSON options: seeds (default [0]), out (the JSON path), val (default 0), val_beams (default
+[1, beam]: the beams decoded on validation), keep, and any
+``translate.Config`` field
 (``{"data": "pairs.tsv", "epochs": 1}`` for a quick check of the script itself).
 """
 
@@ -26,31 +34,83 @@ import torch
 from gyre.data import text as td
 from gyre.tasks import translate as T
 
+#: the ``memory_copy`` thresholds scored on validation (cosine of the nearest training source)
+TAUS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1 - 1e-9, 2.0)
 
-def val_scores(out: str, data: str, seed: int, n: int) -> dict:
-    """Greedy BLEU/chrF of the run on its first ``n`` validation sentences (-1: all) and on the
-    first 200, beside copy-source and the TF-IDF memory on the same sentences."""
+
+def val_scores(out: str, data: str, seed: int, n: int, beams=(1,)) -> dict:
+    """BLEU/chrF of the run's network (``memory_copy`` off) on its first ``n`` validation
+    sentences (-1: all) and on the first 200, beside copy-source and the TF-IDF memory on the
+    same sentences; on all ``n``, each beam's score with the retrieved target in place of the
+    network's where the cosine reaches each of :data:`TAUS` (``by_tau``), and the sentences
+    (source, reference, cosine, retrieved target, each beam's translation)."""
     pairs = td.load_pairs(data, seed)
     val = pairs.val if n < 0 else pairs.val[:n]
-    hyps = T.translate(out, [s for s, _ in val], beam=1)
+    config, model, src_tok, tgt_tok, memory = T._load(out)
+    srcs, refs = [s for s, _ in val], [t for _, t in val]
+    hyps = {k: T._decode_all(model, src_tok, tgt_tok, memory, srcs, config, k, memory_copy=2.0)
+            for k in beams}
     tm = T.TranslationMemory(pairs.train)
+    near, cos = tm.lookup(srcs)
+    mem = [tm.pairs[j][1] for j in near]
     res = {}
     for name, k in (("all", len(val)), ("first200", min(200, len(val)))):
-        src, ref = [s for s, _ in val[:k]], [t for _, t in val[:k]]
-        res[name] = {"n": k, "greedy": T.score(hyps[:k], ref)[0],
-                     "copy_source": T.score(src, ref)[0],
-                     "tfidf_memory": T.score(tm.targets(src), ref)[0]}
+        res[name] = {"n": k, "greedy": T.score(hyps[1][:k], refs[:k])[0] if 1 in hyps else None,
+                     "copy_source": T.score(srcs[:k], refs[:k])[0],
+                     "tfidf_memory": T.score(mem[:k], refs[:k])[0]}
+    res["by_tau"] = {str(b): {str(t): {"n_copied": sum(c >= t for c in cos), **T.score(
+        [m if c >= t else h for h, m, c in zip(hyps[b], mem, cos, strict=True)], refs)[0]}
+        for t in TAUS} for b in beams}
+    res["sentences"] = [{"src": s, "ref": r, "cos": c, "memory": m,
+                         **{f"beam{b}": hyps[b][i] for b in beams}}
+                        for i, (s, r, c, m) in enumerate(zip(srcs, refs, cos, mem, strict=True))]
     return res
+
+
+def choose_tau(val: dict, beam: str = "1") -> tuple[float, list[dict]]:
+    """The threshold of ``val["by_tau"][beam]`` whose translations are furthest above the TF-IDF
+    memory on the worse of the two metrics (``min(BLEU - memory BLEU, chrF - memory chrF)``;
+    ties: the lowest in :data:`TAUS`), and the table of every threshold."""
+    mem = val["all"]["tfidf_memory"]
+    rows = [{"tau": float(t), **v, "margin": min(v["bleu"] - mem["bleu"], v["chrf"] - mem["chrf"])}
+            for t, v in val["by_tau"][beam].items()]
+    return max(rows, key=lambda r: r["margin"])["tau"], rows
+
+
+def memory_copy_test(run: dict, d: str, data: str) -> dict:
+    """The test split scored with the ``memory_copy`` threshold chosen on the run's validation
+    (:func:`choose_tau`, greedy), for every beam the run decoded (``d/translations.jsonl``, the
+    network's translations of a run with ``memory_copy`` off): the retrieved target where the
+    nearest training source's cosine reaches the threshold, the network's translation elsewhere.
+    This is what ``--memory-copy TAU`` reports, which decodes the same network on the rest."""
+    tau, _ = choose_tau(run["val"])
+    pairs = td.load_pairs(data, run["seed"])
+    lines = [json.loads(x) for x in (Path(d) / "translations.jsonl").read_text().splitlines()]
+    srcs, refs = [x["source"] for x in lines], [x["reference"] for x in lines]
+    if srcs != [s for s, _ in pairs.test]:
+        raise ValueError(f"d: {d!r}'s translations.jsonl is not the test split of {data!r} "
+                         f"with seed {run['seed']}")
+    tm = T.TranslationMemory(pairs.train)
+    near, cos = tm.lookup(srcs)
+    mem = [tm.pairs[j][1] for j in near]
+    out = {"tau": tau, "n_copied": sum(c >= tau for c in cos), "n": len(srcs)}
+    for b in run["by_beam"]:
+        out[f"beam{b}"] = T.score([m if c >= tau else x[f"beam{b}"]
+                                   for x, m, c in zip(lines, mem, cos, strict=True)], refs)[0]
+    return out
 
 
 def main(a: dict) -> None:
     torch.set_num_threads(1)
     seeds = a.pop("seeds", [0])
     nval = a.pop("val", 0)
+    keep = a.pop("keep", None)
+    val_beams = a.pop("val_beams", sorted({1, a.get("beam", 5)}))
     path = Path(a.pop("out", "benchmarks/results/translate_gettext_fr.json"))
     runs = []
     for seed in seeds:
-        with tempfile.TemporaryDirectory() as d:
+        with tempfile.TemporaryDirectory() as tmp:
+            d = f"{keep}/seed{seed}" if keep else tmp
             cpu, wall = time.process_time(), time.perf_counter()
             m = T.train(T.Config(**{"progress": False, "tensorboard": False, "device": "cpu",
                                     **a, "seed": seed, "out": d}))
@@ -60,7 +120,11 @@ def main(a: dict) -> None:
                          "wall_s": round(time.perf_counter() - wall, 1), "train": m["train"]})
             runs[-1]["log"] = (Path(d) / "log.csv").read_text().splitlines()
             if nval:
-                runs[-1]["val"] = val_scores(d, a.get("data", "gettext_fr"), seed, nval)
+                runs[-1]["val"] = val_scores(d, a.get("data", "gettext_fr"), seed, nval,
+                                             val_beams)
+                if a.get("memory_copy", 2.0) > 1 and a.get("memory", "nearest") != "none":
+                    runs[-1]["memory_copy"] = memory_copy_test(runs[-1], d,
+                                                               a.get("data", "gettext_fr"))
         print(json.dumps(runs[-1]), flush=True)
     summary = {}
     for k in sorted({k for r in runs for k in r["by_beam"]}):

@@ -121,7 +121,7 @@ def test_memory_run_reads_the_retrieved_target_saved_with_the_run(tmp_path):
     path = tmp_path / "pairs.tsv"
     path.write_text("\n".join(f"{a}\t{b}" for a, b in p.train[:120] + p.test[:10]))
     m = T.train(T.Config(data=str(path), out=str(tmp_path / "run"), memory="nearest", epochs=1,
-                         hidden=16, embed=16, vocab_size=400, beam=2, progress=False,
+                         memory_copy=2.0, hidden=16, embed=16, vocab_size=400, beam=2, progress=False,
                          tensorboard=False, device="cpu"))
     assert "nearest memory" in m["model"] and (tmp_path / "run" / "attention.png").is_file()
     config, model, tok, _, memory = T._load(tmp_path / "run")
@@ -137,3 +137,21 @@ def test_memory_run_reads_the_retrieved_target_saved_with_the_run(tmp_path):
     assert T.model_inputs(config, tok, memory, [text], "texts")[0] == ids
     assert T.beam_search(model, ids, beam=1) == T.greedy(model, ids)[0]
     assert T.translate(tmp_path / "run", text, beam=2) == [tok.decode(T.beam_search(model, ids, 2))]
+    # memory_copy: where the nearest source's cosine reaches the threshold, the retrieved target
+    # as it stands; below it, the network's translation
+    texts = [s for s, _ in td.load_pairs(str(path)).test]
+    near, cos = memory.lookup(texts)
+    assert memory.nearest(texts) == near and all(0 <= c <= 1 + 1e-6 for c in cos)
+    tau = sorted(cos)[len(cos) // 2]
+    mixed = T._decode_all(model, tok, tok, memory, texts, config, 2, memory_copy=tau)
+    plain = T._decode_all(model, tok, tok, memory, texts, config, 2)  # the run's: off
+    assert config.memory_copy == 2.0 and any(c < tau for c in cos)
+    for h, p_, j, c in zip(mixed, plain, near, cos, strict=True):
+        assert h == (memory.pairs[j][1] if c >= tau else p_)
+    lines = (tmp_path / "run" / "translations.jsonl").read_text().splitlines()
+    assert len(lines) == len(texts) and T.json.loads(lines[0])["source"] == texts[0]
+    assert T.json.loads(lines[0])["beam2"] == plain[0]
+    with pytest.raises(ValueError, match="memory_copy: got 0.5 with memory='none'"):
+        T.Config(memory="none", memory_copy=0.5)
+    with pytest.raises(ValueError, match="memory_copy: got 0"):
+        T.Config(memory_copy=0)

@@ -11,6 +11,7 @@ Follows the task contract in :mod:`gyre.tasks`. Data: :func:`gyre.data.text.load
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from . import base
 
 TASK = "translate"
 #: fields a resumed run may change beyond :data:`gyre.tasks.base.RESUMABLE` (read after training)
-RESUMABLE = ("beam", "length_penalty")
+RESUMABLE = ("beam", "length_penalty", "memory_copy")
 ATTENTION = ("bahdanau", "luong", "none")
 MEMORY = ("nearest", "none")
 
@@ -57,6 +58,10 @@ class Config(base.TaskConfig):
             retrieves itself), at most ``max_tokens`` tokens of it; the training pairs are saved
             in the run, so ``gyre translate`` retrieves from them. Needs ``shared_vocab``.
             The default, chosen on validation (RESULTS.md). ``none``: the source alone.
+        memory_copy: a text whose nearest training source has a TF-IDF cosine of at least
+            this with it is translated by that source's target as it stands, without the
+            network (a fuzzy-match threshold, as in a translation-memory workflow); above 1
+            it never applies. Needs ``memory="nearest"``.
     """
 
     data: str = "gettext_fr"
@@ -80,6 +85,7 @@ class Config(base.TaskConfig):
     copy: bool = True
     bucket: bool = True
     memory: str = "nearest"
+    memory_copy: float = 2.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,6 +110,12 @@ class Config(base.TaskConfig):
             raise ValueError("memory: reading the retrieved target beside the source needs "
                              f"shared_vocab; got memory={self.memory!r}, shared_vocab=False "
                              "(set memory='none', --memory none)")
+        if not self.memory_copy > 0:
+            raise ValueError(f"memory_copy: got {self.memory_copy}, expected a cosine "
+                             "threshold > 0 (above 1: never)")
+        if self.memory_copy <= 1 and self.memory == "none":
+            raise ValueError(f"memory_copy: got {self.memory_copy} with memory='none'; copying "
+                             "the retrieved target needs memory='nearest' (or memory_copy > 1)")
 
 
 class Seq2Seq(nn.Module):
@@ -450,7 +462,11 @@ class TranslationMemory:
 
     def nearest(self, sources: list[str], exclude_self: bool = False,
                 chunk: int = 1024) -> list[int]:
-        """The index of each source's nearest pair. ``exclude_self``: ``sources`` are the
+        return self.lookup(sources, exclude_self, chunk)[0]
+
+    def lookup(self, sources: list[str], exclude_self: bool = False,
+               chunk: int = 1024) -> tuple[list[int], list[float]]:
+        """The index of each source's nearest pair and its cosine. ``exclude_self``: ``sources`` are the
         memory's own, in order, and source ``i`` never retrieves pair ``i`` (what a training
         pair sees must be what an unseen sentence sees: another pair). Similarities are
         computed ``chunk`` queries at a time (a dense block of ``chunk x len(pairs)``)."""
@@ -459,13 +475,16 @@ class TranslationMemory:
                              f"sources; got {len(sources)}")
         Q = self.vectorizer.transform(sources)
         out: list[int] = []
+        cos: list[float] = []
         for a in range(0, Q.shape[0], chunk):
             sim = (Q[a:a + chunk] @ self.keys).toarray()
             if exclude_self:
                 rows = range(sim.shape[0])
                 sim[rows, [a + r for r in rows]] = -1.0
-            out.extend(sim.argmax(1).tolist())
-        return out
+            best = sim.argmax(1)
+            out.extend(best.tolist())
+            cos.extend(sim[range(sim.shape[0]), best].tolist())
+        return out, cos
 
     def targets(self, sources: list[str], exclude_self: bool = False) -> list[str]:
         return [self.pairs[i][1] for i in self.nearest(sources, exclude_self)]
@@ -537,9 +556,18 @@ def plot_attention(model: Seq2Seq, src_tok, tgt_tok, sources: list[list[int]], p
     plt.close(fig)
 
 
-def _decode_all(model, src_tok, tgt_tok, memory, texts, config, beam, who="data"):
+def _decode_all(model, src_tok, tgt_tok, memory, texts, config, beam, who="data",
+                memory_copy=None):
+    """Translations of ``texts``: the retrieved target where its source's cosine reaches
+    ``memory_copy`` (default ``config.memory_copy``), the network's decoding elsewhere."""
     ids = model_inputs(config, src_tok, memory, texts, who)
-    return [tgt_tok.decode(translate_ids(model, s, beam, config.length_penalty)) for s in ids]
+    tau = config.memory_copy if memory_copy is None else memory_copy
+    if memory is None or tau > 1:
+        return [tgt_tok.decode(translate_ids(model, s, beam, config.length_penalty)) for s in ids]
+    near, cos = memory.lookup(texts)
+    return [memory.pairs[j][1] if c >= tau else
+            tgt_tok.decode(translate_ids(model, s, beam, config.length_penalty))
+            for s, j, c in zip(ids, near, cos, strict=True)]
 
 
 def train(config: Config, *, resume: bool = False) -> dict:
@@ -598,10 +626,15 @@ def train(config: Config, *, resume: bool = False) -> dict:
     model.eval()
     sources, refs = [s for s, _ in data.test], [t for _, t in data.test]
     beams = sorted({1, config.beam})
-    by_beam, signature = {}, {}
+    by_beam, signature, hyps = {}, {}, {}
     for k in beams:
-        by_beam[str(k)], signature = score(_decode_all(model, src_tok, tgt_tok, memory, sources,
-                                                       config, k), refs)
+        hyps[k] = _decode_all(model, src_tok, tgt_tok, memory, sources, config, k)
+        by_beam[str(k)], signature = score(hyps[k], refs)
+    with open(out / "translations.jsonl", "w", encoding="utf-8") as f:  # the test split's
+        for i, (s, r) in enumerate(zip(sources, refs, strict=True)):
+            f.write(json.dumps({"source": s, "reference": r,
+                                **{f"beam{k}": hyps[k][i] for k in beams}},
+                               ensure_ascii=False) + "\n")
     baselines = {"copy_source": score(sources, refs)[0],
                  "tfidf_memory": score(tm.targets(sources), refs)[0]}
     base.plot_history(result["history"], out / "loss.png", f"{describe(config)} on {data.name}")
