@@ -155,3 +155,19 @@ def test_bias_false_leaves_out_bias_parameters(name):
     with_bias = {n.rsplit("_l", 1)[0] for n, _ in Recurrent(cell, 3, 4, num_layers=2).named_parameters()}
     assert marked <= with_bias
     assert layer(torch.randn(4, 2, 3))[0].shape == (4, 2, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_autocast_runs_on_every_cpu(dtype):
+    # torch.nn.LSTM under CPU autocast raises on CPUs whose oneDNN lacks the low-precision
+    # primitive (AVX2 hosts); gyre's native backend falls back to the ATen kernel there.
+    torch.manual_seed(0)
+    m = LSTM(3, 4, backend="native")
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    want = m(x, lengths=[5, 3])[0]
+    with torch.autocast("cpu", dtype=dtype):
+        got = m(x, lengths=[5, 3])[0]
+    got.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
+    assert torch._C._get_mkldnn_enabled()

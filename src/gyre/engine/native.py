@@ -9,6 +9,8 @@ On CPU torch runs oneDNN for LSTM; on CUDA, cuDNN.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -51,6 +53,31 @@ def unsupported(cell: Cell, options, device: str) -> str | None:
                               return_states=options.return_states)
 
 
+def _onednn_guard(x: Tensor):
+    """oneDNN builds its low-precision LSTM primitive only on CPUs with bf16/fp16 support
+    (AVX-512 BF16, AMX); elsewhere torch's own LSTM under CPU autocast raises "could not create a
+    primitive descriptor". There torch's plain ATen kernel runs instead (in float32, as
+    autocast then leaves it), so ``bf16=True`` training works on every CPU."""
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return contextlib.nullcontext()
+    low = torch.get_autocast_dtype("cpu")
+    ops = torch.ops.mkldnn
+    ok = ops._is_mkldnn_bf16_supported() if low == torch.bfloat16 else \
+        ops._is_mkldnn_fp16_supported()
+    return contextlib.nullcontext() if ok else _without_onednn()
+
+
+@contextlib.contextmanager
+def _without_onednn():
+    # torch.backends.mkldnn.flags() also resets the TF32 flag and warns about Intel GPUs.
+    was = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(was)
+
+
 def _flat_weights(cell: Cell, params: list[list[Params]]) -> list[Tensor]:
     names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
     if isinstance(cell, LSTM) and cell.proj_size:
@@ -70,6 +97,12 @@ def run(
     training: bool,
 ) -> tuple[Tensor, State]:
     """``x`` ``(T, B, I)``, ``hx`` per component ``(L*D, B, S_k)``; returns ``(out, h_n)``."""
+    with _onednn_guard(x):
+        return _run(cell, params, x, hx, lengths=lengths, bidirectional=bidirectional,
+                    dropout=dropout, training=training)
+
+
+def _run(cell, params, x, hx, *, lengths, bidirectional, dropout, training):
     kind = mode(cell)
     weights = _flat_weights(cell, params)
     has_bias = "bias_ih" in params[0][0]
