@@ -34,8 +34,8 @@ import torch
 from gyre.data import text as td
 from gyre.tasks import translate as T
 
-#: the ``memory_copy`` thresholds scored on validation (cosine of the nearest training source)
-TAUS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1 - 1e-9, 2.0)
+#: the ``memory_copy`` thresholds scored on validation (those ``memory_copy=0`` chooses from)
+TAUS = T.MEMORY_COPY_TAUS
 
 
 def val_scores(out: str, data: str, seed: int, n: int, beams=(1,)) -> dict:
@@ -58,9 +58,9 @@ def val_scores(out: str, data: str, seed: int, n: int, beams=(1,)) -> dict:
         res[name] = {"n": k, "greedy": T.score(hyps[1][:k], refs[:k])[0] if 1 in hyps else None,
                      "copy_source": T.score(srcs[:k], refs[:k])[0],
                      "tfidf_memory": T.score(mem[:k], refs[:k])[0]}
-    res["by_tau"] = {str(b): {str(t): {"n_copied": sum(c >= t for c in cos), **T.score(
-        [m if c >= t else h for h, m, c in zip(hyps[b], mem, cos, strict=True)], refs)[0]}
-        for t in TAUS} for b in beams}
+    res["by_tau"] = {str(b): {str(r["tau"]): {k: r[k] for k in ("n_copied", "bleu", "chrf")}
+                              for r in T.memory_copy_table(hyps[b], refs, mem, cos, TAUS)}
+                     for b in beams}
     res["sentences"] = [{"src": s, "ref": r, "cos": c, "memory": m,
                          **{f"beam{b}": hyps[b][i] for b in beams}}
                         for i, (s, r, c, m) in enumerate(zip(srcs, refs, cos, mem, strict=True))]
@@ -68,13 +68,12 @@ def val_scores(out: str, data: str, seed: int, n: int, beams=(1,)) -> dict:
 
 
 def choose_tau(val: dict, beam: str = "1") -> tuple[float, list[dict]]:
-    """The threshold of ``val["by_tau"][beam]`` whose translations are furthest above the TF-IDF
-    memory on the worse of the two metrics (``min(BLEU - memory BLEU, chrF - memory chrF)``;
-    ties: the lowest in :data:`TAUS`), and the table of every threshold."""
+    """The threshold of ``val["by_tau"][beam]`` that ``memory_copy=0`` would choose
+    (:func:`gyre.tasks.translate.choose_memory_copy`), and the table of every threshold."""
     mem = val["all"]["tfidf_memory"]
     rows = [{"tau": float(t), **v, "margin": min(v["bleu"] - mem["bleu"], v["chrf"] - mem["chrf"])}
             for t, v in val["by_tau"][beam].items()]
-    return max(rows, key=lambda r: r["margin"])["tau"], rows
+    return T.choose_memory_copy(rows), rows
 
 
 def memory_copy_test(run: dict, d: str, data: str) -> dict:
@@ -122,7 +121,8 @@ def main(a: dict) -> None:
             if nval:
                 runs[-1]["val"] = val_scores(d, a.get("data", "gettext_fr"), seed, nval,
                                              val_beams)
-                if a.get("memory_copy", 2.0) > 1 and a.get("memory", "nearest") != "none":
+                if a.get("memory_copy", T.Config.memory_copy) > 1 and \
+                        a.get("memory", "nearest") != "none":
                     runs[-1]["memory_copy"] = memory_copy_test(runs[-1], d,
                                                                a.get("data", "gettext_fr"))
         print(json.dumps(runs[-1]), flush=True)

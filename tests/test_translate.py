@@ -153,5 +153,40 @@ def test_memory_run_reads_the_retrieved_target_saved_with_the_run(tmp_path):
     assert T.json.loads(lines[0])["beam2"] == plain[0]
     with pytest.raises(ValueError, match="memory_copy: got 0.5 with memory='none'"):
         T.Config(memory="none", memory_copy=0.5)
-    with pytest.raises(ValueError, match="memory_copy: got 0"):
-        T.Config(memory_copy=0)
+    with pytest.raises(ValueError, match="memory_copy: got -0.1"):
+        T.Config(memory_copy=-0.1)
+    assert T.Config(memory="none", memory_copy=0).memory_copy == 0  # chosen: never
+
+
+def test_memory_copy_zero_chooses_the_threshold_on_validation_and_the_run_keeps_it(tmp_path):
+    p = td.load_pairs("gettext_fr")
+    path = tmp_path / "pairs.tsv"
+    path.write_text("\n".join(f"{a}\t{b}" for a, b in p.train[:150] + p.test[:20]))
+    out = tmp_path / "run"
+    m = T.train(T.Config(data=str(path), out=str(out), epochs=1, memory_copy=0, hidden=16,
+                         embed=16, vocab_size=400, beam=2, progress=False, tensorboard=False,
+                         device="cpu"))
+    mc, pairs = m["memory_copy"], td.load_pairs(str(path))
+    rows = mc["by_tau"]
+    assert mc["chosen_on"] == "validation" and [r["tau"] for r in rows] == list(T.MEMORY_COPY_TAUS)
+    best = max(r["margin"] for r in rows)
+    assert mc["tau"] == next(r["tau"] for r in rows if r["margin"] == best)
+    # the table is the validation pairs' own: the network's greedy translation, the retrieved
+    # target in its place where the cosine reaches each threshold
+    config, model, tok, _, memory = T._load(out)
+    assert config.memory_copy == mc["tau"] and T.json.loads((out / "memory_copy.json")
+                                                           .read_text())["tau"] == mc["tau"]
+    srcs, refs = [s for s, _ in pairs.val], [t for _, t in pairs.val]
+    hyps = T._decode_all(model, tok, tok, memory, srcs, config, 1, memory_copy=2.0)
+    near, cos = memory.lookup(srcs)
+    again = T.memory_copy_table(hyps, refs, [memory.pairs[j][1] for j in near], cos)
+    assert [(r["bleu"], r["n_copied"]) for r in again] == [(r["bleu"], r["n_copied"]) for r in rows]
+    # the test split was decoded with the chosen threshold, and gyre translate uses it too
+    texts = [s for s, _ in pairs.test]
+    lines = [T.json.loads(x) for x in (out / "translations.jsonl").read_text().splitlines()]
+    assert [x["beam2"] for x in lines] == T._decode_all(model, tok, tok, memory, texts, config, 2)
+    assert T.translate(out, texts[:3]) == [x["beam2"] for x in lines[:3]]
+    assert mc["n_copied"] == sum(c >= mc["tau"] for c in memory.lookup(texts)[1])
+    (out / "memory_copy.json").unlink()
+    with pytest.raises(FileNotFoundError, match="memory_copy=0"):
+        T.translate(out, "Open the file")

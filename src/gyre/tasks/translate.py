@@ -11,6 +11,7 @@ Follows the task contract in :mod:`gyre.tasks`. Data: :func:`gyre.data.text.load
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -31,6 +32,11 @@ TASK = "translate"
 RESUMABLE = ("beam", "length_penalty", "memory_copy")
 ATTENTION = ("bahdanau", "luong", "none")
 MEMORY = ("nearest", "none")
+#: the ``memory_copy`` thresholds ``memory_copy=0`` chooses from on validation (cosine of the
+#: nearest training source; 2.0: never copy)
+MEMORY_COPY_TAUS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1 - 1e-9, 2.0)
+#: the run file that holds the threshold ``memory_copy=0`` chose
+MEMORY_COPY_FILE = "memory_copy.json"
 
 
 @dataclass
@@ -61,7 +67,9 @@ class Config(base.TaskConfig):
         memory_copy: a text whose nearest training source has a TF-IDF cosine of at least
             this with it is translated by that source's target as it stands, without the
             network (a fuzzy-match threshold, as in a translation-memory workflow); above 1
-            it never applies. Needs ``memory="nearest"``.
+            it never applies. 0: chosen after training on the validation pairs
+            (:func:`choose_memory_copy`, from :data:`MEMORY_COPY_TAUS`, saved in the run). A
+            threshold in (0, 1] needs ``memory="nearest"``; with ``memory="none"`` 0 means never.
     """
 
     data: str = "gettext_fr"
@@ -110,10 +118,10 @@ class Config(base.TaskConfig):
             raise ValueError("memory: reading the retrieved target beside the source needs "
                              f"shared_vocab; got memory={self.memory!r}, shared_vocab=False "
                              "(set memory='none', --memory none)")
-        if not self.memory_copy > 0:
+        if not self.memory_copy >= 0:
             raise ValueError(f"memory_copy: got {self.memory_copy}, expected a cosine "
-                             "threshold > 0 (above 1: never)")
-        if self.memory_copy <= 1 and self.memory == "none":
+                             "threshold > 0 (above 1: never), or 0 (chosen on validation)")
+        if 0 < self.memory_copy <= 1 and self.memory == "none":
             raise ValueError(f"memory_copy: got {self.memory_copy} with memory='none'; copying "
                              "the retrieved target needs memory='nearest' (or memory_copy > 1)")
 
@@ -570,6 +578,41 @@ def _decode_all(model, src_tok, tgt_tok, memory, texts, config, beam, who="data"
             for s, j, c in zip(ids, near, cos, strict=True)]
 
 
+def memory_copy_table(hyps: list[str], refs: list[str], memory: list[str], cos: list[float],
+                      taus=MEMORY_COPY_TAUS) -> list[dict]:
+    """For each threshold of ``taus``: the translations with ``memory`` (each text's retrieved
+    target) in place of ``hyps`` where ``cos`` reaches it, scored against ``refs`` (``bleu``,
+    ``chrf``), their ``margin`` over ``memory`` alone (the worse of the two differences) and
+    ``n_copied``."""
+    mem, _ = score(memory, refs)
+    rows = []
+    for t in taus:
+        got, _ = score([m if c >= t else h for h, m, c in zip(hyps, memory, cos, strict=True)],
+                       refs)
+        rows.append({"tau": float(t), "n_copied": sum(c >= t for c in cos), **got,
+                     "margin": min(got["bleu"] - mem["bleu"], got["chrf"] - mem["chrf"])})
+    return rows
+
+
+def choose_memory_copy(rows: list[dict]) -> float:
+    """The threshold of :func:`memory_copy_table`'s rows furthest above the memory on the worse
+    of BLEU and chrF (ties: the first, i.e. the lowest threshold)."""
+    return max(rows, key=lambda r: r["margin"])["tau"]
+
+
+def _choose_on_validation(model, src_tok, tgt_tok, memory, val, config) -> dict:
+    """``memory_copy=0``: greedy translations of the validation pairs by the network alone,
+    the retrieved target in their place at each threshold, the best by :func:`choose_memory_copy`."""
+    if memory is None or not val:
+        why = "memory='none'" if memory is None else "no validation pairs"
+        return {"tau": 2.0, "why": f"{why}: never copies", "by_tau": []}
+    srcs, refs = [s for s, _ in val], [t for _, t in val]
+    hyps = _decode_all(model, src_tok, tgt_tok, memory, srcs, config, 1, memory_copy=2.0)
+    near, cos = memory.lookup(srcs)
+    rows = memory_copy_table(hyps, refs, [memory.pairs[j][1] for j in near], cos)
+    return {"tau": choose_memory_copy(rows), "n_val": len(val), "by_tau": rows}
+
+
 def train(config: Config, *, resume: bool = False) -> dict:
     if not isinstance(config, Config):
         raise TypeError(f"config: got {type(config).__name__}, expected gyre.tasks.translate.Config")
@@ -624,11 +667,17 @@ def train(config: Config, *, resume: bool = False) -> dict:
     if early is not None:
         return early
     model.eval()
+    chosen = None
+    if config.memory_copy == 0:
+        chosen = _choose_on_validation(model, src_tok, tgt_tok, memory, data.val, config)
+        base.write_json(chosen, out / MEMORY_COPY_FILE)
+    tau = config.memory_copy if chosen is None else chosen["tau"]
     sources, refs = [s for s, _ in data.test], [t for _, t in data.test]
     beams = sorted({1, config.beam})
     by_beam, signature, hyps = {}, {}, {}
     for k in beams:
-        hyps[k] = _decode_all(model, src_tok, tgt_tok, memory, sources, config, k)
+        hyps[k] = _decode_all(model, src_tok, tgt_tok, memory, sources, config, k,
+                              memory_copy=tau)
         by_beam[str(k)], signature = score(hyps[k], refs)
     with open(out / "translations.jsonl", "w", encoding="utf-8") as f:  # the test split's
         for i, (s, r) in enumerate(zip(sources, refs, strict=True)):
@@ -645,7 +694,7 @@ def train(config: Config, *, resume: bool = False) -> dict:
     metrics = {
         "task": TASK, "data": data.name, "out": str(out), "model": describe(config),
         "test": by_beam[str(config.beam)], "baselines": baselines, "by_beam": by_beam,
-        "signature": signature,
+        "signature": signature, "memory_copy": _copy_summary(tau, memory, sources, chosen),
         "train": {"epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
                   "stopped_early": result["stopped_early"], "seconds": round(seconds, 2),
                   "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
@@ -653,6 +702,17 @@ def train(config: Config, *, resume: bool = False) -> dict:
     }
     base.write_json(metrics, out / "metrics.json")
     return metrics
+
+
+def _copy_summary(tau: float, memory, sources: list[str], chosen: dict | None) -> dict:
+    """``metrics.json``'s ``memory_copy``: the threshold the test split was decoded with, how
+    many test sentences are the retrieved target, and the validation table that chose it."""
+    n = 0 if memory is None or tau > 1 else sum(c >= tau for c in memory.lookup(sources)[1])
+    out = {"tau": tau, "n_copied": n, "n_test": len(sources),
+           "chosen_on": "validation" if chosen is not None else "config"}
+    if chosen is not None:
+        out["by_tau"] = chosen["by_tau"]
+    return out
 
 
 def load_run(out_dir):
@@ -680,6 +740,15 @@ def _load(out_dir):
             raise ValueError(f"out_dir: {str(out)!r} was trained with memory={config.memory!r} "
                              "but its checkpoint holds no translation memory")
         memory = TranslationMemory(extra["memory"])
+    if config.memory_copy == 0:  # the threshold chosen on validation when training ended
+        path = out / MEMORY_COPY_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"out_dir: {str(out)!r} was trained with memory_copy=0 "
+                                    f"(chosen on validation) but has no {MEMORY_COPY_FILE}: "
+                                    "its training did not finish (gyre train translate "
+                                    "--resume --out DIR completes it)")
+        config = dataclasses.replace(config, memory_copy=float(
+            json.loads(path.read_text())["tau"]))
     return (config, model, gtext.tokenizer_from_state(extra["src_tokenizer"]),
             gtext.tokenizer_from_state(extra["tgt_tokenizer"]), memory)
 
@@ -711,6 +780,7 @@ def predict(out_dir, data_path: str) -> list[dict]:
             for i, (s, t) in enumerate(zip(sources, translate(out_dir, sources), strict=True))]
 
 
-__all__ = ["Config", "TASK", "Seq2Seq", "train", "evaluate", "predict", "translate", "load_run",
-           "greedy", "beam_search", "score", "translation_memory", "TranslationMemory",
-           "model_inputs"]
+__all__ = [
+    "Config", "TASK", "MEMORY_COPY_TAUS", "choose_memory_copy", "memory_copy_table", "Seq2Seq",
+    "train", "evaluate", "predict", "translate", "load_run", "greedy", "beam_search", "score",
+    "translation_memory", "TranslationMemory", "model_inputs"]
