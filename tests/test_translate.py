@@ -46,14 +46,14 @@ def test_beam_one_equals_greedy_and_cli_translates(run, capsys):
         T.translate(out, "word " * 300)
 
 
-@pytest.mark.xfail(reason="not within a test's budget: this brief run (~690 training pairs, 2 "
-                   "epochs, 22 optimizer steps) still scores below copy-source with the memory; the default "
-                   "recipe (--memory nearest) beats copy-source on the full gettext_fr test split "
-                   "after 8 epochs of 14k pairs, ~720 CPU-s (RESULTS.md, issue 12 fourth day)",
-                   strict=False)
 def test_translate_beats_copy_source(run):
+    """The default system, the network and the fuzzy-match threshold chosen on validation
+    (memory_copy=0), beats copying the source even briefly trained (~690 pairs, 2 epochs); the
+    network alone needs the full recipe for that (RESULTS.md, issue 12)."""
     _, m = run
-    assert m["test"]["chrf"] > m["baselines"]["copy_source"]["chrf"]
+    assert m["memory_copy"]["chosen_on"] == "validation"
+    for metric in ("bleu", "chrf"):
+        assert m["test"][metric] > m["baselines"]["copy_source"][metric], metric
 
 
 def test_bucket_order_is_a_permutation_of_batches_of_similar_length():
