@@ -52,6 +52,9 @@ CANDIDATES: dict[str, dict] = {
     "ms": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200, "front": "multiscale"},
     "msd": {"model": "conv-rnn", "conv_steps": 128, "epochs": 200,
             "front": "multiscale-dilated"},
+    # resolution (seventh day): the front-end on about 512 steps (first-block stride 1 on
+    # ArrowHead and OSULeaf, 3 on ACSF1) instead of 128
+    "s512": {"model": "conv-rnn", "conv_steps": 512, "epochs": 200},
 }
 #: regression candidates (``gyre train regress``)
 REGRESS: dict[str, dict] = {
