@@ -58,7 +58,7 @@ def val_scores(out: str, data: str, seed: int, n: int, beams=(1,)) -> dict:
         res[name] = {"n": k, "greedy": T.score(hyps[1][:k], refs[:k])[0] if 1 in hyps else None,
                      "copy_source": T.score(srcs[:k], refs[:k])[0],
                      "tfidf_memory": T.score(mem[:k], refs[:k])[0]}
-    res["by_tau"] = {str(b): {str(r["tau"]): {k: r[k] for k in ("n_copied", "bleu", "chrf")}
+    res["by_tau"] = {str(b): {str(r.pop("tau")): r
                               for r in T.memory_copy_table(hyps[b], refs, mem, cos, TAUS)}
                      for b in beams}
     res["sentences"] = [{"src": s, "ref": r, "cos": c, "memory": m,
@@ -70,9 +70,7 @@ def val_scores(out: str, data: str, seed: int, n: int, beams=(1,)) -> dict:
 def choose_tau(val: dict, beam: str = "1") -> tuple[float, list[dict]]:
     """The threshold of ``val["by_tau"][beam]`` that ``memory_copy=0`` would choose
     (:func:`gyre.tasks.translate.choose_memory_copy`), and the table of every threshold."""
-    mem = val["all"]["tfidf_memory"]
-    rows = [{"tau": float(t), **v, "margin": min(v["bleu"] - mem["bleu"], v["chrf"] - mem["chrf"])}
-            for t, v in val["by_tau"][beam].items()]
+    rows = [{"tau": float(t), **v} for t, v in val["by_tau"][beam].items()]
     return T.choose_memory_copy(rows), rows
 
 

@@ -190,3 +190,11 @@ def test_memory_copy_zero_chooses_the_threshold_on_validation_and_the_run_keeps_
     (out / "memory_copy.json").unlink()
     with pytest.raises(FileNotFoundError, match="memory_copy=0"):
         T.translate(out, "Open the file")
+    # a run saved before memory_copy existed has no such key: it loads as it ran, never copying
+    toml = out / "config.toml"
+    toml.write_text("\n".join(ln for ln in toml.read_text().splitlines()
+                              if not ln.startswith("memory_copy")) + "\n")
+    config = T._load(out)[0]
+    assert config.memory_copy == 2.0
+    assert T.translate(out, texts[:2], beam=2) == T._decode_all(model, tok, tok, memory, texts[:2],
+                                                                config, 2, memory_copy=2.0)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -729,6 +730,10 @@ def _load(out_dir):
         raise FileNotFoundError(f"out_dir: {str(out)!r} has no config.toml; expected a directory "
                                 "written by gyre train translate")
     config = base.load_config(Config, out / "config.toml")
+    if "memory_copy" not in tomllib.loads((out / "config.toml").read_text()):
+        # written before memory_copy existed: those runs never copied (0, today's default,
+        # would look for a threshold they never chose)
+        config = dataclasses.replace(config, memory_copy=2.0)
     ckpt = load_checkpoint(out / CHECKPOINT)
     extra = ckpt["extra"]
     model = build_model(config, extra["src_vocab"], extra["tgt_vocab"])
