@@ -60,6 +60,7 @@ def run(task: str, seeds: int, jsonl: Path, extra: list[str], threads: int,
         best = m["train"]["best_epoch"]
         row = {"task": task, "seed": seed, "flags": extra, "model": m["model"],
                "test": m["test"], "baselines": m["baselines"],
+               **({"dynamic": m["dynamic"]} if "dynamic" in m else {}),
                "val_kept_epoch": float(log[best - 1][val_key]) if best else None,
                "val_by_epoch": [round(float(r[val_key]), 4) for r in log],
                "epoch_times": m["train"]["epoch_times"], "wall_s": round(wall, 1),
@@ -75,16 +76,21 @@ def table(jsonl: Path) -> str:
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["task"], tuple(r["flags"])), []).append(r)
-    lines = ["| task | flags | seeds | val (kept epoch) | test | baselines (same runs) | CPU s "
-             "a run | CPU s an epoch |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | flags | seeds | val (kept epoch) | test | dynamic eval (lm) | "
+             "baselines (same runs) | CPU s a run | CPU s an epoch |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (task, flags), rs in groups.items():
         metric, base, _ = KEYS[task]
         ms = lambda xs: f"{np.mean(xs):.4f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0:.4f}"  # noqa: E731
         bl = ", ".join(f"{b} {ms([r['baselines'][b][metric] for r in rs])}" for b in base)
         ep = [e["cpu_s"] for r in rs for e in r["epoch_times"]]
+        dyn = [r["dynamic"] for r in rs if (r.get("dynamic") or {}).get("test")]
+        lrs = ", ".join(sorted({f"{d['lr']:g}" for d in dyn}))
+        dyn_cell = (f"{metric} {ms([d['test'][metric] for d in dyn])} (lr {lrs}; "
+                    f"{len(dyn)} runs)") if dyn else "-"
         lines.append(f"| {task} | {' '.join(flags) or '(defaults)'} | {len(rs)} | "
                      f"{ms([r['val_kept_epoch'] for r in rs])} | "
-                     f"{metric} {ms([r['test'][metric] for r in rs])} | {bl} | "
+                     f"{metric} {ms([r['test'][metric] for r in rs])} | {dyn_cell} | {bl} | "
                      f"{np.mean([r['cpu_s'] for r in rs]):.0f} | {np.mean(ep):.0f} |")
     return "\n".join(lines)
 

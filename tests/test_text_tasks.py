@@ -103,6 +103,36 @@ def test_lm_beats_unigram_and_reloads(lm_run):
         "val_bits_per_char", "val_perplexity"]
 
 
+def test_dynamic_evaluation_is_causal_leaves_the_model_and_is_chosen_on_validation(lm_run):
+    out, m = lm_run
+    config, model, tok = lm.load_run(out)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = tok.encode(td.shakespeare_plays()["hamlet"][:6000])
+    n = 60 * (len(ids) // 120)  # a multiple of the chunk, with as much text after it
+    short, long_ = [], []
+    lm.dynamic_nats(model, lm.Stream(ids[:n], 1, n), 0.1, 60, per_chunk=short)
+    lm.dynamic_nats(model, lm.Stream(ids, 4, len(ids)), 0.1, 60, per_chunk=long_)
+    # a chunk's score never sees the text after it (the 4 tracks are read back in text order)
+    assert long_[:len(short)] == pytest.approx(short, rel=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # lr 0 is the plain carried-state score of the text as one track
+    plain = lm.stream_nats(model, lm.Stream(ids, 1, len(ids)))
+    assert lm.dynamic_nats(model, lm.Stream(ids, 4, len(ids)), 0.0, 60) == pytest.approx(plain,
+                                                                                      rel=1e-5)
+    dyn = m["dynamic"]
+    assert dyn["chosen_on_validation"] and [r["lr"] for r in dyn["validation"]] == list(
+        lm.DYNAMIC_LRS)
+    best = min(dyn["validation"], key=lambda r: r["bits_per_char"])
+    assert dyn["lr"] == best["lr"] and (out / lm.DYNAMIC_FILE).is_file()
+    if dyn["lr"] > 0:
+        assert dyn["test"]["bits_per_char"] < m["test"]["bits_per_char"]
+        again = lm.evaluate(out)
+        assert again["dynamic"]["test"]["bits_per_char"] == pytest.approx(
+            dyn["test"]["bits_per_char"], rel=1e-5)
+    assert "dynamic eval" in base.format_metrics(m) or dyn["lr"] == 0
+
+
 def test_generation_with_carried_state_equals_rerunning_the_prefix(lm_run):
     out, _ = lm_run
     _, model, tok = lm.load_run(out)

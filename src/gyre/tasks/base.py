@@ -385,6 +385,9 @@ def format_metrics(metrics: dict) -> str:
     rows = [(metrics.get("model", "model"), metrics.get("test", {}))]
     if (metrics.get("network") or {}).get("test"):  # a combined forecast's network alone
         rows.append(("network alone", metrics["network"]["test"]))
+    if (metrics.get("dynamic") or {}).get("test"):  # a language model's dynamic evaluation
+        rows.append((f"dynamic eval (lr {metrics['dynamic']['lr']:g})",
+                     metrics["dynamic"]["test"]))
     rows += list(metrics.get("baselines", {}).items())
     cols = list(dict.fromkeys(k for _, r in rows for k in r))
     width = max(len(str(n)) for n, _ in rows) + 2

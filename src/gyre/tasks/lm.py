@@ -18,6 +18,8 @@ Follows the task contract in :mod:`gyre.tasks`. Data: :func:`gyre.data.text.load
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -37,7 +39,15 @@ from .classify import set_forget_bias
 TASK = "lm"
 LN2 = math.log(2)
 #: fields a resumed run may change beyond :data:`gyre.tasks.base.RESUMABLE` (read after training)
-RESUMABLE = ("ngram_order", "eval_tracks")
+RESUMABLE = ("ngram_order", "eval_tracks", "dynamic_lr")
+#: the dynamic-evaluation step sizes ``dynamic_lr=-1`` chooses from on the validation split
+#: (0: the model as trained)
+DYNAMIC_LRS = (0.0, 0.03, 0.1, 0.3, 1.0)
+#: the tokens at the start of the validation split the step size is chosen on (a pass of
+#: dynamic evaluation costs a forward and a backward at batch 1 for every token)
+DYNAMIC_VAL_TOKENS = 30000
+#: the run file that holds the dynamic-evaluation step size a run chose
+DYNAMIC_FILE = "dynamic_eval.json"
 
 
 @dataclass
@@ -58,6 +68,15 @@ class Config(base.TaskConfig):
         ngram_order: order of the Kneser-Ney character baseline (0 = skip it).
         eval_tracks: tracks a validation/test split is scored in (each starts from a zero
             state, then carries it).
+        dynamic_lr: dynamic evaluation (Krause et al. 2018, the SGD form) of the test split
+            beside the plain score: the split read as one track in text order, each
+            ``tbptt``-token chunk scored with the parameters as they stand and then one SGD
+            step of this size on that chunk's loss (gradient clipped to ``clip_norm``), on a
+            copy of the model, so every token is still predicted from the training text and
+            the test text before it only. ``metrics.json`` ``dynamic``; ``test`` stays the
+            model as trained. -1 chooses the size from :data:`DYNAMIC_LRS` on the first
+            :data:`DYNAMIC_VAL_TOKENS` tokens of the validation split (no validation split:
+            skipped), 0 skips it.
 
     The defaults (sentencepiece 2000 pieces, LSTM 1x512, tied 256-wide embedding, tbptt 50,
     onecycle) were compared with the character LSTM on the validation plays (RESULTS.md "Text,
@@ -83,6 +102,7 @@ class Config(base.TaskConfig):
     ngram_order: int = 5
     eval_tracks: int = 16
     forget_bias: float = 1.0
+    dynamic_lr: float = -1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,6 +120,9 @@ class Config(base.TaskConfig):
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= {low}")
         if not 0 <= self.embed_dropout < 1:
             raise ValueError(f"embed_dropout: got {self.embed_dropout}, expected [0, 1)")
+        if not (self.dynamic_lr >= 0 or self.dynamic_lr == -1):
+            raise ValueError(f"dynamic_lr: got {self.dynamic_lr}, expected -1 (choose on "
+                             "validation), 0 (off) or an SGD step size > 0")
 
 
 class LanguageModel(nn.Module):
@@ -197,6 +220,54 @@ def stream_nats(model: nn.Module, stream: Stream, chunk: int = 256,
     return total
 
 
+def dynamic_nats(model: nn.Module, stream: Stream, lr: float, chunk: int,
+                 clip_norm: float = 1.0, device: torch.device | str = "cpu",
+                 per_chunk: list[float] | None = None) -> float:
+    """``-sum log p`` over every token of ``stream`` under dynamic evaluation: the tracks of
+    ``stream`` joined back into one in text order, each ``chunk`` of it scored with the
+    parameters as they stand, then one SGD step of size ``lr`` on that chunk's mean loss
+    (dropout off, the state carried and detached). A copy of ``model`` adapts; ``model``
+    itself is left as it was. ``lr=0`` is the plain score on one track. ``per_chunk``, when
+    given, receives each chunk's nats in order."""
+    x, y = (t.reshape(1, -1) for t in (stream.x, stream.y))
+    keep = y[0] != gtext.PAD
+    x, y = x[:, keep].to(device), y[:, keep].to(device)
+    m = copy.deepcopy(model)
+    m.eval()
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr) if lr > 0 else None
+    total, state = 0.0, None
+    for s in range(0, x.shape[1], chunk):
+        with torch.set_grad_enabled(opt is not None):
+            logits, state = m(x[:, s:s + chunk], state)
+            nll = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                              y[:, s:s + chunk].reshape(-1), reduction="sum")
+        total += float(nll.detach())
+        if per_chunk is not None:
+            per_chunk.append(float(nll.detach()))
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            (nll / logits.shape[1]).backward()
+            if clip_norm:
+                nn.utils.clip_grad_norm_(params, clip_norm)
+            opt.step()
+            state = tuple(t.detach() for t in state) if isinstance(state, tuple) else \
+                state.detach()
+    return total
+
+
+def choose_dynamic_lr(model: nn.Module, val: Stream, chunk: int, clip_norm: float,
+                      device: torch.device | str = "cpu") -> dict:
+    """Every size of :data:`DYNAMIC_LRS` scored on the validation stream by
+    :func:`dynamic_nats`; ``{"lr": the lowest's, "by_lr": [{"lr", "bits_per_char"}, ...]}``."""
+    rows = []
+    for lr in DYNAMIC_LRS:
+        nats = dynamic_nats(model, val, lr, chunk, clip_norm, device)
+        rows.append({"lr": lr, **stream_metrics(nats, val.tokens, val.chars)})
+    best = min(rows, key=lambda r: r["bits_per_char"])
+    return {"lr": best["lr"], "by_lr": rows}
+
+
 def stream_metrics(nats: float, tokens: int, chars: int) -> dict[str, float]:
     return {"bits_per_char": nats / chars / LN2, "perplexity": math.exp(nats / tokens)}
 
@@ -274,10 +345,16 @@ def train(config: Config, *, resume: bool = False) -> dict:
         return early
     nats = stream_nats(trainer.model, test_ds, device=trainer.device)
     test = stream_metrics(nats, test_ds.tokens, test_ds.chars)
+    dyn_val = None
+    if val_ids:
+        head = val_ids[:DYNAMIC_VAL_TOKENS]
+        dyn_val = Stream(head, 1, len(tok.decode(head)))
+    dynamic = dynamic_eval(trainer.model, config, dyn_val, test_ds, out, trainer.device)
     base.plot_history(result["history"], out / "loss.png", f"{describe(config)} on {data.name}")
     metrics = {
         "task": TASK, "data": data.name, "out": str(out), "model": describe(config),
         "test": test,
+        **({"dynamic": dynamic} if dynamic is not None else {}),
         "baselines": baselines(data, tok, train_ids, test_ids, config.ngram_order),
         "train": {"epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
                   "stopped_early": result["stopped_early"], "seconds": round(seconds, 2),
@@ -290,6 +367,40 @@ def train(config: Config, *, resume: bool = False) -> dict:
     }
     base.write_json(metrics, out / "metrics.json")
     return metrics
+
+
+def dynamic_eval(model: nn.Module, config: Config, val: Stream | None, test: Stream,
+                 out: Path, device: torch.device | str = "cpu") -> dict | None:
+    """``metrics.json``'s ``dynamic``: the step size (given, or chosen on ``val`` and saved
+    in the run as :data:`DYNAMIC_FILE`), the validation table it was chosen from, and the
+    test split's score under :func:`dynamic_nats` (absent where the size is 0). None where
+    ``config.dynamic_lr`` is 0, or -1 without a validation split. :func:`train` passes the
+    validation split's first :data:`DYNAMIC_VAL_TOKENS` tokens as ``val``."""
+    lr, chosen = config.dynamic_lr, None
+    if lr == -1:
+        if val is None:
+            return None
+        chosen = choose_dynamic_lr(model, val, config.tbptt, config.clip_norm, device)
+        lr = chosen["lr"]
+        base.write_json(chosen, out / DYNAMIC_FILE)
+    if lr == 0 and chosen is None:
+        return None
+    res = {"lr": lr, "chosen_on_validation": chosen is not None}
+    if chosen is not None:
+        res["validation"] = chosen["by_lr"]
+    if lr > 0:
+        nats = dynamic_nats(model, test, lr, config.tbptt, config.clip_norm, device)
+        res["test"] = stream_metrics(nats, test.tokens, test.chars)
+    return res
+
+
+def run_dynamic_lr(out_dir, config: Config) -> float:
+    """The dynamic-evaluation step size a run uses: the one it chose (:data:`DYNAMIC_FILE`),
+    else ``config.dynamic_lr`` when given (> 0), else 0."""
+    path = Path(out_dir) / DYNAMIC_FILE
+    if path.is_file():
+        return float(json.loads(path.read_text())["lr"])
+    return max(config.dynamic_lr, 0.0)
 
 
 def load_run(out_dir) -> tuple[Config, LanguageModel, gtext.Tokenizer]:
@@ -361,8 +472,13 @@ def evaluate(out_dir, data: str | None = None) -> dict:
     else:
         text = tdata.read_text_file(data) if Path(data).is_file() else tdata.load_stream(data).test
     s = Stream(tok.encode(text), config.eval_tracks, len(text))
-    return {"test": stream_metrics(stream_nats(model, s), s.tokens, s.chars), "data": data or
-            config.data, "n_chars": s.chars}
+    res = {"test": stream_metrics(stream_nats(model, s), s.tokens, s.chars), "data": data or
+           config.data, "n_chars": s.chars}
+    lr = run_dynamic_lr(out_dir, config)
+    if lr > 0:
+        res["dynamic"] = {"lr": lr, "test": stream_metrics(
+            dynamic_nats(model, s, lr, config.tbptt, config.clip_norm), s.tokens, s.chars)}
+    return res
 
 
 def predict(out_dir, data_path: str, *, runtime: str = "torch") -> list[dict]:
