@@ -3,6 +3,7 @@ language model beats the unigram on held-out Shakespeare text and generates with
 exactly as re-running the prefix; clear errors for bad text files."""
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -103,7 +104,8 @@ def test_lm_beats_unigram_and_reloads(lm_run):
         "val_bits_per_char", "val_perplexity"]
 
 
-def test_dynamic_evaluation_is_causal_leaves_the_model_and_is_chosen_on_validation(lm_run):
+def test_dynamic_evaluation_is_causal_leaves_the_model_and_is_chosen_on_validation(lm_run,
+                                                                                  tmp_path):
     out, m = lm_run
     config, model, tok = lm.load_run(out)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -131,6 +133,15 @@ def test_dynamic_evaluation_is_causal_leaves_the_model_and_is_chosen_on_validati
         assert again["dynamic"]["test"]["bits_per_char"] == pytest.approx(
             dyn["test"]["bits_per_char"], rel=1e-5)
     assert "dynamic eval" in base.format_metrics(m) or dyn["lr"] == 0
+    # a size given (as a resumed run may) wins over the run's earlier choice, which goes
+    assert lm.run_dynamic_lr(out, config) == dyn["lr"]
+    assert lm.run_dynamic_lr(out, dataclasses.replace(config, dynamic_lr=0.05)) == 0.05
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / lm.DYNAMIC_FILE).write_text((out / lm.DYNAMIC_FILE).read_text())
+    assert lm.dynamic_eval(model, dataclasses.replace(config, dynamic_lr=0.0), None,
+                           lm.Stream(ids, 1, len(ids)), other) is None
+    assert not (other / lm.DYNAMIC_FILE).exists()
 
 
 def test_generation_with_carried_state_equals_rerunning_the_prefix(lm_run):

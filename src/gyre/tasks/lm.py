@@ -32,7 +32,7 @@ from .. import text as gtext
 from ..data import text as tdata
 from ..nn import Recurrent
 from ..text.ngram import KneserNey, Unigram
-from ..train import CHECKPOINT, Trainer, load_checkpoint, seed_everything
+from ..train import CHECKPOINT, Trainer, detach_state, load_checkpoint, seed_everything
 from . import base
 from .classify import set_forget_bias
 
@@ -239,7 +239,8 @@ def dynamic_nats(model: nn.Module, stream: Stream, lr: float, chunk: int,
         torch.set_num_threads(threads)
 
 
-def _dynamic_nats(model, stream, lr, chunk, clip_norm, device, per_chunk) -> float:
+def _dynamic_nats(model: nn.Module, stream: Stream, lr: float, chunk: int, clip_norm: float,
+                  device, per_chunk: list[float] | None) -> float:
     x, y = (t.reshape(1, -1) for t in (stream.x, stream.y))
     keep = y[0] != gtext.PAD
     x, y = x[:, keep].to(device), y[:, keep].to(device)
@@ -262,8 +263,7 @@ def _dynamic_nats(model, stream, lr, chunk, clip_norm, device, per_chunk) -> flo
             if clip_norm:
                 nn.utils.clip_grad_norm_(params, clip_norm)
             opt.step()
-            state = tuple(t.detach() for t in state) if isinstance(state, tuple) else \
-                state.detach()
+            state = detach_state(state)
     return total
 
 
@@ -388,6 +388,7 @@ def dynamic_eval(model: nn.Module, config: Config, val: Stream | None, test: Str
     ``config.dynamic_lr`` is 0, or -1 without a validation split. :func:`train` passes the
     validation split's first :data:`DYNAMIC_VAL_TOKENS` tokens as ``val``."""
     lr, chosen = config.dynamic_lr, None
+    (out / DYNAMIC_FILE).unlink(missing_ok=True)  # a resumed run's earlier choice is stale
     if lr == -1:
         if val is None:
             return None
@@ -406,12 +407,13 @@ def dynamic_eval(model: nn.Module, config: Config, val: Stream | None, test: Str
 
 
 def run_dynamic_lr(out_dir, config: Config) -> float:
-    """The dynamic-evaluation step size a run uses: the one it chose (:data:`DYNAMIC_FILE`),
-    else ``config.dynamic_lr`` when given (> 0), else 0."""
+    """The dynamic-evaluation step size a run uses: ``config.dynamic_lr`` when given (>= 0),
+    else the one it chose on validation (:data:`DYNAMIC_FILE`; none, as in runs saved before
+    dynamic evaluation existed or trained without a validation split: 0)."""
+    if config.dynamic_lr >= 0:
+        return config.dynamic_lr
     path = Path(out_dir) / DYNAMIC_FILE
-    if path.is_file():
-        return float(json.loads(path.read_text())["lr"])
-    return max(config.dynamic_lr, 0.0)
+    return float(json.loads(path.read_text())["lr"]) if path.is_file() else 0.0
 
 
 def load_run(out_dir) -> tuple[Config, LanguageModel, gtext.Tokenizer]:
