@@ -206,8 +206,8 @@ def test_forecaster_extras_follow_the_hook_and_export(kw, tmp_path):
 
 
 def test_text_runs_export_and_predict_the_same_in_onnxruntime(tmp_path):
-    """sentiment and lm runs: the graph takes token ids (B, T) int64; gyre predict --runtime
-    onnxruntime gives what torch gives."""
+    """sentiment (with an n-gram part) and lm runs: the graph takes token ids (B, T) int64;
+    gyre predict --runtime onnxruntime gives what torch gives."""
     from gyre.data import text as td
     from gyre.tasks import lm, sentiment
     quick = dict(progress=False, tensorboard=False, device="cpu", epochs=1, hidden=8, embed=8,
@@ -221,7 +221,7 @@ def test_text_runs_export_and_predict_the_same_in_onnxruntime(tmp_path):
                                                          food.y_train[:240], strict=True))
     run = tmp_path / "sent"
     sentiment.train(sentiment.Config(data=str(small), out=str(run), max_tokens=32,
-                                     batch_size=64, **quick))
+                                     batch_size=64, wide=2, wide_lr_scale=10, **quick))
     assert main(["export", str(run)]) == 0
     texts = tmp_path / "few.txt"
     texts.write_text("\n".join(food.test_texts[:6]))

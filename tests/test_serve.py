@@ -207,9 +207,14 @@ def test_text_models_stream_token_ids():
     torch.manual_seed(3)
     clf = sentiment.TextClassifier(40, 3, "lstm", 6, 8, bidirectional=False,
                                    head="max+mean").eval()
+    # with an n-gram part the head reads the ids so far, also under a last-step head
+    wide = sentiment.TextClassifier(40, 3, "gru", 6, 8, bidirectional=False, head="last",
+                                    wide=3, wide_buckets=64).eval()
+    torch.nn.init.normal_(wide.wide.weight)
+    assert wide.stream_window is None
     lang = lm.LanguageModel(40, "gru", 6, 8).eval()
     ids = torch.randint(1, 40, (7,))
-    for model, task in ((clf, sentiment), (lang, lm)):
+    for model, task in ((clf, sentiment), (wide, sentiment), (lang, lm)):
         _, out = task.stream_io(model, {})
         s = Streamer(model, output=out)
         a, b = s.open(), s.open()

@@ -76,3 +76,37 @@ def test_fit_on_nothing_is_one_clear_error():
         text.fit_tokenizer("char", [])
     with pytest.raises(ValueError, match="tokenizer: got 'bpe2'"):
         text.fit_tokenizer("bpe2", ["a"])
+
+
+def test_ngram_bag_is_the_normalised_sum_of_its_ngrams_rows_and_ignores_padding():
+    torch.manual_seed(0)
+    bag = text.NgramBag(30, 2, buckets=50, order=3)
+    assert torch.all(bag.weight == 0) and bag.weight.shape == (30 + 50, 2)
+    torch.nn.init.normal_(bag.weight)
+    ids = torch.tensor([[4, 5, 6, 7, 0, 0], [9, 9, 9, 9, 9, 9], [8, 0, 0, 0, 0, 0]])
+    lengths = torch.tensor([4, 6, 1])
+    got = bag(ids, lengths)
+    for b, n in enumerate(lengths.tolist()):  # by hand: every k-gram of the text, k = 1..3
+        seq = ids[b, :n].tolist()
+        rows = list(seq)
+        for k in (2, 3):
+            for s in range(n - k + 1):
+                h = seq[s]
+                for t in seq[s + 1:s + k]:
+                    h = (h * 1_000_003 + t) % (2 ** 31 - 1)
+                rows.append(30 + h % 50)
+        want = bag.weight[rows].sum(0) / len(rows) ** 0.5
+        torch.testing.assert_close(got[b], want)
+    # the values past a text's length are inert; without lengths, PAD ends a text
+    junk = ids.clone()
+    junk[0, 4:] = 17
+    junk[2, 1:] = 29
+    torch.testing.assert_close(bag(junk, lengths), got)
+    torch.testing.assert_close(bag(ids), got)
+    # a text shorter than the order has only its shorter n-grams; gradients reach its rows only
+    bag.weight.grad = None
+    bag(ids[2:, :1]).sum().backward()
+    assert set(bag.weight.grad.abs().sum(1).nonzero().flatten().tolist()) == {8}
+    for kw, msg in (({"order": 0}, "order: got 0"), ({"buckets": 2 ** 31}, "buckets: got")):
+        with pytest.raises(ValueError, match=msg):
+            text.NgramBag(30, 1, **kw)

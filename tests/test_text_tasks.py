@@ -412,3 +412,44 @@ def test_sentiment_discriminative_rates_and_kept_epoch_by_accuracy():
         sentiment.Config(keep="auc")
     with pytest.raises(ValueError, match="pretrained_lr_scale: got 0"):
         sentiment.Config(pretrained_lr_scale=0)
+
+
+def test_sentiment_ngram_part_has_its_rate_its_dropout_and_is_refused_by_explain(tmp_path):
+    """wide: the n-gram part's parameters are one optimizer group at wide_lr_scale x lr; in
+    training wide_dropout leaves a text's n-gram logits out whole, in evaluation never; a
+    zero-initialised part leaves the model's output as without it; explain refuses the run."""
+    cfg = sentiment.Config(embed=8, hidden=8, lr=1e-3, pretrain_epochs=0, wide=2, wide_buckets=64,
+                           wide_lr_scale=10, wide_dropout=0.5)
+    model = sentiment.build_model(cfg, 50, 2)
+    trainer = Trainer(model, sentiment.loss_fn, cfg.train_config(),
+                      params=sentiment.param_groups(model, cfg))
+    lrs = {tuple(id(p) for p in g["params"]): g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs.pop((id(model.wide.weight),)) == pytest.approx(1e-2)
+    assert list(lrs.values()) == [pytest.approx(1e-3)]
+    ids, lengths = torch.randint(4, 50, (64, 9)), torch.full((64,), 9)
+    torch.manual_seed(0)
+    plain = sentiment.build_model(dataclasses.replace(cfg, wide=0), 50, 2).eval()
+    model.load_state_dict(plain.state_dict(), strict=False)
+    model.eval()
+    torch.testing.assert_close(model(ids, lengths=lengths)[0], plain(ids, lengths=lengths)[0])
+    with torch.no_grad():
+        model.wide.weight.fill_(1.0)
+        rnn_part = plain(ids, lengths=lengths)[0]
+        assert torch.all(model(ids, lengths=lengths)[0] - rnn_part > 0.5)
+        model.train()
+        plain.train()
+        torch.manual_seed(1)
+        a = model(ids, lengths=lengths)[0]
+        torch.manual_seed(1)
+        b = plain(ids, lengths=lengths)[0]
+    left_out = (a - b).abs() < 1e-6
+    assert 10 < int(left_out.sum()) < 54  # about half of the 64 texts
+    with pytest.raises(ValueError, match="wide_dropout: got 1"):
+        sentiment.Config(wide_dropout=1.0)
+    with pytest.raises(ValueError, match="wide_lr_scale: got 0"):
+        sentiment.Config(wide_lr_scale=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    base.write_config(cfg, run / "config.toml")
+    with pytest.raises(ValueError, match="wide=2: explain attributes through the token embedding"):
+        sentiment.explain_inputs(run)

@@ -247,7 +247,9 @@ class Streamer:
             for st in sts:
                 st.last = now
                 st.steps += 1
-            out = y if self.head is None else self._head(sts, y, x_in)
+            # a token model's head reads the ids (B, T), as its forward does; others the inputs
+            out = y if self.head is None else self._head(
+                sts, y, x.long().view(-1, 1) if self.tokens else x_in)
             if self.transform_out is not None:
                 out = self.transform_out(out)
             self.batch_sizes[len(sts)] += 1
@@ -256,7 +258,7 @@ class Streamer:
     def _head(self, sts: list[_Stream], y: Tensor, x: Tensor) -> Tensor:
         if self.window == 1:
             n = torch.ones(len(sts), dtype=torch.int64)
-            return self.head(y[:, None], x[:, None], n)
+            return self.head(y[:, None], x[:, None, 0] if self.tokens else x[:, None], n)
         for st, yi, xi in zip(sts, y, x, strict=True):
             st.hist_out.append(yi)
             st.hist_x.append(xi)
@@ -268,7 +270,7 @@ class Streamer:
             k = len(st.hist_out)
             outs[b, :k] = torch.stack(tuple(st.hist_out))
             xs[b, :k] = torch.stack(tuple(st.hist_x))
-        return self.head(outs, xs, n)
+        return self.head(outs, xs[..., 0] if self.tokens else xs, n)
 
     def run(self, sids: list[str], xs: list[Tensor]) -> list[Tensor]:
         """The next steps of each stream in ``sids`` (distinct): ``xs[b]`` ``(n_b, input_size)``

@@ -60,6 +60,14 @@ class Config(base.TaskConfig):
             from scratch, gets ``lr``); 1 = one rate for all; ignored without pretraining.
         keep: the epoch whose weights the run keeps, the one of lowest validation ``loss`` or
             highest validation ``accuracy``.
+        wide: the longest token n-gram of a linear bag-of-n-grams part whose logits are added to
+            the recurrent model's (:class:`gyre.text.NgramBag`, trained with it; Wide & Deep);
+            0 = none.
+        wide_buckets: the hashed rows of that part's n-grams of two tokens or more.
+        wide_dropout: the chance in training that a text's n-gram logits are left out, so
+            that the recurrent part learns to predict without them.
+        wide_lr_scale: that part's rate as a multiple of ``lr`` (a linear model over tens of
+            thousands of sparse features needs larger steps than the recurrent layers).
 
     The defaults were chosen on the validation share of fine_food's training split (four
     recipes compared, RESULTS.md "Text"; the pretraining against none, a lower rate and a
@@ -91,6 +99,10 @@ class Config(base.TaskConfig):
     pretrain_lr: float = 3e-3
     pretrained_lr_scale: float = 1.0
     keep: str = "loss"
+    wide: int = 0
+    wide_buckets: int = 2 ** 18
+    wide_lr_scale: float = 1.0
+    wide_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -99,12 +111,14 @@ class Config(base.TaskConfig):
             raise ValueError(f"tokenizer: got {self.tokenizer!r}, expected one of "
                              f"{', '.join(gtext.TOKENIZERS)}")
         for name, low in (("vocab_size", 16), ("embed", 1), ("max_tokens", 1), ("ensemble", 1),
-                          ("pretrain_epochs", 0)):
+                          ("pretrain_epochs", 0), ("wide", 0), ("wide_buckets", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected an int >= {low}")
-        for name in ("embed_dropout", "head_dropout"):
+        for name in ("embed_dropout", "head_dropout", "wide_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected a number in [0, 1)")
+        if not self.wide_lr_scale > 0:
+            raise ValueError(f"wide_lr_scale: got {self.wide_lr_scale}, expected a number > 0")
         if not self.pretrained_lr_scale > 0:
             raise ValueError(f"pretrained_lr_scale: got {self.pretrained_lr_scale}, expected a "
                              "number > 0")
@@ -128,7 +142,8 @@ class TextClassifier(nn.Module):
     def __init__(self, vocab_size: int, n_classes: int, cell: str = "lstm", embed: int = 64,
                  hidden: int = 64, layers: int = 1, bidirectional: bool = True,
                  dropout: float = 0.0, head: str = "last+mean", head_dropout: float = 0.0,
-                 embed_dropout: float = 0.0, forget_bias: float | None = 1.0) -> None:
+                 embed_dropout: float = 0.0, forget_bias: float | None = 1.0, wide: int = 0,
+                 wide_buckets: int = 2 ** 18, wide_dropout: float = 0.0) -> None:
         super().__init__()
         self.embedding = gtext.TokenEmbedding(vocab_size, embed, embed_dropout)
         self.rnn = Recurrent(cell, embed, hidden, layers, batch_first=True, dropout=dropout,
@@ -141,11 +156,13 @@ class TextClassifier(nn.Module):
         self.binary = n_classes == 2
         self.fc = nn.Linear(self.pool.features(dirs * self.rnn.output_size),
                             1 if self.binary else n_classes)
+        self.wide = gtext.NgramBag(vocab_size, self.fc.out_features, wide_buckets, wide) \
+            if wide else None
+        self.wide_dropout = float(wide_dropout)
 
     def forward(self, ids: Tensor, state=None, *, lengths: Tensor | None = None):
         out, h_n = self.rnn(self.embedding(ids), state, lengths=lengths)
-        logits = self.fc(self.drop(self.pool(out, lengths)))
-        return (logits.squeeze(-1) if self.binary else logits), h_n
+        return self.export_head(out, ids, lengths), h_n
 
     # the export hook (gyre.export.onnx, gyre.serve): forward is export_head(rnn(export_pre(..)))
     export_tokens = True  # the exported graph's x: token ids (B, T) int64
@@ -155,12 +172,18 @@ class TextClassifier(nn.Module):
 
     def export_head(self, out: Tensor, ids: Tensor, lengths: Tensor | None) -> Tensor:
         logits = self.fc(self.drop(self.pool(out, lengths)))
+        if self.wide is not None:
+            w = self.wide(ids, lengths)
+            if self.training and self.wide_dropout:  # the whole part, per text: the recurrent
+                keep = torch.rand(w.shape[0], 1, device=w.device) >= self.wide_dropout
+                w = w * keep  # part must predict alone on those texts
+            logits = logits + w
         return logits.squeeze(-1) if self.binary else logits
 
     @property
     def stream_window(self) -> int | None:
         """Steps of output the head reads at the latest step (every step so far when pooled)."""
-        return 1 if self.pool.parts == ["last"] else None
+        return 1 if self.pool.parts == ["last"] and self.wide is None else None
 
 
 class TextEnsemble(Ensemble):
@@ -261,7 +284,8 @@ def build_model(config: Config, vocab_size: int, n_classes: int) -> TextClassifi
                              for _ in range(config.ensemble)])
     return TextClassifier(vocab_size, n_classes, config.cell, config.embed, config.hidden,
                           config.layers, config.bidirectional, config.dropout, config.head,
-                          config.head_dropout, config.embed_dropout, config.forget_bias)
+                          config.head_dropout, config.embed_dropout, config.forget_bias,
+                          config.wide, config.wide_buckets, config.wide_dropout)
 
 
 #: pretraining's chunk length in tokens (truncated BPTT) and its number of contiguous tracks
@@ -332,14 +356,23 @@ def keep_options(config: Config) -> dict:
 
 def param_groups(model: nn.Module, config: Config) -> list[dict]:
     """The optimizer's groups: a pretrained run's embedding and recurrent layers at
-    ``pretrained_lr_scale`` times the rate, the rest (the head) at the rate."""
-    if not config.pretrain_epochs or config.pretrained_lr_scale == 1.0:
-        return [{"params": list(model.parameters())}]
-    pre = {id(p) for n, p in model.named_parameters()
-           if ".embedding." in f".{n}" or ".rnn." in f".{n}"}
-    return [{"params": [p for p in model.parameters() if id(p) in pre],
-             "lr_scale": config.pretrained_lr_scale},
-            {"params": [p for p in model.parameters() if id(p) not in pre]}]
+    ``pretrained_lr_scale`` times the rate, the n-gram part at ``wide_lr_scale`` times it, the
+    rest (the head) at the rate."""
+    pre_scale = config.pretrained_lr_scale if config.pretrain_epochs else 1.0
+
+    def scale(name: str) -> float:
+        name = f".{name}"
+        if ".wide." in name:
+            return config.wide_lr_scale
+        if ".embedding." in name or ".rnn." in name:
+            return pre_scale
+        return 1.0
+
+    groups: dict[float, list] = {}
+    for n, p in model.named_parameters():
+        groups.setdefault(scale(n), []).append(p)
+    return [{"params": ps, "lr_scale": k} if k != 1.0 else {"params": ps}
+            for k, ps in groups.items()]
 
 
 def describe(config: Config) -> str:
@@ -548,6 +581,9 @@ def explain_inputs(out_dir, data: str | None = None, samples: int = 8):
     config = base.load_config(Config, Path(out_dir) / "config.toml")
     if config.ensemble > 1:  # the members have an embedding each: no one input to attribute to
         raise ValueError(f"ensemble={config.ensemble}: explain needs a single model (ensemble=1)")
+    if config.wide:  # attributions run through the embedding, which the n-gram part skips
+        raise ValueError(f"wide={config.wide}: explain attributes through the token embedding, "
+                         "which the n-gram part does not read; it needs a run with wide=0")
     return sentiment_inputs(out_dir, data, samples)
 
 

@@ -12,7 +12,7 @@ padded batch and an embedding's ``padding_idx`` agree whatever the tokeniser.
     tok = text.tokenizer_from_state(state)
 """
 
-from .embedding import TiedOutput, TokenEmbedding
+from .embedding import NgramBag, TiedOutput, TokenEmbedding
 from .tokenizers import (
            BOS,
            EOS,
@@ -31,4 +31,4 @@ from .tokenizers import (
 
 __all__ = ["PAD", "UNK", "BOS", "EOS", "SPECIALS", "Tokenizer", "CharTokenizer", "WordTokenizer",
            "SentencePieceTokenizer", "TOKENIZERS", "fit_tokenizer", "tokenizer_from_state",
-           "pad_batch", "TokenEmbedding", "TiedOutput"]
+           "pad_batch", "TokenEmbedding", "TiedOutput", "NgramBag"]
