@@ -222,6 +222,7 @@ def test_text_runs_export_and_predict_the_same_in_onnxruntime(tmp_path):
     run = tmp_path / "sent"
     sentiment.train(sentiment.Config(data=str(small), out=str(run), max_tokens=32,
                                      batch_size=64, wide=2, wide_lr_scale=10, **quick))
+    assert sentiment.load_run(run)[1].wide.weight.abs().max() > 0  # the part is in the graph
     assert main(["export", str(run)]) == 0
     texts = tmp_path / "few.txt"
     texts.write_text("\n".join(food.test_texts[:6]))

@@ -99,8 +99,9 @@ def test_ngram_bag_is_the_normalised_sum_of_its_ngrams_rows_and_ignores_padding(
         torch.testing.assert_close(got[b], want)
     # the values past a text's length are inert; without lengths, PAD ends a text
     junk = ids.clone()
-    junk[0, 4:] = 17
-    junk[2, 1:] = 29
+    junk[0, 4] = 17
+    junk[0, 5] = 10 ** 9  # out of the table's range: still inert past the length
+    junk[2, 1:] = -3
     torch.testing.assert_close(bag(junk, lengths), got)
     torch.testing.assert_close(bag(ids), got)
     # a text shorter than the order has only its shorter n-grams; gradients reach its rows only

@@ -135,7 +135,8 @@ class Config(base.TaskConfig):
 
 class TextClassifier(nn.Module):
     """Embedding -> ``gyre.nn.Recurrent`` -> pooling head -> linear: one logit for two classes
-    (sigmoid), ``n_classes`` logits otherwise (softmax).
+    (sigmoid), ``n_classes`` logits otherwise (softmax); with ``wide`` > 0 the logits of a
+    :class:`gyre.text.NgramBag` over the ids are added.
 
     ``forward(ids (B, T) int64, state=None, *, lengths=None) -> (logits (B,) or (B, K), h_n)``."""
 

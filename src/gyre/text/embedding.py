@@ -80,7 +80,9 @@ class NgramBag(nn.Module):
             n = (ids != PAD).sum(1)
         else:
             n = torch.as_tensor(lengths, device=ids.device).to(torch.int64)
-        rows, masks = [ids], [pos[None, :] < n[:, None]]
+        inside = pos[None, :] < n[:, None]
+        ids = ids.masked_fill(~inside, PAD)  # any value past a length (even out of range) is inert
+        rows, masks = [ids], [inside]
         h = ids
         for k in range(2, self.order + 1):
             if T < k:
